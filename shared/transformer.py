@@ -1,0 +1,214 @@
+"""Transformer blocks from primitives: the two layer orders and the BERT embedding.
+
+Where the LayerNorm sits is the one real difference between the four papers' stacks:
+
+    post-LN (BERT 2019; Oscar, UNITER, VirTex)      pre-LN (ViT 2021; CoCa)
+        x = LN(x + Attn(x))                             x = x + Attn(LN(x))
+        x = LN(x + MLP(x))                              x = x + MLP(LN(x))
+
+Decoder blocks add a cross-attention sub-layer between the two, attending from the text tokens
+to the image tokens (VirTex: the 7x7 grid; CoCa: the captioning pooler's queries).
+
+Every block takes boolean "may attend" masks from shared/masks.py (True = may attend).
+Shapes: B batch, T tokens, N image tokens (context), D width, H heads.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shared.attention import MultiHeadAttention
+
+
+class MLP(nn.Module):
+    """The position-wise feed-forward sub-layer: Linear -> GELU -> Linear (-> dropout).
+
+    GELU is the exact (erf) form used by BERT, ViT and the CoCa implementations.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_hidden)  # BERT: intermediate.dense
+        self.fc2 = nn.Linear(d_hidden, d_model)  # BERT: output.dense
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (B, T, D) -> (B, T, D)
+
+
+class PostLNEncoderBlock(nn.Module):
+    """BERT's layer [Devlin et al. 2019; Vaswani et al. 2017 §3.1]: LN after each residual.
+
+    Used by the single-stream encoders of Oscar and UNITER. Names map onto a BERT checkpoint:
+    attn.* = attention.self.* / attention.output.dense, attn_norm = attention.output.LayerNorm,
+    mlp.fc1 = intermediate.dense, mlp.fc2 = output.dense, mlp_norm = output.LayerNorm.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.1,
+                 eps: float = 1e-12):
+        super().__init__()
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        self.attn_dropout = nn.Dropout(dropout)  # on the sub-layer output, before the residual
+        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, d_hidden, dropout=dropout)
+        self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x: (B, T, D); allowed: (B, T, T) or broadcastable. Returns (B, T, D)."""
+        x = self.attn_norm(x + self.attn_dropout(self.attn(x, allowed=allowed, causal=causal)))
+        return self.mlp_norm(x + self.mlp(x))  # (B, T, D)
+
+
+class PreLNEncoderBlock(nn.Module):
+    """ViT's layer [Dosovitskiy et al. 2021, Eq. 2-3]: LN before each sub-layer.
+
+    Used by CoCa's image encoder (bidirectional) and its unimodal text layers (causal=True).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.0,
+                 eps: float = 1e-6):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, d_hidden, dropout=dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
+        """x: (B, T, D); allowed: (B, T, T) or broadcastable. Returns (B, T, D)."""
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), allowed=allowed, causal=causal))
+        return x + self.mlp(self.mlp_norm(x))  # (B, T, D)
+
+
+class PostLNDecoderBlock(nn.Module):
+    """The original Transformer decoder layer [Vaswani et al. 2017 §3.1], post-LN.
+
+    VirTex's textual head: causal self-attention, cross-attention to the visual tokens, MLP,
+    each followed by dropout, the residual and a LayerNorm.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.1,
+                 eps: float = 1e-5, context_dim: int | None = None):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        self.self_attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout,
+                                             context_dim=context_dim)
+        self.cross_attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, d_hidden, dropout=dropout)
+        self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, context: Tensor, allowed: Tensor | None = None,
+                causal: bool = True, context_allowed: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            x: (B, T, D) text tokens.  context: (B, N, Dc) image tokens.
+            allowed: (B, T, T) or broadcastable self-attention mask (e.g. the text padding mask).
+            causal: apply the causal mask in self-attention (False for VirTex's MLM ablation).
+            context_allowed: (B, T, N) or broadcastable cross-attention mask (None = all).
+        Returns:
+            (B, T, D)
+        """
+        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, allowed=allowed, causal=causal)))
+        x = self.cross_attn_norm(x + self.dropout(self.cross_attn(x, context, context_allowed)))
+        return self.mlp_norm(x + self.mlp(x))  # (B, T, D)
+
+
+class PreLNDecoderBlock(nn.Module):
+    """A pre-LN decoder layer: CoCa's multimodal text layers [CoCa §3.2, Fig. 2].
+
+    Causal self-attention, cross-attention from the text to the image tokens, one MLP, each with
+    a LayerNorm in front and a residual around it.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.0,
+                 eps: float = 1e-6, context_dim: int | None = None):
+        super().__init__()
+        self.self_attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        self.cross_attn_norm = nn.LayerNorm(d_model, eps=eps)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout,
+                                             context_dim=context_dim)
+        self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
+        self.mlp = MLP(d_model, d_hidden, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, context: Tensor, allowed: Tensor | None = None,
+                causal: bool = True, context_allowed: Tensor | None = None) -> Tensor:
+        """Same arguments as `PostLNDecoderBlock.forward`. Returns (B, T, D)."""
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), allowed=allowed, causal=causal))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), context, context_allowed))
+        return x + self.mlp(self.mlp_norm(x))  # (B, T, D)
+
+
+class BertEmbeddings(nn.Module):
+    """BERT's input embedding [Devlin et al. 2019, §3, Fig. 2]:
+
+        E(token at position t, segment s) = Dropout(LN(word[token] + position[t] + token_type[s]))
+
+    Names map onto a BERT checkpoint: word = word_embeddings, position = position_embeddings,
+    token_type = token_type_embeddings, norm = LayerNorm.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, max_positions: int = 512,
+                 n_token_types: int = 2, dropout: float = 0.1, eps: float = 1e-12,
+                 pad_id: int = 0):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.position = nn.Embedding(max_positions, d_model)
+        self.token_type = nn.Embedding(n_token_types, d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        # a constant, so it follows .to(device) and is not a parameter
+        self.register_buffer("position_ids", torch.arange(max_positions), persistent=False)
+
+    def forward(self, tokens: Tensor, token_types: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            tokens: (B, T) ids.  token_types: (B, T) segment ids, default all 0.
+            positions: (B, T) or (T,) position ids, default 0..T-1.
+        Returns:
+            (B, T, D)
+        """
+        T = tokens.shape[1]
+        if T > self.position.num_embeddings:
+            raise ValueError(f"sequence of {T} tokens is longer than the "
+                             f"{self.position.num_embeddings} learned positions")
+        positions = self.position_ids[:T] if positions is None else positions  # (T,) or (B, T)
+        x = self.word(tokens) + self.position(positions)  # (B, T, D)
+        if token_types is None:
+            x = x + self.token_type.weight[0]  # (B, T, D), segment 0 everywhere
+        else:
+            x = x + self.token_type(token_types)  # (B, T, D)
+        return self.dropout(self.norm(x))  # (B, T, D)
+
+
+class BertPooler(nn.Module):
+    """BERT's pooler: tanh(W h_[CLS] + b), the input of the 2-way heads (ITM, Oscar's contrastive
+    loss, retrieval). Names map onto a checkpoint: dense = pooler.dense."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, T, D) -> (B, D), the first token
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: N(0, std) for Linear and Embedding weights, zero biases, LayerNorm
+    weight 1 and bias 0; the padding embedding row is zero. Use with `model.apply(...)`."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
