@@ -1,0 +1,41 @@
+"""The design card's rules that a grep can check: product code (everything but tests/) builds
+attention from primitives and imports no off-the-shelf transformer library."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = re.compile(
+    r"nn\.MultiheadAttention|nn\.Transformer(Encoder|Decoder)?(Layer)?\b"
+    r"|^\s*(import|from)\s+(einops|timm|transformers|open_clip)\b", re.MULTILINE)
+
+
+def product_files():
+    return [p for p in ROOT.rglob("*.py")
+            if not {"tests", ".git", ".venv", "runs"} & set(p.relative_to(ROOT).parts)]
+
+
+def test_product_code_uses_no_off_the_shelf_transformer():
+    files = product_files()
+    assert any(p.name == "train.py" for p in files)
+    offenders = {str(p.relative_to(ROOT)): m.group(0) for p in files
+                 for m in [FORBIDDEN.search(p.read_text())] if m}
+    assert offenders == {}
+
+
+def test_the_forbidden_pattern_catches_what_it_should():
+    for text in ["import transformers", "from einops import rearrange", "nn.MultiheadAttention(",
+                 "nn.TransformerEncoderLayer(", "  from timm.models import vit"]:
+        assert FORBIDDEN.search(text), text
+    assert not FORBIDDEN.search("from shared.transformer import PreLNEncoderBlock")
+
+
+def test_paper_files_import_only_torch_numpy_stdlib_and_shared():
+    allowed = {"torch", "numpy", "shared", "math", "dataclasses", "typing", "collections",
+               "functools", "itertools", "random", "json", "pathlib", "__future__"}
+    for name in ["oscar.py", "uniter.py", "virtex.py", "coca.py"]:
+        path = ROOT / name
+        if not path.exists():
+            continue
+        roots = set(re.findall(r"^(?:from|import)\s+([A-Za-z_]\w*)", path.read_text(), re.MULTILINE))
+        assert roots <= allowed, (name, roots - allowed)
