@@ -1,0 +1,710 @@
+"""CoCa: Contrastive Captioners are Image-Text Foundation Models, written from primitives.
+
+    Jiahui Yu, Zirui Wang, Vijay Vasudevan, Legg Yeung, Mojtaba Seyedhosseini, Yonghui Wu.
+    TMLR 2022; arXiv 2205.01917v2 (14 Jun 2022). Every `[CoCa ...]` tag cites that version.
+
+One image encoder, a text decoder cut in two halves, two losses from one pass [CoCa Fig. 2]:
+
+    image -> ViT -> image tokens -+-> contrastive pooler (1 query) ---------> x (image embedding)
+                                  +-> captioning pooler (256 queries) -> image queries --+
+    text -> unimodal layers (causal, no image) -+-> learned [CLS] at the end -> y        |
+                                                +-> token states -> multimodal layers <--+
+                                        (causal self-attn + cross-attn) -> next-token logits
+    L_CoCa = λ_Con · L_Con(x, y) + λ_Cap · L_Cap(logits, text)                     [CoCa Eq. 4]
+
+Paper map (section / equation -> code)
+    §3.2, Table 1; §4.1 "Optimization"       Config, Config.paper()
+    §3.2 "ViT ... 288x288, patch 18"          PatchEmbedding, ImageEncoder
+    §3.2 "Attentional Poolers", Fig. 2, §4.3  AttentionalPooler, CoCa.pool
+    §3.2 "Decoupled Text Decoder"             unimodal_attention_mask, TextDecoder
+    §3.1 Eq. 2 (contrastive)                  contrastive_loss
+    §3.1 Eq. 3 (captioning)                   captioning_loss
+    §3.2 Eq. 4 (both)                         coca_loss
+    §3.3 zero-shot transfer, §4.2.2           CoCa.embed_images / embed_texts, evaluate
+    §3.3 frozen-feature evaluation            linear_probe (DEVIATION: linear head, see there)
+    §4.2.3 image captioning                   CoCa.generate (shared.decoding: greedy/beam/nucleus)
+    §4.3, Table 8b objective ablation         Config.lambda_con = 0 or Config.lambda_cap = 0
+
+Left out, and why: the JFT-3B + ALIGN data (the synthetic world of shared/world.py instead); the
+global batch of 65,536 and Adafactor (train.py uses AdamW with the paper's betas and decay); the
+extra epoch at 576 px; video (Fig. 3); VQA / SNLI-VE / NLVR2 fine-tuning (Appendix B); the 64k
+sentence-piece vocabulary (WordPiece trained on the world's captions).
+
+Shapes: B batch, T text tokens, N image tokens (patches), Q pooler queries, Dv vision width,
+D text width, E embedding width, V vocabulary, H heads, C classes. Masks: True = may attend.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from shared.attention import MultiHeadAttention
+from shared.data import ImageTextDataset, collate_image_text, image_to_tensor
+from shared.masks import causal_mask, padding_mask
+from shared.transformer import PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights
+
+PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
+MAIN_METRIC = "zero_shot_acc"  # train.py keeps the checkpoint with the best value of this key
+
+
+# --- 2. Config and presets ---------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """CoCa-Base [CoCa Table 1] and the pretraining recipe of §4.1. `OURS:` marks values the paper
+    does not give. Every field is a flag of train.py (`--text_width 256`)."""
+    # image encoder: a ViT trained from scratch [CoCa §3.2]
+    image_size: int = 288  # §3.2: "image resolution of 288 × 288"
+    patch_size: int = 18  # §3.2: "patch size 18 × 18, resulting in a total of 256 image tokens"
+    patch_stem: str = "linear"  # ViT's linear patch embedding; "conv" = OURS, see PatchEmbedding
+    vision_width: int = 768  # Table 1, CoCa-Base: Hidden
+    vision_layers: int = 12  # Table 1: Image Encoder Layers
+    vision_heads: int = 12  # Table 1: Heads
+    mlp_ratio: float = 4.0  # Table 1: MLP 3072 = 4 × 768, in both towers
+    # attentional poolers [CoCa §3.2]
+    n_caption_queries: int = 256  # §3.2: n_query = 256 for the generative loss (1 for contrastive)
+    pooler_layout: str = "parallel"  # Fig. 2; §4.3 calls "cascade" the default (see CoCa.pool)
+    # decoupled text decoder [CoCa §3.2]
+    text_width: int = 768  # Table 1: Hidden
+    text_heads: int = 12  # Table 1: Heads
+    unimodal_layers: int = 12  # Table 1: n_uni
+    multimodal_layers: int = 12  # Table 1: n_multi; §3.2 "we split the decoder in half"
+    vocab_size: int = 64_000  # §4.1: sentence-piece vocabulary of 64k (train.py resets it)
+    max_text_len: int = 64  # OURS: not stated; the [CLS] gets one more position (row max_text_len)
+    embed_dim: int = 768  # OURS: width of x_i, y_j in Eq. 2; the paper states no projection
+    dropout: float = 0.0  # OURS: the paper states none
+    # objective [CoCa Eq. 4]
+    lambda_con: float = 1.0  # §4.1: λ_Con = 1.0
+    lambda_cap: float = 2.0  # §4.1: λ_Cap = 2.0 ("a larger captioning loss weight is better")
+    init_temperature: float = 0.07  # §4.1: "trainable temperature τ with an initial value of 0.07"
+    max_logit_scale: float = 100.0  # OURS (CLIP, open_clip): 1/τ clamped to ≤ 100 after each step
+    # downstream
+    beam_size: int = 1  # OURS: caption decoding in evaluate(); 1 = greedy (the paper states none)
+    # pretraining recipe, read by train.py [CoCa §4.1]
+    batch_size: int = 65_536  # §4.1: "batch size of 65,536 image-text pairs"
+    lr: float = 8e-4  # §4.1: peak learning rate
+    weight_decay: float = 0.01  # §4.1: "decoupled weight decay ratio of 0.01"
+    beta1: float = 0.9  # §4.1 (Adafactor; DEVIATION: train.py uses AdamW with these betas)
+    beta2: float = 0.999  # §4.1
+    warmup_steps: int = 10_000  # §4.1: "the first 2% of training steps" of 500k
+    max_steps: int = 500_000  # §4.1: 500k steps
+    lr_schedule: str = "linear"  # §4.1: "linearly decay it afterwards"
+    grad_clip: float = 1.0  # OURS: not stated for pretraining; Tables 9-10 clip 1.0 (fine-tuning)
+    grad_accum_steps: int = 1  # OURS
+    train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
+
+    def __post_init__(self):
+        problems = []
+        if self.vision_width % self.vision_heads:
+            problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads "
+                            f"{self.vision_heads}")
+        if self.text_width % self.text_heads:
+            problems.append(f"text_width {self.text_width} is not divisible by text_heads "
+                            f"{self.text_heads}")
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not divisible by patch_size "
+                            f"{self.patch_size}")
+        if self.patch_stem not in ("linear", "conv"):
+            problems.append(f"patch_stem must be 'linear' or 'conv', not {self.patch_stem!r}")
+        elif self.patch_stem == "conv" and (self.patch_size < 2
+                                            or self.patch_size & (self.patch_size - 1)):
+            problems.append(f"patch_stem 'conv' needs a power-of-two patch_size, "
+                            f"not {self.patch_size}")
+        if self.pooler_layout not in ("parallel", "cascade"):
+            problems.append(f"pooler_layout must be 'parallel' or 'cascade', "
+                            f"not {self.pooler_layout!r}")
+        if self.lr_schedule not in ("cosine", "linear"):
+            problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
+        if min(self.vision_layers, self.unimodal_layers, self.multimodal_layers,
+               self.n_caption_queries, self.embed_dim, self.beam_size) < 1:
+            problems.append("layer counts, n_caption_queries, embed_dim and beam_size must be >= 1")
+        if self.max_text_len < 2:
+            problems.append(f"max_text_len must be >= 2 ([CLS] and [SEP]), not {self.max_text_len}")
+        if min(self.lambda_con, self.lambda_cap) < 0 or self.lambda_con + self.lambda_cap == 0:
+            problems.append("lambda_con and lambda_cap must be >= 0 and not both 0")
+        if not (0 < self.init_temperature and 1 / self.init_temperature <= self.max_logit_scale):
+            problems.append("need 0 < init_temperature and 1 / init_temperature <= max_logit_scale")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def paper(cls) -> "Config":
+        """CoCa-Base [CoCa Table 1] with the §4.1 recipe (batch 65,536: a TPU-pod setting)."""
+        return cls()
+
+    @classmethod
+    def small(cls) -> "Config":
+        """OURS: one GPU, hours: a ViT-S-sized CoCa on 128 px world images."""
+        return cls(image_size=128, patch_size=16, patch_stem="conv", vision_width=384,
+                   vision_layers=6, vision_heads=6, n_caption_queries=64, text_width=384,
+                   text_heads=6, unimodal_layers=4, multimodal_layers=4, vocab_size=1000,
+                   max_text_len=40, embed_dim=384, batch_size=256, lr=5e-4, warmup_steps=500,
+                   max_steps=20_000, lr_schedule="cosine", train_single_object_prob=0.5)
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """OURS: 2 CPU cores, about 10 minutes (sizes from the team's prototype, feasibility.md):
+        64 px, 64 image tokens from a conv stem, 32 caption queries, 2 + 2 text layers."""
+        return cls(image_size=64, patch_size=8, patch_stem="conv", vision_width=128,
+                   vision_layers=3, vision_heads=2, n_caption_queries=32, text_width=128,
+                   text_heads=2, unimodal_layers=2, multimodal_layers=2, vocab_size=1000,
+                   max_text_len=32, embed_dim=128, batch_size=64, lr=1e-3, warmup_steps=100,
+                   max_steps=1500, lr_schedule="cosine", train_single_object_prob=0.5)
+
+
+# --- 3. Input embeddings -----------------------------------------------------------------------
+
+class PatchEmbedding(nn.Module):
+    """Image -> N = (image_size / p)^2 tokens of width Dv  [ViT, Dosovitskiy et al. 2021, Eq. 1].
+
+    "linear" (the paper's ViT): cut the image into p×p patches, flatten each to 3·p·p numbers and
+    map them with one shared Linear.
+    "conv": DEVIATION: log2(p) stride-2 3×3 convolutions (GELU between) and a 1×1 convolution,
+    giving the same N tokens, because at 64 px a linear patch embedding learned shape barely at
+    all in CPU minutes while such an early-convolution stem (Xiao et al. 2021) learned it much
+    better (team measurement, specs/feasibility.md). Used by tiny() and small(); paper() is linear.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        p, Dv = config.patch_size, config.vision_width
+        self.patch_size, self.stem = p, config.patch_stem
+        if self.stem == "linear":
+            self.proj = nn.Linear(3 * p * p, Dv)  # E in ViT's Eq. 1
+        else:
+            n_stages = int(math.log2(p))  # each stage halves the resolution
+            widths = [3] + [max(Dv >> (n_stages - 1 - s), 8) for s in range(n_stages)]  # .., Dv
+            layers = []
+            for c_in, c_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+            self.proj = nn.Sequential(*layers, nn.Conv2d(widths[-1], Dv, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) normalised pixels. Returns (B, N, Dv)."""
+        B, _, Hp, Wp = images.shape
+        p = self.patch_size
+        if self.stem == "linear":
+            x = images.reshape(B, 3, Hp // p, p, Wp // p, p)  # (B, 3, H/p, p, W/p, p)
+            x = x.permute(0, 2, 4, 1, 3, 5)  # (B, H/p, W/p, 3, p, p), one patch per (row, col)
+            x = x.reshape(B, (Hp // p) * (Wp // p), 3 * p * p)  # (B, N, 3·p·p), raster order
+            return self.proj(x)  # (B, N, Dv)
+        x = self.proj(images)  # (B, Dv, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, Dv), patches in raster order
+
+
+# --- 4. Image encoder, attentional poolers, decoupled text decoder -----------------------------
+
+class ImageEncoder(nn.Module):
+    """The ViT of §3.2: patch embedding + learned positions, pre-LN blocks, a final LayerNorm.
+
+    No ViT class token: CoCa reads the image through its attentional poolers instead."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        Dv = config.vision_width
+        self.image_size = config.image_size
+        self.patch_embedding = PatchEmbedding(config)
+        N = (config.image_size // config.patch_size) ** 2
+        self.positions = nn.Parameter(torch.zeros(1, N, Dv))  # learned, one per patch
+        self.blocks = nn.ModuleList(
+            PreLNEncoderBlock(Dv, config.vision_heads, int(config.mlp_ratio * Dv), config.dropout)
+            for _ in range(config.vision_layers))
+        self.norm = nn.LayerNorm(Dv, eps=1e-6)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W). Returns the encoder output (B, N, Dv)."""
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the model was built for "
+                             f"{self.image_size}x{self.image_size}")
+        x = self.patch_embedding(images) + self.positions  # (B, N, Dv)
+        for block in self.blocks:
+            x = block(x)  # (B, N, Dv), every patch sees every patch
+        return self.norm(x)  # (B, N, Dv)
+
+
+class AttentionalPooler(nn.Module):
+    """pooler(tokens) = LayerNorm(MultiHeadAttention(q = learned queries, k = v = tokens)).
+
+    [CoCa §3.2] "a pooler is a single multi-head attention layer with n_query learnable queries,
+    with the encoder output as both keys and values"; then a LayerNorm. AMBIGUITY: the LayerNorm
+    is in Fig. 2's pseudocode, which is an image in the PDF (not checked against text here); the
+    text does not say how many heads: we use the text decoder's.
+    No residual and no MLP: the queries are parameters, not tokens with content.
+    """
+
+    def __init__(self, n_queries: int, d_model: int, n_heads: int, context_dim: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.queries = nn.Parameter(torch.zeros(n_queries, d_model))  # (Q, D), learned
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout, context_dim=context_dim)
+        self.norm = nn.LayerNorm(d_model, eps=1e-6)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, N, Dc) keys and values. Returns (B, Q, D)."""
+        queries = self.queries.expand(tokens.shape[0], -1, -1)  # (B, Q, D), same queries per image
+        return self.norm(self.attn(queries, context=tokens))  # (B, Q, D)
+
+
+def unimodal_attention_mask(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """The self-attention mask of the unimodal layers for the sequence [tokens..., CLS].
+
+    Text rows are causal [CoCa §3.2 "All decoder layers prohibit tokens from attending to future
+    tokens"]; the [CLS] row (the last one) sees every non-pad token and itself, so its row is
+    exactly `(tokens != pad) + [True]` (open_clip #554 shipped this row shifted by one).
+
+    Args:
+        tokens: (B, T) right-padded token ids.
+    Returns:
+        (B, T+1, T+1) bool, True = may attend.
+    """
+    B, T = tokens.shape
+    real_keys = padding_mask(tokens, pad_id)  # (B, 1, T), pads are hidden keys
+    cls_key = torch.ones(B, 1, 1, dtype=torch.bool, device=tokens.device)  # (B, 1, 1), a real key
+    keys = torch.cat([real_keys, cls_key], dim=-1)  # (B, 1, T+1)
+    return causal_mask(T + 1, device=tokens.device) & keys  # (B, T+1, T+1)
+
+
+class TextDecoder(nn.Module):
+    """The decoupled text decoder [CoCa §3.2, Fig. 2].
+
+    unimodal:   n_uni layers of causal self-attention, no cross-attention; a learned [CLS] is
+                appended after the text and its output (after a LayerNorm) is the text embedding.
+    multimodal: n_multi layers of causal self-attention, cross-attention to the captioning
+                pooler's queries, one MLP (the standard decoder layer; open_clip's CoCa has two
+                MLPs per layer, one in its self-attention block and one in its cross-attention
+                block); then LayerNorm and the output projection to V logits.
+
+    AMBIGUITY: the paper appends [CLS] "at the end of the input sentence"; with right-padded
+    batches we append it after the padding (index T) and mask the pads out of its row, and it
+    always takes the learned position row `max_text_len`. Its output therefore does not depend on
+    how far a batch is padded, as in open_clip, which pads every text to one fixed length.
+    AMBIGUITY: the paper does not say whether the output projection is tied to the token
+    embedding; we do not tie it (nor does open_clip; CoCa-pytorch does), because Table 1's 297M
+    text-decoder parameters for CoCa-Base are only reached untied (tests/test_coca.py). It is
+    initialised explicitly (open_clip #554: left as uninitialised memory there).
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        D, H = config.text_width, config.text_heads
+        d_hidden = int(config.mlp_ratio * D)
+        self.max_text_len = config.max_text_len
+        self.token_embedding = nn.Embedding(config.vocab_size, D)
+        self.positions = nn.Parameter(torch.zeros(config.max_text_len + 1, D))  # last row: [CLS]
+        self.cls_embedding = nn.Parameter(torch.zeros(D))  # learned [CLS], not a vocabulary id
+        self.unimodal_layers = nn.ModuleList(
+            PreLNEncoderBlock(D, H, d_hidden, config.dropout)
+            for _ in range(config.unimodal_layers))
+        self.cls_norm = nn.LayerNorm(D, eps=1e-6)
+        self.multimodal_layers = nn.ModuleList(
+            PreLNDecoderBlock(D, H, d_hidden, config.dropout, context_dim=D)
+            for _ in range(config.multimodal_layers))
+        self.output_norm = nn.LayerNorm(D, eps=1e-6)
+        self.output = nn.Linear(D, config.vocab_size)  # untied; initialised in CoCa.init_weights
+
+    def unimodal(self, tokens: Tensor, with_cls: bool = True) -> tuple[Tensor, Tensor | None]:
+        """tokens: (B, T) ids, T <= max_text_len.
+
+        Returns the token states (B, T, D) for the multimodal layers and the LayerNorm'd [CLS]
+        state (B, D) for the contrastive loss (None when `with_cls` is False, as in generation).
+        """
+        B, T = tokens.shape
+        if T > self.max_text_len:
+            raise ValueError(f"{T} text tokens, but max_text_len is {self.max_text_len}")
+        x = self.token_embedding(tokens) + self.positions[:T]  # (B, T, D)
+        if not with_cls:
+            for layer in self.unimodal_layers:
+                x = layer(x, causal=True)  # (B, T, D)
+            return x, None
+        cls = (self.cls_embedding + self.positions[-1]).expand(B, 1, -1)  # (B, 1, D)
+        x = torch.cat([x, cls], dim=1)  # (B, T+1, D), [CLS] appended after the text
+        allowed = unimodal_attention_mask(tokens)  # (B, T+1, T+1)
+        for layer in self.unimodal_layers:
+            x = layer(x, allowed=allowed)  # (B, T+1, D)
+        return x[:, :T], self.cls_norm(x[:, T])  # (B, T, D), (B, D)
+
+    def multimodal(self, text_states: Tensor, image_queries: Tensor) -> Tensor:
+        """text_states: (B, T, D) from `unimodal`; image_queries: (B, Q, D) from the captioning
+        pooler. Returns next-token logits (B, T, V); logits[:, t] predicts token t+1."""
+        x = text_states
+        for layer in self.multimodal_layers:
+            x = layer(x, image_queries, causal=True)  # (B, T, D), pads are handled by the loss
+        return self.output(self.output_norm(x))  # (B, T, V)
+
+
+# --- 5. Objectives -----------------------------------------------------------------------------
+
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """The dual-encoder contrastive loss  [CoCa §3.1, Eq. 2]:
+
+        L_Con = -(1/N) · ( Σ_i log exp(x_i^T y_i / σ) / Σ_j exp(x_i^T y_j / σ)      image -> text
+                         + Σ_i log exp(y_i^T x_i / σ) / Σ_j exp(y_i^T x_j / σ) )    text -> image
+
+        symbol  variable                          shape
+        x_i     image_emb[i], L2-normalised here  (B, E)
+        y_j     text_emb[j], L2-normalised here   (B, E)
+        1/σ     logit_scale.exp()                 ()      logit_scale = log(1/σ), learnable
+        N       B, the batch; pair i is the only positive of row i
+
+    The 1/N multiplies the sum of both directions, so this is the sum of two mean cross-entropies.
+    open_clip's ClipLoss (and CoCa-pytorch) return half of it (the mean of the two directions):
+    with their code, λ_Con = 1 weighs the contrastive term half as much as here.
+    """
+    x = F.normalize(image_emb, dim=-1)  # (B, E), Eq. 2 uses normalised embeddings
+    y = F.normalize(text_emb, dim=-1)  # (B, E)
+    logits = logit_scale.exp() * x @ y.T  # (B, B), [i, j] = x_i^T y_j / σ
+    targets = torch.arange(logits.shape[0], device=logits.device)  # (B,), row i's positive is i
+    image_to_text = F.cross_entropy(logits, targets)  # -(1/N) Σ_i log softmax_j(x_i^T y_j / σ)[i]
+    text_to_image = F.cross_entropy(logits.T, targets)  # rows are texts: y_i^T x_j / σ
+    return image_to_text + text_to_image  # ()
+
+
+def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """Autoregressive captioning loss with teacher forcing  [CoCa §3.1, Eq. 3]:
+
+        L_Cap = -Σ_t log P_θ(y_t | y_<t, x)
+
+        symbol          variable                               shape
+        P_θ(· | y_<t, x)  softmax(logits[:, t-1])              (B, T, V) -> the shift is here
+        y_t             tokens[:, t], t = 1 .. T-1             (B, T); y_0 = [CLS] is only input
+
+    DEVIATION: the mean over the non-pad targets of the batch instead of the sum over t, as in
+    open_clip and VirTex, so that L_Cap does not grow with caption length and λ_Cap keeps its
+    meaning across text lengths.
+    """
+    V = logits.shape[-1]
+    predictions = logits[:, :-1]  # (B, T-1, V), position t-1 predicts token t
+    targets = tokens[:, 1:]  # (B, T-1), the next tokens
+    return F.cross_entropy(predictions.reshape(-1, V), targets.reshape(-1), ignore_index=pad_id)
+
+
+def coca_loss(contrastive: Tensor, captioning: Tensor, lambda_con: float,
+              lambda_cap: float) -> Tensor:
+    """L_CoCa = λ_Con · L_Con + λ_Cap · L_Cap  [CoCa §3.2, Eq. 4]; λ_Con = 0 or λ_Cap = 0 gives the
+    captioning-only and contrastive-only models of the objective ablation [CoCa §4.3, Table 8b]."""
+    return lambda_con * contrastive + lambda_cap * captioning
+
+
+# --- 6. The model ------------------------------------------------------------------------------
+
+class CoCa(nn.Module):
+    """The contrastive captioner of Fig. 2. `model(batch)` returns the loss and its two terms."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        Dv, D, E = config.vision_width, config.text_width, config.embed_dim
+        self.image_encoder = ImageEncoder(config)
+        # both poolers output text-width tokens: the decoder cross-attends to them directly
+        self.caption_pooler = AttentionalPooler(config.n_caption_queries, D, config.text_heads,
+                                                context_dim=Dv, dropout=config.dropout)
+        contrastive_context = Dv if config.pooler_layout == "parallel" else D
+        self.contrastive_pooler = AttentionalPooler(1, D, config.text_heads,
+                                                    context_dim=contrastive_context,
+                                                    dropout=config.dropout)
+        self.text_decoder = TextDecoder(config)
+        # AMBIGUITY: Eq. 2 compares x_i and y_j directly; we project both to E (bias-free, as CLIP)
+        # so the shared space can be narrower than the towers. With E = D it is one extra matrix.
+        self.image_projection = nn.Linear(D, E, bias=False)
+        self.text_projection = nn.Linear(D, E, bias=False)
+        # log(1/τ), learnable [CoCa §4.1]; stored as what is used: logits = exp(logit_scale) · x^T y
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """N(0, 0.02) Linear/Embedding weights, zero biases, unit LayerNorms (BERT/ViT practice;
+        the paper gives no scheme); He-normal conv stem; N(0, 0.02) positions, queries, [CLS]."""
+        self.apply(init_bert_weights)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for param in (self.image_encoder.positions, self.caption_pooler.queries,
+                      self.contrastive_pooler.queries, self.text_decoder.positions,
+                      self.text_decoder.cls_embedding):
+            nn.init.normal_(param, std=0.02)
+        # explicit on purpose: the output projection must never be left uninitialised (#554)
+        nn.init.normal_(self.text_decoder.output.weight, std=0.02)
+        nn.init.zeros_(self.text_decoder.output.bias)
+
+    def pool(self, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """The two task-specific attentional poolers [CoCa §3.2].
+
+        "parallel" (Fig. 2): both poolers read the ViT output.
+        "cascade": the contrastive pooler reads the captioning pooler's 256 outputs.
+        AMBIGUITY: Fig. 2 draws the parallel design, but §4.3 says "the 'cascade' version ...
+        performs better and is used by default in all CoCa models" (Table 8f: zero-shot 71.6 vs
+        71.2, VQA 69.0 vs 68.7). We default to Fig. 2; --pooler_layout cascade follows §4.3.
+        open_clip's released CoCa weights use neither: one 256-query pooler whose output query 0
+        is the contrastive embedding and whose queries 1..255 go to the decoder (issue #458).
+
+        Args:
+            image_tokens: (B, N, Dv) encoder output.
+        Returns:
+            contrastive (B, 1, D) and caption (B, Q, D) pooled tokens.
+        """
+        caption = self.caption_pooler(image_tokens)  # (B, Q, D), n_query = 256 in the paper
+        source = image_tokens if self.config.pooler_layout == "parallel" else caption
+        contrastive = self.contrastive_pooler(source)  # (B, 1, D), n_query = 1
+        return contrastive, caption
+
+    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images: (B, 3, H, W) -> (x (B, E) L2-normalised image embedding, caption queries
+        (B, Q, D))."""
+        contrastive, caption = self.pool(self.image_encoder(images))  # (B, 1, D), (B, Q, D)
+        image_emb = F.normalize(self.image_projection(contrastive[:, 0]), dim=-1)  # (B, E)
+        return image_emb, caption
+
+    def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens: (B, T) -> (text embedding y (B, E) L2-normalised, token states (B, T, D))."""
+        text_states, cls_state = self.text_decoder.unimodal(tokens)  # (B, T, D), (B, D)
+        text_emb = F.normalize(self.text_projection(cls_state), dim=-1)  # (B, E)
+        return text_emb, text_states
+
+    def forward(self, batch: dict) -> dict:
+        """batch: {"images": (B, 3, H, W) float, "tokens": (B, T) long, [PAD] = 0}.
+
+        One forward pass computes both losses [CoCa §3.2 "Pretraining Efficiency"]. Returns
+        dict(loss=L_CoCa, contrastive=L_Con, captioning=L_Cap), all scalars.
+        """
+        tokens = batch["tokens"]  # (B, T)
+        image_emb, image_queries = self.encode_image(batch["images"])  # (B, E), (B, Q, D)
+        text_emb, text_states = self.encode_text(tokens)  # (B, E), (B, T, D)
+        logits = self.text_decoder.multimodal(text_states, image_queries)  # (B, T, V)
+        l_con = contrastive_loss(image_emb, text_emb, self.logit_scale)  # ()
+        l_cap = captioning_loss(logits, tokens)  # ()
+        loss = coca_loss(l_con, l_cap, self.config.lambda_con, self.config.lambda_cap)
+        return dict(loss=loss, contrastive=l_con, captioning=l_cap)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Clamp 1/τ to at most max_logit_scale (100). OURS: §4.1 only says τ is trainable; CLIP
+        and open_clip clamp so that the logits cannot grow without bound."""
+        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
+
+    # --- 7. Downstream: embeddings and caption generation --------------------------------------
+
+    def embed_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, E) L2-normalised image embeddings (zero-shot, retrieval, probe)."""
+        return self.encode_image(images)[0]
+
+    def embed_texts(self, tokens: Tensor) -> Tensor:
+        """(B, T) -> (B, E) L2-normalised text embeddings (prompts, retrieval)."""
+        return self.encode_text(tokens)[0]
+
+    def next_token_logprobs(self, image_queries: Tensor):
+        """The `step_fn` of shared.decoding for images whose caption queries are given.
+
+        step_fn(tokens (R, t), rows (R,)) -> (R, V) log-probs of token t+1; rows[r] is the image
+        of hypothesis r. The whole prefix is re-encoded at every step (no KV cache: O(T²), short
+        captions); the unimodal half runs without [CLS], which no text row can see anyway.
+        """
+        def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:
+            text_states, _ = self.text_decoder.unimodal(tokens, with_cls=False)  # (R, t, D)
+            logits = self.text_decoder.multimodal(text_states, image_queries[rows])  # (R, t, V)
+            return logits[:, -1].float().log_softmax(dim=-1)  # (R, V)
+        return step_fn
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, start_id: int, end_id: int, max_len: int | None = None,
+                 method: str = "greedy", beam_size: int = 5, length_penalty: float = 0.0,
+                 top_p: float = 0.9, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Caption images [CoCa §4.2.3]: greedy, beam search or nucleus sampling (shared.decoding).
+
+        Args:
+            images: (B, 3, H, W).  start_id / end_id: [CLS] / [SEP] of the tokenizer.
+            max_len: whole-sequence length including the start token (default max_text_len).
+        Returns:
+            (B, T) token ids starting with start_id, right-padded with 0 after end_id.
+        """
+        from shared import decoding  # imported here: decoding is only needed to generate
+
+        max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
+        _, image_queries = self.encode_image(images)  # (B, Q, D), encoded once
+        prefix = torch.full((images.shape[0], 1), start_id, dtype=torch.long,
+                            device=images.device)  # (B, 1)
+        step_fn = self.next_token_logprobs(image_queries)
+        if method == "greedy":
+            out = decoding.greedy(step_fn, prefix, max_len, end_id)
+        elif method == "beam":
+            out = decoding.beam_search(step_fn, prefix, max_len, end_id, beam_size=beam_size,
+                                       length_penalty=length_penalty)
+        elif method == "nucleus":
+            out = decoding.nucleus_sample(step_fn, prefix, max_len, end_id, top_p=top_p,
+                                          temperature=temperature, generator=generator)
+        else:
+            raise ValueError(f"method must be 'greedy', 'beam' or 'nucleus', not {method!r}")
+        return out[0] if isinstance(out, tuple) else out  # (B, T)
+
+
+def build_model(config: Config) -> CoCa:
+    return CoCa(config)
+
+
+# --- 7 (continued). Downstream evaluation on the world: train.py's contract ------------------
+
+def train_dataset(world, tokenizer, config: Config):
+    """Item i: the image of world example i and one of its captions as (T_i,) token ids."""
+    return ImageTextDataset(world, tokenizer, config.max_text_len)
+
+
+collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _embed_images(model: CoCa, images: list, chunk: int = 250) -> Tensor:
+    """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""
+    out = []
+    for start in range(0, len(images), chunk):
+        x = torch.stack([image_to_tensor(im) for im in images[start:start + chunk]])  # (b, 3, H, W)
+        out.append(model.embed_images(x.to(_device(model))))  # (b, E)
+    return torch.cat(out)  # (n, E)
+
+
+def _caption(model: CoCa, tokenizer, config: Config, images: list) -> list[str]:
+    """Decode captions for uint8 images: greedy, or beam search when config.beam_size > 1."""
+    x = torch.stack([image_to_tensor(im) for im in images]).to(_device(model))  # (b, 3, H, W)
+    method = "greedy" if config.beam_size == 1 else "beam"
+    tokens = model.generate(x, tokenizer.cls_id, tokenizer.sep_id, config.max_text_len,
+                            method=method, beam_size=config.beam_size)  # (b, T)
+    return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
+
+
+def zero_shot_accuracy(model: CoCa, tokenizer, config: Config, world_config, split: str,
+                       n: int) -> float:
+    """Zero-shot classification [CoCa §3.3, §4.2.2]: the class whose prompt "a <colour> <shape>" has
+    the most similar text embedding, on n single-object images of ClassificationWorld(split)."""
+    from shared.metrics import top1_accuracy
+    from shared.world import CLASS_NAMES, ClassificationWorld
+
+    world = ClassificationWorld(world_config, split)
+    items = [world.item(i) for i in range(min(n, len(world)))]
+    image_emb = _embed_images(model, [image for image, _ in items])  # (n, E)
+    prompts = tokenizer.encode_batch(["a " + name for name in CLASS_NAMES], config.max_text_len)
+    class_emb = model.embed_texts(prompts.to(image_emb.device))  # (C, E)
+    labels = torch.tensor([label for _, label in items], device=image_emb.device)  # (n,)
+    return float(top1_accuracy(image_emb @ class_emb.T, labels))  # logits (n, C)
+
+
+def linear_probe(model: CoCa, world_config, split: str, n: int, steps: int = 200,
+                 l2: float = 1e-4) -> float:
+    """Top-1 accuracy of a multinomial logistic regression on frozen L2-normalised image
+    embeddings: fit on ClassificationWorld("train"), test on n items of `split`.
+
+    DEVIATION: the paper's frozen-feature evaluation learns a new attentional pooler over the
+    frozen encoder tokens [CoCa §3.3, Table 9]; we probe the pretrained contrastive embedding with a
+    linear head (VirTex's protocol, shared by the four papers here). Full-batch L-BFGS, OURS: l2.
+    """
+    from shared.metrics import top1_accuracy
+    from shared.world import CLASS_NAMES, ClassificationWorld
+
+    def features(world, count):
+        items = [world.item(i) for i in range(min(count, len(world)))]
+        x = _embed_images(model, [image for image, _ in items]).float()  # (m, E)
+        return x, torch.tensor([label for _, label in items], device=x.device)  # (m,)
+
+    n_train = min(1000, max(100, 2 * n))  # OURS: a few hundred to 1000 labelled train images
+    x_train, y_train = features(ClassificationWorld(world_config, "train"), n_train)
+    x_test, y_test = features(ClassificationWorld(world_config, split), n)
+    W = torch.zeros(x_train.shape[1], len(CLASS_NAMES), device=x_train.device, requires_grad=True)
+    b = torch.zeros(len(CLASS_NAMES), device=x_train.device, requires_grad=True)  # (C,)
+    with torch.enable_grad():  # evaluate() runs under no_grad; the probe itself is trained
+        optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x_train @ W + b, y_train) + l2 * W.pow(2).sum()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+    return float(top1_accuracy((x_test @ W + b).detach(), y_test))  # logits (n, C)
+
+
+def evaluate(model: CoCa, tokenizer, config: Config, world_config, split: str,
+             n: int) -> dict[str, float]:
+    """The downstream metrics on n examples of a world split (eval mode, no gradients):
+
+    zero_shot_acc        zero-shot classification over the 36 "a <colour> <shape>" prompts
+    i2t_r1/5/10, t2i_*   retrieval among groups of 100 images and their 5 captions each
+                         (the mean over groups; the last group may be smaller)
+    bleu4, cider         captions (greedy, or beam with config.beam_size) vs the 5 references
+    caption_truth(_baseline)  share of true generated captions, and of the single most common one
+    linear_probe_acc     linear probe of the frozen image embedding
+    """
+    from shared.metrics import bleu, cider_d, recall_at_k, truth_rate
+    from shared.world import World, is_true
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, config, world_config,
+                                                       split, n)}
+        world = World(world_config, split)
+        n = min(n, len(world))
+        recalls, captions, references, scenes = [], [], [], []
+        for start in range(0, n, 100):
+            examples = [world.example(i) for i in range(start, min(start + 100, n))]
+            image_emb = _embed_images(model, [ex["image"] for ex in examples])  # (g, E)
+            texts = [c for ex in examples for c in ex["captions"]]
+            text_image = torch.tensor([k for k, ex in enumerate(examples)
+                                       for _ in ex["captions"]])  # (G,), image of each caption
+            tokens = tokenizer.encode_batch(texts, config.max_text_len).to(image_emb.device)
+            scores = image_emb @ model.embed_texts(tokens).T  # (g, G) cosine similarities
+            recalls.append(recall_at_k(scores.cpu(), text_image))
+            captions += _caption(model, tokenizer, config, [ex["image"] for ex in examples])
+            references += [[_normalise(tokenizer, c, config.max_text_len) for c in ex["captions"]]
+                           for ex in examples]
+            scenes += [ex["scene"] for ex in examples]
+        for key in recalls[0]:
+            metrics[key] = sum(float(r[key]) for r in recalls) / len(recalls)
+        metrics["bleu4"] = float(bleu(captions, references)[3])
+        metrics["cider"] = float(cider_d(captions, references))
+        truth = truth_rate(captions, scenes, is_true)
+        metrics["caption_truth"] = float(truth["truth"])
+        metrics["caption_truth_baseline"] = float(truth["baseline"])
+        metrics["linear_probe_acc"] = linear_probe(model, world_config, split, n)
+    model.train(was_training)
+    return metrics
+
+
+def _normalise(tokenizer, text: str, max_len: int) -> str:
+    """A reference caption as the model could write it: tokenised, truncated, decoded, lowercase,
+    so that BLEU / CIDEr-D compare generated and reference text with the same spacing."""
+    return tokenizer.decode(tokenizer.encode(text, max_len=max_len)).lower()
+
+
+def sample_captions(model: CoCa, tokenizer, config: Config, world_config, split: str,
+                    n: int) -> list[tuple[str, str]]:
+    """(generated caption, first reference caption) for the first n images of a world split."""
+    from shared.world import World
+
+    world = World(world_config, split)
+    examples = [world.example(i) for i in range(min(n, len(world)))]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        generated = _caption(model, tokenizer, config, [ex["image"] for ex in examples])
+    model.train(was_training)
+    return [(g, ex["captions"][0]) for g, ex in zip(generated, examples)]
+
+
+if __name__ == "__main__":  # python coca.py: parameter counts and one training step of `tiny`
+    for name in ("paper", "small", "tiny"):
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in CoCa(getattr(Config, name)()).parameters())
+        print(f"{name:5s} {n_params / 1e6:7.2f}M parameters")
+    config = Config.tiny()
+    model = build_model(config)
+    batch = {"images": torch.randn(4, 3, config.image_size, config.image_size),
+             "tokens": torch.randint(1, config.vocab_size, (4, 12))}
+    losses = model(batch)
+    losses["loss"].backward()
+    print({k: round(v.item(), 4) for k, v in losses.items()})
