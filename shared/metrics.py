@@ -1,0 +1,391 @@
+"""The downstream metrics of the four papers, written out from their definitions.
+
+    bleu            BLEU-1..4, corpus level        captioning  [Oscar, VirTex, CoCa]
+    cider_d         CIDEr-D                        captioning  [Oscar, VirTex, CoCa]
+    recall_at_k     R@1/5/10, both directions      retrieval   [Oscar, UNITER, CoCa]
+    vqa_accuracy    VQA soft accuracy              VQA         [Oscar, UNITER]
+    top1_accuracy   top-1 of a (N, C) logit table  zero-shot / linear probe [VirTex, CoCa]
+    truth_rate      share of true captions         the synthetic world (OURS, no paper)
+
+BLEU and CIDEr-D are defined here *exactly* as the COCO caption evaluation code computes them
+(pycocoevalcap 1.2: `Bleu(4)` and `Cider()`), because that code, not the original papers, is
+what every captioning number in the four papers comes from. The places where that code differs
+from the papers' formulas (BLEU's smoothing constants and per-image "closest" reference length;
+CIDEr-D's length penalty on bigram counts) are reproduced on purpose and marked `QUIRK:`.
+`tests/test_metrics.py` checks both against pycocoevalcap on random corpora.
+
+    BLEU:    Papineni, Roukos, Ward, Zhu. "BLEU: a Method for Automatic Evaluation of Machine
+             Translation". ACL 2002.
+    CIDEr:   Vedantam, Zitnick, Parikh. "CIDEr: Consensus-based Image Description Evaluation".
+             CVPR 2015; arXiv 1411.5726v2. CIDEr-D is the variant of its §8 / the COCO server.
+    COCO:    Chen, Fang, Lin, Vedantam, Gupta, Dollár, Zitnick. "Microsoft COCO Captions: Data
+             Collection and Evaluation Server". arXiv 1504.00325.
+    VQA:     Antol et al. "VQA: Visual Question Answering". ICCV 2015 (its accuracy metric).
+
+Text conventions: captions arrive lower-cased and tokenised, tokens separated by whitespace
+(`str.split()` is the tokeniser here, as it is inside pycocoevalcap once its Java PTB
+tokeniser has run; we do not run that tokeniser). One candidate caption per image, one or more
+reference captions per image.
+
+Shapes: N images (or examples), C classes; retrieval: N_img images, N_txt texts.
+"""
+
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+MAX_N = 4  # BLEU-4 and CIDEr-D both use n-grams of n = 1..4 [COCO §3]
+
+# BLEU's two smoothing constants, as in the COCO code: every n-gram precision is computed as
+# (matches + TINY) / (candidate n-grams + SMALL), and the length ratio likewise. They only keep
+# 0/0 finite: a precision with no match is ~1e-15 / count instead of 0, so log and root stay
+# defined. QUIRK: part of the COCO numbers, not of Papineni et al.
+BLEU_TINY = 1e-15
+BLEU_SMALL = 1e-9
+
+CIDER_SIGMA = 6.0  # σ of CIDEr-D's Gaussian length penalty [CIDEr §8, COCO code default]
+CIDER_SCALE = 10.0  # CIDEr-D is multiplied by 10 "to make the scores comparable to other metrics"
+
+
+# --- input checks -------------------------------------------------------------------------------
+
+def _check_captions(candidates: list[str], references: list[list[str]]) -> None:
+    """Raise ValueError unless there is one candidate string and >= 1 reference strings per image."""
+    if not isinstance(candidates, (list, tuple)) or not isinstance(references, (list, tuple)):
+        raise ValueError("candidates must be a list of strings and references a list of lists "
+                         "of strings")
+    if len(candidates) != len(references):
+        raise ValueError(f"got {len(candidates)} candidates but {len(references)} reference "
+                         "lists: give exactly one candidate and one list of references per image")
+    if len(candidates) == 0:
+        raise ValueError("the corpus is empty: give at least one image")
+    for i, (candidate, refs) in enumerate(zip(candidates, references)):
+        if not isinstance(candidate, str):
+            raise ValueError(f"candidates[{i}] is a {type(candidate).__name__}, not a string")
+        if isinstance(refs, str) or not isinstance(refs, (list, tuple)):
+            raise ValueError(f"references[{i}] must be a list of strings (one per reference "
+                             f"caption), not a {type(refs).__name__}")
+        if len(refs) == 0:
+            raise ValueError(f"image {i} has no reference captions; every image needs at least one")
+        for j, ref in enumerate(refs):
+            if not isinstance(ref, str):
+                raise ValueError(f"references[{i}][{j}] is a {type(ref).__name__}, not a string")
+
+
+def _ngram_counts(words: list[str], max_n: int = MAX_N) -> Counter:
+    """Counts of every n-gram of `words` for n = 1..max_n, keyed by the tuple of its words.
+
+    >>> _ngram_counts("a a b".split(), 2)
+    Counter({('a',): 2, ('b',): 1, ('a', 'a'): 1, ('a', 'b'): 1})
+    """
+    counts = Counter()
+    for n in range(1, max_n + 1):
+        for start in range(len(words) - n + 1):
+            counts[tuple(words[start:start + n])] += 1
+    return counts
+
+
+# --- BLEU ---------------------------------------------------------------------------------------
+
+def bleu(candidates: list[str], references: list[list[str]]) -> list[float]:
+    """Corpus-level BLEU-1..4, as the COCO caption evaluation code (`Bleu(4)`) computes it.
+
+    For every n = 1..4, over the whole corpus (sums over images i, not an average of per-image
+    scores) [Papineni et al. §2.1, §2.2.2]:
+
+        p_n  = (Σ_i Σ_g min(count_i(g), max_r count_{i,r}(g)) + TINY) / (Σ_i #n-grams(c_i) + SMALL)
+               (g runs over the n-grams of candidate c_i; counts clipped by the most any single
+               reference of image i holds: "modified n-gram precision")
+        BP   = exp(1 - r / c)  if c < r, else 1       (with c and r smoothed the same way)
+        BLEU-N = BP · (p_1 · p_2 · ... · p_N) ^ (1/N)  (geometric mean, uniform weights)
+
+    c = Σ_i len(c_i) is the candidate length. r = Σ_i r_i, the reference length: QUIRK of the
+    COCO code ("closest"): r_i is the length of the reference of image i whose length is closest
+    to len(c_i), the shorter one on a tie.
+
+    Args:
+        candidates: N strings, the generated caption of each image (lower-cased, tokens
+            separated by whitespace).
+        references: N lists of >= 1 strings, the reference captions of each image.
+    Returns:
+        [BLEU-1, BLEU-2, BLEU-3, BLEU-4], floats in [0, 1].
+    Raises:
+        ValueError: on a length mismatch, an image without references, or a non-string.
+    """
+    _check_captions(candidates, references)
+    matches = [0] * MAX_N  # Σ_i clipped matches of n-grams, index n-1
+    totals = [0] * MAX_N  # Σ_i number of n-grams in the candidate, index n-1
+    candidate_length = 0  # c
+    reference_length = 0  # r
+    for candidate, refs in zip(candidates, references):
+        words = candidate.split()
+        counts = _ngram_counts(words)  # n-gram -> count in the candidate
+        # For every n-gram, the most times any *single* reference contains it: the clip.
+        max_ref_counts = Counter()
+        for ref in refs:
+            for gram, count in _ngram_counts(ref.split()).items():
+                max_ref_counts[gram] = max(max_ref_counts[gram], count)
+        for gram, count in counts.items():
+            matches[len(gram) - 1] += min(count, max_ref_counts[gram])
+        for n in range(1, MAX_N + 1):
+            totals[n - 1] += max(0, len(words) - n + 1)  # a sentence of L words has L-n+1 n-grams
+        # QUIRK ("closest"): the reference length nearest to the candidate's, shorter on a tie.
+        ref_lengths = [len(ref.split()) for ref in refs]
+        candidate_length += len(words)
+        reference_length += min(ref_lengths, key=lambda length: (abs(length - len(words)), length))
+
+    # Brevity penalty: BP = exp(1 - r/c) when the candidates are shorter than the references.
+    ratio = (candidate_length + BLEU_TINY) / (reference_length + BLEU_SMALL)  # c / r, smoothed
+    brevity_penalty = math.exp(1.0 - 1.0 / ratio) if ratio < 1.0 else 1.0
+
+    scores = []
+    product = 1.0  # p_1 · ... · p_n, grown one n at a time
+    for n in range(1, MAX_N + 1):
+        precision = (matches[n - 1] + BLEU_TINY) / (totals[n - 1] + BLEU_SMALL)  # p_n, smoothed
+        product *= precision
+        scores.append(brevity_penalty * product ** (1.0 / n))  # BLEU-n
+    return scores
+
+
+# --- CIDEr-D ------------------------------------------------------------------------------------
+
+def _tfidf(counts: Counter, log_num_images: float, document_frequency: Counter):
+    """TF-IDF vector of one sentence, split by n-gram order [CIDEr Eq. 1].
+
+        g_k(s) = h_k(s) · log(|I| / max(1, Σ_i [k in any reference of image i]))
+
+    h_k(s) is the raw count of n-gram k in s (the COCO code does not divide by the number of
+    n-grams of s: the cosine below is invariant to that scale anyway).
+
+    Returns:
+        (vectors, norms, length): vectors[n-1] a dict n-gram -> g_k for n-grams of order n,
+        norms[n-1] its Euclidean norm, and `length` the sentence length used by the Gaussian
+        penalty. QUIRK: the COCO code takes as length the number of *bigrams* (its loop counts
+        term frequencies of order index 1), i.e. words - 1 for a non-empty sentence. Differences
+        of lengths, which is all the penalty uses, equal word-length differences unless one of
+        the two sentences is empty.
+    """
+    vectors = [dict() for _ in range(MAX_N)]
+    squared_norms = [0.0] * MAX_N
+    length = 0
+    for gram, term_frequency in counts.items():
+        n = len(gram)
+        # idf = log |I| - log df; an n-gram no reference contains gets df = 1 (idf = log |I|).
+        idf = log_num_images - math.log(max(1.0, document_frequency[gram]))
+        weight = term_frequency * idf  # g_k(s)
+        vectors[n - 1][gram] = weight
+        squared_norms[n - 1] += weight * weight
+        if n == 2:
+            length += term_frequency  # QUIRK: the number of bigrams (see above)
+    norms = [math.sqrt(s) for s in squared_norms]
+    return vectors, norms, length
+
+
+def cider_d(candidates: list[str], references: list[list[str]]) -> float:
+    """CIDEr-D over a corpus, as the COCO caption evaluation code (`Cider()`) computes it.
+
+    Per image i with candidate c and references S_i = {s_1..s_m} [CIDEr Eq. 1-4, §8]:
+
+        CIDEr-D_n(c, S_i) = 10/m · Σ_j exp(-(l(c) - l(s_j))² / (2σ²))
+                                 · Σ_k min(g_k(c), g_k(s_j)) · g_k(s_j) / (‖g(c)‖ · ‖g(s_j)‖)
+        CIDEr-D(c, S_i)   = 1/4 · Σ_{n=1..4} CIDEr-D_n(c, S_i)
+
+    with g the TF-IDF vectors of n-grams of order n (`_tfidf`), σ = 6, and the score of the
+    corpus the mean over its images. Details that matter for the value:
+      * the document frequencies (df) count, for each n-gram, the images of *this corpus* whose
+        references contain it, and |I| is the number of images in this corpus: CIDEr-D of a
+        single image is always 0 (every idf is log 1 = 0);
+      * `min(g_k(c), g_k(s_j))` clips the candidate's weight by the reference's, so repeating an
+        n-gram does not pay (the "-D" of CIDEr-D, with the length penalty);
+      * a zero norm leaves the (then zero) dot product undivided instead of dividing by 0;
+      * the Gaussian penalty uses bigram counts as lengths (QUIRK, see `_tfidf`).
+
+    Args:
+        candidates: N strings (lower-cased, whitespace-tokenised), one per image.
+        references: N lists of >= 1 strings.
+    Returns:
+        The corpus CIDEr-D, a float in [0, 10] (every cosine and penalty is <= 1, times 10;
+        on COCO good captioners score about 1).
+    Raises:
+        ValueError: on a length mismatch, an image without references, or a non-string.
+    """
+    _check_captions(candidates, references)
+    reference_counts = [[_ngram_counts(ref.split()) for ref in refs] for refs in references]
+
+    # Document frequency: in how many images' reference sets each n-gram occurs [CIDEr Eq. 1].
+    document_frequency = Counter()
+    for counts_of_refs in reference_counts:
+        document_frequency.update(set().union(*counts_of_refs))  # each image counts once
+    log_num_images = math.log(float(len(candidates)))  # log |I|
+
+    image_scores = []
+    for candidate, counts_of_refs in zip(candidates, reference_counts):
+        vec_c, norm_c, len_c = _tfidf(_ngram_counts(candidate.split()), log_num_images,
+                                      document_frequency)
+        per_order = np.zeros(MAX_N)  # Σ_j CIDEr-D_n(c, s_j) before the 10/m, index n-1
+        for ref_counts in counts_of_refs:
+            vec_r, norm_r, len_r = _tfidf(ref_counts, log_num_images, document_frequency)
+            delta = float(len_c - len_r)
+            penalty = math.exp(-(delta ** 2) / (2.0 * CIDER_SIGMA ** 2))  # Gaussian, σ = 6
+            for n in range(MAX_N):
+                # Clipped dot product: Σ_k min(g_k(c), g_k(s)) · g_k(s), k over the candidate.
+                dot = sum(min(weight, vec_r[n].get(gram, 0.0)) * vec_r[n].get(gram, 0.0)
+                          for gram, weight in vec_c[n].items())
+                if norm_c[n] != 0.0 and norm_r[n] != 0.0:
+                    dot /= norm_c[n] * norm_r[n]  # cosine (a zero vector: the dot is 0 anyway)
+                per_order[n] += dot * penalty
+        # mean over n = 1..4, mean over the m references, times 10
+        image_scores.append(CIDER_SCALE * per_order.mean() / len(counts_of_refs))
+    return float(np.mean(image_scores))  # mean over images
+
+
+# --- retrieval ----------------------------------------------------------------------------------
+
+def recall_at_k(scores, text_image) -> dict[str, float]:
+    """Retrieval recall@K, image→text and text→image, from one score matrix.
+
+    Image→text: image i is a hit at K if *any* of its texts is among the K best-scoring texts of
+    row i. Text→image: text j is a hit at K if its image is among the K best-scoring images of
+    column j. R@K is the fraction of hits: the COCO / Flickr30K retrieval protocol of Oscar,
+    UNITER and CoCa, where each image has 5 captions.
+
+    Ties count against the query: a wrong candidate that scores *equal* to the best right one is
+    ranked above it, so R@K is a lower bound that never credits a tie. A model whose scores are
+    all equal (e.g. collapsed embeddings) gets R@K = 0, not 1. K larger than the number of
+    candidates is clipped to it (R@K = 1 then).
+
+    Args:
+        scores: (N_img, N_txt) similarity of image i and text j, higher = more similar
+            (torch tensor or numpy array).
+        text_image: (N_txt,) int, the image index (0 .. N_img-1) text j belongs to.
+    Returns:
+        {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}: floats in [0, 1].
+    Raises:
+        ValueError: on shape mismatches, image indices out of range, or an image without text.
+    """
+    scores = torch.as_tensor(scores).detach().double().cpu()  # (N_img, N_txt)
+    text_image = torch.as_tensor(text_image).detach().long().cpu()  # (N_txt,)
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (N_img, N_txt), got shape {tuple(scores.shape)}")
+    n_img, n_txt = scores.shape
+    if text_image.shape != (n_txt,):
+        raise ValueError(f"text_image must be ({n_txt},), one image index per text (column of "
+                         f"scores), got shape {tuple(text_image.shape)}")
+    if n_txt and (text_image.min() < 0 or text_image.max() >= n_img):
+        raise ValueError(f"text_image holds indices outside 0..{n_img - 1}")
+    own = text_image[None, :] == torch.arange(n_img)[:, None]  # (N_img, N_txt), text j is image i's
+    if not own.any(dim=1).all():
+        raise ValueError("every image needs at least one text: image "
+                         f"{int((~own.any(dim=1)).nonzero()[0])} has none")
+
+    # Image→text. The rank of the best own text = the number of *other* texts scoring >= it.
+    best_own = scores.masked_fill(~own, float("-inf")).amax(dim=1)  # (N_img,)
+    i2t_rank = ((scores >= best_own[:, None]) & ~own).sum(dim=1)  # (N_img,), 0 = first
+
+    # Text→image. The rank of the right image = the number of other images scoring >= it.
+    right = scores[text_image, torch.arange(n_txt)]  # (N_txt,), score of text j with its image
+    t2i_rank = ((scores >= right[None, :]) & ~own).sum(dim=0)  # (N_txt,)
+
+    out = {}
+    for k in (1, 5, 10):
+        # rank < K <=> hit at K. Clipping K to the candidates is automatic: a rank is at most
+        # (number of candidates - 1), so K >= number of candidates always hits.
+        out[f"i2t_r{k}"] = float((i2t_rank < k).double().mean())
+        out[f"t2i_r{k}"] = float((t2i_rank < k).double().mean())
+    return {key: out[key] for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")}
+
+
+# --- VQA, classification, truth -----------------------------------------------------------------
+
+def _normalise_answer(answer: str) -> str:
+    """Lower case, runs of whitespace to one space, no leading / trailing space."""
+    return " ".join(answer.lower().split())
+
+
+def vqa_accuracy(predicted: list[str], answers: list[list[str]]) -> float:
+    """VQA soft accuracy (Antol et al., ICCV 2015), averaged over questions.
+
+        Acc(a) = min(#{annotators who answered a} / 3, 1)
+
+    so an answer given by 3 or more of the (10) annotators is fully right. OURS: the divisor is
+    min(3, number of reference answers), so with a single reference answer per question (the
+    synthetic world) this is plain exact-match accuracy, and with 2 either one counts half.
+    Answers are compared after lower-casing and collapsing whitespace.
+    DEVIATION: the official evaluation script also strips punctuation, maps number words to
+    digits and drops articles, and averages Acc over the 10 leave-one-annotator-out subsets of
+    9 annotators; we keep the formula as the paper states it.
+
+    Args:
+        predicted: N answer strings.
+        answers: N lists of >= 1 reference answers (one per annotator; repeats count).
+    Returns:
+        The mean accuracy, a float in [0, 1].
+    Raises:
+        ValueError: on a length mismatch, a question without answers, or a non-string.
+    """
+    if len(predicted) != len(answers):
+        raise ValueError(f"got {len(predicted)} predictions but {len(answers)} answer lists")
+    if len(predicted) == 0:
+        raise ValueError("no questions: give at least one prediction")
+    total = 0.0
+    for i, (guess, refs) in enumerate(zip(predicted, answers)):
+        if not isinstance(guess, str):
+            raise ValueError(f"predicted[{i}] is a {type(guess).__name__}, not a string")
+        if isinstance(refs, str) or len(refs) == 0:
+            raise ValueError(f"answers[{i}] must be a non-empty list of answer strings")
+        if not all(isinstance(r, str) for r in refs):
+            raise ValueError(f"answers[{i}] holds a non-string")
+        agree = sum(_normalise_answer(r) == _normalise_answer(guess) for r in refs)
+        total += min(agree / min(3, len(refs)), 1.0)
+    return total / len(predicted)
+
+
+def top1_accuracy(logits, labels) -> float:
+    """Fraction of rows whose highest logit is at the true class (zero-shot, linear probe).
+
+    Args:
+        logits: (N, C) scores (tensor or array), higher = more likely.
+        labels: (N,) int class indices in 0 .. C-1.
+    Returns:
+        A float in [0, 1]. (Ties go to the lowest class index, as argmax does.)
+    """
+    logits = torch.as_tensor(logits).detach()  # (N, C)
+    labels = torch.as_tensor(labels).detach().to(logits.device)  # (N,)
+    if logits.dim() != 2 or labels.shape != (logits.shape[0],):
+        raise ValueError(f"need logits (N, C) and labels (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("no examples: N = 0")
+    return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def truth_rate(captions: list[str], scenes: list, is_true) -> dict[str, float]:
+    """How often generated captions are true of their scene, and a constant-caption baseline.
+
+    OURS (the synthetic world lets a program check a caption, which real data does not):
+
+        truth    = mean_i is_true(captions[i], scenes[i])
+        baseline = mean_i is_true(mode, scenes[i]),  mode = the most common string in `captions`
+
+    `baseline` is what a captioner that always wrote its own favourite caption would score: a
+    model that collapsed onto one caption has truth == baseline, and learning to look at the
+    image shows as truth > baseline. (Ties for the most common caption: the first to appear.)
+
+    Args:
+        captions: N generated captions.
+        scenes: N scenes, whatever the world's checker takes.
+        is_true: the world's checker, is_true(caption, scene) -> bool; passed in so that this
+            file does not import the world.
+    Returns:
+        {"truth": float in [0, 1], "baseline": float in [0, 1]}.
+    """
+    if len(captions) != len(scenes):
+        raise ValueError(f"got {len(captions)} captions but {len(scenes)} scenes")
+    if len(captions) == 0:
+        raise ValueError("no captions: give at least one")
+    truth = sum(bool(is_true(caption, scene)) for caption, scene in zip(captions, scenes))
+    mode = Counter(captions).most_common(1)[0][0]  # most_common keeps first-seen order on ties
+    baseline = sum(bool(is_true(mode, scene)) for scene in scenes)
+    return {"truth": truth / len(captions), "baseline": baseline / len(captions)}
