@@ -1,0 +1,157 @@
+"""train.py: the CLI, the schedule, atomic checkpoints, exact resume, and bad input.
+
+The exact-resume test is the contract users rely on when a long run is killed: k steps, stop,
+resume, k more steps must give the same losses and bit-identical weights as 2k steps straight.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A very small CoCa so the loop tests take seconds; every name is a coca.Config field.
+SMALL = ["--model", "coca", "--preset", "tiny", "--batch_size", "4", "--vision_width", "32",
+         "--vision_heads", "2", "--vision_layers", "1", "--text_width", "32", "--text_heads", "2",
+         "--unimodal_layers", "1", "--multimodal_layers", "1", "--n_caption_queries", "4",
+         "--embed_dim", "16", "--max_text_len", "12", "--warmup_steps", "2", "--vocab_size", "200",
+         "--image_size", "32", "--tokenizer_texts", "50", "--num_workers", "0",
+         "--log_every_s", "0", "--final_n", "20"]
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def train_in_process(tmp_path, *extra):
+    run, paper, overrides = train.parse_args([*SMALL, "--out", str(tmp_path), *extra])
+    lines = []
+    result = train.train(run, paper, overrides, log=lines.append)
+    return result, lines
+
+
+def step_losses(lines):
+    """{step: 'loss ... terms' text} from the progress lines (one per step with log_every_s 0)."""
+    out = {}
+    for line in lines:
+        if line.startswith("step "):
+            head, terms = line.split(" | ")[:2]
+            out[int(head.split()[1].split("/")[0])] = terms
+    return out
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+def test_get_lr_warms_up_linearly_then_decays_to_zero():
+    class C:
+        lr, warmup_steps, max_steps, lr_schedule = 1.0, 4, 14, "cosine"
+    assert [train.get_lr(s, C) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train.get_lr(9, C) == pytest.approx(0.5)  # half-way through the cosine
+    assert train.get_lr(14, C) == pytest.approx(0.0, abs=1e-12)
+    C.lr_schedule = "linear"
+    assert train.get_lr(9, C) == pytest.approx(0.5)
+    assert train.get_lr(11, C) == pytest.approx(0.3)
+
+
+def test_param_groups_put_no_decay_on_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = train.param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 3)]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    train.save_checkpoint(path, step=1)
+
+    def broken_save(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, step=2)
+    assert torch.load(path)["step"] == 1  # the previous checkpoint survived
+
+
+def test_resume_continues_exactly(tmp_path):
+    """3 steps + resume + 3 steps == 6 steps straight: same losses, bit-identical weights."""
+    straight, straight_lines = train_in_process(tmp_path / "a", "--max_steps", "6")
+    stopped, first_lines = train_in_process(tmp_path / "b", "--max_steps", "6", "--stop_at", "3")
+    assert stopped == {"stopped_at": 3}
+    resumed, resumed_lines = train_in_process(tmp_path / "b", "--max_steps", "6", "--resume", "true")
+
+    losses_a = step_losses(straight_lines)
+    losses_b = {**step_losses(first_lines), **step_losses(resumed_lines)}
+    assert sorted(losses_a) == list(range(1, 7))
+    assert losses_a == losses_b
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "latest.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert straight == {**resumed, "train_seconds": straight["train_seconds"]}
+    final = json.loads((tmp_path / "a" / "final.json").read_text())
+    assert final["step"] == 6 and "zero_shot_acc" in final
+    assert (tmp_path / "a" / "best.pt").exists() and (tmp_path / "a" / "tokenizer.json").exists()
+
+
+def test_non_finite_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    train_in_process(tmp_path, "--max_steps", "6", "--stop_at", "2")
+    import coca
+
+    build = coca.build_model
+
+    def build_poisoned(config):
+        model = build(config)
+        forward = model.forward
+
+        def poisoned(batch):
+            losses = forward(batch)
+            losses["captioning"] = losses["captioning"] * float("nan")
+            losses["loss"] = losses["loss"] + losses["captioning"]
+            return losses
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(coca, "build_model", build_poisoned)
+    with pytest.raises(train.NonFiniteLoss, match="step 3: term 'captioning'"):
+        train_in_process(tmp_path, "--max_steps", "6", "--resume", "true")
+    assert torch.load(tmp_path / "latest.pt", weights_only=False)["step"] == 2
+
+
+# --- the command line ------------------------------------------------------------------------
+
+def test_help_lists_run_options_and_every_config_field():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    import coca
+    for flag in ["--model", "--preset", "--task", "--max_steps", "--out", "--seed", "--device",
+                 "--resume", "--init"] + [f"--{name}" for name in coca.Config.__dataclass_fields__]:
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gpt"], "invalid choice: 'gpt'"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--no_such_field", "3"], "unrecognized arguments: --no_such_field"),
+    (["--text_width", "30", "--text_heads", "4"], "error: invalid config:"),
+    (["--vocab", "/no/such/vocab.txt", "--max_steps", "1"], "/no/such/vocab.txt"),
+    (["--resume", "true", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
+])
+def test_bad_input_gives_one_clear_line_not_a_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
