@@ -152,7 +152,7 @@ class Config:
                    vision_layers=3, vision_heads=2, n_caption_queries=32, text_width=128,
                    text_heads=2, unimodal_layers=2, multimodal_layers=2, vocab_size=1000,
                    max_text_len=32, embed_dim=128, batch_size=64, lr=1e-3, warmup_steps=100,
-                   max_steps=1500, lr_schedule="cosine", train_single_object_prob=0.5)
+                   max_steps=1800, lr_schedule="cosine", train_single_object_prob=0.5)
 
 
 # --- 3. Input embeddings -----------------------------------------------------------------------

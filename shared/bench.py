@@ -1,0 +1,115 @@
+"""Timing our models against other implementations at the same shapes, in one process.
+
+    python -m shared.bench --coca          # coca.CoCa vs open_clip's CoCa, one training step each
+
+Each comparison builds both models at the same shapes, warms them up, then times full training
+steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
+load hits both sides alike, and prints the medians and their ratio (ours / theirs; < 1 = we are
+faster). Libraries that are not installed are skipped with a message: they are benchmark-only
+dependencies, never imported by the models. open_clip needs torchvision, which does not import
+beside the CPU torch 2.13 wheel; use a separate virtualenv:
+
+    python -m venv /tmp/venv-oc
+    /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 open-clip-torch numpy tokenizers pillow
+    /tmp/venv-oc/bin/python -m shared.bench --coca
+
+Results go to reference/benchmarks.md with the device, shapes, command and date.
+"""
+
+import argparse
+import importlib.util
+import statistics
+import time
+
+import torch
+
+
+def time_alternately(steps: dict, rounds: int, warmup: int) -> dict:
+    """Run each step function `warmup` times, then `rounds` times alternately; median seconds."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def coca_vs_open_clip(batch: int = 32, image: int = 64, patch: int = 8, width: int = 256,
+                      vision_layers: int = 4, text_layers: int = 2, heads: int = 4,
+                      queries: int = 256, vocab: int = 1000, tokens: int = 32, rounds: int = 10,
+                      warmup: int = 3) -> None:
+    """One CoCa training step: coca.CoCa vs open_clip.CoCa with the same sizes."""
+    if importlib.util.find_spec("open_clip") is None:
+        print("skipped coca vs open_clip: open_clip is not installed (see the module docstring)")
+        return
+    import open_clip
+    from open_clip.loss import CoCaLoss
+
+    import coca
+
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, image, image)
+    text = torch.randint(5, vocab, (batch, tokens))  # no pads: both sides see full sequences
+
+    config = coca.Config(image_size=image, patch_size=patch, patch_stem="linear",
+                         vision_width=width, vision_layers=vision_layers, vision_heads=heads,
+                         n_caption_queries=queries, text_width=width, text_heads=heads,
+                         unimodal_layers=text_layers, multimodal_layers=text_layers,
+                         vocab_size=vocab, max_text_len=tokens, embed_dim=width)
+    ours = coca.CoCa(config)
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+
+    theirs = open_clip.CoCa(
+        embed_dim=width,
+        vision_cfg=dict(image_size=image, patch_size=patch, width=width, layers=vision_layers,
+                        head_width=width // heads, attentional_pool=True,
+                        attn_pooler_queries=queries, attn_pooler_heads=heads,
+                        output_tokens=True),
+        text_cfg=dict(context_length=tokens, vocab_size=vocab, width=width, heads=heads,
+                      layers=text_layers, embed_cls=True, output_tokens=True),
+        multimodal_cfg=dict(context_length=tokens, vocab_size=vocab, width=width, heads=heads,
+                            layers=text_layers, n_queries=queries, attn_pooler_heads=heads))
+    theirs_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+    theirs_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-4)
+
+    def step_ours():
+        loss = ours({"images": images, "tokens": text})["loss"]
+        loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+
+    def step_theirs():
+        out = theirs(images, text)
+        clip_loss, caption_loss = theirs_loss(out["image_features"], out["text_features"],
+                                              out["logits"], out["labels"], out["logit_scale"])
+        (clip_loss + caption_loss).backward()
+        theirs_opt.step()
+        theirs_opt.zero_grad(set_to_none=True)
+
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    medians = time_alternately({"ours": step_ours, "open_clip": step_theirs}, rounds, warmup)
+    print(f"CoCa training step, batch {batch}, image {image}/{patch}, width {width}, vision "
+          f"{vision_layers} layers, text {text_layers}+{text_layers}, {queries} queries, vocab "
+          f"{vocab}, {tokens} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"  coca.CoCa      {medians['ours'] * 1e3:8.1f} ms/step  ({n_ours / 1e6:.2f}M params)")
+    print(f"  open_clip.CoCa {medians['open_clip'] * 1e3:8.1f} ms/step  ({n_theirs / 1e6:.2f}M params)")
+    print(f"  ratio ours / open_clip = {medians['ours'] / medians['open_clip']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    if not args.coca:
+        parser.error("choose a comparison, e.g. --coca")
+    coca_vs_open_clip(rounds=args.rounds)
+
+
+if __name__ == "__main__":
+    main()
