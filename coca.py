@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from shared.attention import MultiHeadAttention
 from shared.data import ImageTextDataset, collate_image_text, image_to_tensor
 from shared.masks import causal_mask, padding_mask
+from shared.probe import linear_probe as shared_linear_probe
 from shared.transformer import PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
@@ -593,39 +594,15 @@ def zero_shot_accuracy(model: CoCa, tokenizer, config: Config, world_config, spl
     return float(top1_accuracy(image_emb @ class_emb.T, labels))  # logits (n, C)
 
 
-def linear_probe(model: CoCa, world_config, split: str, n: int, steps: int = 200,
-                 l2: float = 1e-4) -> float:
-    """Top-1 accuracy of a multinomial logistic regression on frozen L2-normalised image
-    embeddings: fit on ClassificationWorld("train"), test on n items of `split`.
+def linear_probe(model: CoCa, world_config, split: str, n: int) -> float:
+    """Top-1 accuracy of a linear classifier on the frozen, L2-normalised contrastive image
+    embedding (shared.probe: fitted on ClassificationWorld("train"), tested on n `split` items).
 
     DEVIATION: the paper's frozen-feature evaluation learns a new attentional pooler over the
     frozen encoder tokens [CoCa §3.3, Table 9]; we probe the pretrained contrastive embedding with a
-    linear head (VirTex's protocol, shared by the four papers here). Full-batch L-BFGS, OURS: l2.
+    linear head (VirTex's protocol, shared by the four papers here).
     """
-    from shared.metrics import top1_accuracy
-    from shared.world import CLASS_NAMES, ClassificationWorld
-
-    def features(world, count):
-        items = [world.item(i) for i in range(min(count, len(world)))]
-        x = _embed_images(model, [image for image, _ in items]).float()  # (m, E)
-        return x, torch.tensor([label for _, label in items], device=x.device)  # (m,)
-
-    n_train = min(1000, max(100, 2 * n))  # OURS: a few hundred to 1000 labelled train images
-    x_train, y_train = features(ClassificationWorld(world_config, "train"), n_train)
-    x_test, y_test = features(ClassificationWorld(world_config, split), n)
-    W = torch.zeros(x_train.shape[1], len(CLASS_NAMES), device=x_train.device, requires_grad=True)
-    b = torch.zeros(len(CLASS_NAMES), device=x_train.device, requires_grad=True)  # (C,)
-    with torch.enable_grad():  # evaluate() runs under no_grad; the probe itself is trained
-        optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(x_train @ W + b, y_train) + l2 * W.pow(2).sum()
-            loss.backward()
-            return loss
-        optimizer.step(closure)
-    return float(top1_accuracy((x_test @ W + b).detach(), y_test))  # logits (n, C)
+    return shared_linear_probe(lambda images: _embed_images(model, images), world_config, split, n)
 
 
 def evaluate(model: CoCa, tokenizer, config: Config, world_config, split: str,

@@ -1,17 +1,18 @@
 """Timing our models against other implementations at the same shapes, in one process.
 
     python -m shared.bench --coca          # coca.CoCa vs open_clip's CoCa, one training step each
+    python -m shared.bench --resnet        # virtex.ResNet vs torchvision's resnet50, fwd + bwd
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
 load hits both sides alike, and prints the medians and their ratio (ours / theirs; < 1 = we are
 faster). Libraries that are not installed are skipped with a message: they are benchmark-only
-dependencies, never imported by the models. open_clip needs torchvision, which does not import
+dependencies, never imported by the models. open_clip and torchvision need, which does not import
 beside the CPU torch 2.13 wheel; use a separate virtualenv:
 
     python -m venv /tmp/venv-oc
     /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 open-clip-torch numpy tokenizers pillow
-    /tmp/venv-oc/bin/python -m shared.bench --coca
+    /tmp/venv-oc/bin/python -m shared.bench --coca --resnet
 
 Results go to reference/benchmarks.md with the device, shapes, command and date.
 """
@@ -101,14 +102,52 @@ def coca_vs_open_clip(batch: int = 32, image: int = 64, patch: int = 8, width: i
     print(f"  ratio ours / open_clip = {medians['ours'] / medians['open_clip']:.3f}")
 
 
+def resnet_vs_torchvision(batch: int = 8, image: int = 224, rounds: int = 10,
+                          warmup: int = 3) -> None:
+    """ResNet-50 forward + backward (no optimizer): virtex.ResNet vs torchvision.models.resnet50
+    without its fc, same input, both in train mode (batch statistics in BatchNorm)."""
+    if importlib.util.find_spec("torchvision") is None:
+        print("skipped resnet vs torchvision: torchvision is not installed (see the docstring)")
+        return
+    import torchvision
+
+    import virtex
+
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, image, image)
+    ours = virtex.ResNet(virtex.Config.paper()).train()
+    theirs = torchvision.models.resnet50(zero_init_residual=True).train()
+    theirs.fc = torch.nn.Identity()
+    theirs.avgpool = torch.nn.Identity()  # both return layer4, theirs flattened
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # same names, same weights
+
+    def step(model):
+        def fn():
+            model(images).sum().backward()
+            model.zero_grad(set_to_none=True)
+        return fn
+
+    medians = time_alternately({"ours": step(ours), "torchvision": step(theirs)}, rounds, warmup)
+    print(f"ResNet-50 forward + backward, batch {batch}, {image} px, torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")
+    print(f"  virtex.ResNet         {medians['ours'] * 1e3:8.1f} ms/step")
+    print(f"  torchvision resnet50  {medians['torchvision'] * 1e3:8.1f} ms/step")
+    print(f"  ratio ours / torchvision = {medians['ours'] / medians['torchvision']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
+    parser.add_argument("--resnet", action="store_true",
+                        help="virtex.ResNet vs torchvision's resnet50")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    if not args.coca:
-        parser.error("choose a comparison, e.g. --coca")
-    coca_vs_open_clip(rounds=args.rounds)
+    if not (args.coca or args.resnet):
+        parser.error("choose a comparison: --coca and/or --resnet")
+    if args.coca:
+        coca_vs_open_clip(rounds=args.rounds)
+    if args.resnet:
+        resnet_vs_torchvision(rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,10 @@ def test_time_alternately_interleaves_and_returns_medians():
 def test_coca_comparison_is_skipped_with_a_message_without_open_clip(capsys):
     bench.coca_vs_open_clip()
     assert "skipped coca vs open_clip: open_clip is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
+                    reason="torchvision is installed here: the comparison would run instead")
+def test_resnet_comparison_is_skipped_with_a_message_without_torchvision(capsys):
+    bench.resnet_vs_torchvision()
+    assert "skipped resnet vs torchvision: torchvision is not installed" in capsys.readouterr().out

@@ -7,7 +7,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = re.compile(
     r"nn\.MultiheadAttention|nn\.Transformer(Encoder|Decoder)?(Layer)?\b"
-    r"|^\s*(import|from)\s+(einops|timm|transformers|open_clip)\b", re.MULTILINE)
+    r"|^\s*(import|from)\s+(einops|timm|transformers|open_clip|torchvision|albumentations)\b",
+    re.MULTILINE)
 
 
 def product_files():
@@ -28,14 +29,15 @@ def test_product_code_uses_no_off_the_shelf_transformer():
 
 def test_the_forbidden_pattern_catches_what_it_should():
     for text in ["import transformers", "from einops import rearrange", "nn.MultiheadAttention(",
-                 "nn.TransformerEncoderLayer(", "  from timm.models import vit"]:
+                 "nn.TransformerEncoderLayer(", "  from timm.models import vit",
+                 "import torchvision.models", "from albumentations import HorizontalFlip"]:
         assert FORBIDDEN.search(text), text
     assert not FORBIDDEN.search("from shared.transformer import PreLNEncoderBlock")
 
 
 def test_paper_files_import_only_torch_numpy_stdlib_and_shared():
     allowed = {"torch", "numpy", "shared", "math", "dataclasses", "typing", "collections",
-               "functools", "itertools", "random", "json", "pathlib", "__future__"}
+               "functools", "itertools", "random", "json", "pathlib", "__future__", "copy", "re"}
     for name in ["oscar.py", "uniter.py", "virtex.py", "coca.py"]:
         path = ROOT / name
         if not path.exists():

@@ -1,0 +1,67 @@
+"""The linear probe shared by the four papers: how good are frozen image features?
+
+VirTex's main evaluation [VirTex §4.1] and CoCa's frozen-feature evaluation [CoCa §3.3] both train
+a linear classifier on features of a frozen image encoder. Here the classifier is a multinomial
+logistic regression fitted with full-batch L-BFGS on the world's classification view
+(`ClassificationWorld`: single-object images, 36 (colour, shape) classes) and tested on another
+split. The paper file decides what a "feature" is: CoCa's pooled contrastive embedding, VirTex's
+globally pooled layer-4 activations, both L2-normalised.
+
+Shapes: n images, D feature width, C classes.
+"""
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shared.metrics import top1_accuracy
+from shared.world import CLASS_NAMES, ClassificationWorld
+
+
+def _features(embed: Callable[[list[np.ndarray]], Tensor], world, count: int,
+              chunk: int) -> tuple[Tensor, Tensor]:
+    """The first `count` items of a ClassificationWorld -> (features (n, D), labels (n,))."""
+    items = [world.item(i) for i in range(min(count, len(world)))]
+    images = [image for image, _ in items]
+    x = torch.cat([embed(images[s:s + chunk]).float()
+                   for s in range(0, len(images), chunk)])  # (n, D)
+    return x, torch.tensor([label for _, label in items], device=x.device)  # (n,)
+
+
+def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, split: str, n: int,
+                 n_train: int | None = None, steps: int = 200, l2: float = 1e-4,
+                 chunk: int = 250) -> float:
+    """Top-1 accuracy of a linear classifier on frozen features.
+
+    Args:
+        embed: list of uint8 (H, W, 3) images -> (m, D) features; called under torch.no_grad()
+            by the caller's evaluate(), with the model in eval mode (BatchNorm statistics frozen).
+        world_config: the run's WorldConfig (image size, seed).
+        split: the test split ("val" or "test"); the classifier is fitted on "train".
+        n: test images. n_train: training images (default: 2·n, clamped to 100 .. 1000).
+        steps: L-BFGS iterations. l2: weight decay on W (OURS; the papers tune it by validation).
+    Returns:
+        accuracy in [0, 1] on the n test images (chance is 1/36).
+    """
+    if n < 1:
+        raise ValueError(f"linear_probe needs n >= 1 test images, got {n}")
+    n_train = n_train or min(1000, max(100, 2 * n))
+    x_train, y_train = _features(embed, ClassificationWorld(world_config, "train"), n_train, chunk)
+    x_test, y_test = _features(embed, ClassificationWorld(world_config, split), n, chunk)
+    C = len(CLASS_NAMES)
+    W = torch.zeros(x_train.shape[1], C, device=x_train.device, requires_grad=True)  # (D, C)
+    b = torch.zeros(C, device=x_train.device, requires_grad=True)  # (C,)
+    with torch.enable_grad():  # the caller runs under no_grad; the probe itself is trained
+        optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(x_train @ W + b, y_train) + l2 * W.pow(2).sum()  # ()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+    return float(top1_accuracy((x_test @ W + b).detach(), y_test))  # logits (n, C)

@@ -1,0 +1,705 @@
+"""VirTex: Learning Visual Representations from Textual Annotations, written from primitives.
+
+    Karan Desai, Justin Johnson. CVPR 2021; arXiv 2006.06666v3 (25 Sep 2021). Every `[VirTex ...]`
+    tag cites that version.
+
+A CNN learns to see by captioning: a ResNet-50 and a small Transformer decoder are trained from
+scratch to caption images in both directions; then the decoder is thrown away and the CNN is
+the product, judged by linear probes and transfer [VirTex Fig. 1]:
+
+    image -> ResNet-50 -> layer4 grid (B, 2048, 7, 7) -> 49 visual tokens -> Linear 2048 -> H
+                                                                     |            |
+    [SOS] c1 .. cT -> forward Transformer decoder  (cross-attends) <-+            |
+    [EOS] cT .. c1 -> backward Transformer decoder (cross-attends) <--------------+
+    L = CE(forward next tokens) + CE(backward next tokens)                  bicaptioning
+
+Paper map (section / equation -> code)
+    Impl: implementation details, [code]        Config, Config.paper()
+    Method: visual backbone (ResNet-50)          Bottleneck, ResNet
+    Method: textual head (Transformer decoder)   WordAndPositionEmbedding, TextualHead
+    Method: bicaptioning (forward + backward)    reverse_captions, captioning_loss,
+                                                 bicaptioning_loss, VirTex.forward
+    Ablation: pretraining tasks                  Config.pretext: "bicaptioning" | "captioning" |
+                                                 "token_classification" | "masked_lm";
+                                                 token_classification_loss, mask_tokens,
+                                                 masked_lm_loss
+    Impl: data augmentation                      VirTexDataset (shared.augment: crop, flip with
+                                                 the whole-word left/right swap, colour jitter)
+    Impl: optimisation                           make_optimizer (SGD, two learning rates)
+    Downstream: linear probes of frozen features VirTex.pooled_features, evaluate
+    Captioning (beam 5, nucleus 0.9), [code]     VirTex.generate (shared.decoding)
+
+Citations name the paper's parts, [VirTex Method], [VirTex Impl] (implementation details),
+[VirTex Ablation] (pretraining tasks), [VirTex Downstream], [VirTex Captioning], not section
+numbers: only the first page of v3 could be checked here. [code] = the official code (kdexd/virtex
+ae67b23), read for ../shared/specs/virtex_coca.md Part A.
+
+Left out, and why: COCO Captions (the synthetic world of shared/world.py instead); Lookahead
+(DEVIATION, see make_optimizer); the detection / segmentation / iNat transfer tasks (they need
+Detectron2-scale code and data); the SentencePiece BPE vocabulary (WordPiece trained on the world's
+captions, shared.tokenizer); the multilabel-classification ablation (it needs COCO's instance
+labels; the world's equivalent is the token-classification row).
+
+Shapes: B batch, T text tokens, N visual tokens (grid cells h·w), Cv CNN channels (2048), H
+textual width, V vocabulary, C classes. Masks: True = may attend.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from shared.augment import virtex_augment
+from shared.data import IMAGE_MEAN, IMAGE_STD, image_to_tensor, pad_sequences
+from shared.masks import padding_mask
+from shared.probe import linear_probe
+from shared.transformer import PostLNDecoderBlock
+
+PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
+MAIN_METRIC = "linear_probe_acc"  # the paper judges checkpoints by frozen-feature probes [VirTex Downstream]
+PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
+
+
+# --- 2. Config and presets ---------------------------------------------------------------------
+
+@dataclass
+class Config:
+    """R-50 + the best textual head L1/H2048/A32/F8192 with the [VirTex Impl] recipe. `OURS:` marks values
+    the paper does not give. Every scalar field is a flag of train.py (`--hidden_size 1024`)."""
+    # visual backbone: ResNet-50 trained from scratch [VirTex Method]
+    image_size: int = 224  # [VirTex Impl]: random 224 × 224 crops
+    resnet_blocks: tuple = (3, 4, 6, 3)  # ResNet-50 [He et al. 2016, Table 1]; not a CLI flag
+    resnet_width: int = 64  # channels of the stem and of layer1's 3×3 convs; layer4 gives 32×
+    stem_kernel: int = 7  # ResNet's 7×7 stride-2 stem and 3×3 max-pool
+    stem_stride: int = 2
+    stem_pool: bool = True
+    # textual head: L1 H2048 A32 F8192, the best model of the width ablation (the base model is H1024 A16 F4096)
+    hidden_size: int = 2048  # H
+    layers: int = 1  # L
+    heads: int = 32  # A = H / 64
+    feedforward_size: int = 8192  # F = 4H
+    dropout: float = 0.1  # [code]: in embeddings, attention, MLP and residuals
+    vocab_size: int = 10_000  # [VirTex Impl]: SentencePiece BPE of 10K tokens (train.py resets it)
+    max_text_len: int = 30  # official code: 30 tokens including [SOS] and [EOS]
+    pretext: str = "bicaptioning"  # [VirTex Ablation]: the pretraining task
+    mask_prob: float = 0.15  # masked_lm: share of caption tokens masked (BERT's 15 %)
+    # data augmentation [VirTex Impl; code]
+    crop_scale_min: float = 0.2  # random resized crop, area in [0.2, 1]
+    flip_prob: float = 0.5  # horizontal flip, swapping "left" <-> "right" in the caption
+    jitter_prob: float = 0.8  # colour jitter, official code: p = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1  # kept small: captions name colours
+    # decoding [VirTex Captioning; code]
+    beam_size: int = 5  # beam search, no length penalty, the repeated token blocked
+    # pretraining recipe, read by train.py [VirTex Impl; code]
+    optimizer: str = "sgd"  # SGD with momentum; "adamw" = OURS, for short CPU runs
+    batch_size: int = 256  # 256 across 8 GPUs
+    lr: float = 1e-3  # the textual head (and visual projection)
+    cnn_lr: float = 0.2  # the visual backbone
+    weight_decay: float = 1e-4
+    beta1: float = 0.9  # SGD momentum; AdamW's β1 when optimizer = "adamw"
+    beta2: float = 0.999  # AdamW only
+    warmup_steps: int = 10_000  # linear warmup
+    max_steps: int = 500_000  # 500K iterations
+    lr_schedule: str = "cosine"  # cosine decay
+    grad_clip: float = 10.0  # official code: global norm 10
+    grad_accum_steps: int = 1  # OURS
+    train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
+
+    def __post_init__(self):
+        problems = []
+        self.resnet_blocks = tuple(self.resnet_blocks)  # a list after a JSON round trip
+        if len(self.resnet_blocks) != 4 or min(self.resnet_blocks) < 1:
+            problems.append(f"resnet_blocks needs 4 stage depths >= 1, got {self.resnet_blocks}")
+        if self.hidden_size % self.heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by heads "
+                            f"{self.heads}")
+        if self.pretext not in PRETEXTS:
+            problems.append(f"pretext must be one of {', '.join(PRETEXTS)}, not {self.pretext!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            problems.append(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
+        if self.lr_schedule not in ("cosine", "linear"):
+            problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
+        if self.image_size < self.stem_stride * (2 if self.stem_pool else 1) * 8:
+            problems.append(f"image_size {self.image_size} is too small for the ResNet "
+                            f"(it halves the grid {3 + self.stem_pool + (self.stem_stride > 1)} "
+                            f"times)")
+        if not 0 < self.crop_scale_min <= 1:
+            problems.append(f"crop_scale_min must be in (0, 1], not {self.crop_scale_min}")
+        if not 0 < self.mask_prob < 1:
+            problems.append(f"mask_prob must be in (0, 1), not {self.mask_prob}")
+        if self.max_text_len < 2:
+            problems.append(f"max_text_len must be >= 2 ([SOS] and [EOS]), not {self.max_text_len}")
+        if min(self.layers, self.beam_size, self.resnet_width) < 1:
+            problems.append("layers, beam_size and resnet_width must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def visual_dim(self) -> int:
+        """Cv: channels of layer4 = resnet_width · 8 · 4 (2048 for ResNet-50)."""
+        return self.resnet_width * 8 * Bottleneck.expansion
+
+    @classmethod
+    def paper(cls) -> "Config":
+        """R-50, L1/H2048 bicaptioning with the [VirTex Impl] recipe (8 GPUs, about 2 days)."""
+        return cls()
+
+    @classmethod
+    def small(cls) -> "Config":
+        """OURS: one GPU, hours. The base textual head L1/H1024 on the full ResNet-50 at
+        128 px (a 4 × 4 layer4 grid), batch 128."""
+        return cls(image_size=128, hidden_size=1024, heads=16, feedforward_size=4096,
+                   batch_size=128, warmup_steps=2000, max_steps=50_000, max_text_len=32,
+                   crop_scale_min=0.8, hue=0.02, train_single_object_prob=0.5)
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """OURS: 2 CPU cores, about 10 minutes. A narrow ResNet (width 16, one bottleneck per
+        stage, 3×3 stride-1 stem) at 64 px gives a 4 × 4 grid of 512 channels; textual head
+        L1/H128/A2/F512. Mild augmentation: the world's captions state size, count and colour,
+        which a strong crop or hue shift would make false."""
+        return cls(image_size=64, resnet_blocks=(1, 1, 1, 1), resnet_width=16, stem_kernel=3,
+                   stem_stride=1, hidden_size=128, heads=2, feedforward_size=512,
+                   max_text_len=32, vocab_size=1000, crop_scale_min=0.8, brightness=0.2,
+                   contrast=0.2, saturation=0.2, hue=0.0, batch_size=64, optimizer="sgd",
+                   warmup_steps=100, max_steps=1500, train_single_object_prob=0.5)
+
+
+# --- 3. Visual backbone: ResNet-50 from primitives ----------------------------------------------
+
+class Bottleneck(nn.Module):
+    """ResNet's bottleneck block [He et al. 2016, Fig. 5 right], stride on the 3×3 conv (the
+    "ResNet v1.5" of torchvision, which VirTex uses):
+
+        x -> 1×1 conv (width) -> BN -> ReLU -> 3×3 conv (width, stride) -> BN -> ReLU
+          -> 1×1 conv (4·width) -> BN (γ = 0 at init) -> + shortcut(x) -> ReLU
+
+    Names match torchvision's, so its ResNet-50 state dict loads into `ResNet` unchanged.
+    """
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None  # a projection shortcut where the shape changes
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, Cin, h, w) -> (B, 4·width, h / stride, w / stride)."""
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))  # (B, width, h, w)
+        out = self.relu(self.bn2(self.conv2(out)))  # (B, width, h/s, w/s)
+        out = self.bn3(self.conv3(out))  # (B, 4·width, h/s, w/s)
+        return self.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """The visual backbone [VirTex Method]: ResNet-50 up to layer4, without avgpool and fc.
+
+    224 px -> (B, 2048, 7, 7). Initialised as torchvision with zero_init_residual=True (the
+    official code): He-normal (fan_out) convolutions, BN γ = 1 and β = 0, except the last BN of
+    every block, whose γ = 0 so that each residual block starts as the identity.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        w = config.resnet_width
+        self.conv1 = nn.Conv2d(3, w, config.stem_kernel, stride=config.stem_stride,
+                               padding=config.stem_kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if config.stem_pool else nn.Identity()
+        stages, in_channels = [], w
+        for s, n_blocks in enumerate(config.resnet_blocks):  # widths w, 2w, 4w, 8w
+            width, stride = w * 2 ** s, 1 if s == 0 else 2
+            blocks = [Bottleneck(in_channels, width, stride)]
+            in_channels = width * Bottleneck.expansion
+            blocks += [Bottleneck(in_channels, width) for _ in range(n_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_channels = in_channels  # Cv = 8w · 4
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, Bottleneck):
+                nn.init.zeros_(module.bn3.weight)  # zero_init_residual
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W) normalised -> layer4 grid (B, Cv, H/32, W/32) for ResNet-50."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, w, H/4, W/4)
+        x = self.layer2(self.layer1(x))  # (B, 8w, H/8, W/8)
+        return self.layer4(self.layer3(x))  # (B, 32w, H/32, W/32)
+
+
+# --- 4. Textual head: embeddings and a post-LN Transformer decoder -----------------------------
+
+class WordAndPositionEmbedding(nn.Module):
+    """Token + learned position embeddings, LayerNorm, dropout; padded positions set to zero
+    [VirTex Method; code: LayerNorm eps 1e-8, pads zeroed after the dropout]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_len: int, dropout: float):
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, hidden_size, padding_idx=PAD_ID)
+        self.positions = nn.Embedding(max_len, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, T) -> (B, T, H)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        x = self.words(tokens) + self.positions(positions)  # (B, T, H)
+        x = self.dropout(self.norm(x))  # (B, T, H)
+        return x * (tokens != PAD_ID).unsqueeze(-1).to(x.dtype)  # (B, T, H), zero at pads
+
+
+class TextualHead(nn.Module):
+    """The Transformer decoder of one direction [VirTex Method]: L post-LN layers of causal
+    self-attention, cross-attention to the projected visual tokens and a GELU MLP (dropout 0.1),
+    as torch's TransformerDecoderLayer(norm_first=False) that the official code uses. No final
+    LayerNorm: in a post-LN stack each layer ends with one."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            PostLNDecoderBlock(config.hidden_size, config.heads, config.feedforward_size,
+                               dropout=config.dropout) for _ in range(config.layers))
+
+    def forward(self, x: Tensor, visual: Tensor, tokens: Tensor, causal: bool = True) -> Tensor:
+        """x: (B, T, H) embedded tokens; visual: (B, N, H); tokens: (B, T) for the pad mask.
+        causal=False gives the bidirectional decoder of the masked-LM ablation. -> (B, T, H)."""
+        allowed = padding_mask(tokens, PAD_ID)  # (B, 1, T): no query attends to a pad
+        for layer in self.layers:
+            x = layer(x, visual, allowed=allowed, causal=causal)  # (B, T, H)
+        return x
+
+
+# --- 5. Objectives -----------------------------------------------------------------------------
+
+def reverse_captions(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """The backward model's input [VirTex Method; code]: each caption reversed BEFORE padding, so pads
+    stay on the right: [SOS] a b [EOS] [PAD] -> [EOS] b a [SOS] [PAD].
+
+    tokens: (B, T) right-padded -> (B, T)."""
+    B, T = tokens.shape
+    lengths = (tokens != pad_id).sum(dim=1, keepdim=True)  # (B, 1)
+    t = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
+    source = torch.where(t < lengths, lengths - 1 - t, t)  # (B, T): mirror inside the caption
+    return tokens.gather(1, source)  # (B, T)
+
+
+def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """One direction of bicaptioning [VirTex Method], teacher forcing:
+
+        L_f = -Σ_t log p(c_t | c_<t, I; φ, θ_f)      (the backward term has c_>t and θ_b)
+
+        symbol       variable                         shape
+        p(c_t | .)   softmax(logits[:, t-1])          (B, T, V); the shift is done here
+        c_t          tokens[:, t], t = 1 .. T-1       (B, T); c_0 = [SOS] is only an input
+
+    As the official code: the mean over the non-pad targets of the batch (not the sum over t).
+    """
+    V = logits.shape[-1]
+    predictions = logits[:, :-1].reshape(-1, V)  # (B·(T-1), V): position t-1 predicts token t
+    targets = tokens[:, 1:].reshape(-1)  # (B·(T-1),)
+    return F.cross_entropy(predictions.float(), targets, ignore_index=pad_id)  # ()
+
+
+def bicaptioning_loss(forward_logits: Tensor, backward_logits: Tensor, tokens: Tensor,
+                      backward_tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """Bicaptioning [VirTex Method]: the sum of the forward and backward captioning losses
+    (no 1/2 factor, as the official code). logits: (B, T, V); tokens: (B, T)."""
+    return (captioning_loss(forward_logits, tokens, pad_id)
+            + captioning_loss(backward_logits, backward_tokens, pad_id))
+
+
+def token_classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """The token-classification pretext [VirTex Ablation; code]: predict the set of tokens in the
+    caption from the pooled image features, as a cross-entropy against a uniform K-hot target:
+
+        L = (1/B') Σ_b  -(1/K_b) Σ_{v in S_b} log softmax(z_b)_v
+
+        symbol  variable                          shape
+        z_b     logits[b]                         (B, V)
+        S_b     {v : targets[b, v] = 1}, K_b = |S_b|   (B, V) multi-hot, special tokens excluded
+        B'      rows with K_b > 0
+
+    An image whose caption has no ordinary token (K_b = 0) is left out of the mean instead of
+    dividing by zero (the NaN of kdexd/virtex #28); a batch of only such rows gives 0.
+    """
+    targets = targets.to(logits.dtype)
+    counts = targets.sum(dim=1)  # (B,) K_b
+    log_probs = logits.float().log_softmax(dim=-1)  # (B, V)
+    per_row = -(targets * log_probs).sum(dim=1) / counts.clamp(min=1)  # (B,)
+    has_labels = (counts > 0).to(per_row.dtype)  # (B,)
+    return (per_row * has_labels).sum() / has_labels.sum().clamp(min=1)  # ()
+
+
+def mask_tokens(tokens: list[int], rng: np.random.Generator, mask_id: int, vocab_size: int,
+                special_ids: set[int], mask_prob: float = 0.15) -> tuple[list[int], list[int]]:
+    """The masked-LM pretext's input and labels [VirTex Ablation; BERT §3.1]:
+
+    ceil(mask_prob · n) of the n ordinary tokens (never [SOS]/[EOS]) are chosen, at least one;
+    each becomes [MASK] with p = 0.8, a random ordinary token with p = 0.1, itself with p = 0.1.
+    labels = the original token at the chosen positions, PAD_ID (ignored) elsewhere.
+    DEVIATION: BERT's 80/10/10 with a label at every chosen position; the official VirTex code
+    masks 85 % / randomises 10 % and labels only the [MASK]ed positions.
+    """
+    ordinary = [i for i, t in enumerate(tokens) if t not in special_ids]
+    inputs, labels = list(tokens), [PAD_ID] * len(tokens)
+    if not ordinary:
+        return inputs, labels
+    k = max(1, math.ceil(mask_prob * len(ordinary)))
+    choices = [int(x) for x in np.atleast_1d(rng.choice(ordinary, size=k, replace=False))]
+    for i in sorted(choices):
+        labels[i] = tokens[i]
+        u = rng.random()
+        if u < 0.8:
+            inputs[i] = mask_id
+        elif u < 0.9:
+            while (r := int(rng.integers(vocab_size))) in special_ids:
+                pass  # a random ordinary token, never a special one
+            inputs[i] = r
+    return inputs, labels
+
+
+def masked_lm_loss(logits: Tensor, labels: Tensor, pad_id: int = PAD_ID) -> Tensor:
+    """Cross-entropy at the masked positions only: labels (B, T), pad_id elsewhere; logits
+    (B, T, V) from the decoder run WITHOUT the causal mask [VirTex Ablation]."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
+                           ignore_index=pad_id)  # ()
+
+
+# --- 6. The model ------------------------------------------------------------------------------
+
+class VirTex(nn.Module):
+    """ResNet + visual projection + textual head(s), for the pretext of config.pretext.
+
+    Weight sharing for bicaptioning [VirTex Method; code]: the backward textual head has
+    its own Transformer layers, a copy of the forward ones made after initialisation (so both
+    start equal), and shares the word/position embeddings, the visual projection and the output
+    layer with the forward head. The output layer's weight is tied to the word embedding and has
+    its own bias.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.visual = ResNet(config)
+        Cv, H = config.visual_dim, config.hidden_size
+        if config.pretext == "token_classification":
+            self.classifier = nn.Linear(Cv, config.vocab_size)  # on global-average-pooled features
+        else:
+            self.visual_projection = nn.Linear(Cv, H)  # per grid cell; no positions added
+            self.embedding = WordAndPositionEmbedding(config.vocab_size, H, config.max_text_len,
+                                                      config.dropout)
+            self.forward_head = TextualHead(config)
+            self.output = nn.Linear(H, config.vocab_size)
+            self.output.weight = self.embedding.words.weight  # tied; the bias is its own
+        self.init_weights()
+        if config.pretext == "bicaptioning":
+            self.backward_head = copy.deepcopy(self.forward_head)  # same start, own weights
+
+    def init_weights(self) -> None:
+        """N(0, 0.02) Linear and Embedding weights, padding row zero [official code]; zero
+        biases (DEVIATION: the official code keeps PyTorch's default bias init). The ResNet keeps
+        its own initialisation."""
+        for name, module in self.named_modules():
+            if name.startswith("visual."):
+                continue
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if hasattr(self, "embedding"):
+            with torch.no_grad():
+                self.embedding.words.weight[PAD_ID].zero_()
+
+    def visual_tokens(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> projected grid cells (B, N, H), N = h·w (49 at 224 px)."""
+        grid = self.visual(images)  # (B, Cv, h, w)
+        cells = grid.flatten(2).transpose(1, 2)  # (B, N, Cv), raster order
+        return self.visual_projection(cells)  # (B, N, H)
+
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """The transferred representation [VirTex Downstream; code]: layer4, global average pooled and
+        L2-normalised. images (B, 3, H, W) -> (B, Cv)."""
+        return F.normalize(self.visual(images).mean(dim=(2, 3)), dim=-1)  # (B, Cv)
+
+    def logits(self, head: TextualHead, tokens: Tensor, visual: Tensor,
+               causal: bool = True) -> Tensor:
+        """tokens (B, T), visual (B, N, H) -> next-token logits (B, T, V)."""
+        x = head(self.embedding(tokens), visual, tokens, causal=causal)  # (B, T, H)
+        return self.output(x)  # (B, T, V)
+
+    def forward(self, batch: dict) -> dict:
+        """batch: {"images": (B, 3, H, W), "tokens": (B, T) [PAD] = 0} and, per pretext,
+        "token_targets": (B, V) multi-hot (token_classification) or "mlm_tokens", "mlm_labels":
+        (B, T) (masked_lm). Returns dict(loss=..., <terms>=...), all scalars."""
+        images, tokens, pretext = batch["images"], batch["tokens"], self.config.pretext
+        if pretext == "token_classification":
+            pooled = self.visual(images).mean(dim=(2, 3))  # (B, Cv), global average pool
+            loss = token_classification_loss(self.classifier(pooled), batch["token_targets"])
+            return dict(loss=loss)
+        visual = self.visual_tokens(images)  # (B, N, H)
+        if pretext == "masked_lm":
+            logits = self.logits(self.forward_head, batch["mlm_tokens"], visual, causal=False)
+            return dict(loss=masked_lm_loss(logits, batch["mlm_labels"]))
+        forward = captioning_loss(self.logits(self.forward_head, tokens, visual), tokens)
+        if pretext == "captioning":
+            return dict(loss=forward)
+        backward_tokens = reverse_captions(tokens)  # (B, T)
+        backward = captioning_loss(self.logits(self.backward_head, backward_tokens, visual),
+                                   backward_tokens)
+        return dict(loss=forward + backward, forward=forward, backward=backward)  # L = L_f + L_b
+
+    # --- 7. Inference: captions from the forward head ------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, images: Tensor, start_id: int, end_id: int, max_len: int | None = None,
+                 method: str = "beam", beam_size: int = 5, top_p: float = 0.9,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Caption images with the forward head [VirTex Captioning; code]: beam search (beam 5, no length
+        penalty, the immediately repeated token blocked, as the official code), nucleus sampling
+        (p = 0.9) or greedy, through shared.decoding. The whole prefix is re-encoded each step
+        (no KV cache: O(T²), short captions).
+
+        Args:
+            images: (B, 3, H, W).  start_id / end_id: [CLS] / [SEP] of the tokenizer ([SOS]/[EOS]).
+            max_len: whole-sequence length including the start token (default max_text_len).
+        Returns:
+            (B, T) token ids starting with start_id, right-padded with 0 after end_id.
+        """
+        from shared import decoding  # only needed to generate
+
+        if not hasattr(self, "forward_head") or self.config.pretext == "masked_lm":
+            raise ValueError(f"pretext {self.config.pretext!r} trains no left-to-right decoder; "
+                             f"captions need 'bicaptioning' or 'captioning'")
+        max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
+        visual = self.visual_tokens(images)  # (B, N, H), encoded once
+
+        def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t), (R,) -> (R, V)
+            logits = self.logits(self.forward_head, tokens, visual[rows])  # (R, t, V)
+            return logits[:, -1].float().log_softmax(dim=-1)
+
+        prefix = torch.full((images.shape[0], 1), start_id, dtype=torch.long,
+                            device=images.device)  # (B, 1)
+        if method == "beam":
+            out = decoding.beam_search(step_fn, prefix, max_len, end_id, beam_size=beam_size,
+                                       length_penalty=0.0, block_repeat=True)
+        elif method == "nucleus":
+            out = decoding.nucleus_sample(step_fn, prefix, max_len, end_id, top_p=top_p,
+                                          generator=generator)
+        elif method == "greedy":
+            out = decoding.greedy(step_fn, prefix, max_len, end_id)
+        else:
+            raise ValueError(f"method must be 'beam', 'nucleus' or 'greedy', not {method!r}")
+        return out[0] if isinstance(out, tuple) else out  # (B, T)
+
+
+def build_model(config: Config) -> VirTex:
+    return VirTex(config)
+
+
+def make_optimizer(model: VirTex, config: Config) -> torch.optim.Optimizer:
+    """SGD, momentum 0.9, weight decay 1e-4; LR 0.2 for the CNN and 1e-3 for the rest
+    [VirTex Impl; code]. train.py multiplies its schedule (peak config.lr) by each group's lr_scale.
+
+    No weight decay on the LayerNorm parameters and biases of the embedding and the Transformer
+    (official code); the CNN's BatchNorm parameters are decayed, as there.
+    DEVIATION: no Lookahead wrapper ([code]: k = 5, α = 0.5); it smooths the SGD trajectory but
+    changes no equation, and leaving it out keeps the optimizer state one torch object.
+    optimizer = "adamw" (OURS) uses AdamW with the same two learning rates.
+    """
+    cnn, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if name.startswith("visual."):
+            cnn.append(p)
+        elif name.startswith(("embedding.", "forward_head.", "backward_head.")) and p.dim() == 1:
+            no_decay.append(p)  # LayerNorm γ, β and the biases of the textual head
+        else:
+            decay.append(p)
+    wd = config.weight_decay
+    groups = [{"params": cnn, "weight_decay": wd, "lr_scale": config.cnn_lr / config.lr},
+              {"params": decay, "weight_decay": wd, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1)
+
+
+# --- 7 (continued). Data and downstream evaluation on the world: train.py's contract ----------
+
+class VirTexDataset(Dataset):
+    """Item i: world example i, augmented as [VirTex Impl; code] (crop -> flip with the caption's left/right
+    swapped -> colour jitter -> normalise), one of its captions, and the pretext's targets. Every
+    random choice is a pure function of (seed, i)."""
+
+    def __init__(self, world, tokenizer, config: Config, seed: int = 0):
+        self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
+        self.special_ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
+                            tokenizer.sep_id, tokenizer.mask_id}
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, i: int) -> dict:
+        c = self.config
+        example = self.world.example(i, regions=False)
+        rng = np.random.default_rng([self.seed, 11, i])
+        caption = example["captions"][rng.integers(len(example["captions"]))]
+        image, caption = virtex_augment(
+            example["image"], caption, rng, size=c.image_size, crop_scale=(c.crop_scale_min, 1.0),
+            flip_prob=c.flip_prob, jitter_prob=c.jitter_prob, brightness=c.brightness,
+            contrast=c.contrast, saturation=c.saturation, hue=c.hue)  # (3, S, S) in [0, 1]
+        mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+        tokens = self.tokenizer.encode(caption, max_len=c.max_text_len)
+        item = {"image": (image - mean) / std, "tokens": torch.tensor(tokens)}
+        if c.pretext == "token_classification":
+            targets = torch.zeros(c.vocab_size)  # (V,) multi-hot of the caption's tokens
+            ordinary = [t for t in tokens if t not in self.special_ids]
+            targets[ordinary] = 1.0
+            item["token_targets"] = targets
+        if c.pretext == "masked_lm":
+            inputs, labels = mask_tokens(tokens, rng, self.tokenizer.mask_id, c.vocab_size,
+                                         self.special_ids, c.mask_prob)
+            item["mlm_tokens"], item["mlm_labels"] = torch.tensor(inputs), torch.tensor(labels)
+        return item
+
+
+def train_dataset(world, tokenizer, config: Config) -> VirTexDataset:
+    return VirTexDataset(world, tokenizer, config)
+
+
+def collate_fn(items: list[dict]) -> dict:
+    """Stack images, right-pad token rows with [PAD] = 0, stack multi-hot targets."""
+    batch = {"images": torch.stack([it["image"] for it in items]),  # (B, 3, H, W)
+             "tokens": pad_sequences([it["tokens"] for it in items])}  # (B, T)
+    if "token_targets" in items[0]:
+        batch["token_targets"] = torch.stack([it["token_targets"] for it in items])  # (B, V)
+    if "mlm_tokens" in items[0]:
+        batch["mlm_tokens"] = pad_sequences([it["mlm_tokens"] for it in items])  # (B, T)
+        batch["mlm_labels"] = pad_sequences([it["mlm_labels"] for it in items])  # (B, T)
+    return batch
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _images(model: nn.Module, images: list) -> Tensor:
+    """uint8 (H, W, 3) arrays -> (b, 3, H, W) normalised, on the model's device."""
+    return torch.stack([image_to_tensor(im) for im in images]).to(_device(model))
+
+
+def _caption(model: VirTex, tokenizer, config: Config, images: list) -> list[str]:
+    """Beam-search captions (config.beam_size; 1 = greedy) for uint8 images."""
+    method = "greedy" if config.beam_size == 1 else "beam"
+    tokens = model.generate(_images(model, images), tokenizer.cls_id, tokenizer.sep_id,
+                            config.max_text_len, method=method, beam_size=config.beam_size)
+    return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
+
+
+def random_backbone(config: Config, device: torch.device, seed: int = 0) -> ResNet:
+    """The baseline of the linear probe: the same ResNet, randomly initialised (eval mode), built
+    without touching the global random state (a resumed run must not change)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ResNet(config).to(device).eval()
+
+
+def evaluate(model: VirTex, tokenizer, config: Config, world_config, split: str,
+             n: int) -> dict[str, float]:
+    """The downstream metrics on n examples of a world split (eval mode, no gradients):
+
+    linear_probe_acc          linear probe of frozen, L2-normalised, pooled layer-4 features on
+                              ClassificationWorld (36 classes) [VirTex Downstream]
+    linear_probe_acc_random   the same probe on a randomly initialised ResNet of the same shape
+    bleu4, cider, caption_truth(_baseline)   beam-search captions (captioning pretexts only)
+    """
+    from shared.metrics import bleu, cider_d, truth_rate
+    from shared.world import World, is_true
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        device = _device(model)
+        metrics = {"linear_probe_acc": linear_probe(
+            lambda ims: model.pooled_features(_images(model, ims)), world_config, split, n)}
+        baseline = random_backbone(config, device)
+        metrics["linear_probe_acc_random"] = linear_probe(
+            lambda ims: F.normalize(baseline(_images(model, ims)).mean(dim=(2, 3)), dim=-1),
+            world_config, split, n)
+        if config.pretext in ("bicaptioning", "captioning"):
+            world = World(world_config, split)
+            examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
+            captions = []
+            for s in range(0, len(examples), 100):
+                captions += _caption(model, tokenizer, config,
+                                     [ex["image"] for ex in examples[s:s + 100]])
+            references = [[_normalise(tokenizer, c, config.max_text_len) for c in ex["captions"]]
+                          for ex in examples]
+            metrics["bleu4"] = float(bleu(captions, references)[3])
+            metrics["cider"] = float(cider_d(captions, references))
+            truth = truth_rate(captions, [ex["scene"] for ex in examples], is_true)
+            metrics["caption_truth"] = float(truth["truth"])
+            metrics["caption_truth_baseline"] = float(truth["baseline"])
+    model.train(was_training)
+    return metrics
+
+
+def _normalise(tokenizer, text: str, max_len: int) -> str:
+    """A reference caption as the model could write it (tokenised, truncated, decoded)."""
+    return tokenizer.decode(tokenizer.encode(text, max_len=max_len)).lower()
+
+
+def sample_captions(model: VirTex, tokenizer, config: Config, world_config, split: str,
+                    n: int) -> list[tuple[str, str]]:
+    """(generated caption, first reference caption) for the first n images of a world split."""
+    from shared.world import World
+
+    if config.pretext not in ("bicaptioning", "captioning"):
+        return []
+    world = World(world_config, split)
+    examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
+    generated = _caption(model, tokenizer, config, [ex["image"] for ex in examples])
+    return [(g, ex["captions"][0]) for g, ex in zip(generated, examples)]
+
+
+if __name__ == "__main__":  # python virtex.py: parameter counts and one training step of `tiny`
+    for name in ("paper", "small", "tiny"):
+        with torch.device("meta"):
+            m = VirTex(getattr(Config, name)())
+        print(f"{name:5s} ResNet {sum(p.numel() for p in m.visual.parameters()) / 1e6:6.2f}M, "
+              f"all {sum(p.numel() for p in m.parameters()) / 1e6:6.2f}M parameters")
+    config = Config.tiny()
+    model = build_model(config)
+    batch = {"images": torch.randn(4, 3, config.image_size, config.image_size),
+             "tokens": torch.randint(5, config.vocab_size, (4, 12))}
+    losses = model(batch)
+    losses["loss"].backward()
+    print({k: round(v.item(), 4) for k, v in losses.items()})
