@@ -89,12 +89,17 @@ def import_paper(name: str):
             raise
         raise SystemExit(f"error: {name}.py is not in this checkout yet; "
                          f"models available: {', '.join(available_models())}") from None
+    if not hasattr(paper, "build_model"):  # a paper file that has its objectives but no model yet
+        raise SystemExit(f"error: {name}.py has no model yet (its losses are there, the model "
+                         f"is to come); models available: {', '.join(available_models())}")
     return paper
 
 
 def available_models() -> list[str]:
+    """Paper files that define a model (a file with only its objectives so far is left out)."""
     here = Path(__file__).resolve().parent
-    return [m for m in MODELS if (here / f"{m}.py").exists()]
+    return [m for m in MODELS if (here / f"{m}.py").exists()
+            and "\ndef build_model(" in (here / f"{m}.py").read_text()]
 
 
 def _parse_bool(text: str) -> bool:
@@ -134,6 +139,8 @@ def parse_args(argv: list[str] | None = None):
     add_dataclass_flags(first, RunConfig, RunConfig(), "run")
     known, _ = first.parse_known_args(argv)
     run = dataclasses.replace(RunConfig(), **vars(known))
+    if run.model in MODELS and run.model not in available_models():
+        import_paper(run.model)  # exits with "not in this checkout yet" or "no model yet"
 
     parser = argparse.ArgumentParser(
         description="Train Oscar, UNITER, VirTex or CoCa on the synthetic world.",

@@ -78,6 +78,7 @@ class Config:
     stem_kernel: int = 7  # ResNet's 7×7 stride-2 stem and 3×3 max-pool
     stem_stride: int = 2
     stem_pool: bool = True
+    zero_init_residual: bool = True  # [code]: the last BN γ of each block starts at 0
     # textual head: L1 H2048 A32 F8192, the best model of the width ablation (the base model is H1024 A16 F4096)
     hidden_size: int = 2048  # H
     layers: int = 1  # L
@@ -165,12 +166,16 @@ class Config:
         """OURS: 2 CPU cores, about 10 minutes. A narrow ResNet (width 16, one bottleneck per
         stage, 3×3 stride-1 stem) at 64 px gives a 4 × 4 grid of 512 channels; textual head
         L1/H128/A2/F512. Mild augmentation: the world's captions state size, count and colour,
-        which a strong crop or hue shift would make false."""
+        which a strong crop or hue shift would make false.
+        DEVIATION: AdamW, not SGD: with SGD at the paper's 1e-3 the textual head barely moves in a
+        thousand steps (measured: loss 5.06 at step 227 with SGD, 2.67 at step 230 with AdamW);
+        the paper's 500K steps are what makes SGD work there."""
         return cls(image_size=64, resnet_blocks=(1, 1, 1, 1), resnet_width=16, stem_kernel=3,
                    stem_stride=1, hidden_size=128, heads=2, feedforward_size=512,
                    max_text_len=32, vocab_size=1000, crop_scale_min=0.8, brightness=0.2,
-                   contrast=0.2, saturation=0.2, hue=0.0, batch_size=64, optimizer="sgd",
-                   warmup_steps=100, max_steps=1500, train_single_object_prob=0.5)
+                   contrast=0.2, saturation=0.2, hue=0.0, batch_size=64, optimizer="adamw",
+                   lr=1e-3, cnn_lr=1e-3, weight_decay=0.01, warmup_steps=100, max_steps=1500,
+                   train_single_object_prob=0.5)
 
 
 # --- 3. Visual backbone: ResNet-50 from primitives ----------------------------------------------
@@ -243,11 +248,15 @@ class ResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         for module in self.modules():
-            if isinstance(module, Bottleneck):
-                nn.init.zeros_(module.bn3.weight)  # zero_init_residual
+            if isinstance(module, Bottleneck) and config.zero_init_residual:
+                nn.init.zeros_(module.bn3.weight)  # each residual block starts as the identity
+        # channels-last kernels and activations: the layout oneDNN (CPU) and cuDNN (bf16 GPU)
+        # run fastest; measured 0.26 -> 0.20 s per tiny training step on the 2-core CPU
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W) normalised -> layer4 grid (B, Cv, H/32, W/32) for ResNet-50."""
+        images = images.contiguous(memory_format=torch.channels_last)  # same values, NHWC memory
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, w, H/4, W/4)
         x = self.layer2(self.layer1(x))  # (B, 8w, H/8, W/8)
         return self.layer4(self.layer3(x))  # (B, 32w, H/32, W/32)

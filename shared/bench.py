@@ -2,13 +2,16 @@
 
     python -m shared.bench --coca          # coca.CoCa vs open_clip's CoCa, one training step each
     python -m shared.bench --resnet        # virtex.ResNet vs torchvision's resnet50, fwd + bwd
+    python -m shared.bench --ipot          # uniter.ipot batched vs a loop over the examples
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
 load hits both sides alike, and prints the medians and their ratio (ours / theirs; < 1 = we are
-faster). Libraries that are not installed are skipped with a message: they are benchmark-only
-dependencies, never imported by the models. open_clip and torchvision need, which does not import
-beside the CPU torch 2.13 wheel; use a separate virtualenv:
+faster). `--ipot` times one of our functions two ways instead (batched vs a per-example loop,
+same alternation) and prints the speedup. Libraries that are not installed are skipped with a
+message: they are benchmark-only dependencies, never imported by the models. open_clip needs
+torchvision, and torchvision does not import beside the CPU torch 2.13 wheel; use a separate
+virtualenv for both:
 
     python -m venv /tmp/venv-oc
     /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 open-clip-torch numpy tokenizers pillow
@@ -121,18 +124,77 @@ def resnet_vs_torchvision(batch: int = 8, image: int = 224, rounds: int = 10,
     theirs.avgpool = torch.nn.Identity()  # both return layer4, theirs flattened
     theirs.load_state_dict(ours.state_dict(), strict=True)  # same names, same weights
 
-    def step(model):
+    # ours runs channels-last (see virtex.ResNet); a copy of torchvision's in that layout too, so
+    # that the comparison separates the layout from everything else
+    theirs_cl = torchvision.models.resnet50().train()
+    theirs_cl.fc, theirs_cl.avgpool = torch.nn.Identity(), torch.nn.Identity()
+    theirs_cl.load_state_dict(ours.state_dict(), strict=True)
+    theirs_cl = theirs_cl.to(memory_format=torch.channels_last)
+    images_cl = images.contiguous(memory_format=torch.channels_last)
+
+    def step(model, x):
         def fn():
-            model(images).sum().backward()
+            model(x).sum().backward()
             model.zero_grad(set_to_none=True)
         return fn
 
-    medians = time_alternately({"ours": step(ours), "torchvision": step(theirs)}, rounds, warmup)
+    medians = time_alternately({"ours": step(ours, images), "torchvision": step(theirs, images),
+                                "torchvision_cl": step(theirs_cl, images_cl)}, rounds, warmup)
     print(f"ResNet-50 forward + backward, batch {batch}, {image} px, torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, {torch.get_num_threads()} threads")
     print(f"  virtex.ResNet         {medians['ours'] * 1e3:8.1f} ms/step")
     print(f"  torchvision resnet50  {medians['torchvision'] * 1e3:8.1f} ms/step")
-    print(f"  ratio ours / torchvision = {medians['ours'] / medians['torchvision']:.3f}")
+    print(f"  torchvision resnet50, channels-last {medians['torchvision_cl'] * 1e3:8.1f} ms/step")
+    print(f"  ratio ours / torchvision = {medians['ours'] / medians['torchvision']:.3f}; "
+          f"ours / torchvision channels-last = {medians['ours'] / medians['torchvision_cl']:.3f}")
+
+
+def ipot_batched_vs_loop(batch: int = 32, text: int = 35, regions: int = 50, iters: int = 50,
+                         rounds: int = 20, warmup: int = 3, threads: int = 1) -> None:
+    """UNITER's IPOT (the WRA transport plans, fp32): one batched call over (batch, text,
+    regions) vs a Python loop calling the same uniter.ipot on one example at a time, each cut to
+    its real tokens and regions (the loop does no work on padding). Two layouts: every example
+    full size, and ragged (text lengths from text/2 to text, region counts from regions/5 to
+    regions), where the batched call also works on the padding.
+
+    `threads`: torch's intra-op threads during the timing (restored after). One by default: on
+    the 2-core dev machine, while another job kept both cores busy, 2 threads made the batched
+    call 1.9 s instead of 3 ms (an OpenMP thread that loses its core stalls every operation)."""
+    import uniter
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        cost = 2 * torch.rand(batch, text, regions)  # (B, T, N), like 1 - cos in [0, 2]
+        ragged = (torch.randint(max(text // 2, 1), text + 1, (batch,)),
+                  torch.randint(max(regions // 5, 1), regions + 1, (batch,)))  # (B,), (B,)
+        full = (torch.full((batch,), text), torch.full((batch,), regions))
+        print(f"IPOT, batch {batch}, up to {text} text x {regions} regions, {iters} iterations, "
+              f"fp32, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        for layout, (n_text, n_regions) in [("full", full), ("ragged", ragged)]:
+            text_mask = torch.arange(text)[None, :] < n_text[:, None]  # (B, T)
+            region_mask = torch.arange(regions)[None, :] < n_regions[:, None]  # (B, N)
+            sizes = list(zip(n_text.tolist(), n_regions.tolist()))
+
+            def batched():
+                return uniter.ipot(cost, text_mask, region_mask, iters=iters)
+
+            def loop():
+                return [uniter.ipot(cost[b:b + 1, :nx, :ny], text_mask[b:b + 1, :nx],
+                                    region_mask[b:b + 1, :ny], iters=iters)
+                        for b, (nx, ny) in enumerate(sizes)]
+
+            plan = batched()
+            gap = max((plan[b, :nx, :ny] - one[0]).abs().max().item()
+                      for b, ((nx, ny), one) in enumerate(zip(sizes, loop())))
+            medians = time_alternately({"batched": batched, "loop": loop}, rounds, warmup)
+            speedup = medians["loop"] / medians["batched"]
+            print(f"  {layout:6}  batched {medians['batched'] * 1e3:7.2f} ms   per-example loop "
+                  f"{medians['loop'] * 1e3:7.2f} ms   speedup {speedup:.1f}x   "
+                  f"(largest plan difference {gap:.1e})")
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def main() -> None:
@@ -140,14 +202,19 @@ def main() -> None:
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
     parser.add_argument("--resnet", action="store_true",
                         help="virtex.ResNet vs torchvision's resnet50")
+    parser.add_argument("--ipot", action="store_true",
+                        help="uniter.ipot batched vs a per-example loop")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    if not (args.coca or args.resnet):
-        parser.error("choose a comparison: --coca and/or --resnet")
+    if not (args.coca or args.resnet or args.ipot):
+        parser.error("choose a comparison: --coca, --resnet and/or --ipot")
     if args.coca:
         coca_vs_open_clip(rounds=args.rounds)
     if args.resnet:
         resnet_vs_torchvision(rounds=args.rounds)
+    if args.ipot:
+        ipot_batched_vs_loop(rounds=args.rounds, threads=args.threads)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def _features(embed: Callable[[list[np.ndarray]], Tensor], world, count: int,
 
 
 def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, split: str, n: int,
-                 n_train: int | None = None, steps: int = 200, l2: float = 1e-4,
-                 chunk: int = 250) -> float:
+                 n_train: int | None = None, steps: int = 200,
+                 l2s: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1), chunk: int = 250) -> float:
     """Top-1 accuracy of a linear classifier on frozen features.
 
     Args:
@@ -42,7 +42,8 @@ def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, spli
         world_config: the run's WorldConfig (image size, seed).
         split: the test split ("val" or "test"); the classifier is fitted on "train".
         n: test images. n_train: training images (default: 2·n, clamped to 100 .. 1000).
-        steps: L-BFGS iterations. l2: weight decay on W (OURS; the papers tune it by validation).
+        steps: L-BFGS iterations. l2s: candidate weight decays on W, one picked on held-out
+            training images (OURS: the values; the papers also pick theirs by validation).
     Returns:
         accuracy in [0, 1] on the n test images (chance is 1/36).
     """
@@ -51,17 +52,40 @@ def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, spli
     n_train = n_train or min(1000, max(100, 2 * n))
     x_train, y_train = _features(embed, ClassificationWorld(world_config, "train"), n_train, chunk)
     x_test, y_test = _features(embed, ClassificationWorld(world_config, split), n, chunk)
+    # OURS: standardise each feature with the training set's mean and std. L2-normalised features
+    # of a random or young network differ between images by tiny amounts; without this the fit
+    # depends on their scale (a weight-decayed classifier cannot reach large enough weights).
+    mean, std = x_train.mean(dim=0), x_train.std(dim=0).clamp(min=1e-6)  # (D,), (D,)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std  # (m, D), (n, D)
+    # the weight decay is chosen as VirTex / SimCLR choose the SVM's C: by accuracy on held-out
+    # training images (the last fifth), then the classifier is refitted on all of them
+    n_fit = len(x_train) * 4 // 5
+    held_out = {}
+    for l2 in l2s:
+        params = _fit(x_train[:n_fit], y_train[:n_fit], l2, steps)
+        held_out[l2] = float(top1_accuracy(_predict(params, x_train[n_fit:]), y_train[n_fit:]))
+    best = max(l2s, key=lambda l2: (held_out[l2], l2))  # ties: the stronger decay
+    return float(top1_accuracy(_predict(_fit(x_train, y_train, best, steps), x_test), y_test))
+
+
+def _fit(x: Tensor, y: Tensor, l2: float, steps: int) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression, full-batch L-BFGS: x (m, D), y (m,) -> W (D, C), b (C,)."""
     C = len(CLASS_NAMES)
-    W = torch.zeros(x_train.shape[1], C, device=x_train.device, requires_grad=True)  # (D, C)
-    b = torch.zeros(C, device=x_train.device, requires_grad=True)  # (C,)
+    W = torch.zeros(x.shape[1], C, device=x.device, requires_grad=True)  # (D, C)
+    b = torch.zeros(C, device=x.device, requires_grad=True)  # (C,)
     with torch.enable_grad():  # the caller runs under no_grad; the probe itself is trained
         optimizer = torch.optim.LBFGS([W, b], lr=1.0, max_iter=steps, history_size=20,
                                       line_search_fn="strong_wolfe")
 
         def closure():
             optimizer.zero_grad()
-            loss = F.cross_entropy(x_train @ W + b, y_train) + l2 * W.pow(2).sum()  # ()
+            loss = F.cross_entropy(x @ W + b, y) + l2 * W.pow(2).sum()  # ()
             loss.backward()
             return loss
         optimizer.step(closure)
-    return float(top1_accuracy((x_test @ W + b).detach(), y_test))  # logits (n, C)
+    return W.detach(), b.detach()
+
+
+def _predict(params: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
+    W, b = params
+    return x @ W + b  # (n, C) logits

@@ -1,8 +1,11 @@
-"""shared/bench.py: the timing harness alternates its contestants and skips missing libraries."""
+"""shared/bench.py: the timing harness alternates its contestants, skips missing libraries, and
+the IPOT comparison runs at small sizes."""
 
 import importlib.util
+import re
 
 import pytest
+import torch
 
 from shared import bench
 
@@ -27,3 +30,15 @@ def test_coca_comparison_is_skipped_with_a_message_without_open_clip(capsys):
 def test_resnet_comparison_is_skipped_with_a_message_without_torchvision(capsys):
     bench.resnet_vs_torchvision()
     assert "skipped resnet vs torchvision: torchvision is not installed" in capsys.readouterr().out
+
+
+def test_ipot_comparison_runs_small_and_prints_the_speedups(capsys):
+    threads = torch.get_num_threads()
+    bench.ipot_batched_vs_loop(batch=3, text=4, regions=5, iters=3, rounds=2, warmup=1)
+    out = capsys.readouterr().out
+    assert "IPOT, batch 3, up to 4 text x 5 regions, 3 iterations" in out
+    speedups = re.findall(r"^  (full|ragged) .* speedup (\d+\.\d)x .*difference (\S+)\)$", out,
+                          re.MULTILINE)
+    assert [layout for layout, _, _ in speedups] == ["full", "ragged"]
+    assert all(float(gap) < 1e-5 for _, _, gap in speedups)  # batched = loop
+    assert torch.get_num_threads() == threads  # the thread setting is put back

@@ -282,10 +282,11 @@ def test_invalid_configs_raise_one_clear_value_error(overrides, message):
 
 
 def test_optimizer_gives_the_cnn_its_own_learning_rate_and_no_decay_on_head_norms():
-    config = small_config()
+    config = small_config(optimizer="sgd", lr=1e-3, cnn_lr=0.2)
     model = virtex.build_model(config)
     optimizer = virtex.make_optimizer(model, config)
-    assert isinstance(optimizer, torch.optim.SGD)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert isinstance(virtex.make_optimizer(model, small_config()), torch.optim.AdamW)  # tiny
     by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     cnn_group = by_param[id(model.visual.conv1.weight)]
     assert cnn_group["lr_scale"] * config.lr == pytest.approx(config.cnn_lr)
@@ -372,3 +373,22 @@ def test_evaluate_reports_probe_random_baseline_and_captions():
     config = dataclasses.replace(config, pretext="token_classification")
     metrics = virtex.evaluate(model_for(config), tokenizer, config, world_config, "val", 12)
     assert set(metrics) == {"linear_probe_acc", "linear_probe_acc_random"}
+
+
+def test_train_py_runs_virtex_and_writes_the_issue_keys(tmp_path):
+    import json
+
+    import train
+
+    args = ["--model", "virtex", "--preset", "tiny", "--batch_size", "4", "--image_size", "32",
+            "--resnet_width", "4", "--hidden_size", "32", "--heads", "2", "--feedforward_size",
+            "64", "--max_text_len", "16", "--vocab_size", "200", "--tokenizer_texts", "50",
+            "--num_workers", "0", "--log_every_s", "0", "--final_n", "12", "--max_steps", "3",
+            "--warmup_steps", "1", "--beam_size", "2", "--out", str(tmp_path)]
+    run, paper, overrides = train.parse_args(args)
+    lines = []
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert any(line.startswith("step 3/3") and "forward" in line for line in lines)
+    saved = json.loads((tmp_path / "final.json").read_text())
+    for key in ["linear_probe_acc", "linear_probe_acc_random", "caption_truth", "cider"]:
+        assert key in saved and saved[key] == final[key]
