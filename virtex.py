@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.augment import virtex_augment
-from shared.data import IMAGE_MEAN, IMAGE_STD, image_to_tensor, pad_sequences
+from shared.data import image_to_tensor, normalise_image, pad_sequences
 from shared.masks import padding_mask
 from shared.probe import linear_probe
 from shared.transformer import PostLNDecoderBlock
@@ -587,10 +587,8 @@ class VirTexDataset(Dataset):
             example["image"], caption, rng, size=c.image_size, crop_scale=(c.crop_scale_min, 1.0),
             flip_prob=c.flip_prob, jitter_prob=c.jitter_prob, brightness=c.brightness,
             contrast=c.contrast, saturation=c.saturation, hue=c.hue)  # (3, S, S) in [0, 1]
-        mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGE_STD).view(3, 1, 1)
         tokens = self.tokenizer.encode(caption, max_len=c.max_text_len)
-        item = {"image": (image - mean) / std, "tokens": torch.tensor(tokens)}
+        item = {"image": normalise_image(image), "tokens": torch.tensor(tokens)}  # (3, S, S)
         if c.pretext == "token_classification":
             targets = torch.zeros(c.vocab_size)  # (V,) multi-hot of the caption's tokens
             ordinary = [t for t in tokens if t not in self.special_ids]

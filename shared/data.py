@@ -26,12 +26,17 @@ IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 
-def image_to_tensor(image: np.ndarray) -> Tensor:
-    """uint8 (H, W, 3) in [0, 255] -> float32 (3, H, W), normalised per channel."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+def normalise_image(x: Tensor) -> Tensor:
+    """float (3, H, W) in [0, 1] -> normalised per channel with the ImageNet mean and std."""
     mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(3, 1, 1)
     return (x - mean) / std  # (3, H, W)
+
+
+def image_to_tensor(image: np.ndarray) -> Tensor:
+    """uint8 (H, W, 3) in [0, 255] -> float32 (3, H, W), normalised per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    return normalise_image(x)  # (3, H, W)
 
 
 class ImageTextDataset(Dataset):
