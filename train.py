@@ -19,8 +19,10 @@ The contract with a paper file (coca.py, virtex.py, uniter.py, oscar.py). Each d
     build_model(config)    -> nn.Module; model(batch) -> dict(loss=scalar, <term>=scalar, ...)
     train_dataset(world, tokenizer, config) and collate_fn(items) -> batch dict
     evaluate(model, tokenizer, config, world_config, split, n) -> dict of downstream metrics
-    MAIN_METRIC            the key of `evaluate` that picks best.pt (higher is better)
-and optionally sample_captions(...), param_groups(model, config), and a model method
+    MAIN_METRIC            the key of `evaluate` that picks best.pt (higher is better), or a
+                           dict {task: key} for a paper with several tasks
+A paper with downstream tasks lists them in TASKS (the first is pretraining) and has a Config
+field `task`, which train.py sets from --task. Optionally sample_captions(...), param_groups(model, config), and a model method
 after_optimizer_step() (CoCa clamps its temperature there).
 
 Outputs in --out DIR: metrics.jsonl (one JSON line per evaluation), final.json, latest.pt and
@@ -110,16 +112,18 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, defaults, title: str) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, defaults, title: str,
+                        skip: frozenset = frozenset()) -> None:
     """One flag per dataclass field: --name VALUE, typed from the default, shown in --help.
 
-    Defaults are SUPPRESSed so that the parsed namespace holds only what the user typed.
+    Defaults are SUPPRESSed so that the parsed namespace holds only what the user typed. Fields
+    named in `skip` get no flag (a paper Config's `task` is set from the run's --task).
     """
     group = parser.add_argument_group(title)
     for field in dataclasses.fields(cls):
         value = getattr(defaults, field.name)
         kind = type(value)
-        if kind not in (int, float, str, bool):
+        if kind not in (int, float, str, bool) or field.name in skip:
             continue  # nested or tuple fields are not flags
         choices = None
         if field.name == "model":
@@ -151,15 +155,17 @@ def parse_args(argv: list[str] | None = None):
         paper = import_paper(run.model)
         preset = getattr(paper.Config, run.preset)()
         add_dataclass_flags(parser, paper.Config, preset,
-                            f"{run.model}.Config fields ({run.preset} preset defaults)")
+                            f"{run.model}.Config fields ({run.preset} preset defaults)",
+                            skip=frozenset(f.name for f in dataclasses.fields(RunConfig)))
     args = vars(parser.parse_args(argv))
     if paper is None:
         import_paper(run.model)  # raises the clear "not in this checkout" message
     run_names = {f.name for f in dataclasses.fields(RunConfig)}
     run = dataclasses.replace(RunConfig(), **{k: v for k, v in args.items() if k in run_names})
     overrides = {k: v for k, v in args.items() if k not in run_names}
-    if not run.out:
-        run.out = f"runs/{run.model}-{run.preset}"
+    if not run.out:  # a fine-tuning task gets its own folder: it must not overwrite its --init
+        run.out = f"runs/{run.model}-{run.preset}" + ("" if run.task == "pretrain"
+                                                      else f"-{run.task}")
     tasks = getattr(paper, "TASKS", ("pretrain",))
     if run.task not in tasks:
         parser.error(f"argument --task: invalid choice {run.task!r} for {run.model} "
@@ -328,12 +334,24 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     if ckpt is not None:
         base = dataclasses.replace(getattr(paper.Config, run.preset)(), **ckpt["config"])
     config = make_config(paper, run.preset, overrides, base)
+    if hasattr(config, "task"):  # a paper with downstream tasks: --task picks the heads and data
+        if ckpt is not None and ckpt["config"].get("task", run.task) != run.task:
+            raise SystemExit(f"error: {out / 'latest.pt'} is a --task {ckpt['config']['task']} "
+                             f"run; resume it with that --task, not {run.task}")
+        config = dataclasses.replace(config, task=run.task)
+    main_metric = (paper.MAIN_METRIC if isinstance(paper.MAIN_METRIC, str)
+                   else paper.MAIN_METRIC[run.task])
     seed_everything(run.seed)
 
-    # data
+    # data: a fine-tuning run (--init) keeps the tokenizer its weights were trained with
+    init = load_checkpoint(Path(run.init)) if run.init and ckpt is None else None
     world_config = make_world_config(config, run.seed)
-    tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if ckpt else make_tokenizer(run, config,
-                                                                                  world_config)
+    if ckpt is not None:
+        tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
+    elif init is not None and "tokenizer" in init:
+        tokenizer = Tokenizer.from_str(init["tokenizer"])
+    else:
+        tokenizer = make_tokenizer(run, config, world_config)
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
     tokenizer.save(out / "tokenizer.json")
     write_json_atomic(out / "config.json", {"run": dataclasses.asdict(run),
@@ -341,10 +359,14 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
 
     # model and optimizer
     model = paper.build_model(config).to(device)
-    if run.init and ckpt is None:
-        init = load_checkpoint(Path(run.init))
-        missing, unexpected = model.load_state_dict(init["model"], strict=False)
-        log(f"init from {run.init}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    if init is not None:
+        try:
+            missing, unexpected = model.load_state_dict(init["model"], strict=False)
+        except RuntimeError as e:  # a tensor of another shape: a different preset or vocab
+            raise SystemExit(f"error: --init {run.init} does not fit this model (same --model "
+                             f"and --preset?): {str(e).splitlines()[-1].strip()}") from None
+        log(f"init from {run.init}: {len(missing)} missing, {len(unexpected)} unexpected keys "
+            f"(missing = new heads, unexpected = heads of the checkpoint's task)")
     optimizer = make_optimizer(paper, model, config, device)
     step, best = 0, -math.inf
     if ckpt is not None:
@@ -374,10 +396,10 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
 
     def check_finite() -> None:
         """One host-device sync: stop if any loss term was NaN/inf since the last check."""
-        if first_bad is None:
+        if not first_bad:
             return
-        bad_steps = first_bad.tolist()
-        bad = [(s, name) for s, name in zip(bad_steps, term_names or []) if s >= 0]
+        bad_steps = torch.stack(list(first_bad.values())).tolist()
+        bad = [(s, name) for s, name in zip(bad_steps, first_bad) if s >= 0]
         if bad:
             s, _, name = min((s, name == "loss", name) for s, name in bad)  # name a term first
             raise NonFiniteLoss(f"non-finite loss at step {s + 1}: term '{name}' became "
@@ -386,7 +408,10 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     stop = min(run.stop_at or config.max_steps, config.max_steps)
-    term_names, term_sums, first_bad = None, None, None
+    # per loss term, on the device (no sync): its sum and count since the last log line, and
+    # the first step where it was NaN/inf (-1 = never). A paper that trains one task per step
+    # (UNITER) returns different terms on different steps, so each term keeps its own count.
+    term_sums, term_counts, first_bad = {}, {}, {}
     window_steps, t_log, t_ckpt, t_start, start_step = 0, time.time(), time.time(), time.time(), step
     model.train()
     while step < stop:
@@ -399,14 +424,16 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
             with autocast:
                 losses = model(batch)
             (losses["loss"] / config.grad_accum_steps).backward()
-            terms = torch.stack([v.detach().float() for v in losses.values()])  # (K,), no sync
-            if term_names is None:
-                term_names = list(losses)
-                term_sums = torch.zeros(len(terms), device=device)
-                first_bad = torch.full((len(terms),), -1, dtype=torch.long, device=device)
-            term_sums += terms / config.grad_accum_steps
-            newly_bad = ~torch.isfinite(terms) & (first_bad < 0)
-            first_bad = torch.where(newly_bad, torch.full_like(first_bad, step), first_bad)
+            for name, value in losses.items():
+                value = value.detach().float()  # (), stays on the device
+                if name not in term_sums:
+                    term_sums[name] = torch.zeros((), device=device)
+                    term_counts[name] = 0
+                    first_bad[name] = torch.full((), -1, dtype=torch.long, device=device)
+                term_sums[name] += value
+                term_counts[name] += 1
+                newly_bad = ~torch.isfinite(value) & (first_bad[name] < 0)
+                first_bad[name] = torch.where(newly_bad, step, first_bad[name])
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -419,13 +446,16 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
         now = time.time()
         if now - t_log >= run.log_every_s or step == stop:
             check_finite()
-            means = (term_sums / window_steps).tolist()
+            names = [n for n in term_sums if term_counts[n]]  # the terms seen in this window
+            means = torch.stack([term_sums[n] / term_counts[n] for n in names]).tolist()
             rate = window_steps / (now - t_log)
             eta = (stop - step) / max(rate, 1e-9)
-            parts = " ".join(f"{n} {v:.4f}" for n, v in zip(term_names, means))
+            parts = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
             log(f"step {step}/{config.max_steps} | {parts} | lr {lr:.2e} | {rate:.2f} steps/s "
                 f"{rate * config.batch_size:.0f} ex/s | eta {format_duration(eta)}")
-            term_sums.zero_()
+            for n in term_sums:
+                term_sums[n].zero_()
+                term_counts[n] = 0
             window_steps, t_log = 0, now
         if run.eval_every and step % run.eval_every == 0 and step < config.max_steps:
             check_finite()
@@ -433,8 +463,8 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "split": "val", **metrics}) + "\n")
             log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if metrics[paper.MAIN_METRIC] > best:
-                best = metrics[paper.MAIN_METRIC]
+            if metrics[main_metric] > best:
+                best = metrics[main_metric]
                 checkpoint(out / "best.pt")
         if now - t_ckpt >= run.ckpt_every_s or step == stop:
             check_finite()

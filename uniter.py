@@ -50,13 +50,23 @@ C detector classes (background at 0). Masks over tokens or regions: True = real 
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.data import Dataset
 
-from shared.world import DETECTOR_CLASSES
+from shared.metrics import recall_at_k, vqa_accuracy
+from shared.transformer import BertEmbeddings, BertPooler, PostLNEncoderBlock, init_bert_weights
+from shared.world import ANSWERS, DETECTOR_CLASSES, World
 
 LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §Model]
+PAD_ID = 0  # [PAD] of shared.tokenizer
+IGNORE = -100  # the label of a word-piece that is not predicted (PyTorch's ignore_index)
+TASKS = ("pretrain", "retrieval", "vqa")  # train.py --task
+PRETRAIN_TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc_kl")  # one per update, by Config.mix_*
+# train.py keeps the checkpoint with the best value of this key of `evaluate`, per task
+MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------
@@ -71,6 +81,7 @@ class Config:
     heads: int = 12
     intermediate_size: int = 3072  # feed-forward width, 4·D
     dropout: float = 0.1  # [code]: every dropout, hidden and attention
+    init_std: float = 0.02  # [code]: BERT's N(0, 0.02) for every Linear and Embedding weight
     vocab_size: int = 28_996  # [code]: bert-base-cased WordPiece (train.py resets it)
     max_text_len: int = 62  # [code] drops captions over 60 word-pieces; + [CLS] and [SEP]
     # the Image Embedder's input: detector regions [UNITER §Model; code]
@@ -79,6 +90,8 @@ class Config:
     min_regions: int = 10  #   min_regions, n_regions) most confident regions
     region_conf_threshold: float = 0.2  # [code]: conf = the detector's best object-class score
     n_region_classes: int = 1601  # C, [code]: 1600 Visual Genome classes + background at 0
+    standardise_features: bool = False  # OURS: (f - mean) / std per dimension, statistics of
+    #                                     the training regions (feature_statistics); [code]: raw f
     # pre-training tasks [UNITER §MLM, §MRM, §ITM, §WRA; code]
     mask_prob: float = 0.15  # [code]: each word-piece (MLM) or region (MRM) masked i.i.d.
     itm_neg_prob: float = 0.5  # [code]: share of ITM pairs whose image is replaced
@@ -91,6 +104,18 @@ class Config:
     ipot_beta: float = 0.5  # [code]: β of the IPOT proximal step
     ipot_iters: int = 50  # [code]: outer IPOT iterations
     ipot_inner: int = 1  # [code]: k, scaling updates per outer iteration
+    conditional_masking: bool = True  # [UNITER abstract]: mask one modality, see the other
+    #                      whole; False = joint random masking of both (the paper's ablation)
+    # downstream tasks [UNITER §Downstream; code]
+    task: str = "pretrain"  # set from train.py --task: "pretrain" | "retrieval" | "vqa"
+    hard_negatives: int = 31  # [code] retrieval fine-tuning: the 31 best-scoring wrong
+    #                           candidates of each query (ours: among the batch, see rank forward)
+    rank_margin: float = 0.2  # [code]: hinge margin on sigmoid scores
+    vqa_head_lr_mult: float = 10.0  # [code]: the VQA head trains at 10x the learning rate
+    zero_regions: bool = False  # OURS: every region feature and location zeroed, in training
+    #                             and evaluation: the text-only baseline of VQA and retrieval
+    eval_pairs: int = 1000  # retrieval is evaluated among this many (image, caption) test
+    #                         pairs, every pair scored: 1000 = the paper's COCO 1K test
     # pre-training recipe, read by train.py [UNITER §Impl; code pretrain-alldata-base-8gpu.json]
     image_size: int = 224  # OURS: the world's render size (UNITER itself sees only regions)
     batch_size: int = 6144  # OURS: [code] batches by tokens, 8 GPUs × 10,240 × 6 accumulation
@@ -113,6 +138,8 @@ class Config:
                             f"{self.heads}")
         if min(self.layers, self.heads, self.intermediate_size, self.feature_dim) < 1:
             problems.append("layers, heads, intermediate_size and feature_dim must be >= 1")
+        if not self.init_std > 0:
+            problems.append(f"init_std must be > 0, not {self.init_std}")
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), not {self.dropout}")
         if self.max_text_len < 3:
@@ -140,6 +167,14 @@ class Config:
         if self.ipot_beta <= 0 or min(self.ipot_iters, self.ipot_inner) < 1:
             problems.append(f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got "
                             f"{self.ipot_beta}, {self.ipot_iters}, {self.ipot_inner}")
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.hard_negatives < 1 or self.rank_margin < 0 or self.vqa_head_lr_mult <= 0:
+            problems.append(f"need hard_negatives >= 1, rank_margin >= 0 and "
+                            f"vqa_head_lr_mult > 0, got {self.hard_negatives}, "
+                            f"{self.rank_margin}, {self.vqa_head_lr_mult}")
+        if self.eval_pairs < 2:
+            problems.append(f"eval_pairs must be >= 2, not {self.eval_pairs}")
         if self.lr_schedule not in ("cosine", "linear"):
             problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
         if min(self.batch_size, self.max_steps, self.grad_accum_steps) < 1:
@@ -171,14 +206,22 @@ class Config:
     @classmethod
     def tiny(cls) -> "Config":
         """OURS: 2 CPU cores, minutes. The world's default regions (10 per image, all kept,
-        64-d features, 6 shapes + background) and a 4-layer, 128-wide Transformer (2 heads of
-        64), no dropout (the world never repeats an example). The learning rate and step count
-        are provisional until the model exists to be measured."""
+        64-d features, standardised, 6 shapes + background) and a 4-layer, 128-wide Transformer
+        (2 heads of 64), no dropout (the world never repeats an example).
+
+        Trained from scratch (no BERT), two changes were needed before ITM left chance
+        (0.693) at all, both measured with `python train.py --model uniter`: standardised
+        region features (see feature_statistics) and init_std 0.1 instead of BERT's 0.02
+        (at width 128, 0.02 makes every attention output ~5 % of its residual, and the
+        cross-modal signal of ITM stays too weak to learn from). Alone, neither was enough:
+        standardised features gave ITM 0.694 after 2,000 updates, init_std 0.1 gave 0.687
+        after 1,500. Together, ITM starts to fall after ~700 updates; hence 3,500 of them."""
         return cls(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
-                   vocab_size=1000, max_text_len=32, feature_dim=64, n_regions=10,
+                   init_std=0.1, vocab_size=1000, max_text_len=32, feature_dim=64, n_regions=10,
                    min_regions=10, n_region_classes=len(DETECTOR_CLASSES), image_size=64,
-                   batch_size=64, lr=5e-4, warmup_steps=100, max_steps=2000,
-                   grad_accum_steps=1, train_single_object_prob=0.5)
+                   batch_size=64, lr=5e-4, warmup_steps=100, max_steps=3500,
+                   grad_accum_steps=1, train_single_object_prob=0.5, hard_negatives=3,
+                   eval_pairs=100, standardise_features=True)
 
 
 # --- 3. Input embeddings: the region location -------------------------------------------------
@@ -213,6 +256,68 @@ def region_locations(boxes: Tensor, image_width: float, image_height: float) -> 
     y1, y2 = y1 / image_height, y2 / image_height  # (...), fractions of H
     w, h = x2 - x1, y2 - y1  # (...)
     return torch.stack([x1, y1, x2, y2, w, h, w * h], dim=-1)  # (..., 7)
+
+
+# --- 4. Conditional masking and the task sampler ---------------------------------------------
+# Pure functions of a numpy Generator, so every draw of the dataset is a function of (seed, i).
+
+def draw_task(config: "Config", update: int, seed: int = 0) -> str:
+    """The pre-training task of optimizer update `update` [code: MetaLoader]: one of
+    PRETRAIN_TASKS with probability mix_task / Σ mix. Every micro-batch of a gradient-accumulation
+    cycle asks with the same `update`, so one update trains one task, as in [code]; ITM batches
+    also train WRA (model.forward_itm)."""
+    mix = np.array([config.mix_mlm, config.mix_itm, config.mix_mrfr, config.mix_mrc,
+                    config.mix_mrc_kl], dtype=np.float64)  # (5,), in PRETRAIN_TASKS order
+    u = np.random.default_rng([seed, 5, update]).random()  # one uniform in [0, 1)
+    k = int(np.searchsorted(np.cumsum(mix) / mix.sum(), u, side="right"))
+    return PRETRAIN_TASKS[min(k, len(PRETRAIN_TASKS) - 1)]
+
+
+def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, mask_id: int,
+               random_ids: tuple[int, int], special_ids: set) -> tuple[list[int], list[int]]:
+    """MLM masking of one caption [UNITER §MLM; code data/mlm.py]:
+
+    each word-piece (never [CLS], [SEP] or another special token) is picked with probability
+    mask_prob; a picked one becomes [MASK] 80 % of the time, a random word-piece drawn uniformly
+    from random_ids = [lo, hi) 10 %, and stays itself 10 %. If nothing was picked, the first
+    word-piece becomes [MASK], so every caption has something to predict.
+
+    Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere.
+    """
+    inputs, labels = list(tokens), [IGNORE] * len(tokens)
+    words = [t for t, token in enumerate(tokens) if token not in special_ids]
+    picked = [t for t in words if rng.random() < mask_prob]
+    if not picked and words:
+        picked, forced = [words[0]], True  # [code]: the forced one is always [MASK]
+    else:
+        forced = False
+    for t in picked:
+        labels[t] = tokens[t]
+        u = 0.0 if forced else rng.random()
+        if u < 0.8:
+            inputs[t] = mask_id
+        elif u < 0.9:
+            inputs[t] = int(rng.integers(*random_ids))
+    return inputs, labels
+
+
+def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarray:
+    """MRM masking of one image's n regions [UNITER §MRM; code data/mrm.py]: each region i.i.d.
+    with probability mask_prob, and one at random if none was picked. Returns (n,) bool.
+
+    The model replaces a masked region's feature by a learned mask vector (ImageEmbeddings);
+    its location is never masked."""
+    masked = rng.random(n) < mask_prob  # (n,)
+    if n and not masked.any():
+        masked[rng.integers(n)] = True
+    return masked
+
+
+def kept_regions(conf: np.ndarray, config: "Config") -> int:
+    """How many of an image's regions (rows sorted by conf, descending) the model sees [code]:
+    those with conf > region_conf_threshold, but at least min_regions and at most n_regions."""
+    above = int((np.asarray(conf) > config.region_conf_threshold).sum())
+    return int(np.clip(above, config.min_regions, min(config.n_regions, len(conf))))
 
 
 # --- 5. Objectives -----------------------------------------------------------------------------
@@ -390,20 +495,22 @@ def ipot(cost: Tensor, x_mask: Tensor, y_mask: Tensor, beta: float = 0.5, iters:
         plan = real_pair.to(cost.dtype)  # (B, T, N): T starts at 1 on real pairs
         a = mu  # (B, 1, T)
         floor = torch.finfo(cost.dtype).tiny * 1e8  # 1.2e-30 in fp32, 2.2e-300 in fp64: see below
-        for _ in range(iters):
+        for i in range(iters):
             Q = plan.mul_(kernel)  # (B, T, N): G ⊙ T, in place (this T is not needed again)
             for _ in range(k):
                 b = nu / (torch.bmm(a, Q) + y_pad)  # (B, 1, N): ν / (Qᵀ a), exact 0 on padding
                 a = mu / (torch.bmm(b, Q.transpose(1, 2)) + x_pad)  # (B, 1, T): μ / (Q b)
-            plan = Q.mul_(a.transpose(1, 2) * b)  # (B, T, N): diag(a) Q diag(b), in place
+            plan = Q.mul_(a.transpose(1, 2)).mul_(b)  # (B, T, N): diag(a) Q diag(b), in place
             # DEVIATION (speed only): entries below `floor` become exact zeros. The entries that the
             # exact plan sets to 0 shrink geometrically (by up to e^-4 an iteration when C = 2 and
             # β = 0.5); in fp32 they reach denormal numbers (below 1.2e-38) within a few dozen
             # iterations, and CPU arithmetic on denormals is several times slower. The floor sits
-            # 1e8 above them so that Q = G ⊙ T and the scalings do not make any either. What is
-            # dropped moves d by less than 2·T·N·floor. (torch.set_flush_denormal is process-wide
-            # state, not ours to flip.)
-            F.threshold(plan, floor, 0.0, inplace=True)  # (B, T, N)
+            # 1e8 (~e^18) above them, so an entry just above it needs more than 4 iterations to
+            # become denormal: clearing every 3rd iteration (and after the last) is enough, and
+            # costs a third of clearing every time. What is dropped moves d by less than
+            # 2·T·N·floor. (torch.set_flush_denormal is process-wide state, not ours to flip.)
+            if i % 3 == 2 or i == iters - 1:
+                F.threshold(plan, floor, 0.0, inplace=True)  # (B, T, N)
     return plan
 
 
@@ -456,3 +563,566 @@ def wra_loss(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor, regi
     d = wra_distance(text_hidden, region_hidden, text_mask, region_mask, beta, iters, k)  # (B,)
     sign = is_match.bool().to(d.dtype) * 2 - 1  # (B,): +1 matched, -1 mismatched
     return (sign * d).sum() / d.shape[0]  # ()
+
+
+def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> Tensor:
+    """Retrieval fine-tuning [UNITER §Downstream; code model/itm.py]: a triplet hinge on sigmoid
+    scores, so that each true pair beats each of its negatives by the margin:
+
+        L_rank = mean_{b, k} max(0, margin + σ(s_neg[b, k]) - σ(s_pos[b]))
+
+        symbol     variable           shape
+        s_pos[b]   positive[b]        (B,): the score of query b's true pair
+        s_neg      negative[b, k]     (B, K): its K negatives (other images or captions)
+
+    The sigmoid bounds every score to (0, 1), so a margin of 0.2 is on a fixed scale.
+    """
+    gap = margin + torch.sigmoid(negative.float()) - torch.sigmoid(positive.float())[:, None]
+    return gap.clamp(min=0).mean()  # ()
+
+
+def vqa_loss(logits: Tensor, scores: Tensor) -> Tensor:
+    """VQA as multi-label classification [UNITER §Downstream; code model/vqa.py]: one sigmoid per
+    answer of the fixed vocabulary, against the answer's soft score (the share of annotators who
+    gave it; on the world, 1 for the one right answer, 0 for the rest).
+
+        L_VQA = (1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba)
+
+        symbol   variable          shape
+        z        logits            (B, A)
+        s        scores in [0, 1]  (B, A)
+
+    [code] writes this as the element-wise mean times A, which is the same number.
+    """
+    A = logits.shape[-1]
+    return F.binary_cross_entropy_with_logits(logits.float(), scores.float()) * A  # ()
+
+
+# --- 6. The model: embedders, the single-stream Transformer, the heads -------------------------
+
+class ImageEmbeddings(nn.Module):
+    """The Image Embedder [UNITER §Model; code model/model.py]: region feature f (F) and
+    7-d location p -> one D-wide input token per region:
+
+        e = Dropout(LN( LN(W_f f) + LN(W_p p) + type[1] ))
+
+    type[1] is the text's token-type table, row 1 (regions are segment 1; the table is the text
+    embedder's, passed in). There is no position embedding: the 7-d location is where a region is.
+
+    Masked regions (MRM): [code] zeroes the feature and adds a learned vector m, so a masked input
+    is m whatever the region was; the location is kept. The paper's text says the feature is set
+    to zeros; we follow [code] (DEVIATION from the paper's text, see reference/uniter.md).
+    Names: feature = [code] img_linear, feature_norm = img_layer_norm, location = pos_linear,
+    location_norm = pos_layer_norm, mask_vector = mask_embedding row 1.
+    """
+
+    def __init__(self, feature_dim: int, d_model: int, dropout: float = 0.1, eps: float = 1e-12):
+        super().__init__()
+        self.feature = nn.Linear(feature_dim, d_model)  # W_f; also MRFR's output layer (tied)
+        self.feature_norm = nn.LayerNorm(d_model, eps=eps)
+        self.location = nn.Linear(LOCATION_DIM, d_model)  # W_p
+        self.location_norm = nn.LayerNorm(d_model, eps=eps)
+        self.mask_vector = nn.Parameter(torch.randn(feature_dim) * 0.02)  # m, BERT's N(0, 0.02)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: Tensor, locations: Tensor, region_type: Tensor,
+                masked: Tensor | None = None) -> Tensor:
+        """features (B, N, F), locations (B, N, 7), region_type (D,), masked (B, N) bool or
+        None. Returns (B, N, D)."""
+        if masked is not None:
+            features = torch.where(masked[..., None], self.mask_vector.to(features.dtype),
+                                   features)  # (B, N, F): masked rows -> m
+        v = self.feature_norm(self.feature(features))  # (B, N, D)
+        u = self.location_norm(self.location(locations))  # (B, N, D)
+        return self.dropout(self.norm(v + u + region_type))  # (B, N, D)
+
+
+class Transform(nn.Module):
+    """BERT's head transform before an output layer: Linear -> GELU -> LN (D -> D). The MLM,
+    MRFR and MRC heads each have one [code]."""
+
+    def __init__(self, d_model: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(x)))  # (..., D)
+
+
+class VQAHead(nn.Module):
+    """[code] model/vqa.py: pooled [CLS] -> Linear(D, 2D) -> GELU -> LN -> Linear(2D, answers)."""
+
+    def __init__(self, d_model: int, n_answers: int, eps: float = 1e-12):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, 2 * d_model)
+        self.norm = nn.LayerNorm(2 * d_model, eps=eps)
+        self.fc2 = nn.Linear(2 * d_model, n_answers)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.fc2(self.norm(F.gelu(self.fc1(pooled))))  # (B, D) -> (B, A)
+
+
+class UNITER(nn.Module):
+    """One BERT-style Transformer over [text ; regions] [UNITER §Model], with the heads of
+    config.task: pretrain = MLM, MRFR, MRC (also MRC-kl) and ITM; retrieval = ITM only (its
+    "match" logit is the rank score); vqa = the VQA head.
+
+    The sequence is the plain padded layout [w_1..w_T (padded) ; r_1..r_N (padded)] with one key
+    mask: [code] packs each example's text and regions together first ("gather_index"), which
+    saves compute and gives the same outputs (no position id depends on the packing).
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        c, D = config, config.hidden_size
+        self.config = c
+        self.text_embeddings = BertEmbeddings(c.vocab_size, D, max_positions=c.max_text_len,
+                                              n_token_types=2, dropout=c.dropout, pad_id=PAD_ID)
+        self.image_embeddings = ImageEmbeddings(c.feature_dim, D, c.dropout)
+        self.layers = nn.ModuleList(PostLNEncoderBlock(D, c.heads, c.intermediate_size,
+                                                       c.dropout) for _ in range(c.layers))
+        self.pooler = BertPooler(D)
+        if c.task in ("pretrain", "retrieval"):
+            self.itm_head = nn.Linear(D, 2)  # [code] itm_output: column 1 = "match"
+        if c.task == "pretrain":
+            self.mlm_transform = Transform(D)  # output: the word embeddings, tied, + own bias
+            self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
+            self.mrfr_transform = Transform(D)  # output: W_f transposed, tied, + own bias
+            self.mrfr_bias = nn.Parameter(torch.zeros(c.feature_dim))
+            self.mrc_transform = Transform(D)  # shared by MRC and MRC-kl, as [code]
+            self.mrc_output = nn.Linear(D, c.n_region_classes)
+        if c.task == "vqa":
+            self.vqa_head = VQAHead(D, len(ANSWERS))
+        self.apply(lambda module: init_bert_weights(module, c.init_std))  # N(0, std), zero
+        #                                                        biases, LN (1, 0) [code]
+        nn.init.normal_(self.image_embeddings.mask_vector, std=c.init_std)
+
+    def encode(self, tokens: Tensor, features: Tensor, locations: Tensor, region_mask: Tensor,
+               region_masked: Tensor | None = None) -> Tensor:
+        """tokens (B, T), features (B, N, F), locations (B, N, 7), region_mask (B, N) bool
+        (True = a real region), region_masked (B, N) bool or None (MRM). Returns the final
+        hidden states (B, T + N, D): text first, then regions."""
+        if self.config.zero_regions:  # the text-only baseline: the image carries nothing
+            features, locations = torch.zeros_like(features), torch.zeros_like(locations)
+        text = self.text_embeddings(tokens)  # (B, T, D), segment 0
+        region_type = self.text_embeddings.token_type.weight[1]  # (D,), segment 1
+        image = self.image_embeddings(features, locations, region_type, region_masked)  # (B, N, D)
+        x = torch.cat([text, image], dim=1)  # (B, T + N, D)
+        allowed = torch.cat([tokens != PAD_ID, region_mask], dim=1)[:, None, :]  # (B, 1, T + N)
+        for layer in self.layers:
+            x = layer(x, allowed)  # (B, T + N, D), every token sees every real token
+        return x
+
+    def _encode_batch(self, batch: dict, region_masked: Tensor | None = None) -> Tensor:
+        return self.encode(batch["tokens"], batch["features"], batch["locations"],
+                           batch["region_mask"], region_masked)  # (B, T + N, D)
+
+    def match_score(self, tokens: Tensor, features: Tensor, locations: Tensor,
+                    region_mask: Tensor) -> Tensor:
+        """The ITM "match" logit of each (text, image) row: the retrieval score [code]. (B,)"""
+        h = self.encode(tokens, features, locations, region_mask)  # (B, T + N, D)
+        return self.itm_head(self.pooler(h))[:, 1]  # (B,)
+
+    def score_pairs(self, tokens: Tensor, features: Tensor, locations: Tensor,
+                    region_mask: Tensor, text_index: Tensor, image_index: Tensor,
+                    chunk: int = 1024) -> Tensor:
+        """match_score of the pairs (text text_index[p], image image_index[p]), in chunks of
+        `chunk` pairs. tokens (Bt, T); features (Bi, N, F) etc.; indices (P,). Returns (P,)."""
+        out = []
+        for s in range(0, len(text_index), chunk):
+            t, i = text_index[s:s + chunk], image_index[s:s + chunk]  # (p,), (p,)
+            out.append(self.match_score(tokens[t], features[i], locations[i], region_mask[i]))
+        return torch.cat(out)  # (P,)
+
+    def forward(self, batch: dict) -> dict:
+        """One task's batch -> {"loss": scalar, <task>: scalar, ...}; batch["task"] picks it."""
+        task = batch["task"]
+        if task == "mlm":
+            return self.forward_mlm(batch)
+        if task in ("mrfr", "mrc", "mrc_kl"):
+            return self.forward_mrm(batch, task)
+        if task == "itm":
+            return self.forward_itm(batch)
+        if task == "retrieval":
+            return self.forward_rank(batch)
+        if task == "vqa":
+            return self.forward_vqa(batch)
+        raise ValueError(f"unknown task {task!r}")
+
+    def forward_mlm(self, batch: dict) -> dict:
+        """[UNITER §MLM]: the masked word-pieces, gathered by the collate's flat positions (so
+        the step has no data-dependent shape and no host-device sync)."""
+        T = batch["tokens"].shape[1]
+        h = self._encode_batch(batch, batch.get("region_masked"))  # joint masking: both masked
+        hidden = h[:, :T].flatten(0, 1).index_select(0, batch["mlm_positions"])  # (M, D)
+        logits = F.linear(self.mlm_transform(hidden), self.text_embeddings.word.weight,
+                          self.mlm_bias)  # (M, V): output weight tied to the word embeddings
+        loss = mlm_loss(logits, batch["mlm_targets"])
+        return {"loss": loss, "mlm": loss}
+
+    def forward_mrm(self, batch: dict, task: str) -> dict:
+        """[UNITER §MRM]: MRFR, MRC or MRC-kl on the masked regions' outputs."""
+        T = batch["tokens"].shape[1]
+        h = self._encode_batch(batch, batch["region_masked"])  # (B, T + N, D)
+        hidden = h[:, T:].flatten(0, 1).index_select(0, batch["mrm_positions"])  # (M, D)
+        every = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)  # (M,)
+        if task == "mrfr":
+            # the output layer IS the Image Embedder's W_f (D x F), transposed: (M, D) -> (M, F)
+            predicted = F.linear(self.mrfr_transform(hidden),
+                                 self.image_embeddings.feature.weight.t(), self.mrfr_bias)
+            loss = mrfr_loss(predicted, batch["mrfr_targets"], every)
+        else:
+            logits = self.mrc_output(self.mrc_transform(hidden))  # (M, C)
+            objective = mrc_loss if task == "mrc" else mrc_kl_loss
+            loss = objective(logits, batch["mrc_targets"], every)
+        return {"loss": loss, task: loss}
+
+    def forward_itm(self, batch: dict) -> dict:
+        """[UNITER §ITM] on the pooled [CLS], plus wra_weight · WRA [UNITER §WRA] on the same
+        forward pass's outputs (every text token, [CLS] and [SEP] included, and every region)."""
+        T = batch["tokens"].shape[1]
+        h = self._encode_batch(batch)  # (B, T + N, D)
+        loss_itm = itm_loss(self.itm_head(self.pooler(h)), batch["is_match"])
+        out = {"loss": loss_itm, "itm": loss_itm}
+        c = self.config
+        if c.wra_weight > 0:
+            loss_wra = wra_loss(h[:, :T], h[:, T:], batch["tokens"] != PAD_ID,
+                                batch["region_mask"], batch["is_match"], c.ipot_beta,
+                                c.ipot_iters, c.ipot_inner)
+            out["loss"] = loss_itm + c.wra_weight * loss_wra
+            out["wra"] = loss_wra
+        return out
+
+    def forward_rank(self, batch: dict) -> dict:
+        """Retrieval fine-tuning with hard negatives [code train_itm_hard_negatives.py]. [code]
+        scores one caption against 1 + 399 random images (and one image against 400 captions)
+        with the model in eval mode and no gradient, and trains the hinge on the 31 best-scoring
+        wrong ones. Ours: the batch's other B - 1 examples are the random candidates, and the
+        config.hard_negatives best-scoring of them, in each direction, are trained on."""
+        tokens, features = batch["tokens"], batch["features"]
+        locations, region_mask = batch["locations"], batch["region_mask"]
+        B = tokens.shape[0]
+        k = min(self.config.hard_negatives, B - 1)
+        if k < 1:
+            raise ValueError("retrieval fine-tuning needs at least 2 pairs a batch")
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            grid = torch.arange(B, device=tokens.device)
+            text_index, image_index = grid.repeat(B), grid.repeat_interleave(B)  # (B·B,) each
+            scores = self.score_pairs(tokens, features, locations, region_mask, text_index,
+                                      image_index).view(B, B)  # (B images, B texts)
+            scores.fill_diagonal_(-torch.inf)  # the true pairs are not negatives
+            hard_images = scores.topk(k, dim=0).indices.T  # (B texts, k): best wrong images
+            hard_texts = scores.topk(k, dim=1).indices  # (B images, k): best wrong texts
+        self.train(was_training)
+        positive = self.match_score(tokens, features, locations, region_mask)  # (B,)
+        texts = grid.repeat_interleave(k)  # (B·k,): text b, k times
+        images = hard_images.reshape(-1)  # (B·k,)
+        negative_images = self.score_pairs(tokens, features, locations, region_mask, texts,
+                                           images).view(B, k)  # (B, k)
+        negative_texts = self.score_pairs(tokens, features, locations, region_mask,
+                                          hard_texts.reshape(-1), texts).view(B, k)  # (B, k)
+        loss = rank_hinge_loss(positive, torch.cat([negative_images, negative_texts], dim=1),
+                               self.config.rank_margin)
+        return {"loss": loss, "rank": loss}
+
+    def forward_vqa(self, batch: dict) -> dict:
+        """[UNITER §Downstream]: the answer from the pooled [CLS] of [question ; regions]."""
+        logits = self.vqa_head(self.pooler(self._encode_batch(batch)))  # (B, A)
+        loss = vqa_loss(logits, batch["answer_scores"])
+        return {"loss": loss, "vqa": loss}
+
+    def answer_logits(self, tokens: Tensor, features: Tensor, locations: Tensor,
+                      region_mask: Tensor) -> Tensor:
+        """(B, A) logits over ANSWERS."""
+        return self.vqa_head(self.pooler(self.encode(tokens, features, locations, region_mask)))
+
+
+def build_model(config: Config) -> UNITER:
+    return UNITER(config)
+
+
+def param_groups(model: UNITER, config: Config) -> list[dict]:
+    """AdamW groups [code]: weight decay on matrices, none on biases and LayerNorm gains (nor the
+    mask vector); the VQA head trains at vqa_head_lr_mult x the learning rate (train.py
+    multiplies each group's schedule by its lr_scale)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = name.startswith("vqa_head.")
+        decay = p.dim() >= 2
+        groups.setdefault((head, decay), []).append(p)
+    return [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+             "lr_scale": config.vqa_head_lr_mult if head else 1.0}
+            for (head, decay), params in groups.items()]
+
+
+# --- 7. Data: the world's regions, one task per batch -----------------------------------------
+
+_STATISTICS_EXAMPLES = 500  # training examples whose regions give feature_statistics
+
+
+def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std (F,) of the regions of the first 500 training examples: the
+    statistics of `standardise_features`. A pure function of the world's config, so training and
+    evaluation (and a fine-tuning run) compute the same numbers without storing them.
+
+    Why (OURS, tiny preset): the world's features share a large constant component (the norm of
+    their mean is 1.5x their spread), which LN(W_f f) keeps, so the part that tells regions
+    apart starts small; trained from scratch, the model then learns to ignore the image for
+    hundreds of updates (measured: MLM was no better with the right image than with another
+    one's after 600 updates; with standardised features it was 0.24 nats better).
+    UNITER reads raw detector features, from a BERT initialisation."""
+    key = tuple(sorted(vars(world_config).items()))
+    if key not in _statistics_cache:
+        world = World(world_config, "train")
+        features = np.concatenate([world.example(i)["features"]
+                                   for i in range(min(_STATISTICS_EXAMPLES, len(world)))])
+        _statistics_cache[key] = (torch.from_numpy(features.mean(0)).float(),
+                                  torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
+    return _statistics_cache[key]
+
+
+_statistics_cache: dict = {}
+
+
+def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> dict:
+    """A world example's kept regions as tensors: features (n, F), standardised with
+    statistics = (mean, std) if given, locations (n, 7), cls_prob (n, C). The world's boxes are
+    fractions of the image side already."""
+    n = kept_regions(example["conf"], config)
+    if example["features"].shape[1] != config.feature_dim:
+        raise ValueError(f"the regions have {example['features'].shape[1]}-d features but "
+                         f"feature_dim is {config.feature_dim}")
+    if example["cls_prob"].shape[1] != config.n_region_classes:
+        raise ValueError(f"the detector has {example['cls_prob'].shape[1]} classes (background "
+                         f"included) but n_region_classes is {config.n_region_classes}")
+    features = torch.from_numpy(example["features"][:n]).float()  # (n, F)
+    if statistics is not None:
+        features = (features - statistics[0]) / statistics[1]  # (n, F)
+    return {"features": features,
+            "locations": region_locations(torch.from_numpy(example["boxes"][:n]), 1.0, 1.0),
+            "cls_prob": torch.from_numpy(example["cls_prob"][:n]).float()}  # (n, C)
+
+
+class UniterDataset(Dataset):
+    """Item i: world example i (modulo the world) prepared for one task, every random choice a
+    pure function of (seed, i). Pre-training: the task of item i is draw_task(i // batch_size),
+    the same for a whole update (train.py's loader gives micro-batch k the items k·b .. k·b+b-1,
+    b = batch_size / grad_accum_steps); then
+
+        mlm      a caption with mask_words, the image whole
+        mrfr, mrc, mrc_kl   the caption whole, regions masked by mask_regions
+        itm      a caption with its own image, or (itm_neg_prob) another example's regions
+        (with conditional_masking=False, MLM and MRM items mask both modalities)
+
+    retrieval: a caption and its image (the negatives come from the batch); vqa: one of the
+    image's questions and its answer."""
+
+    def __init__(self, world, tokenizer, config: Config, seed: int = 0):
+        self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
+        # a length that is a whole number of updates, so no update straddles the wrap-around
+        self.length = max(1, len(world) // config.batch_size) * config.batch_size
+        self.special_ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
+                            tokenizer.sep_id, tokenizer.mask_id}
+        self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
+        self.statistics = (feature_statistics(world.config) if config.standardise_features
+                           else None)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        c, world = self.config, self.world
+        index = i % len(world)
+        rng = np.random.default_rng([self.seed, 13, i])
+        example = world.example(index)
+        task = draw_task(c, i // c.batch_size, self.seed) if c.task == "pretrain" else c.task
+        item = {"task": task, **region_inputs(example, c, self.statistics)}
+        if task == "vqa":
+            question, answer = example["questions"][rng.integers(len(example["questions"]))]
+            tokens = self.tokenizer.encode(question, max_len=c.max_text_len)
+            item["answer"] = ANSWERS.index(answer)
+        else:
+            caption = example["captions"][rng.integers(len(example["captions"]))]
+            tokens = self.tokenizer.encode(caption, max_len=c.max_text_len)
+        if task == "itm":
+            item["is_match"] = bool(rng.random() >= c.itm_neg_prob)
+            if not item["is_match"]:  # [code]: replace the image, never the text
+                other = (index + 1 + int(rng.integers(len(world) - 1))) % len(world)
+                item.update(region_inputs(world.example(other), c, self.statistics))
+        mrm = task in ("mrfr", "mrc", "mrc_kl")
+        if task == "mlm" or (mrm and not c.conditional_masking):
+            tokens, labels = mask_words(tokens, rng, c.mask_prob, self.tokenizer.mask_id,
+                                        self.random_ids, self.special_ids)
+            item["mlm_labels"] = torch.tensor(labels)  # (T_i,)
+        if mrm or (task == "mlm" and not c.conditional_masking):
+            item["region_masked"] = torch.from_numpy(
+                mask_regions(len(item["features"]), rng, c.mask_prob))  # (n,)
+        item["tokens"] = torch.tensor(tokens)  # (T_i,)
+        return item
+
+
+def train_dataset(world, tokenizer, config: Config) -> UniterDataset:
+    return UniterDataset(world, tokenizer, config)
+
+
+def _pad_rows(rows: list[Tensor]) -> Tensor:
+    """[(n_b, ...)] -> (B, max n_b, ...), zero-padded."""
+    out = rows[0].new_zeros((len(rows), max(len(r) for r in rows)) + rows[0].shape[1:])
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out
+
+
+def collate_fn(items: list[dict]) -> dict:
+    """Items of ONE task -> a padded batch:
+
+        tokens (B, T) [PAD]-padded; features (B, N, F), locations (B, N, 7) zero-padded;
+        region_mask (B, N) True = real region; task (str)
+        mlm:  mlm_positions (M,) flat indices into the B·T text positions, mlm_targets (M,)
+        mrm:  region_masked (B, N), mrm_positions (M,) into the B·N regions, mrfr_targets (M, F)
+              (the features before masking), mrc_targets (M, C) (the detector's softmax)
+        itm:  is_match (B,) bool;  vqa: answer (B,) and answer_scores (B, A)
+
+    The positions are computed here, on the CPU, so the model gathers without a device sync."""
+    task = items[0]["task"]
+    if any(it["task"] != task for it in items):
+        raise ValueError(f"a batch must hold one task, got {sorted({it['task'] for it in items})}")
+    tokens = torch.full((len(items), max(len(it["tokens"]) for it in items)), PAD_ID)
+    for b, it in enumerate(items):
+        tokens[b, :len(it["tokens"])] = it["tokens"]
+    features = _pad_rows([it["features"] for it in items])  # (B, N, F)
+    region_mask = _pad_rows([torch.ones(len(it["features"]), dtype=torch.bool)
+                             for it in items])  # (B, N)
+    batch = {"task": task, "tokens": tokens, "features": features,
+             "locations": _pad_rows([it["locations"] for it in items]),
+             "region_mask": region_mask}
+    if "mlm_labels" in items[0]:
+        labels = torch.full(tokens.shape, IGNORE)  # (B, T)
+        for b, it in enumerate(items):
+            labels[b, :len(it["mlm_labels"])] = it["mlm_labels"]
+        positions = (labels.flatten() != IGNORE).nonzero().squeeze(1)  # (M,)
+        batch["mlm_positions"], batch["mlm_targets"] = positions, labels.flatten()[positions]
+    if "region_masked" in items[0]:
+        masked = _pad_rows([it["region_masked"] for it in items])  # (B, N), False on padding
+        positions = masked.flatten().nonzero().squeeze(1)  # (M,)
+        batch["region_masked"], batch["mrm_positions"] = masked, positions
+        batch["mrfr_targets"] = features.flatten(0, 1)[positions]  # (M, F)
+        batch["mrc_targets"] = _pad_rows([it["cls_prob"] for it in items]).flatten(0, 1)[
+            positions]  # (M, C)
+    if "is_match" in items[0]:
+        batch["is_match"] = torch.tensor([it["is_match"] for it in items])  # (B,)
+    if "answer" in items[0]:
+        batch["answer"] = torch.tensor([it["answer"] for it in items])  # (B,)
+        batch["answer_scores"] = F.one_hot(batch["answer"], len(ANSWERS)).float()  # (B, A)
+    return batch
+
+
+# --- 8. Downstream evaluation on the world: train.py's contract ----------------------------------
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _regions_batch(examples: list[dict], config: Config, device: torch.device,
+                   world_config=None) -> tuple:
+    """(features (b, N, F), locations (b, N, 7), region_mask (b, N)) on `device`; the world's
+    config gives the statistics of standardise_features."""
+    statistics = None
+    if config.standardise_features:
+        if world_config is None:
+            raise ValueError("standardise_features needs the world_config of the examples")
+        statistics = feature_statistics(world_config)
+    regions = [region_inputs(ex, config, statistics) for ex in examples]
+    features = _pad_rows([r["features"] for r in regions]).to(device)
+    locations = _pad_rows([r["locations"] for r in regions]).to(device)
+    mask = _pad_rows([torch.ones(len(r["features"]), dtype=torch.bool) for r in regions])
+    return features, locations, mask.to(device)
+
+
+def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[dict],
+                     world_config=None) -> Tensor:
+    """The (n images, n captions) ITM match logits of every pair of n examples' images and
+    first captions: n² forward passes, as the paper's retrieval evaluation [code itm_eval]."""
+    device = _device(model)
+    tokens = tokenizer.encode_batch([ex["captions"][0] for ex in examples],
+                                    config.max_text_len).to(device)  # (n, T)
+    features, locations, mask = _regions_batch(examples, config, device, world_config)
+    n = len(examples)
+    grid = torch.arange(n, device=device)
+    scores = model.score_pairs(tokens, features, locations, mask, grid.repeat(n),
+                               grid.repeat_interleave(n))  # (n·n,), image-major
+    return scores.view(n, n).float().cpu()  # (n images, n texts)
+
+
+def question_type(question: str) -> str:
+    """The world's five question templates: colour, shape, count, exists, relation."""
+    if question.startswith("what colour"):
+        return "colour"
+    if question.startswith("how many"):
+        return "count"
+    if question.startswith("is there"):
+        return "exists"
+    if any(f" {words} the " in question for words in ("to the left of", "to the right of",
+                                                       "above", "below")):
+        return "relation"
+    return "shape"
+
+
+def vqa_predictions(model: UNITER, tokenizer, config: Config, examples: list[dict],
+                    zero_regions: bool = False, chunk: int = 256,
+                    world_config=None) -> tuple[list, list]:
+    """(predicted answers, questions with their answers) for every question of the examples."""
+    device = _device(model)
+    qa = [(q, a, k) for k, ex in enumerate(examples) for q, a in ex["questions"]]
+    features, locations, mask = _regions_batch(examples, config, device, world_config)
+    if zero_regions:
+        features, locations = torch.zeros_like(features), torch.zeros_like(locations)
+    predicted = []
+    for s in range(0, len(qa), chunk):
+        part = qa[s:s + chunk]
+        tokens = tokenizer.encode_batch([q for q, _, _ in part], config.max_text_len).to(device)
+        k = torch.tensor([k for _, _, k in part], device=device)  # (b,) the image of each
+        logits = model.answer_logits(tokens, features[k], locations[k], mask[k])  # (b, A)
+        predicted += [ANSWERS[a] for a in logits.argmax(dim=-1).tolist()]
+    return predicted, qa
+
+
+def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
+             n: int) -> dict[str, float]:
+    """The downstream metrics on a world split (eval mode, no gradients).
+
+    pretrain, retrieval: i2t_r1/5/10, t2i_r1/5/10 among min(n, eval_pairs) (image, first
+        caption) pairs, every pair scored by the ITM match logit; r1_mean = their R@1 mean.
+    vqa: vqa_acc over every question of n images; vqa_acc_<type> per question template;
+        vqa_acc_regions_zeroed = the same model with the regions zeroed at test time.
+    """
+    world = World(world_config, split)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if config.task == "vqa":
+            examples = [world.example(i) for i in range(min(n, len(world)))]
+            predicted, qa = vqa_predictions(model, tokenizer, config, examples,
+                                            world_config=world_config)
+            metrics = {"vqa_acc": vqa_accuracy(predicted, [[a] for _, a, _ in qa])}
+            for kind in ("colour", "shape", "count", "exists", "relation"):
+                pairs = [(p, a) for p, (q, a, _) in zip(predicted, qa) if question_type(q) == kind]
+                if pairs:
+                    metrics[f"vqa_acc_{kind}"] = vqa_accuracy([p for p, _ in pairs],
+                                                              [[a] for _, a in pairs])
+            blind, _ = vqa_predictions(model, tokenizer, config, examples, zero_regions=True,
+                                       world_config=world_config)
+            metrics["vqa_acc_regions_zeroed"] = vqa_accuracy(blind, [[a] for _, a, _ in qa])
+        else:
+            examples = [world.example(i) for i in range(min(n, config.eval_pairs, len(world)))]
+            scores = retrieval_scores(model, tokenizer, config, examples, world_config)  # (n, n)
+            metrics = recall_at_k(scores, torch.arange(len(examples)))
+            metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+    model.train(was_training)
+    return {k: float(v) for k, v in metrics.items()}

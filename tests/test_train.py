@@ -157,14 +157,31 @@ def test_bad_input_gives_one_clear_line_not_a_traceback(args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_a_paper_file_without_a_model_is_refused_with_one_clear_line():
-    """uniter.py holds its objectives before its model lands: --model uniter must say so."""
-    import importlib
-    uniter = importlib.import_module("uniter")
-    if hasattr(uniter, "build_model"):
-        pytest.skip("uniter.py has its model now")
-    assert "uniter" not in train.available_models()
-    result = run_cli("--model", "uniter", "--max_steps", "1", "--out", "/tmp/never-written")
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "uniter.py has no model yet" in result.stderr
-    assert not Path("/tmp/never-written").exists()
+UNITER_SMALL = ["--model", "uniter", "--hidden_size", "32", "--layers", "1", "--heads", "2",
+                "--intermediate_size", "64", "--batch_size", "8", "--max_steps", "3",
+                "--warmup_steps", "1", "--final_n", "8", "--eval_pairs", "8", "--num_workers", "0",
+                "--tokenizer_texts", "50", "--ipot_iters", "5", "--log_every_s", "0"]
+
+
+def test_uniter_pretrains_then_fine_tunes_vqa_from_its_checkpoint(tmp_path):
+    """--task vqa --init: its own output folder, the checkpoint's tokenizer, the new head
+    reported missing, and the task's own metrics (MAIN_METRIC is a dict per task)."""
+    lines = []
+    run, paper, overrides = train.parse_args([*UNITER_SMALL, "--out", str(tmp_path / "pre")])
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert {"i2t_r1", "t2i_r1", "r1_mean"} <= set(final)
+    assert any(" mlm " in line or " itm " in line for line in lines)  # per-task loss terms
+    init = tmp_path / "pre" / "best.pt"
+    run, paper, overrides = train.parse_args([*UNITER_SMALL, "--task", "vqa", "--init", str(init)])
+    assert run.out == "runs/uniter-tiny-vqa"  # never the pretraining run's folder
+    run.out = str(tmp_path / "vqa")
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert {"vqa_acc", "vqa_acc_regions_zeroed"} <= set(final) and "i2t_r1" not in final
+    assert any(line.startswith(f"init from {init}") and "missing" in line for line in lines)
+    pre = torch.load(init, weights_only=False)
+    vqa = torch.load(tmp_path / "vqa" / "best.pt", weights_only=False)
+    assert vqa["config"]["task"] == "vqa" and vqa["tokenizer"] == pre["tokenizer"]
+    assert any(k.startswith("vqa_head.") for k in vqa["model"])
+    assert not any(k.startswith("mlm_transform.") for k in vqa["model"])
+
+
