@@ -20,17 +20,18 @@ Masking is conditional: one modality is masked while the other is seen whole [UN
 Each mini-batch trains ONE task, drawn in proportion to a mix ratio; WRA is added on ITM batches
 [code].
 
-Paper map (part of the paper -> code). "to come": the next session adds the model and training.
-    §Model: Image Embedder, the 7-d location     region_locations
-    §Model: Text/Image Embedders, Transformer    to come (embeddings, encoder, UNITER model)
-    §MLM  masked language modelling              mlm_loss; the masking itself: to come
-    §MRM  masked region feature regression       mrfr_loss; its tied head: to come
+Paper map (part of the paper -> code):
+    §Model: Image Embedder, the 7-d location     region_locations, ImageEmbeddings
+    §Model: Text Embedder, one Transformer       UNITER.encode (shared.transformer's BERT stack)
+    §MLM  masked language modelling              mask_words, mlm_loss, UNITER.forward_mlm
+    §MRM  masked region feature regression       mask_regions, mrfr_loss (tied head), forward_mrm
     §MRM  masked region classification           mrc_loss
     §MRM  MRC with KL-divergence                 mrc_kl_loss
-    §ITM  image-text matching                    itm_loss; the 50 % negatives: to come
+    §ITM  image-text matching                    itm_loss, UNITER.forward_itm, UniterDataset
     §WRA  word-region alignment by OT (IPOT)     ipot, wra_distance, wra_loss
-    §Impl the pre-training recipe, task mix      Config, Config.paper(); the task sampler: to come
-    downstream (VQA, retrieval, ...)             to come
+    §Impl the pre-training recipe, task mix      Config, Config.paper(), draw_task
+    downstream: retrieval (rank head)            rank_hinge_loss, UNITER.forward_rank, evaluate
+    downstream: VQA                              VQAHead, vqa_loss, UNITER.forward_vqa, evaluate
 
 Citations name the paper's parts, [UNITER §Model], [UNITER §MLM], [UNITER §MRM], [UNITER §ITM],
 [UNITER §WRA], [UNITER §Impl] (implementation details), not section or equation numbers: only the
@@ -57,8 +58,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.metrics import recall_at_k, vqa_accuracy
-from shared.transformer import BertEmbeddings, BertPooler, PostLNEncoderBlock, init_bert_weights
-from shared.world import ANSWERS, DETECTOR_CLASSES, World
+from shared.data import feature_statistics, pad_rows
+from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
+                                init_bert_weights)
+from shared.world import ANSWERS, DETECTOR_CLASSES, World, question_type
 
 LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §Model]
 PAD_ID = 0  # [PAD] of shared.tokenizer
@@ -638,19 +641,6 @@ class ImageEmbeddings(nn.Module):
         return self.dropout(self.norm(v + u + region_type))  # (B, N, D)
 
 
-class Transform(nn.Module):
-    """BERT's head transform before an output layer: Linear -> GELU -> LN (D -> D). The MLM,
-    MRFR and MRC heads each have one [code]."""
-
-    def __init__(self, d_model: int, eps: float = 1e-12):
-        super().__init__()
-        self.dense = nn.Linear(d_model, d_model)
-        self.norm = nn.LayerNorm(d_model, eps=eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(F.gelu(self.dense(x)))  # (..., D)
-
-
 class VQAHead(nn.Module):
     """[code] model/vqa.py: pooled [CLS] -> Linear(D, 2D) -> GELU -> LN -> Linear(2D, answers)."""
 
@@ -687,11 +677,11 @@ class UNITER(nn.Module):
         if c.task in ("pretrain", "retrieval"):
             self.itm_head = nn.Linear(D, 2)  # [code] itm_output: column 1 = "match"
         if c.task == "pretrain":
-            self.mlm_transform = Transform(D)  # output: the word embeddings, tied, + own bias
+            self.mlm_transform = HeadTransform(D)  # output: the word embeddings, tied, + own bias
             self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
-            self.mrfr_transform = Transform(D)  # output: W_f transposed, tied, + own bias
+            self.mrfr_transform = HeadTransform(D)  # output: W_f transposed, tied, + own bias
             self.mrfr_bias = nn.Parameter(torch.zeros(c.feature_dim))
-            self.mrc_transform = Transform(D)  # shared by MRC and MRC-kl, as [code]
+            self.mrc_transform = HeadTransform(D)  # shared by MRC and MRC-kl, as [code]
             self.mrc_output = nn.Linear(D, c.n_region_classes)
         if c.task == "vqa":
             self.vqa_head = VQAHead(D, len(ANSWERS))
@@ -863,33 +853,6 @@ def param_groups(model: UNITER, config: Config) -> list[dict]:
 
 # --- 7. Data: the world's regions, one task per batch -----------------------------------------
 
-_STATISTICS_EXAMPLES = 500  # training examples whose regions give feature_statistics
-
-
-def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and std (F,) of the regions of the first 500 training examples: the
-    statistics of `standardise_features`. A pure function of the world's config, so training and
-    evaluation (and a fine-tuning run) compute the same numbers without storing them.
-
-    Why (OURS, tiny preset): the world's features share a large constant component (the norm of
-    their mean is 1.5x their spread), which LN(W_f f) keeps, so the part that tells regions
-    apart starts small; trained from scratch, the model then learns to ignore the image for
-    hundreds of updates (measured: MLM was no better with the right image than with another
-    one's after 600 updates; with standardised features it was 0.24 nats better).
-    UNITER reads raw detector features, from a BERT initialisation."""
-    key = tuple(sorted(vars(world_config).items()))
-    if key not in _statistics_cache:
-        world = World(world_config, "train")
-        features = np.concatenate([world.example(i)["features"]
-                                   for i in range(min(_STATISTICS_EXAMPLES, len(world)))])
-        _statistics_cache[key] = (torch.from_numpy(features.mean(0)).float(),
-                                  torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
-    return _statistics_cache[key]
-
-
-_statistics_cache: dict = {}
-
-
 def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> dict:
     """A world example's kept regions as tensors: features (n, F), standardised with
     statistics = (mean, std) if given, locations (n, 7), cls_prob (n, C). The world's boxes are
@@ -971,14 +934,6 @@ def train_dataset(world, tokenizer, config: Config) -> UniterDataset:
     return UniterDataset(world, tokenizer, config)
 
 
-def _pad_rows(rows: list[Tensor]) -> Tensor:
-    """[(n_b, ...)] -> (B, max n_b, ...), zero-padded."""
-    out = rows[0].new_zeros((len(rows), max(len(r) for r in rows)) + rows[0].shape[1:])
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out
-
-
 def collate_fn(items: list[dict]) -> dict:
     """Items of ONE task -> a padded batch:
 
@@ -996,11 +951,11 @@ def collate_fn(items: list[dict]) -> dict:
     tokens = torch.full((len(items), max(len(it["tokens"]) for it in items)), PAD_ID)
     for b, it in enumerate(items):
         tokens[b, :len(it["tokens"])] = it["tokens"]
-    features = _pad_rows([it["features"] for it in items])  # (B, N, F)
-    region_mask = _pad_rows([torch.ones(len(it["features"]), dtype=torch.bool)
+    features = pad_rows([it["features"] for it in items])  # (B, N, F)
+    region_mask = pad_rows([torch.ones(len(it["features"]), dtype=torch.bool)
                              for it in items])  # (B, N)
     batch = {"task": task, "tokens": tokens, "features": features,
-             "locations": _pad_rows([it["locations"] for it in items]),
+             "locations": pad_rows([it["locations"] for it in items]),
              "region_mask": region_mask}
     if "mlm_labels" in items[0]:
         labels = torch.full(tokens.shape, IGNORE)  # (B, T)
@@ -1009,11 +964,11 @@ def collate_fn(items: list[dict]) -> dict:
         positions = (labels.flatten() != IGNORE).nonzero().squeeze(1)  # (M,)
         batch["mlm_positions"], batch["mlm_targets"] = positions, labels.flatten()[positions]
     if "region_masked" in items[0]:
-        masked = _pad_rows([it["region_masked"] for it in items])  # (B, N), False on padding
+        masked = pad_rows([it["region_masked"] for it in items])  # (B, N), False on padding
         positions = masked.flatten().nonzero().squeeze(1)  # (M,)
         batch["region_masked"], batch["mrm_positions"] = masked, positions
         batch["mrfr_targets"] = features.flatten(0, 1)[positions]  # (M, F)
-        batch["mrc_targets"] = _pad_rows([it["cls_prob"] for it in items]).flatten(0, 1)[
+        batch["mrc_targets"] = pad_rows([it["cls_prob"] for it in items]).flatten(0, 1)[
             positions]  # (M, C)
     if "is_match" in items[0]:
         batch["is_match"] = torch.tensor([it["is_match"] for it in items])  # (B,)
@@ -1039,9 +994,9 @@ def _regions_batch(examples: list[dict], config: Config, device: torch.device,
             raise ValueError("standardise_features needs the world_config of the examples")
         statistics = feature_statistics(world_config)
     regions = [region_inputs(ex, config, statistics) for ex in examples]
-    features = _pad_rows([r["features"] for r in regions]).to(device)
-    locations = _pad_rows([r["locations"] for r in regions]).to(device)
-    mask = _pad_rows([torch.ones(len(r["features"]), dtype=torch.bool) for r in regions])
+    features = pad_rows([r["features"] for r in regions]).to(device)
+    locations = pad_rows([r["locations"] for r in regions]).to(device)
+    mask = pad_rows([torch.ones(len(r["features"]), dtype=torch.bool) for r in regions])
     return features, locations, mask.to(device)
 
 
@@ -1058,20 +1013,6 @@ def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[di
     scores = model.score_pairs(tokens, features, locations, mask, grid.repeat(n),
                                grid.repeat_interleave(n))  # (n·n,), image-major
     return scores.view(n, n).float().cpu()  # (n images, n texts)
-
-
-def question_type(question: str) -> str:
-    """The world's five question templates: colour, shape, count, exists, relation."""
-    if question.startswith("what colour"):
-        return "colour"
-    if question.startswith("how many"):
-        return "count"
-    if question.startswith("is there"):
-        return "exists"
-    if any(f" {words} the " in question for words in ("to the left of", "to the right of",
-                                                       "above", "below")):
-        return "relation"
-    return "shape"
 
 
 def vqa_predictions(model: UNITER, tokenizer, config: Config, examples: list[dict],

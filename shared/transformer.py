@@ -53,9 +53,15 @@ class PostLNEncoderBlock(nn.Module):
         self.mlp = MLP(d_model, d_hidden, dropout=dropout)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
 
-    def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x: (B, T, D); allowed: (B, T, T) or broadcastable. Returns (B, T, D)."""
-        x = self.attn_norm(x + self.attn_dropout(self.attn(x, allowed=allowed, causal=causal)))
+    def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False,
+                context: Tensor | None = None) -> Tensor:
+        """x: (B, T, D); allowed: (B, T, Tk) or broadcastable. Returns (B, T, D).
+
+        context: (B, Tk, D) the layer's input at every position the T rows attend to, x's rows
+        included; None = x itself (Tk = T). Cached decoding (Oscar's captioning) passes the
+        inputs kept from earlier steps followed by x, so only x's rows are computed."""
+        attended = self.attn(x, context, allowed=allowed, causal=causal)  # (B, T, D)
+        x = self.attn_norm(x + self.attn_dropout(attended))
         return self.mlp_norm(x + self.mlp(x))  # (B, T, D)
 
 
@@ -195,6 +201,20 @@ class BertPooler(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return torch.tanh(self.dense(hidden[:, 0]))  # (B, T, D) -> (B, D), the first token
+
+
+class HeadTransform(nn.Module):
+    """BERT's transform in front of a prediction head's output layer: Linear -> GELU -> LN
+    (D -> D); names map onto a checkpoint's cls.predictions.transform (dense, LayerNorm). The
+    MLM heads of Oscar and UNITER and UNITER's region heads each have one."""
+
+    def __init__(self, d_model: int, eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(x)))  # (..., D)
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:

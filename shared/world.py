@@ -653,6 +653,20 @@ def make_questions(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple
     return questions
 
 
+def question_type(question: str) -> str:
+    """The template a question came from: colour, shape, count, exists or relation (the keys of
+    the per-type VQA accuracies)."""
+    if question.startswith("what colour"):
+        return "colour"
+    if question.startswith("how many"):
+        return "count"
+    if question.startswith("is there"):
+        return "exists"
+    if any(f" {words} the " in question for words in RELATIONS.values()):
+        return "relation"
+    return "shape"
+
+
 # --- 7. The detector: proposals, pixel features, a nearest-centroid classifier ------------------
 
 GRID = 8  # each box is sampled on a GRID x GRID lattice of pixels
