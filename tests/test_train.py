@@ -185,3 +185,33 @@ def test_uniter_pretrains_then_fine_tunes_vqa_from_its_checkpoint(tmp_path):
     assert not any(k.startswith("mlm_transform.") for k in vqa["model"])
 
 
+
+
+OSCAR_SMALL = ["--model", "oscar", "--hidden_size", "32", "--layers", "1", "--heads", "2",
+               "--intermediate_size", "64", "--batch_size", "8", "--max_steps", "3",
+               "--warmup_steps", "1", "--final_n", "8", "--eval_pairs", "8", "--num_workers", "0",
+               "--tokenizer_texts", "50", "--log_every_s", "0", "--max_gen_len", "6",
+               "--beam_size", "2"]
+
+
+def test_oscar_pretrains_then_fine_tunes_captioning_from_its_checkpoint(tmp_path):
+    """Pre-training reports zero-shot retrieval and both loss terms; --task caption --init
+    keeps the MLM head (nothing of it missing), drops the contrastive head, and reports the
+    caption metrics and sample captions."""
+    lines = []
+    run, paper, overrides = train.parse_args([*OSCAR_SMALL, "--out", str(tmp_path / "pre")])
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert {"i2t_r1", "t2i_r1", "r1_mean"} <= set(final)
+    assert any(" mtl " in line and " contrastive " in line for line in lines)
+    init = tmp_path / "pre" / "best.pt"
+    run, paper, overrides = train.parse_args([*OSCAR_SMALL, "--task", "caption",
+                                              "--init", str(init)])
+    assert run.out == "runs/oscar-tiny-caption"
+    run.out = str(tmp_path / "caption")
+    lines.clear()
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert {"caption_truth", "caption_truth_baseline", "cider", "bleu4"} <= set(final)
+    assert any(line.startswith(f"init from {init}: 0 missing") for line in lines), lines
+    assert any("generated:" in line for line in lines)
+    model = torch.load(tmp_path / "caption" / "best.pt", weights_only=False)["model"]
+    assert "mlm_bias" in model and not any(k.startswith("contrastive_head") for k in model)

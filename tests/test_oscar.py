@@ -1,0 +1,384 @@
+"""oscar.py: the input layout, the masking (pre-training and captioning), the polluted tags, the
+caption attention mask block by block, the two losses against hand computations, cached caption
+decoding against a full recomputation, a tiny model that overfits each task, and the [CLS]
+reaching the regions.
+
+Kinds (STYLE.md §14): (a) loss math by hand; (b) equivalence: the cached decoder against the
+whole sequence re-encoded at every step; (c) shapes and masks, the masking checked over many
+seeded draws with binomial tolerances (4 standard deviations); (d) learning. Every model is
+tiny (D 32, 2 layers) and the file runs in seconds.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oscar
+from shared.tokenizer import Tokenizer
+from shared.world import World, WorldConfig
+
+IGNORE, PAD = oscar.IGNORE, oscar.PAD_ID
+CLS, SEP, MASK = 2, 3, 4  # shared.tokenizer
+WORLD_CONFIG = WorldConfig(feature_dim=16, n_regions=10, n_train=400, n_val=40, n_test=40)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(WORLD_CONFIG, "train")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world) -> Tokenizer:
+    texts = []
+    for i in range(100):
+        example = world.example(i, regions=False)
+        texts += example["captions"] + [q for q, _ in example["questions"]]
+    return Tokenizer.train(texts, vocab_size=200)
+
+
+def small(**overrides) -> oscar.Config:
+    base = dict(hidden_size=32, layers=2, heads=2, intermediate_size=64, dropout=0.0,
+                vocab_size=200, max_text_len=36, max_caption_len=24, max_tag_len=12,
+                n_regions=10, feature_dim=16, batch_size=8, eval_pairs=8, max_gen_len=8,
+                standardise_features=True, image_size=64, init_std=0.1)  # tiny's init
+    return oscar.Config(**{**base, **overrides})
+
+
+def batch_of(world, tokenizer, config, n=8, start=0):
+    dataset = oscar.OscarDataset(world, tokenizer, config)
+    return oscar.collate_fn([dataset[i] for i in range(start, start + n)])
+
+
+# --- the input -----------------------------------------------------------------------------------
+
+def test_text_pair_worked_example_and_truncation_from_the_longer():
+    tokens, segments = oscar.text_pair([7, 8, 9], [5, 6], 7, CLS, SEP)
+    assert tokens == [CLS, 7, 8, SEP, 5, 6, SEP]
+    assert segments == [0, 0, 0, 0, 1, 1, 1]
+    a, b = oscar.truncate_pair([1, 2], [3, 4, 5, 6, 7], 4)  # the tags are longer: they shrink
+    assert (a, b) == ([1, 2], [3, 4])
+    tokens, segments = oscar.text_pair([7, 8, 9], None, 7, CLS, SEP)  # use_tags False
+    assert tokens == [CLS, 7, 8, 9, SEP] and set(segments) == {0}
+
+
+def test_region_vectors_append_the_six_box_numbers():
+    features = torch.randn(3, 5)
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.9], [0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.4, 0.6]])
+    v = oscar.region_vectors(features, boxes)
+    assert v.shape == (3, 5 + oscar.BOX_DIM)
+    assert torch.equal(v[:, :5], features) and torch.equal(v[:, 5:9], boxes)
+    assert torch.allclose(v[0, 9:], torch.tensor([0.4, 0.7]))  # w, h
+
+
+# --- masking -------------------------------------------------------------------------------------
+
+def test_mask_tokens_statistics_and_specials_never_masked():
+    rng = np.random.default_rng(0)
+    tokens = [CLS] + list(range(10, 30)) + [SEP] + list(range(40, 45)) + [SEP]
+    maskable = [t not in (CLS, SEP) for t in tokens]
+    chosen = masked = randomised = kept = 0
+    n_draws = 3000
+    for _ in range(n_draws):
+        out, labels = oscar.mask_tokens(tokens, maskable, rng, 0.15, MASK, 200)
+        for i, (o, lab) in enumerate(zip(out, labels)):
+            if not maskable[i]:
+                assert lab == IGNORE and o == tokens[i]
+            elif lab != IGNORE:
+                assert lab == tokens[i]
+                chosen += 1
+                masked += o == MASK
+                kept += o == tokens[i]
+            else:
+                assert o == tokens[i]
+    n = n_draws * sum(maskable)
+    assert abs(chosen / n - 0.15) < 4 * math.sqrt(0.15 * 0.85 / n)
+    assert abs(masked / chosen - 0.8) < 4 * math.sqrt(0.8 * 0.2 / chosen)
+    # 10 % kept on purpose, plus a random id that happened to equal the token (1/200 of 10 %)
+    assert abs(kept / chosen - 0.1005) < 4 * math.sqrt(0.1 * 0.9 / chosen)
+
+
+@pytest.mark.parametrize("length, expected", [(2, 1), (4, 1), (7, 1), (10, 2), (12, 2),
+                                              (17, 3), (30, 3), (100, 3)])
+def test_caption_masked_count_formula(length, expected):
+    # min(max(round(0.15 * len), 1), 3): 0.15 * 10 = 1.5 -> 2 (round half to even), 0.15 * 7
+    # = 1.05 -> 1, 0.15 * 17 = 2.55 -> 3
+    assert oscar.caption_masked_count(length) == expected
+
+
+def test_caption_mask_positions_never_cls_and_the_final_sep_can_be_chosen():
+    rng = np.random.default_rng(0)
+    length = 6  # [CLS] w w w w [SEP]: 1 position
+    counts = np.zeros(length)
+    for _ in range(2000):
+        positions = oscar.caption_mask_positions(length, rng)
+        assert len(positions) == oscar.caption_masked_count(length)
+        counts[positions] += 1
+    assert counts[0] == 0  # [CLS] never
+    assert counts[length - 1] > 0  # the stop token is learned
+    expected = 2000 / (length - 1)  # uniform over 1 .. length - 1
+    assert np.all(np.abs(counts[1:] - expected) < 4 * math.sqrt(expected))
+
+
+# --- the caption attention mask ------------------------------------------------------------------
+
+def test_caption_attention_mask_four_blocks_and_padding():
+    caption_real = torch.tensor([[True, True, True, False]])  # C = 4, one padded slot
+    context_real = torch.tensor([[True, True, False, True, True]])  # K = 5, one padded
+    m = oscar.caption_attention_mask(caption_real, context_real)[0]  # (9, 9)
+    C = 4
+    cap, ctx = m[:C, :C], m[:C, C:]
+    # caption -> caption: causal over the real caption tokens
+    assert torch.equal(cap[:3, :3], torch.ones(3, 3, dtype=torch.bool).tril())
+    # caption -> context: every real tag and region
+    assert torch.equal(ctx[:3], context_real.expand(3, 5))
+    # context -> caption: never
+    assert not m[C:, :C].any()
+    # context -> context: real to real
+    real = context_real[0]
+    assert torch.equal(m[C:, C:], real[:, None] & real[None, :])
+    # padding: no row, no column
+    assert not m[3].any() and not m[:, 3].any() and not m[C + 2].any() and not m[:, C + 2].any()
+
+
+# --- the data: polluted tags -----------------------------------------------------------------------
+
+def test_polluted_tags_come_from_another_image(world, tokenizer):
+    config = small()
+    dataset = oscar.OscarDataset(world, tokenizer, config)
+    n_polluted = 0
+    for i in range(300):
+        item = dataset[i]
+        index = i % len(world)
+        tag_ids = item["tokens"][item["segments"] == 1][:-1]  # without the final [SEP]
+        if item["polluted"]:
+            n_polluted += 1
+            assert item["source"] != index
+            donor = " ".join(world.example(item["source"])["tags"])
+            expected = tokenizer.encode(donor, add_special=False)
+        else:
+            assert item["source"] == index
+            expected = tokenizer.encode(" ".join(world.example(index)["tags"]),
+                                        add_special=False)
+        unmasked = item["tokens"].clone()  # undo the masking where a label says what it was
+        labels = item["mlm_labels"]
+        unmasked[labels != IGNORE] = labels[labels != IGNORE]
+        seen = unmasked[item["segments"] == 1][:-1].tolist()
+        assert seen == expected[:len(seen)] and len(tag_ids) == len(seen)
+    assert abs(n_polluted / 300 - 0.5) < 4 * math.sqrt(0.25 / 300)
+
+
+def test_pollute_with_captions_is_the_code_quirk(world, tokenizer):
+    config = small(pollute_with_captions=True, pollute_prob=1.0)
+    dataset = oscar.OscarDataset(world, tokenizer, config)
+    captions = 0
+    for i in range(200):
+        item = dataset[i]
+        donor = world.example(item["source"])
+        tags = tokenizer.encode(" ".join(donor["tags"]), add_special=False)
+        unmasked = item["tokens"].clone()
+        unmasked[item["mlm_labels"] != IGNORE] = item["mlm_labels"][item["mlm_labels"] != IGNORE]
+        seen = unmasked[item["segments"] == 1][:-1].tolist()
+        captions += seen != tags[:len(seen)] or len(seen) == 0
+    assert 60 < captions < 140  # about half are the donor's caption, not its tags
+
+
+def test_use_tags_false_has_no_tags_and_pollutes_the_image(world, tokenizer):
+    config = small(use_tags=False)
+    dataset = oscar.OscarDataset(world, tokenizer, config)
+    statistics = oscar.feature_statistics(world.config)
+    for i in range(40):
+        item = dataset[i]
+        assert not (item["segments"] == 1).any()
+        assert (item["tokens"] == SEP).sum() == 1
+        source = world.example(item["source"])
+        assert torch.allclose(item["regions"], oscar.region_inputs(source, config, statistics))
+
+
+def test_collate_flat_positions_pick_the_labelled_tokens(world, tokenizer):
+    config = small()
+    dataset = oscar.OscarDataset(world, tokenizer, config)
+    items = [dataset[i] for i in range(8)]
+    batch = oscar.collate_fn(items)
+    T = batch["tokens"].shape[1]
+    for p, target in zip(batch["mlm_positions"].tolist(), batch["mlm_targets"].tolist()):
+        b, t = divmod(p, T)
+        assert items[b]["mlm_labels"][t] == target
+    assert len(batch["mlm_positions"]) == sum((it["mlm_labels"] != IGNORE).sum() for it in items)
+
+
+def test_caption_batch_layout(world, tokenizer):
+    config = small(task="caption")
+    batch = batch_of(world, tokenizer, config)
+    C = batch["caption_len"]
+    assert (batch["tokens"][:, 0] == CLS).all()
+    assert torch.equal(batch["positions"][0, C:],
+                       config.max_caption_len + torch.arange(batch["tokens"].shape[1] - C))
+    flat = batch["tokens"][:, :C].flatten()
+    assert len(batch["mlm_positions"]) >= 8  # at least one per caption
+    assert not (batch["mlm_positions"] % C == 0).any()  # [CLS] never
+    assert (flat[batch["mlm_positions"]] != CLS).all()
+
+
+# --- the losses by hand ------------------------------------------------------------------------------
+
+def test_masked_token_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [1.0, 3.0, 0.0]])
+    labels = torch.tensor([0, IGNORE, 1])
+    # -log softmax at the labels of rows 0 and 2, averaged over the 2 labelled rows
+    row0 = -(2.0 - math.log(math.exp(2) + 1 + math.exp(-1)))
+    row2 = -(3.0 - math.log(math.e + math.exp(3) + 1))
+    assert oscar.masked_token_loss(logits, labels).item() == pytest.approx((row0 + row2) / 2,
+                                                                           rel=1e-6)
+    assert oscar.masked_token_loss(logits, torch.full((3,), IGNORE)).item() == 0.0
+
+
+def test_contrastive_loss_by_hand():
+    logits = torch.tensor([[1.0, -1.0], [0.0, 2.0]])
+    polluted = torch.tensor([False, True])
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-2))) / 2
+    assert oscar.contrastive_loss(logits, polluted).item() == pytest.approx(expected, rel=1e-6)
+    flipped = oscar.contrastive_loss(logits, ~polluted).item()
+    assert flipped == pytest.approx((math.log(1 + math.exp(2)) * 2) / 2, rel=1e-6)
+
+
+def test_vqa_loss_is_bce_summed_over_answers():
+    logits, scores = torch.randn(4, 7), torch.rand(4, 7)
+    by_hand = sum(-(s * math.log(torch.sigmoid(x)) + (1 - s) * math.log(1 - torch.sigmoid(x)))
+                  for row_x, row_s in zip(logits, scores) for x, s in zip(row_x, row_s)) / 4
+    assert oscar.vqa_loss(logits, scores).item() == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_the_mlm_head_is_tied_to_the_word_embeddings():
+    model = oscar.build_model(small())
+    hidden = torch.randn(5, 32)
+    expected = model.mlm_transform(hidden) @ model.text_embeddings.word.weight.T + model.mlm_bias
+    assert torch.allclose(model.mlm_logits(hidden), expected, atol=1e-6)
+
+
+# --- cached decoding against a full recomputation -----------------------------------------------------
+
+def _full_next_logits(model, caption, tags, regions, region_mask, config):
+    """The slow way: the whole [caption [MASK] ; tags ; regions] through encode with the caption
+    mask, as in training; the logits read at [MASK]."""
+    query = torch.cat([caption, torch.full((len(caption), 1), MASK)], dim=1)  # (B, t + 1)
+    B, t = query.shape
+    L = tags.shape[1]
+    tokens = torch.cat([query, tags], dim=1)
+    segments = torch.cat([torch.zeros_like(query), torch.ones_like(tags)], dim=1)
+    positions = torch.cat([torch.arange(t), config.max_caption_len + torch.arange(L)])
+    allowed = oscar.caption_attention_mask(query != PAD,
+                                           torch.cat([tags != PAD, region_mask], dim=1))
+    h = model.encode(tokens, segments, positions.expand(B, -1), regions, region_mask, allowed)
+    return model.mlm_logits(h[:, t - 1])  # (B, V)
+
+
+def test_cached_greedy_decoding_equals_full_recomputation(world, tokenizer):
+    torch.manual_seed(0)
+    config = small(task="caption", init_std=0.1)
+    model = oscar.build_model(config).eval()
+    test = World(WORLD_CONFIG, "test")
+    examples = [test.example(i) for i in range(4)]
+    with torch.no_grad():
+        fast = oscar.caption(model, tokenizer, config, examples, WORLD_CONFIG, beam_size=1)
+        regions, region_mask = oscar._regions(examples, config, WORLD_CONFIG, "cpu")
+        tags = oscar._pad_ids([torch.tensor(
+            tokenizer.encode(" ".join(ex["tags"]), add_special=False)[:config.max_tag_len - 1]
+            + [SEP]) for ex in examples])
+        caption = torch.full((4, 1), CLS)
+        done = torch.zeros(4, dtype=torch.bool)
+        for _ in range(config.max_gen_len):  # greedy, re-encoding everything every step
+            logits = _full_next_logits(model, caption, tags, regions, region_mask, config)
+            # and the cached step gives the same logits
+            states, real = model.context_states(
+                tags, config.max_caption_len + torch.arange(tags.shape[1]), regions, region_mask)
+            query = torch.cat([caption, torch.full((4, 1), MASK)], dim=1)
+            cached = model.caption_logits(query, states, real)[:, -1]
+            assert torch.allclose(cached, logits, atol=1e-4)
+            nxt = torch.where(done, torch.full((4,), PAD), logits.argmax(-1))
+            caption = torch.cat([caption, nxt[:, None]], dim=1)
+            done |= nxt == SEP
+    slow = [t.lower() for t in tokenizer.decode_batch(caption)]
+    assert fast == slow
+
+
+# --- learning --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, term", [("pretrain", "mtl"), ("caption", "caption"),
+                                        ("retrieval", "retrieval"), ("vqa", "vqa")])
+def test_a_tiny_model_overfits_one_batch(world, tokenizer, task, term):
+    torch.manual_seed(0)
+    config = small(task=task)
+    model = oscar.build_model(config)
+    batch = batch_of(world, tokenizer, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    first = model(batch)[term].item()
+    for _ in range(200):
+        losses = model(batch)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    if task == "vqa":  # BCE over every answer falls slowly; the answers must all be right
+        logits = model.answer_logits(batch["tokens"], batch["segments"], batch["positions"],
+                                     batch["regions"], batch["region_mask"])
+        assert torch.equal(logits.argmax(-1), batch["answer"])
+        assert losses[term].item() < 0.2 * first, (first, losses[term].item())
+    else:
+        assert losses[term].item() < 0.1 * first, (first, losses[term].item())
+    if task == "pretrain":
+        assert losses["contrastive"].item() < 0.1
+
+
+def test_cls_attention_reaches_the_regions(world, tokenizer):
+    """With tags (pre-training layout) and under the caption mask, the [CLS] output depends on
+    the region features: the masks let it attend to them."""
+    torch.manual_seed(0)
+    for task in ("pretrain", "caption"):
+        config = small(task=task)
+        model = oscar.build_model(config)
+        batch = batch_of(world, tokenizer, config, n=2)
+        regions = batch["regions"].clone().requires_grad_(True)
+        allowed = None
+        if task == "caption":
+            C = batch["caption_len"]
+            allowed = oscar.caption_attention_mask(
+                batch["tokens"][:, :C] != PAD,
+                torch.cat([batch["tokens"][:, C:] != PAD, batch["region_mask"]], dim=1))
+            assert allowed[:, 0, -regions.shape[1]:][batch["region_mask"]].all()
+        h = model.encode(batch["tokens"], batch["segments"], batch["positions"], regions,
+                         batch["region_mask"], allowed)
+        # a random direction: a LayerNorm output's plain sum is constant (0), its gradient too
+        (h[:, 0] * torch.randn(h.shape[-1])).sum().backward()
+        reached = regions.grad.abs().sum(-1)  # (B, N)
+        assert (reached[batch["region_mask"]] > 0).all()
+        assert (reached[~batch["region_mask"]] == 0).all()
+
+
+def test_evaluate_reports_each_task_s_keys(tokenizer):
+    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean"}, "retrieval": {"i2t_r1", "t2i_r1"},
+            "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4"},
+            "vqa": {"vqa_acc", "vqa_acc_count"}}
+    for task, expected in keys.items():
+        config = small(task=task, beam_size=2)
+        model = oscar.build_model(config)
+        metrics = oscar.evaluate(model, tokenizer, config, WORLD_CONFIG, "test", 8)
+        assert expected <= set(metrics), (task, metrics)
+        assert all(0 <= v <= 10 for v in metrics.values())
+
+
+def test_config_rejects_bad_values_in_one_line():
+    with pytest.raises(ValueError, match="task must be one of"):
+        small(task="nlvr2")
+    with pytest.raises(ValueError, match="max_caption_len >= max_gen_len"):
+        small(max_caption_len=10, max_gen_len=9)
