@@ -202,7 +202,7 @@ class Config:
         return cls(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
                    init_std=0.1, vocab_size=1000, max_text_len=36, max_caption_len=24,
                    max_tag_len=12, n_regions=10, feature_dim=64, image_size=64, batch_size=64,
-                   lr=5e-4, warmup_steps=100, max_steps=4000, grad_clip=1.0, max_gen_len=20,
+                   lr=5e-4, warmup_steps=100, max_steps=3000, grad_clip=1.0, max_gen_len=20,
                    eval_pairs=100, train_single_object_prob=0.5, standardise_features=True)
 
 
@@ -792,6 +792,27 @@ def vqa_predictions(model: Oscar, tokenizer, config: Config, examples: list[dict
     return predicted, qa
 
 
+def pretraining_accuracy(model: Oscar, tokenizer, config: Config, world, n: int,
+                         chunk: int = 256) -> dict[str, float]:
+    """The two pre-training tasks on n items of a world split, built as in training (seeded):
+    mtl_acc = the share of masked tokens predicted right, contrastive_acc = the share of items
+    whose pollution the head calls right."""
+    device = _device(model)
+    dataset = OscarDataset(world, tokenizer, config, seed=1)
+    right_tokens = n_tokens = right_items = 0
+    for s in range(0, n, chunk):
+        batch = collate_fn([dataset[i] for i in range(s, min(s + chunk, n))])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        h = model._encode_batch(batch)  # (B, T + N, D)
+        T = batch["tokens"].shape[1]
+        hidden = h[:, :T].flatten(0, 1).index_select(0, batch["mlm_positions"])  # (M, D)
+        right_tokens += (model.mlm_logits(hidden).argmax(-1) == batch["mlm_targets"]).sum().item()
+        n_tokens += len(batch["mlm_targets"])
+        called = model.contrastive_head(model.pooler(h)).argmax(-1).bool()  # (B,) polluted?
+        right_items += (called == batch["polluted"]).sum().item()
+    return {"mtl_acc": right_tokens / max(n_tokens, 1), "contrastive_acc": right_items / n}
+
+
 def _reference(tokenizer, text: str, config: Config) -> str:
     """A reference caption as the model could write it (tokenised, cut to max_gen_len words,
     decoded), so BLEU / CIDEr-D compare the same spacing."""
@@ -804,7 +825,8 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
     """The downstream metrics of config.task on a world split (eval mode, no gradients):
 
     pretrain    i2t_r1/5/10, t2i_r1/5/10, r1_mean: zero-shot retrieval, every pair scored by
-                the contrastive head (not polluted), among min(n, eval_pairs) pairs
+                the contrastive head (not polluted), among min(n, eval_pairs) pairs;
+                mtl_acc, contrastive_acc: the two pre-training tasks on n items
     retrieval   the same with the fine-tuned retrieval head
     caption     caption_truth (share of true captions), caption_truth_baseline (the model's
                 most common caption applied to every image), cider (CIDEr-D), bleu4, against
@@ -820,6 +842,9 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
             scores = retrieval_scores(model, tokenizer, config, examples, world_config)
             metrics = recall_at_k(scores, torch.arange(len(examples)))
             metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+            if config.task == "pretrain":
+                metrics.update(pretraining_accuracy(model, tokenizer, config, world,
+                                                    min(n, len(world))))
         elif config.task == "caption":
             examples = [world.example(i) for i in range(min(n, len(world)))]
             captions = []

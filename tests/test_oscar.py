@@ -366,7 +366,8 @@ def test_cls_attention_reaches_the_regions(world, tokenizer):
 
 
 def test_evaluate_reports_each_task_s_keys(tokenizer):
-    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean"}, "retrieval": {"i2t_r1", "t2i_r1"},
+    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean", "mtl_acc", "contrastive_acc"},
+            "retrieval": {"i2t_r1", "t2i_r1"},
             "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4"},
             "vqa": {"vqa_acc", "vqa_acc_count"}}
     for task, expected in keys.items():
@@ -382,3 +383,17 @@ def test_config_rejects_bad_values_in_one_line():
         small(task="nlvr2")
     with pytest.raises(ValueError, match="max_caption_len >= max_gen_len"):
         small(max_caption_len=10, max_gen_len=9)
+
+
+def test_contrastive_accuracy_of_a_head_that_always_says_polluted(tokenizer):
+    config = small()
+    model = oscar.build_model(config).eval()
+    with torch.no_grad():
+        model.contrastive_head.bias.copy_(torch.tensor([-1e4, 1e4]))  # always "polluted"
+    test = World(WORLD_CONFIG, "test")
+    with torch.no_grad():
+        metrics = oscar.pretraining_accuracy(model, tokenizer, config, test, 40)
+    dataset = oscar.OscarDataset(test, tokenizer, config, seed=1)
+    share = sum(dataset[i]["polluted"] for i in range(40)) / 40
+    assert metrics["contrastive_acc"] == pytest.approx(share)
+    assert 0 <= metrics["mtl_acc"] <= 1
