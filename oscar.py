@@ -826,7 +826,9 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
 
     pretrain    i2t_r1/5/10, t2i_r1/5/10, r1_mean: zero-shot retrieval, every pair scored by
                 the contrastive head (not polluted), among min(n, eval_pairs) pairs;
-                mtl_acc, contrastive_acc: the two pre-training tasks on n items
+                mtl_acc, contrastive_acc: the two pre-training tasks on n items;
+                own_called_polluted, foreign_caption_called_polluted: the share of true
+                triples, and of triples with another image's caption, the head calls polluted
     retrieval   the same with the fine-tuned retrieval head
     caption     caption_truth (share of true captions), caption_truth_baseline (the model's
                 most common caption applied to every image), cider (CIDEr-D), bleu4, against
@@ -845,6 +847,12 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
             if config.task == "pretrain":
                 metrics.update(pretraining_accuracy(model, tokenizer, config, world,
                                                     min(n, len(world))))
+                # does the head read the caption? own triples, and each image with the NEXT
+                # image's caption (own tags and regions): the share it calls polluted
+                k = torch.arange(len(examples))
+                metrics["own_called_polluted"] = (scores[k, k] < 0).float().mean()
+                metrics["foreign_caption_called_polluted"] = (
+                    scores[k, (k + 1) % len(k)] < 0).float().mean()
         elif config.task == "caption":
             examples = [world.example(i) for i in range(min(n, len(world)))]
             captions = []

@@ -366,7 +366,8 @@ def test_cls_attention_reaches_the_regions(world, tokenizer):
 
 
 def test_evaluate_reports_each_task_s_keys(tokenizer):
-    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean", "mtl_acc", "contrastive_acc"},
+    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean", "mtl_acc", "contrastive_acc",
+                         "own_called_polluted", "foreign_caption_called_polluted"},
             "retrieval": {"i2t_r1", "t2i_r1"},
             "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4"},
             "vqa": {"vqa_acc", "vqa_acc_count"}}
