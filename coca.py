@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.attention import MultiHeadAttention
+from shared.config import optimisation_problems
 from shared.data import ImageTextDataset, collate_image_text, image_to_tensor
 from shared.masks import causal_mask, padding_mask
 from shared.probe import linear_probe as shared_linear_probe
@@ -117,8 +118,7 @@ class Config:
         if self.pooler_layout not in ("parallel", "cascade"):
             problems.append(f"pooler_layout must be 'parallel' or 'cascade', "
                             f"not {self.pooler_layout!r}")
-        if self.lr_schedule not in ("cosine", "linear"):
-            problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
+        problems += optimisation_problems(self)
         if min(self.vision_layers, self.unimodal_layers, self.multimodal_layers,
                self.n_caption_queries, self.embed_dim, self.beam_size) < 1:
             problems.append("layer counts, n_caption_queries, embed_dim and beam_size must be >= 1")

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from shared.config import optimisation_problems
 from shared.data import feature_statistics, pad_rows
 from shared.decoding import beam_search, greedy
 from shared.masks import causal_mask
@@ -158,18 +159,10 @@ class Config:
             problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.eval_pairs < 2:
             problems.append(f"eval_pairs must be >= 2, not {self.eval_pairs}")
-        if self.lr_schedule not in ("cosine", "linear"):
-            problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
-        if min(self.batch_size, self.max_steps, self.grad_accum_steps) < 1:
-            problems.append("batch_size, max_steps and grad_accum_steps must be >= 1")
-        elif self.batch_size % self.grad_accum_steps:
-            problems.append(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
-                            f"{self.grad_accum_steps}")
+        problems += optimisation_problems(self)
         if self.batch_size < 2 and self.task in ("pretrain", "retrieval"):
             problems.append("pre-training and retrieval draw negatives from other examples: "
                             "batch_size must be >= 2")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            problems.append("warmup_steps and grad_clip must be >= 0 (grad_clip 0 = off)")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -57,8 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from shared.metrics import recall_at_k, vqa_accuracy
+from shared.config import optimisation_problems
 from shared.data import feature_statistics, pad_rows
+from shared.metrics import recall_at_k, vqa_accuracy
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights)
 from shared.world import ANSWERS, DETECTOR_CLASSES, World, question_type
@@ -178,15 +179,7 @@ class Config:
                             f"{self.rank_margin}, {self.vqa_head_lr_mult}")
         if self.eval_pairs < 2:
             problems.append(f"eval_pairs must be >= 2, not {self.eval_pairs}")
-        if self.lr_schedule not in ("cosine", "linear"):
-            problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
-        if min(self.batch_size, self.max_steps, self.grad_accum_steps) < 1:
-            problems.append("batch_size, max_steps and grad_accum_steps must be >= 1")
-        elif self.batch_size % self.grad_accum_steps:
-            problems.append(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
-                            f"{self.grad_accum_steps}")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            problems.append("warmup_steps and grad_clip must be >= 0 (grad_clip 0 = off)")
+        problems += optimisation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.augment import virtex_augment
+from shared.config import optimisation_problems
 from shared.data import image_to_tensor, normalise_image, pad_sequences
 from shared.masks import padding_mask
 from shared.probe import linear_probe
@@ -126,8 +127,7 @@ class Config:
             problems.append(f"pretext must be one of {', '.join(PRETEXTS)}, not {self.pretext!r}")
         if self.optimizer not in ("sgd", "adamw"):
             problems.append(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
-        if self.lr_schedule not in ("cosine", "linear"):
-            problems.append(f"lr_schedule must be 'cosine' or 'linear', not {self.lr_schedule!r}")
+        problems += optimisation_problems(self)
         if self.image_size < self.stem_stride * (2 if self.stem_pool else 1) * 8:
             problems.append(f"image_size {self.image_size} is too small for the ResNet "
                             f"(it halves the grid {3 + self.stem_pool + (self.stem_stride > 1)} "
