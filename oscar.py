@@ -59,7 +59,7 @@ from shared.config import optimisation_problems
 from shared.data import feature_statistics, pad_rows
 from shared.decoding import beam_search, greedy
 from shared.masks import causal_mask
-from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy
+from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights)
 from shared.world import ANSWERS, World, is_true, question_type
@@ -861,12 +861,8 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
         else:
             examples = [world.example(i) for i in range(min(n, len(world)))]
             predicted, qa = vqa_predictions(model, tokenizer, config, examples, world_config)
-            metrics = {"vqa_acc": vqa_accuracy(predicted, [[a] for _, a, _ in qa])}
-            for kind in ("colour", "shape", "count", "exists", "relation"):
-                pairs = [(p, a) for p, (q, a, _) in zip(predicted, qa) if question_type(q) == kind]
-                if pairs:
-                    metrics[f"vqa_acc_{kind}"] = vqa_accuracy([p for p, _ in pairs],
-                                                              [[a] for _, a in pairs])
+            metrics = vqa_accuracy_by_type(predicted, [q for q, _, _ in qa],
+                                           [a for _, a, _ in qa], question_type)
     model.train(was_training)
     return {k: float(v) for k, v in metrics.items()}
 

@@ -342,6 +342,27 @@ def vqa_accuracy(predicted: list[str], answers: list[list[str]]) -> float:
     return total / len(predicted)
 
 
+def vqa_accuracy_by_type(predicted: list[str], questions: list[str], answers: list[str],
+                         question_type) -> dict[str, float]:
+    """vqa_acc over every question, and vqa_acc_<type> over the questions of each type.
+
+    Args:
+        predicted, questions, answers: N predicted answers, the questions, one reference answer
+            each (the synthetic world).
+        question_type: question -> its type name, e.g. the world's question_type (passed in, as
+            truth_rate's checker, so that this file does not import the world).
+    Returns:
+        {"vqa_acc": float, "vqa_acc_<type>": float for each type present}, in first-seen order.
+    """
+    metrics = {"vqa_acc": vqa_accuracy(predicted, [[a] for a in answers])}
+    kinds = [question_type(q) for q in questions]
+    for kind in dict.fromkeys(kinds):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        metrics[f"vqa_acc_{kind}"] = vqa_accuracy([predicted[i] for i in rows],
+                                                  [[answers[i]] for i in rows])
+    return metrics
+
+
 def top1_accuracy(logits, labels) -> float:
     """Fraction of rows whose highest logit is at the true class (zero-shot, linear probe).
 

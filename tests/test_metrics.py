@@ -272,3 +272,14 @@ def test_truth_rate_with_a_stub_checker():
 
 def test_metrics_accept_numpy_logits():
     assert top1_accuracy(np.eye(3), np.arange(3)) == 1.0
+
+
+def test_vqa_accuracy_by_type_by_hand():
+    from shared.metrics import vqa_accuracy_by_type
+    questions = ["how many a", "what colour b", "how many c", "how many d"]
+    answers = ["two", "red", "one", "zero"]
+    predicted = ["two", "blue", "one", "six"]
+    kind = {"how": "count", "what": "colour"}
+    metrics = vqa_accuracy_by_type(predicted, questions, answers, lambda q: kind[q.split()[0]])
+    assert metrics == {"vqa_acc": 0.5, "vqa_acc_count": pytest.approx(2 / 3),
+                       "vqa_acc_colour": 0.0}
