@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import optimisation_problems
-from shared.data import feature_statistics, pad_rows
+from shared.data import feature_statistics, flat_targets, pad_rows, pad_sequences
 from shared.decoding import beam_search, greedy
 from shared.masks import causal_mask
 from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
@@ -628,21 +628,6 @@ def train_dataset(world, tokenizer, config: Config) -> OscarDataset:
     return OscarDataset(world, tokenizer, config)
 
 
-def _pad_ids(rows: list[Tensor], width: int | None = None) -> Tensor:
-    """[(n_b,)] -> (B, width or max n_b) long, PAD-filled."""
-    width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = r
-    return out
-
-
-def _flat_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, T) labels -> (positions (M,) into the flattened B·T, targets (M,))."""
-    positions = (labels.flatten() != IGNORE).nonzero().squeeze(1)  # (M,)
-    return positions, labels.flatten()[positions]
-
-
 def collate_fn(items: list[dict]) -> dict:
     """Items -> a padded batch: regions (B, N, F + 6) zero-padded, region_mask (B, N), and
 
@@ -658,8 +643,8 @@ def collate_fn(items: list[dict]) -> dict:
              "region_mask": pad_rows([torch.ones(len(it["regions"]), dtype=torch.bool)
                                       for it in items])}  # (B, N)
     if "caption" in items[0]:
-        caption = _pad_ids([it["caption"] for it in items])  # (B, C)
-        tags = _pad_ids([it["tags"] for it in items])  # (B, L), L = 0 without tags
+        caption = pad_sequences([it["caption"] for it in items])  # (B, C)
+        tags = pad_sequences([it["tags"] for it in items])  # (B, L), L = 0 without tags
         (B, C), L = caption.shape, tags.shape[1]
         batch["tokens"] = torch.cat([caption, tags], dim=1)  # (B, C + L)
         batch["segments"] = torch.cat([torch.zeros_like(caption), torch.ones_like(tags)], 1)
@@ -669,16 +654,16 @@ def collate_fn(items: list[dict]) -> dict:
         labels = torch.full((B, C), IGNORE)
         for b, it in enumerate(items):
             labels[b, :len(it["mlm_labels"])] = it["mlm_labels"]
-        batch["mlm_positions"], batch["mlm_targets"] = _flat_targets(labels)
+        batch["mlm_positions"], batch["mlm_targets"] = flat_targets(labels)
         return batch
-    batch["tokens"] = _pad_ids([it["tokens"] for it in items])  # (B, T)
-    batch["segments"] = _pad_ids([it["segments"] for it in items])
-    batch["positions"] = _pad_ids([it["positions"] for it in items])
+    batch["tokens"] = pad_sequences([it["tokens"] for it in items])  # (B, T)
+    batch["segments"] = pad_sequences([it["segments"] for it in items])
+    batch["positions"] = pad_sequences([it["positions"] for it in items])
     if "mlm_labels" in items[0]:
         labels = torch.full(batch["tokens"].shape, IGNORE)
         for b, it in enumerate(items):
             labels[b, :len(it["mlm_labels"])] = it["mlm_labels"]
-        batch["mlm_positions"], batch["mlm_targets"] = _flat_targets(labels)
+        batch["mlm_positions"], batch["mlm_targets"] = flat_targets(labels)
     if "polluted" in items[0]:
         batch["polluted"] = torch.tensor([it["polluted"] for it in items])
     if "is_match" in items[0]:
@@ -705,8 +690,8 @@ def text_batch(tokenizer, config: Config, texts: list[str], tags: list[str | Non
                       None if q is None else tokenizer.encode(q, add_special=False),
                       config.max_text_len, tokenizer.cls_id, tokenizer.sep_id)
             for t, q in zip(texts, tags)]
-    tokens = _pad_ids([torch.tensor(r[0]) for r in rows])  # (B, T)
-    segments = _pad_ids([torch.tensor(r[1]) for r in rows])  # (B, T)
+    tokens = pad_sequences([torch.tensor(r[0]) for r in rows])  # (B, T)
+    segments = pad_sequences([torch.tensor(r[1]) for r in rows])  # (B, T)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)  # (B, T)
     return tokens, segments, positions
 
@@ -748,7 +733,7 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
     tag_rows = [torch.tensor([*tokenizer.encode(" ".join(ex["tags"]), add_special=False)
                               [:config.max_tag_len - 1], tokenizer.sep_id])
                 if config.use_tags else torch.zeros(0, dtype=torch.long) for ex in examples]
-    tags = _pad_ids(tag_rows).to(device)  # (B, L)
+    tags = pad_sequences(tag_rows).to(device)  # (B, L)
     tag_positions = config.max_caption_len + torch.arange(tags.shape[1], device=device)
     states, real = model.context_states(tags, tag_positions, regions, region_mask)
     mask_column = torch.full((1, 1), tokenizer.mask_id, dtype=torch.long, device=device)

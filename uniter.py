@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import optimisation_problems
-from shared.data import feature_statistics, pad_rows
+from shared.data import feature_statistics, flat_targets, pad_rows, pad_sequences
 from shared.metrics import recall_at_k, vqa_accuracy, vqa_accuracy_by_type
 from shared.ot import ipot  # the IPOT solver; WRA (below) is UNITER's use of it
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -858,9 +858,7 @@ def collate_fn(items: list[dict]) -> dict:
     task = items[0]["task"]
     if any(it["task"] != task for it in items):
         raise ValueError(f"a batch must hold one task, got {sorted({it['task'] for it in items})}")
-    tokens = torch.full((len(items), max(len(it["tokens"]) for it in items)), PAD_ID)
-    for b, it in enumerate(items):
-        tokens[b, :len(it["tokens"])] = it["tokens"]
+    tokens = pad_sequences([it["tokens"] for it in items], PAD_ID)  # (B, T)
     features = pad_rows([it["features"] for it in items])  # (B, N, F)
     region_mask = pad_rows([torch.ones(len(it["features"]), dtype=torch.bool)
                              for it in items])  # (B, N)
@@ -871,8 +869,7 @@ def collate_fn(items: list[dict]) -> dict:
         labels = torch.full(tokens.shape, IGNORE)  # (B, T)
         for b, it in enumerate(items):
             labels[b, :len(it["mlm_labels"])] = it["mlm_labels"]
-        positions = (labels.flatten() != IGNORE).nonzero().squeeze(1)  # (M,)
-        batch["mlm_positions"], batch["mlm_targets"] = positions, labels.flatten()[positions]
+        batch["mlm_positions"], batch["mlm_targets"] = flat_targets(labels, IGNORE)
     if "region_masked" in items[0]:
         masked = pad_rows([it["region_masked"] for it in items])  # (B, N), False on padding
         positions = masked.flatten().nonzero().squeeze(1)  # (M,)

@@ -11,6 +11,7 @@ holds the conversions two papers share (VirTex and CoCa read pixels and one capt
 and what the two region-based papers (Oscar, UNITER) share:
 
     pad_rows             [(n_b, ...)] -> (B, max n_b, ...) zero-padded (regions, masks)
+    flat_targets         (B, T) labels -> flat positions and targets of the predicted tokens
     feature_statistics   per-dimension mean and std of the world's region features
 
 Determinism is the point of `train_loader`: the batch of step k holds world examples
@@ -113,6 +114,15 @@ def pad_rows(rows: list[Tensor]) -> Tensor:
     for b, r in enumerate(rows):
         out[b, :len(r)] = r
     return out
+
+
+def flat_targets(labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(B, T) labels (ignore_index = not predicted) -> (positions (M,) into the flattened B·T
+    tokens, targets (M,)). Computed on the CPU by the collate, so the model gathers its M
+    masked outputs with index_select: no data-dependent shape and no host-device sync in the
+    step."""
+    positions = (labels.flatten() != ignore_index).nonzero().squeeze(1)  # (M,)
+    return positions, labels.flatten()[positions]
 
 
 _STATISTICS_EXAMPLES = 500  # training examples whose regions give feature_statistics

@@ -293,7 +293,7 @@ def test_cached_greedy_decoding_equals_full_recomputation(world, tokenizer):
     with torch.no_grad():
         fast = oscar.caption(model, tokenizer, config, examples, WORLD_CONFIG, beam_size=1)
         regions, region_mask = oscar._regions(examples, config, WORLD_CONFIG, "cpu")
-        tags = oscar._pad_ids([torch.tensor(
+        tags = oscar.pad_sequences([torch.tensor(
             tokenizer.encode(" ".join(ex["tags"]), add_special=False)[:config.max_tag_len - 1]
             + [SEP]) for ex in examples])
         caption = torch.full((4, 1), CLS)
