@@ -633,7 +633,7 @@ def collate_fn(items: list[dict]) -> dict:
 
         pretrain, retrieval, vqa   tokens, segments, positions (B, T) (PAD / 0 padded)
         caption    tokens = [caption slot (C) ; tag slot (L)], caption_len = C (an int),
-                   tag positions start at the config's max_caption_len (caption_offset)
+                   tag positions start at the items' tag_offset (the max_caption_len)
         pretrain, caption   mlm_positions (M,) into the flat B·T (B·C) text, mlm_targets (M,)
         pretrain: polluted (B,); retrieval: is_match (B,); vqa: answer (B,), answer_scores (B, A)
 
