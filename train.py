@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.bert import load_bert_encoder, read_config
 from shared.data import train_loader
 from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
@@ -63,6 +64,7 @@ class RunConfig:
     resume: bool = False  # continue from <out>/latest.pt exactly where it stopped
     init: str = ""  # start from the weights of this checkpoint (fine-tuning)
     vocab: str = ""  # a BERT vocab.txt; default: WordPiece trained on the world's captions
+    init_bert: str = ""  # Oscar, UNITER: start the encoder from this BERT checkpoint folder
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to max_steps
     eval_every: int = 0  # evaluate on the val split every this many steps; 0 = only at the end
     eval_n: int = 200  # val examples per periodic evaluation
@@ -180,6 +182,28 @@ def make_config(paper, preset: str, overrides: dict, base=None):
     base = getattr(paper.Config, preset)() if base is None else base
     try:
         return dataclasses.replace(base, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: invalid config: {e}") from None
+
+
+def bert_sizes(run: RunConfig, config):
+    """The Config with the encoder sizes of the BERT checkpoint folder run.init_bert."""
+    if run.model not in ("oscar", "uniter"):
+        raise SystemExit(f"error: --init_bert is for Oscar and UNITER (BERT encoders), "
+                         f"not {run.model}")
+    if run.init:
+        raise SystemExit("error: give --init (our checkpoint) or --init_bert (BERT), not both")
+    try:
+        bert = read_config(Path(run.init_bert))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --init_bert: {e}") from None
+    if not (Path(run.init_bert) / "vocab.txt").exists():
+        raise SystemExit(f"error: --init_bert: {run.init_bert} has no vocab.txt")
+    try:
+        return dataclasses.replace(config, hidden_size=bert["hidden_size"],
+                                   layers=bert["num_hidden_layers"],
+                                   heads=bert["num_attention_heads"],
+                                   intermediate_size=bert["intermediate_size"])
     except ValueError as e:
         raise SystemExit(f"error: invalid config: {e}") from None
 
@@ -343,6 +367,11 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
                    else paper.MAIN_METRIC[run.task])
     seed_everything(run.seed)
 
+    # --init_bert: the encoder's sizes from the checkpoint's config.json (vocab: its vocab.txt)
+    if run.init_bert and ckpt is None:
+        config = bert_sizes(run, config)
+        run = dataclasses.replace(run, vocab=str(Path(run.init_bert) / "vocab.txt"))
+
     # data: a fine-tuning run (--init) keeps the tokenizer its weights were trained with
     init = load_checkpoint(Path(run.init)) if run.init and ckpt is None else None
     world_config = make_world_config(config, run.seed)
@@ -367,6 +396,12 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
                              f"and --preset?): {str(e).splitlines()[-1].strip()}") from None
         log(f"init from {run.init}: {len(missing)} missing, {len(unexpected)} unexpected keys "
             f"(missing = new heads, unexpected = heads of the checkpoint's task)")
+    if run.init_bert and ckpt is None:
+        try:
+            n = load_bert_encoder(model, run.init_bert)
+        except (ValueError, KeyError, ImportError) as e:
+            raise SystemExit(f"error: --init_bert: {e}") from None
+        log(f"init from BERT {run.init_bert}: {n} tensors (embeddings, encoder, pooler)")
     optimizer = make_optimizer(paper, model, config, device)
     step, best = 0, -math.inf
     if ckpt is not None:
