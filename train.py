@@ -44,6 +44,7 @@ import torch
 
 from shared.bert import load_bert_encoder, read_config
 from shared.data import train_loader
+from shared.folders import CaptionFolder
 from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
 
@@ -65,6 +66,7 @@ class RunConfig:
     init: str = ""  # start from the weights of this checkpoint (fine-tuning)
     vocab: str = ""  # a BERT vocab.txt; default: WordPiece trained on the world's captions
     init_bert: str = ""  # Oscar, UNITER: start the encoder from this BERT checkpoint folder
+    data: str = ""  # VirTex, CoCa: train on coco:ANNOTATION_JSON[,IMAGE_DIR] or jsonl:FILE
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to max_steps
     eval_every: int = 0  # evaluate on the val split every this many steps; 0 = only at the end
     eval_n: int = 200  # val examples per periodic evaluation
@@ -208,6 +210,20 @@ def bert_sizes(run: RunConfig, config):
         raise SystemExit(f"error: invalid config: {e}") from None
 
 
+def open_corpus(run: RunConfig, config) -> CaptionFolder:
+    """--data: an image-caption corpus on disk, for VirTex and CoCa (shared/folders.py)."""
+    if run.model not in ("coca", "virtex"):
+        raise SystemExit(f"error: --data (images and captions) is for CoCa and VirTex; "
+                         f"{run.model} reads region features, which --data does not give yet")
+    if run.eval_every:
+        raise SystemExit("error: --eval_every evaluates on the world; with --data there is no "
+                         "evaluation yet, so leave it at 0")
+    try:
+        return CaptionFolder.from_spec(run.data, config.image_size)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --data: {e}") from None
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -233,12 +249,17 @@ def make_world_config(config, seed: int) -> WorldConfig:
                        **{k: v for k, v in extra.items() if k in fields})
 
 
-def make_tokenizer(run: RunConfig, config, world_config: WorldConfig) -> Tokenizer:
-    """A BERT vocab.txt when --vocab is given, else WordPiece trained on the world's captions."""
+def make_tokenizer(run: RunConfig, config, world_config: WorldConfig,
+                   corpus: CaptionFolder | None = None) -> Tokenizer:
+    """A BERT vocab.txt when --vocab is given, else WordPiece trained on the captions of the
+    first tokenizer_texts images of the corpus (--data) or of the world."""
     if run.vocab:
         if not Path(run.vocab).exists():
             raise SystemExit(f"error: --vocab {run.vocab}: no such file")
         return Tokenizer.from_vocab_file(run.vocab)
+    if corpus is not None:
+        texts = [c for _, captions in corpus.records[:run.tokenizer_texts] for c in captions]
+        return Tokenizer.train(texts, vocab_size=config.vocab_size)
     world = World(world_config, "train")
     texts = [c for i in range(run.tokenizer_texts) for c in world.example(i, regions=False)["captions"]]
     return Tokenizer.train(texts, vocab_size=config.vocab_size)
@@ -375,12 +396,16 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     # data: a fine-tuning run (--init) keeps the tokenizer its weights were trained with
     init = load_checkpoint(Path(run.init)) if run.init and ckpt is None else None
     world_config = make_world_config(config, run.seed)
+    corpus = open_corpus(run, config) if run.data else None
+    if corpus is not None:
+        log(f"--data {run.data}: {len(corpus)} images; dropped {corpus.dropped_images} images "
+            f"(no caption or no file) and {corpus.dropped_captions} empty captions")
     if ckpt is not None:
         tokenizer = Tokenizer.from_str(ckpt["tokenizer"])
     elif init is not None and "tokenizer" in init:
         tokenizer = Tokenizer.from_str(init["tokenizer"])
     else:
-        tokenizer = make_tokenizer(run, config, world_config)
+        tokenizer = make_tokenizer(run, config, world_config, corpus)
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
     tokenizer.save(out / "tokenizer.json")
     write_json_atomic(out / "config.json", {"run": dataclasses.asdict(run),
@@ -418,7 +443,8 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
         raise SystemExit(f"error: batch_size {config.batch_size} is not divisible by "
                          f"grad_accum_steps {config.grad_accum_steps}")
     micro = config.batch_size // config.grad_accum_steps
-    dataset = paper.train_dataset(World(world_config, "train"), tokenizer, config)
+    source = corpus if corpus is not None else World(world_config, "train")
+    dataset = paper.train_dataset(source, tokenizer, config)
     batches = iter(train_loader(dataset, micro, step * config.grad_accum_steps, paper.collate_fn,
                                 num_workers=run.num_workers, pin_memory=device.type == "cuda"))
     if ckpt is not None:
@@ -511,6 +537,16 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
         return {"stopped_at": step}
 
     elapsed = time.time() - t_start
+    if corpus is not None:  # no labels to evaluate against yet: report the run and the corpus
+        final = {"step": step, "train_seconds": round(elapsed, 1), "data": run.data,
+                 "images": len(corpus), "dropped_images": corpus.dropped_images,
+                 "dropped_captions": corpus.dropped_captions,
+                 "unreadable_images_main_process": corpus.unreadable}
+        write_json_atomic(out / "final.json", final)
+        checkpoint(out / "best.pt")
+        log(f"trained {step - start_step} steps in {format_duration(elapsed)}; no evaluation "
+            f"with --data (the world's metrics do not apply); final.json has the corpus counts")
+        return final
     log(f"trained {step - start_step} steps in {format_duration(elapsed)}; final evaluation on "
         f"{run.final_n} test examples")
     metrics = evaluate(paper, model, tokenizer, config, world_config, "test", run.final_n)

@@ -1,0 +1,152 @@
+"""shared/folders.py: an image-caption corpus on disk behind the world's interface. The world
+exported to COCO format reads back as the same examples and the same training items; every kind
+of bad file named in the module docstring is handled as stated; train.py --data trains CoCa and
+VirTex from the exported folder. Every file is written by the tests."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from shared.data import ImageTextDataset
+from shared.folders import CaptionFolder, load_image
+from shared.tokenizer import Tokenizer
+from shared.world import World, WorldConfig, export_split
+
+WORLD = WorldConfig(image_size=32, n_test=12)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    world = World(WORLD, "test")
+    export_split(world, out, n=12)
+    return world, out
+
+
+def test_the_exported_world_reads_back_as_the_same_examples(exported):
+    world, out = exported
+    folder = CaptionFolder.coco(out / "captions_test.json", image_size=32)
+    assert len(folder) == 12
+    for i in range(12):
+        ours, theirs = folder.example(i), world.example(i, regions=False)
+        assert np.array_equal(ours["image"], theirs["image"])
+        assert ours["captions"] == theirs["captions"]
+
+
+def test_the_same_training_items_from_the_folder_and_the_world(exported):
+    world, out = exported
+    folder = CaptionFolder.coco(out / "captions_test.json", image_size=32)
+    tokenizer = Tokenizer.train(folder.texts(), vocab_size=120)
+    a, b = ImageTextDataset(folder, tokenizer, 16), ImageTextDataset(world, tokenizer, 16)
+    for i in range(12):
+        assert torch.equal(a[i]["image"], b[i]["image"])
+        assert torch.equal(a[i]["tokens"], b[i]["tokens"])
+
+
+def test_jsonl_gives_what_coco_gives(exported, tmp_path):
+    _, out = exported
+    coco = CaptionFolder.coco(out / "captions_test.json", image_size=32)
+    lines = [json.dumps({"image": str(path), "captions": captions})
+             for path, captions in coco.records]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    jsonl = CaptionFolder.jsonl(tmp_path / "corpus.jsonl", image_size=32)
+    assert jsonl.records == coco.records
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "CMYK", "I;16"])
+def test_every_image_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.new("RGB", (40, 30), (200, 30, 60))
+    image = rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16")
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    image.save(path)
+    array = load_image(path, 16)
+    assert array.shape == (16, 16, 3) and array.dtype == np.uint8
+
+
+def test_transparent_pixels_are_laid_on_black(tmp_path):
+    image = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    image.save(tmp_path / "clear.png")
+    assert load_image(tmp_path / "clear.png", 8).max() == 0
+
+
+def test_resize_keeps_the_shorter_side_and_crops_the_centre(tmp_path):
+    image = np.zeros((20, 60, 3), dtype=np.uint8)
+    image[:, 20:40] = 255  # a white band in the middle third
+    Image.fromarray(image).save(tmp_path / "wide.png")
+    array = load_image(tmp_path / "wide.png", 10)  # 20 x 60 -> 10 x 30 -> centre 10 x 10
+    assert array.shape == (10, 10, 3) and array.min() > 200
+
+
+def test_a_truncated_image_is_skipped_with_a_counted_warning(tmp_path):
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{k}.png")
+    data = (tmp_path / "0.png").read_bytes()
+    (tmp_path / "0.png").write_bytes(data[:len(data) // 2])  # cut in half
+    folder = CaptionFolder([(tmp_path / "0.png", ["red"]), (tmp_path / "1.png", ["green"])], 16)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        example = folder.example(0)
+    assert example["captions"] == ["green"] and folder.unreadable == 1
+
+
+def test_missing_keys_are_named_with_the_file(tmp_path):
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}]}))
+    with pytest.raises(ValueError, match=f"{path}: missing key 'annotations'"):
+        CaptionFolder.coco(path)
+    path.write_text(json.dumps({"images": [{"id": 1}], "annotations": []}))
+    with pytest.raises(ValueError, match=r"images\[0\]: missing key 'file_name'"):
+        CaptionFolder.coco(path)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"captions": ["x"]}) + "\n")
+    with pytest.raises(ValueError, match="line 1: missing key 'image'"):
+        CaptionFolder.jsonl(tmp_path / "c.jsonl")
+
+
+def test_empty_captions_missing_files_and_captionless_images_are_dropped_and_counted(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    folder = CaptionFolder([(tmp_path / "a.png", ["one", "  ", ""]),  # 2 empty captions
+                            (tmp_path / "b.png", [" "]),  # no caption left: image dropped
+                            (tmp_path / "gone.png", ["x"])], 8)  # no file: image dropped
+    assert len(folder) == 1 and folder.records[0][1] == ["one"]
+    assert folder.dropped_captions == 3 and folder.dropped_images == 2
+
+
+def test_overlong_captions_keep_the_end_token(exported):
+    world, _ = exported
+    tokenizer = Tokenizer.train(world.example(0, regions=False)["captions"], vocab_size=100)
+    tokens = tokenizer.encode(" ".join(["circle"] * 50), max_len=8)
+    assert len(tokens) == 8 and tokens[-1] == tokenizer.sep_id
+
+
+@pytest.mark.parametrize("model", ["coca", "virtex"])
+def test_train_from_the_exported_folder(exported, tmp_path, model):
+    _, out = exported
+    args = ["--model", model, "--data", f"coco:{out / 'captions_test.json'}", "--batch_size", "4",
+            "--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0", "--log_every_s",
+            "0", "--image_size", "32", "--out", str(tmp_path / model), "--vocab_size", "120"]
+    if model == "coca":
+        args += ["--vision_width", "32", "--vision_heads", "2", "--vision_layers", "1",
+                 "--text_width", "32", "--text_heads", "2", "--unimodal_layers", "1",
+                 "--multimodal_layers", "1", "--n_caption_queries", "4", "--embed_dim", "16"]
+    lines = []
+    run, paper, overrides = train.parse_args(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unreadable image in the export
+        final = train.train(run, paper, overrides, log=lines.append)
+    assert final["images"] == 12 and final["step"] == 2 and final["dropped_images"] == 0
+    assert any(line.startswith("--data coco:") for line in lines)
+    assert (tmp_path / model / "best.pt").exists()
+
+
+def test_data_is_refused_for_region_models_and_bad_specs(tmp_path):
+    for argv, message in [(["--model", "oscar", "--data", "jsonl:x"], "reads region features"),
+                          (["--model", "coca", "--data", "tsv:x"], "must be coco:"),
+                          (["--model", "coca", "--data", "jsonl:/nowhere.jsonl"], "no JSON-lines")]:
+        run, paper, overrides = train.parse_args(argv + ["--out", str(tmp_path)])
+        with pytest.raises(SystemExit, match=message):
+            train.train(run, paper, overrides, log=lambda line: None)
