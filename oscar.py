@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import optimisation_problems
-from shared.data import feature_statistics, flat_targets, pad_rows, pad_sequences
+from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
+                         region_statistics)
 from shared.decoding import beam_search, greedy
 from shared.masks import causal_mask
 from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
@@ -236,7 +237,7 @@ def region_vectors(features: Tensor, boxes: Tensor) -> Tensor:
     return torch.cat([features, boxes, w, h], dim=1)  # (N, F + 6)
 
 
-# --- 3. Masking -------------------------------------------------------------------------------------
+# --- 3. Masking -----------------------------------------------------------------------------------
 
 def mask_tokens(tokens: list[int], maskable: list[bool], rng: np.random.Generator,
                 mask_prob: float, mask_id: int, vocab_size: int) -> tuple[list[int], list[int]]:
@@ -305,7 +306,7 @@ def caption_attention_mask(caption_real: Tensor, context_real: Tensor) -> Tensor
     return torch.cat([top, bottom], dim=1) & real[:, :, None]  # (B, C + K, C + K)
 
 
-# --- 4. Objectives: pure functions ------------------------------------------------------------------
+# --- 4. Objectives: pure functions ----------------------------------------------------------------
 
 def masked_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """L_MTL = -E log p(h_i | h_\\i, v) [Oscar §Pre-training]: cross-entropy of the masked
@@ -504,7 +505,7 @@ def build_model(config: Config) -> Oscar:
     return Oscar(config)
 
 
-# --- 6. Data: the world's examples as triples --------------------------------------------------------
+# --- 6. Data: the world's examples as triples -----------------------------------------------------
 
 def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> Tensor:
     """A world example's first n_regions regions (stored order, [code]) as (n, F + 6) region
@@ -547,7 +548,7 @@ class OscarDataset(Dataset):
     def __init__(self, world, tokenizer, config: Config, seed: int = 0):
         self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
         self.length = max(1, len(world) // config.batch_size) * config.batch_size
-        self.statistics = (feature_statistics(world.config) if config.standardise_features
+        self.statistics = (region_statistics(world) if config.standardise_features
                            else None)
 
     def __len__(self) -> int:
@@ -674,7 +675,7 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-# --- 7. Downstream evaluation on the world: train.py's contract ------------------------------------
+# --- 7. Downstream evaluation on the world: train.py's contract -----------------------------------
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device

@@ -44,7 +44,7 @@ import torch
 
 from shared.bert import load_bert_encoder, read_config
 from shared.data import train_loader
-from shared.folders import CaptionFolder
+from shared.folders import CaptionFolder, RegionFolder
 from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
 
@@ -66,7 +66,8 @@ class RunConfig:
     init: str = ""  # start from the weights of this checkpoint (fine-tuning)
     vocab: str = ""  # a BERT vocab.txt; default: WordPiece trained on the world's captions
     init_bert: str = ""  # Oscar, UNITER: start the encoder from this BERT checkpoint folder
-    data: str = ""  # VirTex, CoCa: train on coco:ANNOTATION_JSON[,IMAGE_DIR] or jsonl:FILE
+    data: str = ""  # a corpus on disk: coco:JSON[,IMAGE_DIR] or jsonl:FILE (VirTex, CoCa),
+    #                 regions:JSON[,REGION_DIR] (Oscar, UNITER); default: the world
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to max_steps
     eval_every: int = 0  # evaluate on the val split every this many steps; 0 = only at the end
     eval_n: int = 200  # val examples per periodic evaluation
@@ -210,15 +211,22 @@ def bert_sizes(run: RunConfig, config):
         raise SystemExit(f"error: invalid config: {e}") from None
 
 
-def open_corpus(run: RunConfig, config) -> CaptionFolder:
-    """--data: an image-caption corpus on disk, for VirTex and CoCa (shared/folders.py)."""
-    if run.model not in ("coca", "virtex"):
-        raise SystemExit(f"error: --data (images and captions) is for CoCa and VirTex; "
-                         f"{run.model} reads region features, which --data does not give yet")
+def open_corpus(run: RunConfig, config) -> CaptionFolder | RegionFolder:
+    """--data: a corpus on disk (shared/folders.py). CoCa and VirTex read images and captions
+    (coco:, jsonl:); Oscar and UNITER read captions and region files (regions:)."""
     if run.eval_every:
         raise SystemExit("error: --eval_every evaluates on the world; with --data there is no "
                          "evaluation yet, so leave it at 0")
+    kind = run.data.partition(":")[0]
     try:
+        if run.model in ("oscar", "uniter"):
+            if kind != "regions":
+                raise ValueError(f"{run.model} reads region features: give "
+                                 f"regions:ANNOTATION_JSON[,REGION_DIR], not {run.data!r}")
+            if run.task == "vqa":
+                raise ValueError("a region folder has captions, not VQA questions")
+            annotation, _, region_dir = run.data.partition(":")[2].partition(",")
+            return RegionFolder.coco(annotation, region_dir or None)
         return CaptionFolder.from_spec(run.data, config.image_size)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --data: {e}") from None
@@ -250,7 +258,7 @@ def make_world_config(config, seed: int) -> WorldConfig:
 
 
 def make_tokenizer(run: RunConfig, config, world_config: WorldConfig,
-                   corpus: CaptionFolder | None = None) -> Tokenizer:
+                   corpus: CaptionFolder | RegionFolder | None = None) -> Tokenizer:
     """A BERT vocab.txt when --vocab is given, else WordPiece trained on the captions of the
     first tokenizer_texts images of the corpus (--data) or of the world."""
     if run.vocab:

@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import optimisation_problems
-from shared.data import feature_statistics, flat_targets, pad_rows, pad_sequences
+from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
+                         region_statistics)
 from shared.metrics import recall_at_k, vqa_accuracy, vqa_accuracy_by_type
 from shared.ot import ipot  # the IPOT solver; WRA (below) is UNITER's use of it
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -771,6 +772,9 @@ def region_inputs(example: dict, config: Config, statistics: tuple | None = None
     if example["features"].shape[1] != config.feature_dim:
         raise ValueError(f"the regions have {example['features'].shape[1]}-d features but "
                          f"feature_dim is {config.feature_dim}")
+    if "cls_prob" not in example:
+        raise ValueError("UNITER's region classification needs each region file's cls_prob (the "
+                         "detector's class distribution, background at 0)")
     if example["cls_prob"].shape[1] != config.n_region_classes:
         raise ValueError(f"the detector has {example['cls_prob'].shape[1]} classes (background "
                          f"included) but n_region_classes is {config.n_region_classes}")
@@ -803,7 +807,7 @@ class UniterDataset(Dataset):
         self.special_ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
                             tokenizer.sep_id, tokenizer.mask_id}
         self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
-        self.statistics = (feature_statistics(world.config) if config.standardise_features
+        self.statistics = (region_statistics(world) if config.standardise_features
                            else None)
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ and what the two region-based papers (Oscar, UNITER) share:
     pad_rows             [(n_b, ...)] -> (B, max n_b, ...) zero-padded (regions, masks)
     flat_targets         (B, T) labels -> flat positions and targets of the predicted tokens
     feature_statistics   per-dimension mean and std of the world's region features
+    region_statistics    the same for any source of regions: the world or a region folder
 
 Determinism is the point of `train_loader`: the batch of step k holds world examples
 k·B .. k·B + B - 1 and the caption of example i is chosen by a generator seeded with (seed, i),
@@ -149,3 +150,12 @@ def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
         _statistics_cache[key] = (torch.from_numpy(features.mean(0)).float(),
                                   torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
     return _statistics_cache[key]
+
+
+def region_statistics(source) -> tuple[Tensor, Tensor]:
+    """The standardisation statistics for a source of region examples: for a World, those of
+    its config's training split (feature_statistics), so every split and a fine-tuning run
+    agree; for a region folder (shared.folders.RegionFolder), those of its own first images."""
+    if isinstance(source, World):
+        return feature_statistics(source.config)
+    return source.feature_statistics()

@@ -63,6 +63,41 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.array(image.crop((left, top, left + size, top + size)))  # (S, S, 3), writable
 
 
+def _coco_records(annotation_file: Path) -> list[tuple[str, list[str]]]:
+    """(file_name, captions) of every image of a COCO captions annotation file, in its order;
+    a missing key is a ValueError naming the key and where it is missing."""
+    if not annotation_file.is_file():
+        raise FileNotFoundError(f"no annotation file {annotation_file}")
+    data = json.loads(annotation_file.read_text())
+    where = str(annotation_file)
+    files = {}
+    for k, image in enumerate(_need(data, "images", where)):
+        files[_need(image, "id", f"{where}, images[{k}]")] = _need(
+            image, "file_name", f"{where}, images[{k}]")
+    captions = {image_id: [] for image_id in files}
+    for k, note in enumerate(_need(data, "annotations", where)):
+        image_id = _need(note, "image_id", f"{where}, annotations[{k}]")
+        caption = _need(note, "caption", f"{where}, annotations[{k}]")
+        if image_id not in captions:
+            raise ValueError(f"{where}, annotations[{k}]: image_id {image_id} is not in 'images'")
+        captions[image_id].append(caption)
+    return [(files[i], captions[i]) for i in files]
+
+
+def _keep(records: list[tuple[Path, list]]) -> tuple[list[tuple[Path, list[str]]], int, int]:
+    """Drop empty captions, and images left without a caption or whose file is missing.
+    Returns (kept records, dropped captions, dropped images)."""
+    kept, dropped_captions, dropped_images = [], 0, 0
+    for path, captions in records:
+        good = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        dropped_captions += len(captions) - len(good)
+        if good and Path(path).is_file():
+            kept.append((Path(path), good))
+        else:
+            dropped_images += 1
+    return kept, dropped_captions, dropped_images
+
+
 def _need(record: dict, key: str, where: str):
     if key not in record:
         raise ValueError(f"{where}: missing key {key!r}")
@@ -72,17 +107,8 @@ def _need(record: dict, key: str, where: str):
 class CaptionFolder:
     """An image-caption corpus: a list of (image path, captions), read lazily."""
 
-    def __init__(self, records: list[tuple[Path, list[str]]], image_size: int,
-                 dropped_captions: int = 0, dropped_images: int = 0):
-        self.dropped_captions, self.dropped_images = dropped_captions, dropped_images
-        self.records = []
-        for path, captions in records:
-            kept = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-            self.dropped_captions += len(captions) - len(kept)
-            if not kept or not Path(path).is_file():
-                self.dropped_images += 1
-                continue
-            self.records.append((Path(path), kept))
+    def __init__(self, records: list[tuple[Path, list[str]]], image_size: int):
+        self.records, self.dropped_captions, self.dropped_images = _keep(records)
         if not self.records:
             raise ValueError("no image with a caption and a file on disk is left in the corpus")
         self.image_size = image_size
@@ -93,24 +119,9 @@ class CaptionFolder:
              image_size: int = 224) -> "CaptionFolder":
         """A COCO captions annotation file and its image folder (default: images/ beside it)."""
         annotation_file = Path(annotation_file)
-        if not annotation_file.is_file():
-            raise FileNotFoundError(f"no annotation file {annotation_file}")
         image_dir = annotation_file.parent / "images" if image_dir is None else Path(image_dir)
-        data = json.loads(annotation_file.read_text())
-        where = str(annotation_file)
-        files = {}
-        for k, image in enumerate(_need(data, "images", where)):
-            files[_need(image, "id", f"{where}, images[{k}]")] = _need(
-                image, "file_name", f"{where}, images[{k}]")
-        captions = {image_id: [] for image_id in files}
-        for k, note in enumerate(_need(data, "annotations", where)):
-            image_id = _need(note, "image_id", f"{where}, annotations[{k}]")
-            caption = _need(note, "caption", f"{where}, annotations[{k}]")
-            if image_id not in captions:
-                raise ValueError(f"{where}, annotations[{k}]: image_id {image_id} is not in "
-                                 f"'images'")
-            captions[image_id].append(caption)
-        return cls([(image_dir / files[i], captions[i]) for i in files], image_size)
+        return cls([(image_dir / name, captions)
+                    for name, captions in _coco_records(annotation_file)], image_size)
 
     @classmethod
     def jsonl(cls, file: str | Path, image_size: int = 224) -> "CaptionFolder":
@@ -135,7 +146,8 @@ class CaptionFolder:
 
     @classmethod
     def from_spec(cls, spec: str, image_size: int) -> "CaptionFolder":
-        """train.py's --data: 'coco:ANNOTATION_JSON[,IMAGE_DIR]' or 'jsonl:FILE'."""
+        """train.py's --data for CoCa / VirTex: 'coco:ANNOTATION_JSON[,IMAGE_DIR]' or
+        'jsonl:FILE'."""
         kind, _, rest = spec.partition(":")
         if kind == "coco" and rest:
             annotation, _, image_dir = rest.partition(",")
@@ -167,3 +179,81 @@ class CaptionFolder:
                 warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); "
                               f"{self.unreadable} so far in this process")
         raise RuntimeError("no image of the corpus can be read")
+
+
+# --- region features for Oscar and UNITER -------------------------------------------------------
+
+REGION_KEYS = ("features", "boxes", "conf")  # needed in every npz; cls_prob, tags optional
+
+
+class RegionFolder:
+    """Captions (COCO format) and one region .npz per image (the layout of
+    ../shared/specs/uniter_oscar.md §C3, which shared.world.export_split writes):
+
+        features (N, F) float, boxes (N, 4) x1/W, y1/H, x2/W, y2/H in [0, 1], conf (N,),
+        optional cls_prob (N, C) (UNITER's MRC targets), tags (K,) str (Oscar), image_hw (2,)
+
+    behind the world's interface: example(i) -> {"captions", "features" float32, "boxes",
+    "conf", "cls_prob" (if stored), "tags" ([] if not stored)}, rows sorted by conf, highest
+    first (the papers' models then keep their own number: UNITER conf > threshold within
+    [min, max]; Oscar the first n_regions). The npz of image `file_name` is
+    `<region_dir>/<file_name stem>.npz`. Images without an npz are dropped and counted; an npz
+    that cannot be read, or lacks a key of REGION_KEYS, gives the next readable image with a
+    warning (counted in `unreadable`)."""
+
+    def __init__(self, records: list[tuple[Path, list[str]]]):
+        self.records, self.dropped_captions, self.dropped_images = _keep(records)
+        if not self.records:
+            raise ValueError("no image with a caption and a region file is left in the corpus")
+        self.unreadable = 0
+        self._statistics = None
+
+    @classmethod
+    def coco(cls, annotation_file: str | Path, region_dir: str | Path | None = None
+             ) -> "RegionFolder":
+        """A COCO captions file and the region folder (default: regions/ beside it)."""
+        annotation_file = Path(annotation_file)
+        region_dir = annotation_file.parent / "regions" if region_dir is None else Path(region_dir)
+        records = _coco_records(annotation_file)
+        return cls([(region_dir / (Path(name).stem + ".npz"), captions)
+                    for name, captions in records])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _read(self, path: Path) -> dict:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in REGION_KEYS if k not in npz.files]
+            if missing:
+                raise ValueError(f"no {missing[0]!r} in the file")
+            order = np.argsort(-npz["conf"].astype(np.float32), kind="stable")  # by conf, desc
+            out = {"features": npz["features"].astype(np.float32)[order],
+                   "boxes": npz["boxes"].astype(np.float32)[order],
+                   "conf": npz["conf"].astype(np.float32)[order],
+                   "tags": [str(t) for t in npz["tags"]] if "tags" in npz.files else []}
+            if "cls_prob" in npz.files:
+                out["cls_prob"] = npz["cls_prob"].astype(np.float32)[order]
+        return out
+
+    def example(self, i: int, regions: bool = True) -> dict:
+        for k in range(len(self.records)):
+            path, captions = self.records[(i + k) % len(self.records)]
+            try:
+                return {"captions": captions, **self._read(path)}
+            except (OSError, ValueError, KeyError) as e:
+                self.unreadable += 1
+                warnings.warn(f"skipping unreadable region file {path} ({type(e).__name__}: "
+                              f"{e}); {self.unreadable} so far in this process")
+        raise RuntimeError("no region file of the corpus can be read")
+
+    def feature_statistics(self, n: int = 500):
+        """Per-dimension mean and std of the region features of the first n images (the
+        statistics of the tiny presets' standardise_features, computed on this corpus)."""
+        import torch
+
+        if self._statistics is None:
+            features = np.concatenate([self.example(i)["features"]
+                                       for i in range(min(n, len(self)))])
+            self._statistics = (torch.from_numpy(features.mean(0)).float(),
+                                torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
+        return self._statistics

@@ -150,3 +150,58 @@ def test_data_is_refused_for_region_models_and_bad_specs(tmp_path):
         run, paper, overrides = train.parse_args(argv + ["--out", str(tmp_path)])
         with pytest.raises(SystemExit, match=message):
             train.train(run, paper, overrides, log=lambda line: None)
+
+
+# --- region folders (Oscar, UNITER) ------------------------------------------------------------
+
+def test_the_exported_regions_read_back(exported):
+    from shared.folders import RegionFolder
+
+    world, out = exported
+    folder = RegionFolder.coco(out / "captions_test.json")
+    assert len(folder) == 12
+    for i in range(12):
+        ours, theirs = folder.example(i), world.example(i)
+        assert ours["captions"] == theirs["captions"] and ours["tags"] == theirs["tags"]
+        assert np.array_equal(ours["boxes"], theirs["boxes"])
+        assert np.array_equal(ours["conf"], theirs["conf"])
+        # the export stores features and cls_prob as float16
+        assert np.allclose(ours["features"], theirs["features"], rtol=1e-3, atol=1e-3)
+        assert np.allclose(ours["cls_prob"], theirs["cls_prob"], atol=1e-3)
+
+
+def test_region_rows_are_sorted_by_confidence_and_bad_files_skipped(tmp_path):
+    from shared.folders import RegionFolder
+
+    np.savez(tmp_path / "a.npz", features=np.arange(6.0).reshape(3, 2), conf=np.array([.1, .9, .5]),
+             boxes=np.zeros((3, 4)))
+    np.savez(tmp_path / "b.npz", features=np.zeros((2, 2)), boxes=np.zeros((2, 4)))  # no conf
+    (tmp_path / "c.npz").write_bytes(b"not a zip file")
+    folder = RegionFolder([(tmp_path / "a.npz", ["x"]), (tmp_path / "b.npz", ["y"]),
+                           (tmp_path / "c.npz", ["z"]), (tmp_path / "gone.npz", ["w"])])
+    assert len(folder) == 3 and folder.dropped_images == 1
+    a = folder.example(0)
+    assert a["conf"].tolist() == pytest.approx([.9, .5, .1])
+    assert a["features"][:, 0].tolist() == [2.0, 4.0, 0.0] and a["tags"] == []
+    with pytest.warns(UserWarning, match="no 'conf'"):
+        assert folder.example(1)["captions"] == ["x"]  # b and c unreadable: wraps to a
+    assert folder.unreadable == 2
+
+
+@pytest.mark.parametrize("model", ["oscar", "uniter"])
+def test_train_from_the_exported_regions(exported, tmp_path, model):
+    _, out = exported
+    args = ["--model", model, "--data", f"regions:{out / 'captions_test.json'}",
+            "--batch_size", "4", "--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0",
+            "--log_every_s", "0", "--out", str(tmp_path / model), "--hidden_size", "32",
+            "--layers", "1", "--heads", "2", "--intermediate_size", "64", "--image_size", "32"]
+    if model == "uniter":
+        args += ["--ipot_iters", "2"]
+    lines = []
+    run, paper, overrides = train.parse_args(args)
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert final["images"] == 12 and final["step"] == 2
+    run, paper, overrides = train.parse_args(["--model", model, "--data", "coco:x.json",
+                                              "--out", str(tmp_path / "no")])
+    with pytest.raises(SystemExit, match="reads region features"):
+        train.train(run, paper, overrides, log=lines.append)
