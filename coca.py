@@ -560,7 +560,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _embed_images(model: CoCa, images: list, chunk: int = 250) -> Tensor:
+def embed_image_arrays(model: CoCa, images: list, chunk: int = 250) -> Tensor:
     """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""
     out = []
     for start in range(0, len(images), chunk):
@@ -569,7 +569,7 @@ def _embed_images(model: CoCa, images: list, chunk: int = 250) -> Tensor:
     return torch.cat(out)  # (n, E)
 
 
-def _caption(model: CoCa, tokenizer, config: Config, images: list) -> list[str]:
+def caption_images(model: CoCa, tokenizer, config: Config, images: list) -> list[str]:
     """Decode captions for uint8 images: greedy, or beam search when config.beam_size > 1."""
     x = torch.stack([image_to_tensor(im) for im in images]).to(_device(model))  # (b, 3, H, W)
     method = "greedy" if config.beam_size == 1 else "beam"
@@ -587,7 +587,7 @@ def zero_shot_accuracy(model: CoCa, tokenizer, config: Config, world_config, spl
 
     world = ClassificationWorld(world_config, split)
     items = [world.item(i) for i in range(min(n, len(world)))]
-    image_emb = _embed_images(model, [image for image, _ in items])  # (n, E)
+    image_emb = embed_image_arrays(model, [image for image, _ in items])  # (n, E)
     prompts = tokenizer.encode_batch(["a " + name for name in CLASS_NAMES], config.max_text_len)
     class_emb = model.embed_texts(prompts.to(image_emb.device))  # (C, E)
     labels = torch.tensor([label for _, label in items], device=image_emb.device)  # (n,)
@@ -602,7 +602,8 @@ def linear_probe(model: CoCa, world_config, split: str, n: int) -> float:
     frozen encoder tokens [CoCa §3.3, Table 9]; we probe the pretrained contrastive embedding with a
     linear head (VirTex's protocol, shared by the four papers here).
     """
-    return shared_linear_probe(lambda images: _embed_images(model, images), world_config, split, n)
+    return shared_linear_probe(lambda images: embed_image_arrays(model, images), world_config,
+                               split, n)
 
 
 def evaluate(model: CoCa, tokenizer, config: Config, world_config, split: str,
@@ -629,14 +630,15 @@ def evaluate(model: CoCa, tokenizer, config: Config, world_config, split: str,
         recalls, captions, references, scenes = [], [], [], []
         for start in range(0, n, 100):
             examples = [world.example(i) for i in range(start, min(start + 100, n))]
-            image_emb = _embed_images(model, [ex["image"] for ex in examples])  # (g, E)
+            image_emb = embed_image_arrays(model, [ex["image"] for ex in examples])  # (g, E)
             texts = [c for ex in examples for c in ex["captions"]]
             text_image = torch.tensor([k for k, ex in enumerate(examples)
                                        for _ in ex["captions"]])  # (G,), image of each caption
             tokens = tokenizer.encode_batch(texts, config.max_text_len).to(image_emb.device)
             scores = image_emb @ model.embed_texts(tokens).T  # (g, G) cosine similarities
             recalls.append(recall_at_k(scores.cpu(), text_image))
-            captions += _caption(model, tokenizer, config, [ex["image"] for ex in examples])
+            captions += caption_images(model, tokenizer, config,
+                                       [ex["image"] for ex in examples])
             references += [[_normalise(tokenizer, c, config.max_text_len) for c in ex["captions"]]
                            for ex in examples]
             scenes += [ex["scene"] for ex in examples]
@@ -668,7 +670,7 @@ def sample_captions(model: CoCa, tokenizer, config: Config, world_config, split:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        generated = _caption(model, tokenizer, config, [ex["image"] for ex in examples])
+        generated = caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
     model.train(was_training)
     return [(g, ex["captions"][0]) for g, ex in zip(generated, examples)]
 

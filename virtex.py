@@ -626,7 +626,7 @@ def _images(model: nn.Module, images: list) -> Tensor:
     return torch.stack([image_to_tensor(im) for im in images]).to(_device(model))
 
 
-def _caption(model: VirTex, tokenizer, config: Config, images: list) -> list[str]:
+def caption_images(model: VirTex, tokenizer, config: Config, images: list) -> list[str]:
     """Beam-search captions (config.beam_size; 1 = greedy) for uint8 images."""
     method = "greedy" if config.beam_size == 1 else "beam"
     tokens = model.generate(_images(model, images), tokenizer.cls_id, tokenizer.sep_id,
@@ -669,7 +669,7 @@ def evaluate(model: VirTex, tokenizer, config: Config, world_config, split: str,
             examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
             captions = []
             for s in range(0, len(examples), 100):
-                captions += _caption(model, tokenizer, config,
+                captions += caption_images(model, tokenizer, config,
                                      [ex["image"] for ex in examples[s:s + 100]])
             references = [[_normalise(tokenizer, c, config.max_text_len) for c in ex["captions"]]
                           for ex in examples]
@@ -696,7 +696,7 @@ def sample_captions(model: VirTex, tokenizer, config: Config, world_config, spli
         return []
     world = World(world_config, split)
     examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
-    generated = _caption(model, tokenizer, config, [ex["image"] for ex in examples])
+    generated = caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
     return [(g, ex["captions"][0]) for g, ex in zip(generated, examples)]
 
 

@@ -1,0 +1,153 @@
+"""Use a trained checkpoint from the command line (train.py writes best.pt / latest.pt).
+
+    python -m shared.infer caption runs/coca-tiny/best.pt photo1.jpg photo2.png
+    python -m shared.infer caption runs/virtex-tiny/best.pt photo.jpg --json
+    python -m shared.infer caption runs/oscar-tiny-caption/best.pt --regions img1.npz img2.npz
+    python -m shared.infer classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
+    python -m shared.infer rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
+
+caption   CoCa and VirTex caption image files; Oscar (a --task caption checkpoint) captions
+          region files (the .npz of shared.folders.RegionFolder; tags are read from them)
+classify  CoCa zero-shot: the class whose prompt "a <class>" is most similar to the image
+rank      CoCa: the images of a folder (jpg, jpeg, png, bmp, webp), most similar to the text first
+
+The output is one line per result for people, or one JSON document with --json for scripts.
+Images are read as for training on a corpus (shared.folders.load_image: RGB, shorter side to the
+model's image size, centre crop).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from shared.folders import RegionFolder, load_image
+from shared.tokenizer import Tokenizer
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def load(checkpoint: Path, device: str = "cpu"):
+    """(paper module, model in eval mode, tokenizer, config, run options) of a checkpoint."""
+    import train
+
+    if not checkpoint.is_file():
+        raise SystemExit(f"error: no checkpoint {checkpoint}")
+    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    paper = train.import_paper(ckpt["run"]["model"])
+    config = dataclasses.replace(getattr(paper.Config, ckpt["run"]["preset"])(), **ckpt["config"])
+    model = paper.build_model(config).to(device)
+    model.load_state_dict(ckpt["model"])
+    return paper, model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), config, ckpt["run"]
+
+
+def _images(paths: list[Path], size: int) -> list:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: no image file {missing[0]}")
+    try:
+        return [load_image(p, size) for p in paths]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read an image: {e}") from None
+
+
+def caption(checkpoint: Path, images: list[Path], regions: list[Path]) -> list[dict]:
+    paper, model, tokenizer, config, run = load(checkpoint)
+    with torch.no_grad():
+        if run["model"] == "oscar":
+            if config.task != "caption":
+                raise SystemExit("error: this Oscar checkpoint is not a --task caption one")
+            if not regions or images:
+                raise SystemExit("error: Oscar captions region files: give --regions FILE.npz ...")
+            folder = RegionFolder([(p, ["-"]) for p in regions])
+            if folder.dropped_images:
+                raise SystemExit("error: a region file given does not exist")
+            examples = [folder.example(i) for i in range(len(folder))]
+            world_config = None
+            if config.standardise_features:  # the statistics its training used
+                import train
+
+                world_config = train.make_world_config(config, run["seed"])
+            captions = paper.caption(model, tokenizer, config, examples, world_config)
+            return [{"file": str(p), "caption": c} for p, c in zip(regions, captions)]
+        if run["model"] not in ("coca", "virtex"):
+            raise SystemExit(f"error: {run['model']} does not write captions")
+        arrays = _images(images, config.image_size)
+        captions = paper.caption_images(model, tokenizer, config, arrays)
+    return [{"file": str(p), "caption": c} for p, c in zip(images, captions)]
+
+
+def _coca(checkpoint: Path):
+    paper, model, tokenizer, config, run = load(checkpoint)
+    if run["model"] != "coca":
+        raise SystemExit(f"error: needs a CoCa checkpoint (image and text embeddings), "
+                         f"not {run['model']}")
+    return paper, model, tokenizer, config
+
+
+def classify(checkpoint: Path, image: Path, classes: list[str]) -> list[dict]:
+    paper, model, tokenizer, config = _coca(checkpoint)
+    with torch.no_grad():
+        image_emb = paper.embed_image_arrays(model, _images([image], config.image_size))  # (1, E)
+        prompts = tokenizer.encode_batch(["a " + c for c in classes], config.max_text_len)
+        class_emb = model.embed_texts(prompts)  # (C, E)
+        probs = (image_emb @ class_emb.T * model.logit_scale.exp()).softmax(-1)[0]  # (C,)
+    order = probs.argsort(descending=True).tolist()
+    return [{"class": classes[k], "probability": round(float(probs[k]), 4)} for k in order]
+
+
+def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
+    paper, model, tokenizer, config = _coca(checkpoint)
+    if not folder.is_dir():
+        raise SystemExit(f"error: no folder {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise SystemExit(f"error: no image ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    with torch.no_grad():
+        image_emb = paper.embed_image_arrays(model, _images(paths, config.image_size))  # (n, E)
+        text_emb = model.embed_texts(tokenizer.encode_batch([text], config.max_text_len))
+        scores = (image_emb @ text_emb.T)[:, 0]  # (n,) cosine similarities
+    order = scores.argsort(descending=True)[:top].tolist()
+    return [{"file": str(paths[k]), "similarity": round(float(scores[k]), 4)} for k in order]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Captions, zero-shot classes and text-to-image "
+                                                 "ranking from a trained checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("caption", help="caption images (CoCa, VirTex) or region files (Oscar)")
+    c.add_argument("checkpoint", type=Path)
+    c.add_argument("images", type=Path, nargs="*")
+    c.add_argument("--regions", type=Path, nargs="+", default=[])
+    z = sub.add_parser("classify", help="CoCa zero-shot classification of one image")
+    z.add_argument("checkpoint", type=Path)
+    z.add_argument("image", type=Path)
+    z.add_argument("--classes", nargs="+", required=True)
+    r = sub.add_parser("rank", help="CoCa: rank a folder of images for a text")
+    r.add_argument("checkpoint", type=Path)
+    r.add_argument("text")
+    r.add_argument("folder", type=Path)
+    r.add_argument("--top", type=int, default=5)
+    for p in (c, z, r):
+        p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    args = parser.parse_args(argv)
+    if args.command == "caption":
+        if not args.images and not args.regions:
+            parser.error("give image files, or --regions files for Oscar")
+        results = caption(args.checkpoint, args.images, args.regions)
+        lines = [f"{r['file']}: {r['caption']}" for r in results]
+    elif args.command == "classify":
+        results = classify(args.checkpoint, args.image, args.classes)
+        lines = [f"{r['probability']:.4f}  {r['class']}" for r in results]
+    else:
+        results = rank(args.checkpoint, args.text, args.folder, args.top)
+        lines = [f"{r['similarity']:+.4f}  {r['file']}" for r in results]
+    sys.stdout.write(json.dumps({args.command: results}, indent=1) + "\n" if args.json
+                     else "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

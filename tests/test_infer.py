@@ -1,0 +1,98 @@
+"""shared/infer.py on checkpoints that train.py writes here (2 steps each, tiny sizes): captions
+for image files (CoCa, VirTex) and region files (Oscar), CoCa zero-shot classification and
+text-to-image ranking, as lines and as JSON, and one-line errors for misuse."""
+
+import json
+
+import pytest
+import torch
+
+import train
+from shared import infer
+from shared.world import World, WorldConfig, export_split
+
+COCA = ["--model", "coca", "--batch_size", "4", "--vision_width", "32", "--vision_heads", "2",
+        "--vision_layers", "1", "--text_width", "32", "--text_heads", "2", "--unimodal_layers",
+        "1", "--multimodal_layers", "1", "--n_caption_queries", "4", "--embed_dim", "16",
+        "--image_size", "32", "--final_n", "8"]
+VIRTEX = ["--model", "virtex", "--batch_size", "4", "--image_size", "32", "--final_n", "8"]
+OSCAR = ["--model", "oscar", "--task", "caption", "--batch_size", "4", "--hidden_size", "32",
+         "--layers", "1", "--heads", "2", "--intermediate_size", "64", "--final_n", "8",
+         "--max_gen_len", "6", "--beam_size", "2"]
+COMMON = ["--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0", "--log_every_s", "0",
+          "--tokenizer_texts", "50"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, args in (("coca", COCA), ("virtex", VIRTEX), ("oscar", OSCAR)):
+        run, paper, overrides = train.parse_args(args + COMMON + ["--out", str(root / name)])
+        train.train(run, paper, overrides, log=lambda line: None)
+        out[name] = root / name / "best.pt"
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("files")
+    export_split(World(WorldConfig(image_size=32, n_test=6), "test"), out, n=6)
+    return out
+
+
+def test_caption_image_files_with_coca_and_virtex(checkpoints, files, capsys):
+    images = sorted((files / "images").glob("*.png"))[:3]
+    for name in ("coca", "virtex"):
+        results = infer.caption(checkpoints[name], images, [])
+        assert [r["file"] for r in results] == [str(p) for p in images]
+        assert all(isinstance(r["caption"], str) for r in results)
+    infer.main(["caption", str(checkpoints["coca"]), *map(str, images), "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert len(document["caption"]) == 3
+
+
+def test_caption_region_files_with_oscar(checkpoints, files, capsys):
+    regions = sorted((files / "regions").glob("*.npz"))[:2]
+    infer.main(["caption", str(checkpoints["oscar"]), "--regions", *map(str, regions)])
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == 2 and lines[0].startswith(f"{regions[0]}: ")
+    with pytest.raises(SystemExit, match="give --regions"):
+        infer.caption(checkpoints["oscar"], [regions[0]], [])
+
+
+def test_classify_is_a_softmax_over_the_given_classes_best_first(checkpoints, files):
+    image = sorted((files / "images").glob("*.png"))[0]
+    classes = ["red circle", "blue star", "green square"]
+    results = infer.classify(checkpoints["coca"], image, classes)
+    assert sorted(r["class"] for r in results) == sorted(classes)
+    probabilities = [r["probability"] for r in results]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_rank_orders_the_folder_by_similarity(checkpoints, files):
+    paper, model, tokenizer, config, _ = infer.load(checkpoints["coca"])
+    paths = sorted((files / "images").glob("*.png"))
+    results = infer.rank(checkpoints["coca"], "a red circle", files / "images", top=4)
+    assert len(results) == 4
+    with torch.no_grad():  # the same scores computed directly
+        image_emb = paper.embed_image_arrays(model, infer._images(paths, config.image_size))
+        text_emb = model.embed_texts(tokenizer.encode_batch(["a red circle"], config.max_text_len))
+    expected = (image_emb @ text_emb.T)[:, 0].argsort(descending=True)[:4].tolist()
+    assert [r["file"] for r in results] == [str(paths[k]) for k in expected]
+
+
+def test_misuse_gets_one_line(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match="needs a CoCa checkpoint"):
+        infer.classify(checkpoints["virtex"], tmp_path / "x.png", ["a"])
+    with pytest.raises(SystemExit, match="no image file"):
+        infer.caption(checkpoints["coca"], [tmp_path / "nothing.png"], [])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        infer.load(tmp_path / "none.pt")
+    with pytest.raises(SystemExit, match="no folder"):
+        infer.rank(checkpoints["coca"], "x", tmp_path / "missing", top=1)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("not an image")
+    with pytest.raises(SystemExit, match="no image"):
+        infer.rank(checkpoints["coca"], "x", tmp_path / "texts", top=1)
