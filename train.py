@@ -44,7 +44,7 @@ import torch
 
 from shared.bert import load_bert_encoder, read_config
 from shared.data import train_loader
-from shared.folders import CaptionFolder, RegionFolder
+from shared.folders import CaptionFolder, RegionFolder, unreadable_files
 from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
 
@@ -406,6 +406,7 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     world_config = make_world_config(config, run.seed)
     corpus = open_corpus(run, config) if run.data else None
     if corpus is not None:
+        corpus.unreadable_log = out / "unreadable.txt"  # every worker appends what it skips
         log(f"--data {run.data}: {len(corpus)} images; dropped {corpus.dropped_images} images "
             f"(no caption or no file) and {corpus.dropped_captions} empty captions")
     if ckpt is not None:
@@ -549,7 +550,7 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
         final = {"step": step, "train_seconds": round(elapsed, 1), "data": run.data,
                  "images": len(corpus), "dropped_images": corpus.dropped_images,
                  "dropped_captions": corpus.dropped_captions,
-                 "unreadable_images_main_process": corpus.unreadable}
+                 "unreadable_files": unreadable_files(out / "unreadable.txt")}
         write_json_atomic(out / "final.json", final)
         checkpoint(out / "best.pt")
         log(f"trained {step - start_step} steps in {format_duration(elapsed)}; no evaluation "

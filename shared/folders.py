@@ -25,7 +25,9 @@ square. What is wrong with the corpus is dealt with as follows:
       `dropped_images`;
     * an image that cannot be decoded when it is read: a warning, and the next readable image
       of the corpus is returned in its place (`example` never raises for a bad file); the
-      count is in `unreadable` (per process: DataLoader workers count their own).
+      count is in `unreadable` (per process: DataLoader workers count their own), and the
+      path is appended to the file `unreadable_log` if one is set (train.py sets it to
+      <out>/unreadable.txt and reports the number of files in it, from every worker).
 Overlong captions are the tokenizer's business: Tokenizer.encode(max_len) keeps the final [SEP].
 """
 
@@ -98,6 +100,21 @@ def _keep(records: list[tuple[Path, list]]) -> tuple[list[tuple[Path, list[str]]
     return kept, dropped_captions, dropped_images
 
 
+def _note_unreadable(corpus, path: Path, what: str) -> None:
+    """Count, warn, and append the path to corpus.unreadable_log (one line per file, appended
+    by whichever process read it)."""
+    corpus.unreadable += 1
+    warnings.warn(f"skipping unreadable {what}; {corpus.unreadable} so far in this process")
+    if corpus.unreadable_log is not None:
+        with open(corpus.unreadable_log, "a") as f:
+            f.write(f"{path}\n")
+
+
+def unreadable_files(log: Path) -> int:
+    """How many different files an unreadable_log names (0 when it does not exist)."""
+    return len(set(Path(log).read_text().split("\n")) - {""}) if Path(log).exists() else 0
+
+
 def _need(record: dict, key: str, where: str):
     if key not in record:
         raise ValueError(f"{where}: missing key {key!r}")
@@ -112,7 +129,7 @@ class CaptionFolder:
         if not self.records:
             raise ValueError("no image with a caption and a file on disk is left in the corpus")
         self.image_size = image_size
-        self.unreadable = 0
+        self.unreadable, self.unreadable_log = 0, None
 
     @classmethod
     def coco(cls, annotation_file: str | Path, image_dir: str | Path | None = None,
@@ -175,9 +192,7 @@ class CaptionFolder:
             try:
                 return {"image": load_image(path, self.image_size), "captions": captions}
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                self.unreadable += 1
-                warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); "
-                              f"{self.unreadable} so far in this process")
+                _note_unreadable(self, path, f"image {path} ({type(e).__name__}: {e})")
         raise RuntimeError("no image of the corpus can be read")
 
 
@@ -205,7 +220,7 @@ class RegionFolder:
         self.records, self.dropped_captions, self.dropped_images = _keep(records)
         if not self.records:
             raise ValueError("no image with a caption and a region file is left in the corpus")
-        self.unreadable = 0
+        self.unreadable, self.unreadable_log = 0, None
         self._statistics = None
 
     @classmethod
@@ -241,9 +256,7 @@ class RegionFolder:
             try:
                 return {"captions": captions, **self._read(path)}
             except (OSError, ValueError, KeyError) as e:
-                self.unreadable += 1
-                warnings.warn(f"skipping unreadable region file {path} ({type(e).__name__}: "
-                              f"{e}); {self.unreadable} so far in this process")
+                _note_unreadable(self, path, f"region file {path} ({type(e).__name__}: {e})")
         raise RuntimeError("no region file of the corpus can be read")
 
     def feature_statistics(self, n: int = 500):

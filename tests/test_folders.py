@@ -205,3 +205,56 @@ def test_train_from_the_exported_regions(exported, tmp_path, model):
                                               "--out", str(tmp_path / "no")])
     with pytest.raises(SystemExit, match="reads region features"):
         train.train(run, paper, overrides, log=lines.append)
+
+
+def test_a_run_reports_the_unreadable_images_its_workers_skipped(exported, tmp_path):
+    _, out = exported
+    copy = tmp_path / "copy"
+    (copy / "images").mkdir(parents=True)
+    for png in (out / "images").glob("*.png"):
+        (copy / "images" / png.name).write_bytes(png.read_bytes())
+    (copy / "captions_test.json").write_text((out / "captions_test.json").read_text())
+    bad = copy / "images" / "000000000003.png"
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    args = ["--model", "coca", "--data", f"coco:{copy / 'captions_test.json'}", "--batch_size",
+            "4", "--max_steps", "3", "--warmup_steps", "1", "--num_workers", "1",
+            "--log_every_s", "0", "--image_size", "32", "--out", str(tmp_path / "run"),
+            "--vocab_size", "120", "--vision_width", "32", "--vision_heads", "2",
+            "--vision_layers", "1", "--text_width", "32", "--text_heads", "2",
+            "--unimodal_layers", "1", "--multimodal_layers", "1", "--n_caption_queries", "4",
+            "--embed_dim", "16"]
+    run, paper, overrides = train.parse_args(args)
+    final = train.train(run, paper, overrides, log=lambda line: None)  # image 3 is in step 0
+    assert final["unreadable_files"] == 1
+    logged = (tmp_path / "run" / "unreadable.txt").read_text().split()
+    assert set(logged) == {str(bad)}  # once per read of it, by the worker
+
+
+@pytest.mark.parametrize("model", ["oscar", "uniter"])
+def test_the_same_region_items_from_the_folder_and_the_world(exported, model):
+    import importlib
+
+    from shared.folders import RegionFolder
+
+    world, out = exported
+    paper = importlib.import_module(model)
+    folder = RegionFolder.coco(out / "captions_test.json")
+    tokenizer = Tokenizer.train([c for _, cs in folder.records for c in cs], vocab_size=120)
+    config = paper.Config(hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                          feature_dim=64, n_regions=10, batch_size=4, image_size=32,
+                          n_region_classes=7, grad_accum_steps=1) \
+        if model == "uniter" else paper.Config(hidden_size=32, layers=1, heads=2,
+                                               intermediate_size=64, feature_dim=64,
+                                               n_regions=10, batch_size=4, image_size=32)
+    a = paper.train_dataset(folder, tokenizer, config)
+    b = paper.train_dataset(world, tokenizer, config)
+    for i in range(8):
+        x, y = a[i], b[i]
+        assert x.keys() == y.keys()
+        for key in x:
+            if torch.is_tensor(x[key]) and x[key].is_floating_point():
+                assert torch.allclose(x[key], y[key], atol=2e-3), key  # float16 in the export
+            elif torch.is_tensor(x[key]):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
