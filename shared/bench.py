@@ -3,6 +3,7 @@
     python -m shared.bench --coca          # coca.CoCa vs open_clip's CoCa, one training step each
     python -m shared.bench --resnet        # virtex.ResNet vs torchvision's resnet50, fwd + bwd
     python -m shared.bench --ipot          # uniter.ipot batched vs a loop over the examples
+    python -m shared.bench --bert          # shared.bert.BertModel vs transformers.BertModel
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -197,6 +198,55 @@ def ipot_batched_vs_loop(batch: int = 32, text: int = 35, regions: int = 50, ite
         torch.set_num_threads(previous_threads)
 
 
+def bert_vs_transformers(batch: int = 32, tokens: int = 45, width: int = 384, layers: int = 6,
+                         heads: int = 6, vocab: int = 30522, rounds: int = 10,
+                         warmup: int = 3) -> None:
+    """One training step of the BERT encoder Oscar and UNITER run (tokens = 35 text + 10
+    regions, the tiny layouts' order of magnitude, at MiniLM-like width): ours vs
+    transformers.BertModel with the same config and the same weights, a quarter of each row
+    padded."""
+    if importlib.util.find_spec("transformers") is None:
+        print("skipped bert vs transformers: transformers is not installed "
+              "(pip install -r requirements-test.txt)")
+        return
+    import transformers
+
+    from shared.bert import BertModel, hf_to_ours
+
+    torch.manual_seed(0)
+    ours = BertModel(vocab, width, layers, heads, 4 * width, dropout=0.1)
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=4 * width)
+    theirs = transformers.BertModel(config, add_pooling_layer=True)  # default attention: sdpa
+    ours.load_state_dict(hf_to_ours(theirs.state_dict(), layers))  # the same weights
+    ids = torch.randint(5, vocab, (batch, tokens))
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[:, -tokens // 4:] = 0  # padding at the end of every row
+    types = torch.zeros_like(ids)
+
+    def step_fn(model, forward):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            hidden, pooled = forward()
+            loss = hidden.float().pow(2).mean() + pooled.float().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return step
+
+    ours.train(), theirs.train()
+    times = time_alternately({
+        "ours": step_fn(ours, lambda: ours(ids, types, mask)),
+        "transformers": step_fn(theirs, lambda: tuple(theirs(
+            input_ids=ids, token_type_ids=types, attention_mask=mask)[:2]))},
+        rounds, warmup)
+    print(f"bert training step (B {batch}, T {tokens}, D {width}, {layers} layers, "
+          f"{torch.get_num_threads()} threads): ours {times['ours'] * 1e3:.1f} ms, "
+          f"transformers {times['transformers'] * 1e3:.1f} ms, "
+          f"ratio {times['ours'] / times['transformers']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
@@ -204,17 +254,21 @@ def main() -> None:
                         help="virtex.ResNet vs torchvision's resnet50")
     parser.add_argument("--ipot", action="store_true",
                         help="uniter.ipot batched vs a per-example loop")
+    parser.add_argument("--bert", action="store_true",
+                        help="shared.bert.BertModel vs transformers.BertModel")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    if not (args.coca or args.resnet or args.ipot):
-        parser.error("choose a comparison: --coca, --resnet and/or --ipot")
+    if not (args.coca or args.resnet or args.ipot or args.bert):
+        parser.error("choose a comparison: --coca, --resnet, --ipot and/or --bert")
     if args.coca:
         coca_vs_open_clip(rounds=args.rounds)
     if args.resnet:
         resnet_vs_torchvision(rounds=args.rounds)
     if args.ipot:
         ipot_batched_vs_loop(rounds=args.rounds, threads=args.threads)
+    if args.bert:
+        bert_vs_transformers(rounds=args.rounds)
 
 
 if __name__ == "__main__":
