@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 from shared.config import optimisation_problems
 from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
                          region_statistics)
-from shared.decoding import beam_search, greedy
+from shared.decoding import PrefixParents, beam_search, greedy
 from shared.masks import causal_mask
 from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -500,6 +500,30 @@ class Oscar(nn.Module):
             x = layer(x, allowed, context=torch.cat([x, context], dim=1))  # (R, t, D)
         return self.mlm_logits(x)  # (R, t, V)
 
+    def caption_step(self, tokens: Tensor, past: list[Tensor] | None, states: list[Tensor],
+                     context_real: Tensor, mask_id: int) -> tuple[Tensor, list[Tensor]]:
+        """One decoding step with the caption rows cached too [code: history_state]. tokens
+        (R, t) = [CLS] w_1 .. w_{t-1}; past: for each layer, its inputs (R, t - 1, D) at rows
+        0 .. t - 2 (None when t = 1). Only two rows are run: t - 1 (w_{t-1}, which was the
+        [MASK] one step ago, so its states changed) and t (the new [MASK]); the earlier rows
+        never see a later one (causal), so their states are final and are read from `past`.
+        Returns (the MLM logits at [MASK] (R, V), the cache of the next step: past with row
+        t - 1 appended, [(R, t, D)] * layers)."""
+        R, t = tokens.shape
+        new = torch.stack([tokens[:, -1], torch.full_like(tokens[:, -1], mask_id)], dim=1)
+        positions = torch.arange(t - 1, t + 1, device=tokens.device)  # (2,)
+        x = self.text_embeddings(new, positions=positions)  # (R, 2, D)
+        K = context_real.shape[1]
+        allowed = torch.cat([torch.ones(R, 2, t - 1, dtype=torch.bool, device=tokens.device),
+                             causal_mask(2, tokens.device)[None].expand(R, 2, 2),
+                             context_real[:, None, :].expand(R, 2, K)], dim=2)  # (R, 2, t+1+K)
+        cache = []
+        for l, (layer, context) in enumerate(zip(self.layers, states)):
+            before = x.new_zeros(R, 0, x.shape[2]) if past is None else past[l]  # (R, t-1, D)
+            cache.append(torch.cat([before, x[:, :1]], dim=1))  # (R, t, D): w_{t-1} is final
+            x = layer(x, allowed, context=torch.cat([before, x, context], dim=1))  # (R, 2, D)
+        return self.mlm_logits(x[:, -1]), cache  # (R, V)
+
 
 def build_model(config: Config) -> Oscar:
     return Oscar(config)
@@ -722,12 +746,40 @@ def retrieval_scores(model: Oscar, tokenizer, config: Config, examples: list[dic
     return torch.cat(scores).view(n, n).float().cpu()  # (n images, n texts)
 
 
+def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
+                    cached: bool = True):
+    """The step function of shared.decoding for captioning: (tokens (R, t), rows (R,)) ->
+    log-probs (R, V) of the next word, read at an appended [MASK]. cached: the caption rows'
+    states are kept between steps (Oscar.caption_step, two rows run a step); else every step
+    runs all t + 1 caption rows (Oscar.caption_logits). Both read the tags and regions from
+    `states` (Oscar.context_states), and give the same numbers (tests/test_oscar.py)."""
+    if cached:
+        parents, cache = PrefixParents(), [None]
+
+        def step(tokens: Tensor, rows: Tensor) -> Tensor:
+            index = parents(tokens, rows)  # (R,) the row of the last call each row extends
+            past = None if index is None else [p[index] for p in cache[0]]
+            logits, cache[0] = model.caption_step(tokens, past, [s[rows] for s in states],
+                                                  real[rows], tokenizer.mask_id)
+            return logits.float().log_softmax(dim=-1)  # (R, V)
+        return step
+
+    def step(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t) -> (R, V) log-probs
+        mask = torch.full((len(tokens), 1), tokenizer.mask_id, dtype=torch.long,
+                          device=tokens.device)
+        query = torch.cat([tokens, mask], dim=1)  # (R, t + 1)
+        logits = model.caption_logits(query, [s[rows] for s in states], real[rows])
+        return logits[:, -1].float().log_softmax(dim=-1)  # read at [MASK]
+    return step
+
+
 def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world_config,
-            beam_size: int | None = None) -> list[str]:
+            beam_size: int | None = None, cached: bool = True) -> list[str]:
     """Captions for the examples' images [Oscar §Adapting; code]: start from [CLS], append
     [MASK], read the next word at [MASK], append it, repeat to [SEP] or max_gen_len words;
     beam search (beam_size, Σ log p / len^length_penalty) or greedy (beam_size 1). The tags and
-    regions are run once per image (Oscar.context_states); each step runs the caption rows."""
+    regions are run once per image (Oscar.context_states); with `cached`, each step runs two
+    caption rows (Oscar.caption_step), else all of them (Oscar.caption_logits)."""
     device = _device(model)
     beam_size = config.beam_size if beam_size is None else beam_size
     regions, region_mask = _regions(examples, config, world_config, device)
@@ -737,13 +789,7 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
     tags = pad_sequences(tag_rows).to(device)  # (B, L)
     tag_positions = config.max_caption_len + torch.arange(tags.shape[1], device=device)
     states, real = model.context_states(tags, tag_positions, regions, region_mask)
-    mask_column = torch.full((1, 1), tokenizer.mask_id, dtype=torch.long, device=device)
-
-    def step(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t) -> (R, V) log-probs
-        query = torch.cat([tokens, mask_column.expand(len(tokens), 1)], dim=1)  # (R, t + 1)
-        logits = model.caption_logits(query, [s[rows] for s in states], real[rows])
-        return logits[:, -1].float().log_softmax(dim=-1)  # read at [MASK]
-
+    step = caption_step_fn(model, tokenizer, states, real, cached)
     prefix = torch.full((len(examples), 1), tokenizer.cls_id, dtype=torch.long, device=device)
     if beam_size == 1:
         out, _ = greedy(step, prefix, 1 + config.max_gen_len, tokenizer.sep_id, PAD_ID)

@@ -316,3 +316,42 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
     out_score = torch.where(has_best, best_score, beam_score)  # (B,)
     out_length = torch.where(has_best, best_length, T)  # (B,)
     return out_tokens[:, :int(out_length.max())], out_score  # (B, T'), (B,)
+
+
+# --- reusing a step function's per-row state across calls (cached decoding) ---------------------
+
+class PrefixParents:
+    """Which row of the previous step_fn call each row of this call extends, found by its
+    tokens, so a step function can keep per-row state (a cache) under greedy, beam_search and
+    nucleus_sample without changing their interface.
+
+    Every row a decoder passes at length t is a row it passed at length t - 1 plus one token
+    (beam search reorders, repeats and drops rows; greedy drops finished ones). Its parent is
+    the previous row with the same item and the same first t - 1 tokens; rows with the same
+    tokens and item have the same state, so any one of them will do.
+
+        parents = PrefixParents()
+        def step_fn(tokens, rows):
+            index = parents(tokens, rows)   # None at the first call, else (R,) into the last call
+            ...
+
+    One host-device sync per call (the tokens are compared on the CPU); decoding syncs once a
+    step anyway (to know which rows are finished).
+    """
+
+    def __init__(self):
+        self.keys: dict | None = None
+
+    def __call__(self, tokens: Tensor, rows: Tensor) -> Tensor | None:
+        token_rows, item_rows = tokens.tolist(), rows.tolist()
+        previous = self.keys
+        self.keys = {(item, tuple(row)): r for r, (item, row) in
+                     enumerate(zip(item_rows, token_rows))}
+        if previous is None:
+            return None
+        try:
+            index = [previous[(item, tuple(row[:-1]))] for item, row in zip(item_rows, token_rows)]
+        except KeyError:
+            raise ValueError("a row does not extend a row of the previous call: one "
+                             "PrefixParents serves one decoding call, from its first step")
+        return torch.tensor(index, device=tokens.device)  # (R,)

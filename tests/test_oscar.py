@@ -398,3 +398,47 @@ def test_contrastive_accuracy_of_a_head_that_always_says_polluted(tokenizer):
     share = sum(dataset[i]["polluted"] for i in range(40)) / 40
     assert metrics["contrastive_acc"] == pytest.approx(share)
     assert 0 <= metrics["mtl_acc"] <= 1
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_caching_the_caption_rows_gives_the_same_tokens_and_log_probs(tokenizer, method):
+    """Oscar.caption_step (two rows a step, the earlier rows cached) against caption_logits
+    (every row every step), through shared.decoding's greedy and beam search."""
+    from shared import decoding
+
+    torch.manual_seed(0)
+    config = small(task="caption", max_gen_len=10)
+    model = oscar.build_model(config).eval()
+    test = World(WORLD_CONFIG, "test")
+    examples = [test.example(i) for i in range(6)]
+    regions, region_mask = oscar._regions(examples, config, WORLD_CONFIG, "cpu")
+    tags = oscar.pad_sequences([torch.tensor(
+        tokenizer.encode(" ".join(ex["tags"]), add_special=False)[:config.max_tag_len - 1]
+        + [SEP]) for ex in examples])
+    prefix = torch.full((6, 1), CLS)
+    results = []
+    with torch.no_grad():
+        states, real = model.context_states(
+            tags, config.max_caption_len + torch.arange(tags.shape[1]), regions, region_mask)
+        for cached in (True, False):
+            step = oscar.caption_step_fn(model, tokenizer, states, real, cached)
+            if method == "greedy":
+                results.append(decoding.greedy(step, prefix, 1 + config.max_gen_len, SEP))
+            else:
+                results.append(decoding.beam_search(step, prefix, 1 + config.max_gen_len, SEP,
+                                                    beam_size=3, length_penalty=1.0))
+    (tokens_a, score_a), (tokens_b, score_b) = results
+    assert torch.equal(tokens_a, tokens_b)
+    assert torch.allclose(score_a, score_b, atol=1e-4)
+    assert tokens_a.shape[1] > 3  # something was generated
+
+
+def test_prefix_parents_follow_reordered_and_dropped_rows():
+    from shared.decoding import PrefixParents
+
+    parents = PrefixParents()
+    assert parents(torch.tensor([[2, 5], [2, 6], [2, 5]]), torch.tensor([0, 0, 1])) is None
+    index = parents(torch.tensor([[2, 6, 9], [2, 5, 7], [2, 5, 8]]), torch.tensor([0, 1, 0]))
+    assert index.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError, match="does not extend"):
+        parents(torch.tensor([[3, 3, 3, 3]]), torch.tensor([0]))
