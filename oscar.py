@@ -500,15 +500,16 @@ class Oscar(nn.Module):
             x = layer(x, allowed, context=torch.cat([x, context], dim=1))  # (R, t, D)
         return self.mlm_logits(x)  # (R, t, V)
 
-    def caption_step(self, tokens: Tensor, past: list[Tensor] | None, states: list[Tensor],
-                     context_real: Tensor, mask_id: int) -> tuple[Tensor, list[Tensor]]:
-        """One decoding step with the caption rows cached too [code: history_state]. tokens
-        (R, t) = [CLS] w_1 .. w_{t-1}; past: for each layer, its inputs (R, t - 1, D) at rows
-        0 .. t - 2 (None when t = 1). Only two rows are run: t - 1 (w_{t-1}, which was the
-        [MASK] one step ago, so its states changed) and t (the new [MASK]); the earlier rows
-        never see a later one (causal), so their states are final and are read from `past`.
-        Returns (the MLM logits at [MASK] (R, V), the cache of the next step: past with row
-        t - 1 appended, [(R, t, D)] * layers)."""
+    def caption_step(self, tokens: Tensor, past: list | None, context_kv: list,
+                     context_real: Tensor, mask_id: int) -> tuple[Tensor, list]:
+        """One decoding step with a key/value cache. tokens (R, t) = [CLS] w_1 .. w_{t-1};
+        past: for each layer, the keys and values (R, H, t - 1, Dh) of caption rows 0 .. t - 2
+        (None when t = 1); context_kv: for each layer, those of the tags and regions
+        (R, H, K, Dh), projected once per image. Only two rows are run: t - 1 (w_{t-1}, which
+        was the [MASK] one step ago, so its states changed) and t (the new [MASK]); earlier
+        rows never see a later one (causal), so their keys and values are final.
+        Returns (the MLM logits at [MASK] (R, V), the next step's past: row t - 1's keys and
+        values appended, [((R, H, t, Dh), (R, H, t, Dh))] * layers)."""
         R, t = tokens.shape
         new = torch.stack([tokens[:, -1], torch.full_like(tokens[:, -1], mask_id)], dim=1)
         positions = torch.arange(t - 1, t + 1, device=tokens.device)  # (2,)
@@ -518,10 +519,15 @@ class Oscar(nn.Module):
                              causal_mask(2, tokens.device)[None].expand(R, 2, 2),
                              context_real[:, None, :].expand(R, 2, K)], dim=2)  # (R, 2, t+1+K)
         cache = []
-        for l, (layer, context) in enumerate(zip(self.layers, states)):
-            before = x.new_zeros(R, 0, x.shape[2]) if past is None else past[l]  # (R, t-1, D)
-            cache.append(torch.cat([before, x[:, :1]], dim=1))  # (R, t, D): w_{t-1} is final
-            x = layer(x, allowed, context=torch.cat([before, x, context], dim=1))  # (R, 2, D)
+        for l, layer in enumerate(self.layers):
+            k_new, v_new = layer.attn.project_kv(x)  # (R, H, 2, Dh) each
+            k_past, v_past = (k_new[:, :, :0], v_new[:, :, :0]) if past is None else past[l]
+            cache.append((torch.cat([k_past, k_new[:, :, :1]], dim=2),
+                          torch.cat([v_past, v_new[:, :, :1]], dim=2)))  # row t - 1 is final
+            k_ctx, v_ctx = context_kv[l]  # (R, H, K, Dh)
+            kv = (torch.cat([k_past, k_new, k_ctx], dim=2),
+                  torch.cat([v_past, v_new, v_ctx], dim=2))  # (R, H, t + 1 + K, Dh)
+            x = layer(x, allowed, kv=kv)  # (R, 2, D)
         return self.mlm_logits(x[:, -1]), cache  # (R, V)
 
 
@@ -749,17 +755,27 @@ def retrieval_scores(model: Oscar, tokenizer, config: Config, examples: list[dic
 def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
                     cached: bool = True):
     """The step function of shared.decoding for captioning: (tokens (R, t), rows (R,)) ->
-    log-probs (R, V) of the next word, read at an appended [MASK]. cached: the caption rows'
-    states are kept between steps (Oscar.caption_step, two rows run a step); else every step
-    runs all t + 1 caption rows (Oscar.caption_logits). Both read the tags and regions from
-    `states` (Oscar.context_states), and give the same numbers (tests/test_oscar.py)."""
+    log-probs (R, V) of the next word, read at an appended [MASK]. cached: keys and values are
+    kept, those of the tags and regions projected once and those of the caption rows as they
+    become final (Oscar.caption_step: two rows run a step); else every step runs all t + 1
+    caption rows (Oscar.caption_logits). Both read the tags and regions from `states`
+    (Oscar.context_states), and give the same numbers (tests/test_oscar.py)."""
     if cached:
         parents, cache = PrefixParents(), [None]
+        context_kv = [layer.attn.project_kv(x) for layer, x in zip(model.layers, states)]
+
+        def gather(kv: list, index: Tensor) -> list:
+            """The cache at these rows; no copy when they are all the rows, in order (greedy
+            before any row finishes: the common case)."""
+            n = len(kv[0][0])
+            if len(index) == n and torch.equal(index, torch.arange(n, device=index.device)):
+                return kv
+            return [(k[index], v[index]) for k, v in kv]
 
         def step(tokens: Tensor, rows: Tensor) -> Tensor:
             index = parents(tokens, rows)  # (R,) the row of the last call each row extends
-            past = None if index is None else [p[index] for p in cache[0]]
-            logits, cache[0] = model.caption_step(tokens, past, [s[rows] for s in states],
+            past = None if index is None else gather(cache[0], index)
+            logits, cache[0] = model.caption_step(tokens, past, gather(context_kv, rows),
                                                   real[rows], tokenizer.mask_id)
             return logits.float().log_softmax(dim=-1)  # (R, V)
         return step

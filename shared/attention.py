@@ -91,24 +91,33 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.fast = fast
 
+    def project_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values (B, H, Tk, Dh) of context tokens (B, Tk, Dc): what a decoding
+        cache keeps, so that tokens seen at an earlier step are not projected again."""
+        B, Tk, _ = context.shape
+        k = self.k_proj(context).view(B, Tk, self.n_heads, self.d_head).transpose(1, 2)
+        v = self.v_proj(context).view(B, Tk, self.n_heads, self.d_head).transpose(1, 2)
+        return k, v  # (B, H, Tk, Dh) each
+
     def forward(self, x: Tensor, context: Tensor | None = None, allowed: Tensor | None = None,
-                causal: bool = False) -> Tensor:
+                causal: bool = False, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """
         Args:
             x: (B, Tq, D) queries.
             context: (B, Tk, Dc) keys/values; None = self-attention on `x`.
             allowed: (B, Tq, Tk) bool or broadcastable (shared.masks), True = may attend.
             causal: also apply the causal mask (query i sees keys 0..i); self-attention only.
+            kv: the keys and values (B, H, Tk, Dh) already projected (project_kv, e.g. kept
+                by a decoding cache); given, `context` is not read.
         Returns:
             (B, Tq, D)
         """
-        context = x if context is None else context
         B, Tq, D = x.shape
-        Tk, H, Dh = context.shape[1], self.n_heads, self.d_head
+        H, Dh = self.n_heads, self.d_head
 
         q = self.q_proj(x).view(B, Tq, H, Dh).transpose(1, 2)  # (B, H, Tq, Dh)
-        k = self.k_proj(context).view(B, Tk, H, Dh).transpose(1, 2)  # (B, H, Tk, Dh)
-        v = self.v_proj(context).view(B, Tk, H, Dh).transpose(1, 2)  # (B, H, Tk, Dh)
+        k, v = self.project_kv(x if context is None else context) if kv is None else kv
+        Tk = k.shape[2]  # k, v: (B, H, Tk, Dh)
 
         if allowed is not None:
             allowed = expand_mask(allowed, B, Tq, Tk)  # (B|1, Tq|1, Tk|1), shapes checked

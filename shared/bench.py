@@ -4,6 +4,7 @@
     python -m shared.bench --resnet        # virtex.ResNet vs torchvision's resnet50, fwd + bwd
     python -m shared.bench --ipot          # uniter.ipot batched vs a loop over the examples
     python -m shared.bench --bert          # shared.bert.BertModel vs transformers.BertModel
+    python -m shared.bench --oscar_cache   # Oscar's cached caption decoding vs uncached
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -247,6 +248,46 @@ def bert_vs_transformers(batch: int = 32, tokens: int = 45, width: int = 384, la
           f"ratio {times['ours'] / times['transformers']:.2f}")
 
 
+def oscar_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "small",
+                             rounds: int = 5, warmup: int = 1) -> None:
+    """Greedy decoding of `tokens` words for `batch` images with Oscar's caption rows cached
+    (oscar.caption_step: two rows a step) vs recomputed (oscar.caption_logits: all rows every
+    step); both read the tags and regions from the same context states. The end token is an
+    id that never wins, so every row decodes all `tokens` steps."""
+    import dataclasses
+
+    import oscar
+    from shared import decoding
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(getattr(oscar.Config, preset)(), task="caption",
+                                 max_gen_len=tokens, max_caption_len=max(tokens + 2, 32),
+                                 vocab_size=1000)
+    model = oscar.build_model(config).eval()
+    N, L = config.n_regions, 8
+    regions = torch.randn(batch, N, config.feature_dim + 6)
+    tag_ids = torch.randint(5, config.vocab_size, (batch, L))
+
+    class Ids:  # the three ids caption_step_fn reads from a tokenizer
+        mask_id = 4
+
+    prefix = torch.full((batch, 1), 2)  # [CLS]
+    with torch.no_grad():
+        states, real = model.context_states(
+            tag_ids, config.max_caption_len + torch.arange(L), regions,
+            torch.ones(batch, N, dtype=torch.bool))
+        runs = {name: (lambda cached=cached: decoding.greedy(
+                    oscar.caption_step_fn(model, Ids, states, real, cached), prefix,
+                    1 + tokens, end_id=-1))
+                for name, cached in (("cached", True), ("uncached", False))}
+        same = torch.equal(runs["cached"]()[0], runs["uncached"]()[0])
+        times = time_alternately(runs, rounds, warmup)
+    print(f"oscar {preset} greedy, {batch} images x {tokens} words "
+          f"({torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
+          f"uncached {times['uncached'] * 1e3:.0f} ms, speedup "
+          f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
@@ -256,11 +297,13 @@ def main() -> None:
                         help="uniter.ipot batched vs a per-example loop")
     parser.add_argument("--bert", action="store_true",
                         help="shared.bert.BertModel vs transformers.BertModel")
+    parser.add_argument("--oscar_cache", action="store_true",
+                        help="Oscar's cached caption decoding vs uncached")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    if not (args.coca or args.resnet or args.ipot or args.bert):
-        parser.error("choose a comparison: --coca, --resnet, --ipot and/or --bert")
+    if not (args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache):
+        parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache")
     if args.coca:
         coca_vs_open_clip(rounds=args.rounds)
     if args.resnet:
@@ -269,6 +312,8 @@ def main() -> None:
         ipot_batched_vs_loop(rounds=args.rounds, threads=args.threads)
     if args.bert:
         bert_vs_transformers(rounds=args.rounds)
+    if args.oscar_cache:
+        oscar_cached_vs_uncached(rounds=args.rounds)
 
 
 if __name__ == "__main__":

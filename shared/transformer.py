@@ -54,13 +54,16 @@ class PostLNEncoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False,
-                context: Tensor | None = None) -> Tensor:
+                context: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None
+                ) -> Tensor:
         """x: (B, T, D); allowed: (B, T, Tk) or broadcastable. Returns (B, T, D).
 
         context: (B, Tk, D) the layer's input at every position the T rows attend to, x's rows
-        included; None = x itself (Tk = T). Cached decoding (Oscar's captioning) passes the
-        inputs kept from earlier steps followed by x, so only x's rows are computed."""
-        attended = self.attn(x, context, allowed=allowed, causal=causal)  # (B, T, D)
+        included; None = x itself (Tk = T). kv: those positions' keys and values already
+        projected (self.attn.project_kv), (B, H, Tk, Dh) each, instead of context. Cached
+        decoding (Oscar's captioning) passes the keys and values kept from earlier steps with
+        x's own, so only x's rows are computed."""
+        attended = self.attn(x, context, allowed=allowed, causal=causal, kv=kv)  # (B, T, D)
         x = self.attn_norm(x + self.attn_dropout(attended))
         return self.mlp_norm(x + self.mlp(x))  # (B, T, D)
 
