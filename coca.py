@@ -335,6 +335,32 @@ class TextDecoder(nn.Module):
             x = layer(x, image_queries, causal=True)  # (B, T, D), pads are handled by the loss
         return self.output(self.output_norm(x))  # (B, T, V)
 
+    def step(self, token: Tensor, position: int, past: list | None, cross_kv: list
+             ) -> tuple[Tensor, list]:
+        """One decoding step with a key/value cache: the token at `position` (R,) through the
+        unimodal then the multimodal layers, attending to the cached keys and values of
+        positions 0 .. position - 1 (past: [(k, v)] * (unimodal + multimodal layers), each
+        (R, H, position, Dh); None at position 0) and to the image queries' cross-attention
+        keys and values (cross_kv, one (k, v) per multimodal layer, projected once per image).
+        Causality needs no mask: the one query may see every cached position and itself.
+        Returns (next-token logits (R, V), the cache with this position appended)."""
+        x = (self.token_embedding(token) + self.positions[position])[:, None]  # (R, 1, D)
+        cache = []
+        layers = [*self.unimodal_layers, *self.multimodal_layers]
+        for l, layer in enumerate(layers):
+            attn, norm = ((layer.attn, layer.attn_norm) if l < len(self.unimodal_layers)
+                          else (layer.self_attn, layer.self_attn_norm))
+            k, v = attn.project_kv(norm(x))  # (R, H, 1, Dh) each
+            if past is not None:
+                k, v = torch.cat([past[l][0], k], dim=2), torch.cat([past[l][1], v], dim=2)
+            cache.append((k, v))  # (R, H, position + 1, Dh)
+            if l < len(self.unimodal_layers):
+                x = layer(x, kv=(k, v))  # (R, 1, D)
+            else:
+                x = layer(x, None, causal=False, kv=(k, v),
+                          context_kv=cross_kv[l - len(self.unimodal_layers)])  # (R, 1, D)
+        return self.output(self.output_norm(x[:, 0])), cache  # (R, V)
+
 
 # --- 5. Objectives -----------------------------------------------------------------------------
 
@@ -496,13 +522,31 @@ class CoCa(nn.Module):
         """(B, T) -> (B, E) L2-normalised text embeddings (prompts, retrieval)."""
         return self.encode_text(tokens)[0]
 
-    def next_token_logprobs(self, image_queries: Tensor):
+    def next_token_logprobs(self, image_queries: Tensor, cached: bool = True):
         """The `step_fn` of shared.decoding for images whose caption queries are given.
 
         step_fn(tokens (R, t), rows (R,)) -> (R, V) log-probs of token t+1; rows[r] is the image
-        of hypothesis r. The whole prefix is re-encoded at every step (no KV cache: O(T²), short
-        captions); the unimodal half runs without [CLS], which no text row can see anyway.
+        of hypothesis r. cached: a key/value cache, one new position a step (TextDecoder.step;
+        shared.decoding.PrefixParents follows the decoders' reordering of rows); else the
+        whole prefix is re-encoded at every step (O(T²)). The unimodal half runs without [CLS],
+        which no text row can see anyway. Both give the same numbers (tests/test_coca.py).
         """
+        from shared.decoding import PrefixParents, take_rows
+
+        decoder = self.text_decoder
+        if cached:
+            parents, cache = PrefixParents(), [None]
+            cross_kv = [layer.cross_attn.project_kv(image_queries)
+                        for layer in decoder.multimodal_layers]  # once per image
+
+            def cached_step(tokens: Tensor, rows: Tensor) -> Tensor:
+                index = parents(tokens, rows)  # (R,) the row of the last call each extends
+                past = None if index is None else take_rows(cache[0], index)
+                logits, cache[0] = decoder.step(tokens[:, -1], tokens.shape[1] - 1, past,
+                                                take_rows(cross_kv, rows))
+                return logits.float().log_softmax(dim=-1)  # (R, V)
+            return cached_step
+
         def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:
             text_states, _ = self.text_decoder.unimodal(tokens, with_cls=False)  # (R, t, D)
             logits = self.text_decoder.multimodal(text_states, image_queries[rows])  # (R, t, V)

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset
 from shared.config import optimisation_problems
 from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
                          region_statistics)
-from shared.decoding import PrefixParents, beam_search, greedy
+from shared.decoding import PrefixParents, beam_search, greedy, take_rows
 from shared.masks import causal_mask
 from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -764,18 +764,10 @@ def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
         parents, cache = PrefixParents(), [None]
         context_kv = [layer.attn.project_kv(x) for layer, x in zip(model.layers, states)]
 
-        def gather(kv: list, index: Tensor) -> list:
-            """The cache at these rows; no copy when they are all the rows, in order (greedy
-            before any row finishes: the common case)."""
-            n = len(kv[0][0])
-            if len(index) == n and torch.equal(index, torch.arange(n, device=index.device)):
-                return kv
-            return [(k[index], v[index]) for k, v in kv]
-
         def step(tokens: Tensor, rows: Tensor) -> Tensor:
             index = parents(tokens, rows)  # (R,) the row of the last call each row extends
-            past = None if index is None else gather(cache[0], index)
-            logits, cache[0] = model.caption_step(tokens, past, gather(context_kv, rows),
+            past = None if index is None else take_rows(cache[0], index)
+            logits, cache[0] = model.caption_step(tokens, past, take_rows(context_kv, rows),
                                                   real[rows], tokenizer.mask_id)
             return logits.float().log_softmax(dim=-1)  # (R, V)
         return step

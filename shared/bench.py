@@ -5,6 +5,7 @@
     python -m shared.bench --ipot          # uniter.ipot batched vs a loop over the examples
     python -m shared.bench --bert          # shared.bert.BertModel vs transformers.BertModel
     python -m shared.bench --oscar_cache   # Oscar's cached caption decoding vs uncached
+    python -m shared.bench --coca_cache    # CoCa's cached caption decoding vs uncached
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -288,6 +289,35 @@ def oscar_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "s
           f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
 
 
+def coca_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "small",
+                            rounds: int = 5, warmup: int = 1) -> None:
+    """Greedy decoding of `tokens` tokens for `batch` images with CoCa's key/value cache
+    (TextDecoder.step) vs re-encoding the prefix every step; the image is encoded once for
+    both, and the end token never wins, so every row decodes all `tokens` steps."""
+    import dataclasses
+
+    import coca
+    from shared import decoding
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(getattr(coca.Config, preset)(),
+                                 max_text_len=max(tokens + 1, 32), vocab_size=1000)
+    model = coca.build_model(config).eval()
+    prefix = torch.full((batch, 1), 2)  # [CLS]
+    with torch.no_grad():
+        _, queries = model.encode_image(torch.randn(batch, 3, config.image_size,
+                                                    config.image_size))
+        runs = {name: (lambda cached=cached: decoding.greedy(
+                    model.next_token_logprobs(queries, cached), prefix, 1 + tokens, end_id=-1))
+                for name, cached in (("cached", True), ("uncached", False))}
+        same = torch.equal(runs["cached"]()[0], runs["uncached"]()[0])
+        times = time_alternately(runs, rounds, warmup)
+    print(f"coca {preset} greedy, {batch} images x {tokens} tokens "
+          f"({torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
+          f"uncached {times['uncached'] * 1e3:.0f} ms, speedup "
+          f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
@@ -299,11 +329,15 @@ def main() -> None:
                         help="shared.bert.BertModel vs transformers.BertModel")
     parser.add_argument("--oscar_cache", action="store_true",
                         help="Oscar's cached caption decoding vs uncached")
+    parser.add_argument("--coca_cache", action="store_true",
+                        help="CoCa's cached caption decoding vs uncached")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    if not (args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache):
-        parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache")
+    if not (args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache
+            or args.coca_cache):
+        parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache, "
+                     "--coca_cache")
     if args.coca:
         coca_vs_open_clip(rounds=args.rounds)
     if args.resnet:
@@ -314,6 +348,8 @@ def main() -> None:
         bert_vs_transformers(rounds=args.rounds)
     if args.oscar_cache:
         oscar_cached_vs_uncached(rounds=args.rounds)
+    if args.coca_cache:
+        coca_cached_vs_uncached(rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -355,3 +355,12 @@ class PrefixParents:
             raise ValueError("a row does not extend a row of the previous call: one "
                              "PrefixParents serves one decoding call, from its first step")
         return torch.tensor(index, device=tokens.device)  # (R,)
+
+
+def take_rows(cache: list[tuple[Tensor, Tensor]], index: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """A key/value cache [(k, v)] * layers at these rows (index (R,) into dim 0), with no copy
+    when they are all the rows in order (greedy before any row finishes: most steps)."""
+    n = len(cache[0][0])
+    if len(index) == n and torch.equal(index, torch.arange(n, device=index.device)):
+        return cache
+    return [(k[index], v[index]) for k, v in cache]

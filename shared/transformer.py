@@ -83,9 +83,13 @@ class PreLNEncoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.mlp = MLP(d_model, d_hidden, dropout=dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False) -> Tensor:
-        """x: (B, T, D); allowed: (B, T, T) or broadcastable. Returns (B, T, D)."""
-        x = x + self.attn_dropout(self.attn(self.attn_norm(x), allowed=allowed, causal=causal))
+    def forward(self, x: Tensor, allowed: Tensor | None = None, causal: bool = False,
+                kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: (B, T, D); allowed: (B, T, Tk) or broadcastable. Returns (B, T, D).
+        kv: keys and values (B, H, Tk, Dh) of the positions attended to, kept by a decoding
+        cache (attn.project_kv of attn_norm of their inputs); None = computed from x."""
+        x = x + self.attn_dropout(self.attn(self.attn_norm(x), allowed=allowed, causal=causal,
+                                            kv=kv))
         return x + self.mlp(self.mlp_norm(x))  # (B, T, D)
 
 
@@ -143,11 +147,17 @@ class PreLNDecoderBlock(nn.Module):
         self.mlp = MLP(d_model, d_hidden, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor, allowed: Tensor | None = None,
-                causal: bool = True, context_allowed: Tensor | None = None) -> Tensor:
-        """Same arguments as `PostLNDecoderBlock.forward`. Returns (B, T, D)."""
-        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), allowed=allowed, causal=causal))
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), context, context_allowed))
+    def forward(self, x: Tensor, context: Tensor | None, allowed: Tensor | None = None,
+                causal: bool = True, context_allowed: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None,
+                context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Same arguments as `PostLNDecoderBlock.forward`, plus the keys and values a decoding
+        cache keeps: kv for the self-attention (B, H, Tk, Dh), context_kv for the cross-
+        attention (then `context` may be None). Returns (B, T, D)."""
+        x = x + self.dropout(self.self_attn(self.self_attn_norm(x), allowed=allowed,
+                                            causal=causal, kv=kv))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), context, context_allowed,
+                                             kv=context_kv))
         return x + self.mlp(self.mlp_norm(x))  # (B, T, D)
 
 

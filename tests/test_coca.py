@@ -323,3 +323,27 @@ def test_evaluate_returns_every_metric_in_range_and_restores_train_mode():
         assert 0.0 <= metrics[key] <= (10.0 if key == "cider" else 1.0), key
     samples = coca.sample_captions(model, tokenizer, config, world_config, "val", 2)
     assert len(samples) == 2 and all(isinstance(g, str) and isinstance(r, str) for g, r in samples)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_the_key_value_cache_gives_the_same_tokens_and_log_probs(method):
+    """TextDecoder.step with cached keys and values (one position a step) against re-encoding
+    the whole prefix every step, through shared.decoding."""
+    from shared import decoding
+
+    config = small_config()
+    model = model_for(config).eval()
+    with torch.no_grad():
+        _, queries = model.encode_image(torch.randn(4, 3, 16, 16))
+        prefix = torch.full((4, 1), CLS)
+        results = []
+        for cached in (True, False):
+            step = model.next_token_logprobs(queries, cached=cached)
+            if method == "greedy":
+                results.append(decoding.greedy(step, prefix, config.max_text_len, SEP))
+            else:
+                results.append(decoding.beam_search(step, prefix, config.max_text_len, SEP,
+                                                    beam_size=3))
+    (tokens_a, score_a), (tokens_b, score_b) = results
+    assert torch.equal(tokens_a, tokens_b) and tokens_a.shape[1] > 2
+    assert torch.allclose(score_a, score_b, atol=1e-4)
