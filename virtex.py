@@ -489,14 +489,59 @@ class VirTex(nn.Module):
 
     # --- 7. Inference: captions from the forward head ------------------------------------------
 
+    def step(self, token: Tensor, position: int, past: list | None, cross_kv: list
+             ) -> tuple[Tensor, list]:
+        """One decoding step of the forward head with a key/value cache: the token at
+        `position` (R,) attends to the cached keys and values of positions 0 .. position - 1
+        (past: [(k, v)] * layers, each (R, H, position, Dh); None at position 0) and to the
+        visual tokens' (cross_kv, projected once per image). No causal mask is needed: the one
+        query may see every cached position and itself. Returns (next-token logits (R, V),
+        the cache with this position appended)."""
+        e = self.embedding
+        x = e.dropout(e.norm(e.words(token) + e.positions.weight[position]))[:, None]  # (R, 1, H)
+        cache = []
+        for l, layer in enumerate(self.forward_head.layers):
+            k, v = layer.self_attn.project_kv(x)  # (R, heads, 1, Dh): post-LN, the raw input
+            if past is not None:
+                k, v = torch.cat([past[l][0], k], dim=2), torch.cat([past[l][1], v], dim=2)
+            cache.append((k, v))
+            x = layer(x, None, causal=False, kv=(k, v), context_kv=cross_kv[l])  # (R, 1, H)
+        return self.output(x[:, 0]), cache  # (R, V)
+
+    def next_token_logprobs(self, visual: Tensor, cached: bool = True):
+        """The `step_fn` of shared.decoding for the forward head: (tokens (R, t), rows (R,)) ->
+        (R, V) log-probs of token t+1. cached: one position a step against a key/value cache
+        (VirTex.step; shared.decoding.PrefixParents follows the decoders' reordering); else
+        the whole prefix is re-encoded every step (O(T²)). The same numbers either way
+        (tests/test_virtex.py)."""
+        from shared.decoding import PrefixParents, take_rows
+
+        if cached:
+            parents, cache = PrefixParents(), [None]
+            cross_kv = [layer.cross_attn.project_kv(visual)
+                        for layer in self.forward_head.layers]  # once per image
+
+            def cached_step(tokens: Tensor, rows: Tensor) -> Tensor:
+                index = parents(tokens, rows)  # (R,) the row of the last call each extends
+                past = None if index is None else take_rows(cache[0], index)
+                logits, cache[0] = self.step(tokens[:, -1], tokens.shape[1] - 1, past,
+                                             take_rows(cross_kv, rows))
+                return logits.float().log_softmax(dim=-1)  # (R, V)
+            return cached_step
+
+        def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t), (R,) -> (R, V)
+            logits = self.logits(self.forward_head, tokens, visual[rows])  # (R, t, V)
+            return logits[:, -1].float().log_softmax(dim=-1)
+        return step_fn
+
     @torch.no_grad()
     def generate(self, images: Tensor, start_id: int, end_id: int, max_len: int | None = None,
                  method: str = "beam", beam_size: int = 5, top_p: float = 0.9,
                  generator: torch.Generator | None = None) -> Tensor:
         """Caption images with the forward head [VirTex Captioning; code]: beam search (beam 5, no length
         penalty, the immediately repeated token blocked, as the official code), nucleus sampling
-        (p = 0.9) or greedy, through shared.decoding. The whole prefix is re-encoded each step
-        (no KV cache: O(T²), short captions).
+        (p = 0.9) or greedy, through shared.decoding, with a key/value cache
+        (next_token_logprobs).
 
         Args:
             images: (B, 3, H, W).  start_id / end_id: [CLS] / [SEP] of the tokenizer ([SOS]/[EOS]).
@@ -511,11 +556,7 @@ class VirTex(nn.Module):
                              f"captions need 'bicaptioning' or 'captioning'")
         max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
         visual = self.visual_tokens(images)  # (B, N, H), encoded once
-
-        def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t), (R,) -> (R, V)
-            logits = self.logits(self.forward_head, tokens, visual[rows])  # (R, t, V)
-            return logits[:, -1].float().log_softmax(dim=-1)
-
+        step_fn = self.next_token_logprobs(visual)
         prefix = torch.full((images.shape[0], 1), start_id, dtype=torch.long,
                             device=images.device)  # (B, 1)
         if method == "beam":

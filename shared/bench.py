@@ -6,6 +6,7 @@
     python -m shared.bench --bert          # shared.bert.BertModel vs transformers.BertModel
     python -m shared.bench --oscar_cache   # Oscar's cached caption decoding vs uncached
     python -m shared.bench --coca_cache    # CoCa's cached caption decoding vs uncached
+    python -m shared.bench --virtex_cache  # VirTex's cached caption decoding vs uncached
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -318,6 +319,35 @@ def coca_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "sm
           f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
 
 
+def virtex_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "small",
+                              rounds: int = 5, warmup: int = 1) -> None:
+    """Greedy decoding of `tokens` tokens for `batch` images with VirTex's key/value cache
+    (VirTex.step) vs re-encoding the prefix every step; the visual tokens are computed once for
+    both, and the end token never wins, so every row decodes all `tokens` steps."""
+    import dataclasses
+
+    import virtex
+    from shared import decoding
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(getattr(virtex.Config, preset)(),
+                                 max_text_len=max(tokens + 1, 32), vocab_size=1000)
+    model = virtex.build_model(config).eval()
+    prefix = torch.full((batch, 1), 2)  # [SOS] = [CLS]
+    with torch.no_grad():
+        visual = model.visual_tokens(torch.randn(batch, 3, config.image_size,
+                                                 config.image_size))
+        runs = {name: (lambda cached=cached: decoding.greedy(
+                    model.next_token_logprobs(visual, cached), prefix, 1 + tokens, end_id=-1))
+                for name, cached in (("cached", True), ("uncached", False))}
+        same = torch.equal(runs["cached"]()[0], runs["uncached"]()[0])
+        times = time_alternately(runs, rounds, warmup)
+    print(f"virtex {preset} greedy, {batch} images x {tokens} tokens "
+          f"({torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
+          f"uncached {times['uncached'] * 1e3:.0f} ms, speedup "
+          f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
@@ -331,13 +361,15 @@ def main() -> None:
                         help="Oscar's cached caption decoding vs uncached")
     parser.add_argument("--coca_cache", action="store_true",
                         help="CoCa's cached caption decoding vs uncached")
+    parser.add_argument("--virtex_cache", action="store_true",
+                        help="VirTex's cached caption decoding vs uncached")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     if not (args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache
-            or args.coca_cache):
+            or args.coca_cache or args.virtex_cache):
         parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache, "
-                     "--coca_cache")
+                     "--coca_cache, --virtex_cache")
     if args.coca:
         coca_vs_open_clip(rounds=args.rounds)
     if args.resnet:
@@ -350,6 +382,8 @@ def main() -> None:
         oscar_cached_vs_uncached(rounds=args.rounds)
     if args.coca_cache:
         coca_cached_vs_uncached(rounds=args.rounds)
+    if args.virtex_cache:
+        virtex_cached_vs_uncached(rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -112,19 +112,25 @@ class PostLNDecoderBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor, allowed: Tensor | None = None,
-                causal: bool = True, context_allowed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None, allowed: Tensor | None = None,
+                causal: bool = True, context_allowed: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None,
+                context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """
         Args:
             x: (B, T, D) text tokens.  context: (B, N, Dc) image tokens.
             allowed: (B, T, T) or broadcastable self-attention mask (e.g. the text padding mask).
             causal: apply the causal mask in self-attention (False for VirTex's MLM ablation).
             context_allowed: (B, T, N) or broadcastable cross-attention mask (None = all).
+            kv, context_kv: keys and values (B, H, Tk, Dh) a decoding cache keeps, for the
+                self- and the cross-attention (then `context` may be None).
         Returns:
             (B, T, D)
         """
-        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, allowed=allowed, causal=causal)))
-        x = self.cross_attn_norm(x + self.dropout(self.cross_attn(x, context, context_allowed)))
+        x = self.self_attn_norm(x + self.dropout(self.self_attn(x, allowed=allowed, causal=causal,
+                                                                kv=kv)))
+        x = self.cross_attn_norm(x + self.dropout(self.cross_attn(x, context, context_allowed,
+                                                                  kv=context_kv)))
         return self.mlp_norm(x + self.mlp(x))  # (B, T, D)
 
 

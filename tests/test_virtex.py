@@ -392,3 +392,27 @@ def test_train_py_runs_virtex_and_writes_the_issue_keys(tmp_path):
     saved = json.loads((tmp_path / "final.json").read_text())
     for key in ["linear_probe_acc", "linear_probe_acc_random", "caption_truth", "cider"]:
         assert key in saved and saved[key] == final[key]
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_the_key_value_cache_gives_the_same_tokens_and_log_probs(method):
+    """VirTex.step with cached keys and values (one position a step) against re-encoding the
+    whole prefix every step, through shared.decoding (beam with repeat blocking, as generate)."""
+    from shared import decoding
+
+    config = small_config()
+    model = model_for(config).eval()
+    with torch.no_grad():
+        visual = model.visual_tokens(torch.randn(4, 3, config.image_size, config.image_size))
+        prefix = torch.full((4, 1), SOS)
+        results = []
+        for cached in (True, False):
+            step = model.next_token_logprobs(visual, cached=cached)
+            if method == "greedy":
+                results.append(decoding.greedy(step, prefix, config.max_text_len, EOS))
+            else:
+                results.append(decoding.beam_search(step, prefix, config.max_text_len, EOS,
+                                                    beam_size=3, block_repeat=True))
+    (tokens_a, score_a), (tokens_b, score_b) = results
+    assert torch.equal(tokens_a, tokens_b) and tokens_a.shape[1] > 2
+    assert torch.allclose(score_a, score_b, atol=1e-4)
