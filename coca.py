@@ -531,21 +531,14 @@ class CoCa(nn.Module):
         whole prefix is re-encoded at every step (O(T²)). The unimodal half runs without [CLS],
         which no text row can see anyway. Both give the same numbers (tests/test_coca.py).
         """
-        from shared.decoding import PrefixParents, take_rows
+        from shared.decoding import cached_step_fn
 
         decoder = self.text_decoder
         if cached:
-            parents, cache = PrefixParents(), [None]
             cross_kv = [layer.cross_attn.project_kv(image_queries)
                         for layer in decoder.multimodal_layers]  # once per image
-
-            def cached_step(tokens: Tensor, rows: Tensor) -> Tensor:
-                index = parents(tokens, rows)  # (R,) the row of the last call each extends
-                past = None if index is None else take_rows(cache[0], index)
-                logits, cache[0] = decoder.step(tokens[:, -1], tokens.shape[1] - 1, past,
-                                                take_rows(cross_kv, rows))
-                return logits.float().log_softmax(dim=-1)  # (R, V)
-            return cached_step
+            return cached_step_fn(lambda token, position, past, kv, rows:
+                                  decoder.step(token, position, past, kv), cross_kv)
 
         def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:
             text_states, _ = self.text_decoder.unimodal(tokens, with_cls=False)  # (R, t, D)

@@ -55,10 +55,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from shared.config import optimisation_problems
+from shared.config import encoder_problems, optimisation_problems
 from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
                          region_statistics)
-from shared.decoding import PrefixParents, beam_search, greedy, take_rows
+from shared.decoding import beam_search, cached_step_fn, greedy
+from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.masks import causal_mask
 from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -126,18 +127,9 @@ class Config:
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
-        problems = []
-        if self.hidden_size % self.heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by heads "
-                            f"{self.heads}")
-        if min(self.layers, self.heads, self.intermediate_size, self.feature_dim,
-               self.n_regions) < 1:
-            problems.append("layers, heads, intermediate_size, feature_dim and n_regions "
-                            "must be >= 1")
-        if not self.init_std > 0:
-            problems.append(f"init_std must be > 0, not {self.init_std}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), not {self.dropout}")
+        problems = encoder_problems(self, TASKS)
+        if self.n_regions < 1:
+            problems.append(f"n_regions must be >= 1, not {self.n_regions}")
         if self.max_text_len < 5:
             problems.append(f"max_text_len must be >= 5 ([CLS] w [SEP] q [SEP]), "
                             f"not {self.max_text_len}")
@@ -156,10 +148,6 @@ class Config:
             problems.append(f"need max_caption_masked >= 1, beam_size >= 1 and length_penalty "
                             f">= 0, got {self.max_caption_masked}, {self.beam_size}, "
                             f"{self.length_penalty}")
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
-        if self.eval_pairs < 2:
-            problems.append(f"eval_pairs must be >= 2, not {self.eval_pairs}")
         problems += optimisation_problems(self)
         if self.batch_size < 2 and self.task in ("pretrain", "retrieval"):
             problems.append("pre-training and retrieval draw negatives from other examples: "
@@ -324,14 +312,6 @@ def contrastive_loss(logits: Tensor, polluted: Tensor) -> Tensor:
     [CLS] says whether the triple is polluted (y = 1: the tags were replaced by another image's)
     or not (y = 0), cross-entropy averaged over the batch. logits (B, 2), polluted (B,) bool."""
     return F.cross_entropy(logits.float(), polluted.long().to(logits.device))
-
-
-def vqa_loss(logits: Tensor, scores: Tensor) -> Tensor:
-    """VQA as multi-label classification [code instance_bce_with_logits]: binary cross-entropy
-    of every answer against its soft score, averaged over batch and answers, times A (so a
-    sum over answers, mean over the batch). logits, scores (B, A)."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), scores.float().to(logits.device))
-    return bce * logits.shape[1]
 
 
 # --- 5. The model ---------------------------------------------------------------------------------
@@ -500,23 +480,24 @@ class Oscar(nn.Module):
             x = layer(x, allowed, context=torch.cat([x, context], dim=1))  # (R, t, D)
         return self.mlm_logits(x)  # (R, t, V)
 
-    def caption_step(self, tokens: Tensor, past: list | None, context_kv: list,
+    def caption_step(self, token: Tensor, position: int, past: list | None, context_kv: list,
                      context_real: Tensor, mask_id: int) -> tuple[Tensor, list]:
-        """One decoding step with a key/value cache. tokens (R, t) = [CLS] w_1 .. w_{t-1};
-        past: for each layer, the keys and values (R, H, t - 1, Dh) of caption rows 0 .. t - 2
-        (None when t = 1); context_kv: for each layer, those of the tags and regions
+        """One decoding step with a key/value cache. token (R,) = w_{t-1}, the last word of
+        [CLS] w_1 .. w_{t-1}, at position = t - 1; past: for each layer, the keys and values
+        (R, H, t - 1, Dh) of caption rows 0 .. t - 2 (None when t = 1); context_kv: for each
+        layer, those of the tags and regions
         (R, H, K, Dh), projected once per image. Only two rows are run: t - 1 (w_{t-1}, which
         was the [MASK] one step ago, so its states changed) and t (the new [MASK]); earlier
         rows never see a later one (causal), so their keys and values are final.
         Returns (the MLM logits at [MASK] (R, V), the next step's past: row t - 1's keys and
         values appended, [((R, H, t, Dh), (R, H, t, Dh))] * layers)."""
-        R, t = tokens.shape
-        new = torch.stack([tokens[:, -1], torch.full_like(tokens[:, -1], mask_id)], dim=1)
-        positions = torch.arange(t - 1, t + 1, device=tokens.device)  # (2,)
+        R, t = len(token), position + 1
+        new = torch.stack([token, torch.full_like(token, mask_id)], dim=1)  # (R, 2)
+        positions = torch.arange(t - 1, t + 1, device=token.device)  # (2,)
         x = self.text_embeddings(new, positions=positions)  # (R, 2, D)
         K = context_real.shape[1]
-        allowed = torch.cat([torch.ones(R, 2, t - 1, dtype=torch.bool, device=tokens.device),
-                             causal_mask(2, tokens.device)[None].expand(R, 2, 2),
+        allowed = torch.cat([torch.ones(R, 2, t - 1, dtype=torch.bool, device=token.device),
+                             causal_mask(2, token.device)[None].expand(R, 2, 2),
                              context_real[:, None, :].expand(R, 2, K)], dim=2)  # (R, 2, t+1+K)
         cache = []
         for l, layer in enumerate(self.layers):
@@ -761,16 +742,9 @@ def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
     caption rows (Oscar.caption_logits). Both read the tags and regions from `states`
     (Oscar.context_states), and give the same numbers (tests/test_oscar.py)."""
     if cached:
-        parents, cache = PrefixParents(), [None]
         context_kv = [layer.attn.project_kv(x) for layer, x in zip(model.layers, states)]
-
-        def step(tokens: Tensor, rows: Tensor) -> Tensor:
-            index = parents(tokens, rows)  # (R,) the row of the last call each row extends
-            past = None if index is None else take_rows(cache[0], index)
-            logits, cache[0] = model.caption_step(tokens, past, take_rows(context_kv, rows),
-                                                  real[rows], tokenizer.mask_id)
-            return logits.float().log_softmax(dim=-1)  # (R, V)
-        return step
+        return cached_step_fn(lambda token, position, past, kv, rows: model.caption_step(
+            token, position, past, kv, real[rows], tokenizer.mask_id), context_kv)
 
     def step(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t) -> (R, V) log-probs
         mask = torch.full((len(tokens), 1), tokenizer.mask_id, dtype=torch.long,

@@ -57,9 +57,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from shared.config import optimisation_problems
+from shared.config import encoder_problems, optimisation_problems
 from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
                          region_statistics)
+from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.metrics import recall_at_k, vqa_accuracy, vqa_accuracy_by_type
 from shared.ot import ipot  # the IPOT solver; WRA (below) is UNITER's use of it
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -138,16 +139,7 @@ class Config:
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
-        problems = []
-        if self.hidden_size % self.heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by heads "
-                            f"{self.heads}")
-        if min(self.layers, self.heads, self.intermediate_size, self.feature_dim) < 1:
-            problems.append("layers, heads, intermediate_size and feature_dim must be >= 1")
-        if not self.init_std > 0:
-            problems.append(f"init_std must be > 0, not {self.init_std}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout must be in [0, 1), not {self.dropout}")
+        problems = encoder_problems(self, TASKS)
         if self.max_text_len < 3:
             problems.append(f"max_text_len must be >= 3 ([CLS], a word, [SEP]), "
                             f"not {self.max_text_len}")
@@ -173,14 +165,10 @@ class Config:
         if self.ipot_beta <= 0 or min(self.ipot_iters, self.ipot_inner) < 1:
             problems.append(f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got "
                             f"{self.ipot_beta}, {self.ipot_iters}, {self.ipot_inner}")
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.hard_negatives < 1 or self.rank_margin < 0 or self.vqa_head_lr_mult <= 0:
             problems.append(f"need hard_negatives >= 1, rank_margin >= 0 and "
                             f"vqa_head_lr_mult > 0, got {self.hard_negatives}, "
                             f"{self.rank_margin}, {self.vqa_head_lr_mult}")
-        if self.eval_pairs < 2:
-            problems.append(f"eval_pairs must be >= 2, not {self.eval_pairs}")
         problems += optimisation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
@@ -493,23 +481,6 @@ def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> 
     """
     gap = margin + torch.sigmoid(negative.float()) - torch.sigmoid(positive.float())[:, None]
     return gap.clamp(min=0).mean()  # ()
-
-
-def vqa_loss(logits: Tensor, scores: Tensor) -> Tensor:
-    """VQA as multi-label classification [UNITER §Downstream; code model/vqa.py]: one sigmoid per
-    answer of the fixed vocabulary, against the answer's soft score (the share of annotators who
-    gave it; on the world, 1 for the one right answer, 0 for the rest).
-
-        L_VQA = (1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba)
-
-        symbol   variable          shape
-        z        logits            (B, A)
-        s        scores in [0, 1]  (B, A)
-
-    [code] writes this as the element-wise mean times A, which is the same number.
-    """
-    A = logits.shape[-1]
-    return F.binary_cross_entropy_with_logits(logits.float(), scores.float()) * A  # ()
 
 
 # --- 6. The model: embedders, the single-stream Transformer, the heads -------------------------

@@ -514,20 +514,13 @@ class VirTex(nn.Module):
         (VirTex.step; shared.decoding.PrefixParents follows the decoders' reordering); else
         the whole prefix is re-encoded every step (O(T²)). The same numbers either way
         (tests/test_virtex.py)."""
-        from shared.decoding import PrefixParents, take_rows
+        from shared.decoding import cached_step_fn
 
         if cached:
-            parents, cache = PrefixParents(), [None]
             cross_kv = [layer.cross_attn.project_kv(visual)
                         for layer in self.forward_head.layers]  # once per image
-
-            def cached_step(tokens: Tensor, rows: Tensor) -> Tensor:
-                index = parents(tokens, rows)  # (R,) the row of the last call each extends
-                past = None if index is None else take_rows(cache[0], index)
-                logits, cache[0] = self.step(tokens[:, -1], tokens.shape[1] - 1, past,
-                                             take_rows(cross_kv, rows))
-                return logits.float().log_softmax(dim=-1)  # (R, V)
-            return cached_step
+            return cached_step_fn(lambda token, position, past, kv, rows:
+                                  self.step(token, position, past, kv), cross_kv)
 
         def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t), (R,) -> (R, V)
             logits = self.logits(self.forward_head, tokens, visual[rows])  # (R, t, V)

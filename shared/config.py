@@ -5,6 +5,11 @@ paper's defaults beside each field. These fields mean the same in all four, so t
 once, here:
 
     batch_size, max_steps, grad_accum_steps, lr_schedule, warmup_steps, grad_clip
+
+and the region papers' (Oscar, UNITER) BERT encoder and downstream fields:
+
+    hidden_size, heads, layers, intermediate_size, feature_dim, init_std, dropout, task,
+    eval_pairs
 """
 
 LR_SCHEDULES = ("cosine", "linear")  # train.py's schedules after the warmup
@@ -23,4 +28,22 @@ def optimisation_problems(config) -> list[str]:
                         f"{c.grad_accum_steps}")
     if c.warmup_steps < 0 or c.grad_clip < 0:
         problems.append("warmup_steps and grad_clip must be >= 0 (grad_clip 0 = off)")
+    return problems
+
+
+def encoder_problems(config, tasks: tuple[str, ...]) -> list[str]:
+    """The problems with the BERT encoder and task fields of Oscar's and UNITER's Configs."""
+    c, problems = config, []
+    if c.hidden_size % c.heads:
+        problems.append(f"hidden_size {c.hidden_size} is not divisible by heads {c.heads}")
+    if min(c.layers, c.heads, c.intermediate_size, c.feature_dim) < 1:
+        problems.append("layers, heads, intermediate_size and feature_dim must be >= 1")
+    if not c.init_std > 0:
+        problems.append(f"init_std must be > 0, not {c.init_std}")
+    if not 0 <= c.dropout < 1:
+        problems.append(f"dropout must be in [0, 1), not {c.dropout}")
+    if c.task not in tasks:
+        problems.append(f"task must be one of {', '.join(tasks)}, not {c.task!r}")
+    if c.eval_pairs < 2:
+        problems.append(f"eval_pairs must be >= 2, not {c.eval_pairs}")
     return problems

@@ -364,3 +364,24 @@ def take_rows(cache: list[tuple[Tensor, Tensor]], index: Tensor) -> list[tuple[T
     if len(index) == n and torch.equal(index, torch.arange(n, device=index.device)):
         return cache
     return [(k[index], v[index]) for k, v in cache]
+
+
+def cached_step_fn(step, context_kv: list) -> StepFn:
+    """A decoder's one-position step with a key/value cache as a StepFn for greedy, beam_search
+    and nucleus_sample:
+
+        step(token (R,), position, past, context_kv_rows, rows) -> (logits (R, V), new past)
+
+    runs the last token of each row (at `position`, 0-based) against `past`, the cache of its
+    parent row (None at the first call), and context_kv_rows, the image's cross-attention (or
+    context) keys and values at these rows; it returns the cache with this position added.
+    PrefixParents finds each row's parent; take_rows gathers only when the rows changed."""
+    parents, cache = PrefixParents(), [None]
+
+    def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:
+        index = parents(tokens, rows)  # (R,) the row of the last call each row extends
+        past = None if index is None else take_rows(cache[0], index)
+        logits, cache[0] = step(tokens[:, -1], tokens.shape[1] - 1, past,
+                                take_rows(context_kv, rows), rows)
+        return logits.float().log_softmax(dim=-1)  # (R, V)
+    return step_fn
