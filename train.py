@@ -482,15 +482,18 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     # the first step where it was NaN/inf (-1 = never). A paper that trains one task per step
     # (UNITER) returns different terms on different steps, so each term keeps its own count.
     term_sums, term_counts, first_bad = {}, {}, {}
-    window_steps, t_log, t_ckpt, t_start, start_step = 0, time.time(), time.time(), time.time(), step
+    window_steps, window_tokens = 0, 0  # since the last progress line; tokens: non-[PAD] text
+    t_log, t_ckpt, t_start, start_step = time.time(), time.time(), time.time(), step
     model.train()
     while step < stop:
         lr = get_lr(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         for _ in range(config.grad_accum_steps):
+            batch = next(batches)  # on the CPU: counting its text tokens costs no device sync
+            window_tokens += int((batch["tokens"] != 0).sum()) if "tokens" in batch else 0
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in next(batches).items()}
+                     for k, v in batch.items()}
             with autocast:
                 losses = model(batch)
             (losses["loss"] / config.grad_accum_steps).backward()
@@ -522,11 +525,12 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
             eta = (stop - step) / max(rate, 1e-9)
             parts = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
             log(f"step {step}/{config.max_steps} | {parts} | lr {lr:.2e} | {rate:.2f} steps/s "
-                f"{rate * config.batch_size:.0f} ex/s | eta {format_duration(eta)}")
+                f"{rate * config.batch_size:.0f} ex/s {window_tokens / (now - t_log):.0f} tok/s "
+                f"| eta {format_duration(eta)}")
             for n in term_sums:
                 term_sums[n].zero_()
                 term_counts[n] = 0
-            window_steps, t_log = 0, now
+            window_steps, window_tokens, t_log = 0, 0, now
         if run.eval_every and step % run.eval_every == 0 and step < config.max_steps:
             check_finite()
             metrics = evaluate(paper, model, tokenizer, config, world_config, "val", run.eval_n)

@@ -215,3 +215,26 @@ def test_oscar_pretrains_then_fine_tunes_captioning_from_its_checkpoint(tmp_path
     assert any("generated:" in line for line in lines)
     model = torch.load(tmp_path / "caption" / "best.pt", weights_only=False)["model"]
     assert "mlm_bias" in model and not any(k.startswith("contrastive_head") for k in model)
+
+
+def test_the_progress_line_reports_text_tokens_per_second(tmp_path):
+    """tok/s over ex/s is the mean number of non-[PAD] tokens per example of the window's
+    batches; with a line every step, the first line's window is the first batch."""
+    import re
+
+    from shared.data import train_loader
+    from shared.world import World
+
+    lines = []
+    run, paper, overrides = train.parse_args([*SMALL, "--max_steps", "2", "--out",
+                                              str(tmp_path)])
+    train.train(run, paper, overrides, log=lines.append)
+    first = next(line for line in lines if line.startswith("step 1/"))
+    ex, tok = (float(x) for x in re.search(r"([\d.]+) ex/s ([\d.]+) tok/s", first).groups())
+    config = train.make_config(paper, run.preset, overrides)
+    tokenizer = train.Tokenizer.load(tmp_path / "tokenizer.json")
+    dataset = paper.train_dataset(World(train.make_world_config(config, run.seed), "train"),
+                                  tokenizer, config)
+    batch = next(iter(train_loader(dataset, config.batch_size, 0, paper.collate_fn)))
+    per_example = float((batch["tokens"] != 0).sum()) / config.batch_size
+    assert tok / ex == pytest.approx(per_example, rel=0.05)
