@@ -364,6 +364,32 @@ def evaluate(paper, model, tokenizer, config, world_config, split: str, n: int) 
 
 # --- 6. The loop ------------------------------------------------------------------------------
 
+# Dense bf16 peak of the GPUs this project is measured on (NVIDIA's data sheets, SXM parts, no
+# sparsity), for the model FLOPs utilisation in the progress line; another GPU shows no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The bf16 peak of a CUDA device by its name, or None (CPU, or a GPU not listed)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def step_flops(model: torch.nn.Module, batch: dict) -> int:
+    """The FLOPs of one training micro-batch, forward and backward, counted by PyTorch's
+    FlopCounterMode (matmuls, convolutions and attention; elementwise work not counted, as MFU
+    conventions do). Measured once on the first batch: later batches with other text lengths
+    differ a little. The gradients it leaves are zeroed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(batch)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
 class NonFiniteLoss(RuntimeError):
     """Raised when a loss term becomes NaN or inf; the message names the step and the term."""
 
@@ -483,6 +509,8 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     # (UNITER) returns different terms on different steps, so each term keeps its own count.
     term_sums, term_counts, first_bad = {}, {}, {}
     window_steps, window_tokens = 0, 0  # since the last progress line; tokens: non-[PAD] text
+    peak = peak_flops(device)  # MFU only where the peak is known (H100, H200, A100)
+    flops_per_step = None
     t_log, t_ckpt, t_start, start_step = time.time(), time.time(), time.time(), step
     model.train()
     while step < stop:
@@ -494,6 +522,9 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
             window_tokens += int((batch["tokens"] != 0).sum()) if "tokens" in batch else 0
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
+            if peak is not None and flops_per_step is None:
+                with autocast:
+                    flops_per_step = step_flops(model, batch) * config.grad_accum_steps
             with autocast:
                 losses = model(batch)
             (losses["loss"] / config.grad_accum_steps).backward()
@@ -526,7 +557,8 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
             parts = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
             log(f"step {step}/{config.max_steps} | {parts} | lr {lr:.2e} | {rate:.2f} steps/s "
                 f"{rate * config.batch_size:.0f} ex/s {window_tokens / (now - t_log):.0f} tok/s "
-                f"| eta {format_duration(eta)}")
+                + (f"MFU {flops_per_step * rate / peak:.1%} " if flops_per_step else "")
+                + f"| eta {format_duration(eta)}")
             for n in term_sums:
                 term_sums[n].zero_()
                 term_counts[n] = 0

@@ -238,3 +238,21 @@ def test_the_progress_line_reports_text_tokens_per_second(tmp_path):
     batch = next(iter(train_loader(dataset, config.batch_size, 0, paper.collate_fn)))
     per_example = float((batch["tokens"] != 0).sum()) / config.batch_size
     assert tok / ex == pytest.approx(per_example, rel=0.05)
+
+
+def test_step_flops_counts_forward_and_backward_matmuls():
+    """A Linear layer on B x n inputs: 2·B·n·m FLOPs forward, twice that backward (the input's
+    and the weight's gradients), so 6·B·n·m a step; the gradients are left zeroed."""
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(16, 8)
+
+        def forward(self, batch):
+            return {"loss": self.linear(batch["x"]).pow(2).mean()}
+
+    model = Tiny()
+    x = torch.randn(4, 16, requires_grad=True)
+    assert train.step_flops(model, {"x": x}) == 6 * 4 * 16 * 8
+    assert model.linear.weight.grad is None
+    assert train.peak_flops(torch.device("cpu")) is None
