@@ -250,100 +250,60 @@ def bert_vs_transformers(batch: int = 32, tokens: int = 45, width: int = 384, la
           f"ratio {times['ours'] / times['transformers']:.2f}")
 
 
-def oscar_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "small",
-                             rounds: int = 5, warmup: int = 1) -> None:
-    """Greedy decoding of `tokens` words for `batch` images with Oscar's caption rows cached
-    (oscar.caption_step: two rows a step) vs recomputed (oscar.caption_logits: all rows every
-    step); both read the tags and regions from the same context states. The end token is an
-    id that never wins, so every row decodes all `tokens` steps."""
+def _caption_step_maker(name: str, batch: int, tokens: int, preset: str):
+    """(make_step(cached) -> a shared.decoding step_fn, label) for one captioner at `preset`
+    with random weights and a vocabulary of 1,000; the image side is run once, here."""
     import dataclasses
+    import importlib
 
-    import oscar
-    from shared import decoding
+    paper = importlib.import_module(name)
+    base = getattr(paper.Config, preset)()
+    if name == "oscar":
+        config = dataclasses.replace(base, task="caption", max_gen_len=tokens, vocab_size=1000,
+                                     max_caption_len=max(tokens + 2, 32))
+    else:
+        config = dataclasses.replace(base, max_text_len=max(tokens + 1, 32), vocab_size=1000)
+    model = paper.build_model(config).eval()
+    if name == "oscar":
+        N, L = config.n_regions, 8  # 8 tags
 
-    torch.manual_seed(0)
-    config = dataclasses.replace(getattr(oscar.Config, preset)(), task="caption",
-                                 max_gen_len=tokens, max_caption_len=max(tokens + 2, 32),
-                                 vocab_size=1000)
-    model = oscar.build_model(config).eval()
-    N, L = config.n_regions, 8
-    regions = torch.randn(batch, N, config.feature_dim + 6)
-    tag_ids = torch.randint(5, config.vocab_size, (batch, L))
+        class Ids:  # the one id oscar.caption_step_fn reads from a tokenizer
+            mask_id = 4
 
-    class Ids:  # the three ids caption_step_fn reads from a tokenizer
-        mask_id = 4
-
-    prefix = torch.full((batch, 1), 2)  # [CLS]
-    with torch.no_grad():
         states, real = model.context_states(
-            tag_ids, config.max_caption_len + torch.arange(L), regions,
+            torch.randint(5, config.vocab_size, (batch, L)), config.max_caption_len
+            + torch.arange(L), torch.randn(batch, N, config.feature_dim + 6),
             torch.ones(batch, N, dtype=torch.bool))
-        runs = {name: (lambda cached=cached: decoding.greedy(
-                    oscar.caption_step_fn(model, Ids, states, real, cached), prefix,
-                    1 + tokens, end_id=-1))
-                for name, cached in (("cached", True), ("uncached", False))}
-        same = torch.equal(runs["cached"]()[0], runs["uncached"]()[0])
-        times = time_alternately(runs, rounds, warmup)
-    print(f"oscar {preset} greedy, {batch} images x {tokens} words "
-          f"({torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
-          f"uncached {times['uncached'] * 1e3:.0f} ms, speedup "
-          f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
+        return (lambda cached: paper.caption_step_fn(model, Ids, states, real, cached),
+                f"{N} regions + {L} tags")
+    images = torch.randn(batch, 3, config.image_size, config.image_size)
+    if name == "coca":
+        context = model.encode_image(images)[1]  # the captioning queries
+    else:
+        context = model.visual_tokens(images)
+    return (lambda cached: model.next_token_logprobs(context, cached),
+            f"{config.image_size} px images")
 
 
-def coca_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "small",
-                            rounds: int = 5, warmup: int = 1) -> None:
-    """Greedy decoding of `tokens` tokens for `batch` images with CoCa's key/value cache
-    (TextDecoder.step) vs re-encoding the prefix every step; the image is encoded once for
-    both, and the end token never wins, so every row decodes all `tokens` steps."""
-    import dataclasses
-
-    import coca
+def cached_vs_uncached(name: str, batch: int = 32, tokens: int = 30, preset: str = "small",
+                       rounds: int = 5, warmup: int = 1) -> None:
+    """Greedy decoding of `tokens` tokens for `batch` inputs, with the captioner's key/value
+    cache (coca.TextDecoder.step, virtex.VirTex.step, oscar.Oscar.caption_step) vs recomputing
+    the prefix every step. The end token is an id that never wins, so every row decodes all
+    `tokens` steps; both paths must give the same tokens."""
     from shared import decoding
 
     torch.manual_seed(0)
-    config = dataclasses.replace(getattr(coca.Config, preset)(),
-                                 max_text_len=max(tokens + 1, 32), vocab_size=1000)
-    model = coca.build_model(config).eval()
     prefix = torch.full((batch, 1), 2)  # [CLS]
     with torch.no_grad():
-        _, queries = model.encode_image(torch.randn(batch, 3, config.image_size,
-                                                    config.image_size))
-        runs = {name: (lambda cached=cached: decoding.greedy(
-                    model.next_token_logprobs(queries, cached), prefix, 1 + tokens, end_id=-1))
-                for name, cached in (("cached", True), ("uncached", False))}
+        make_step, what = _caption_step_maker(name, batch, tokens, preset)
+        runs = {label: (lambda cached=cached: decoding.greedy(
+                    make_step(cached), prefix, 1 + tokens, end_id=-1))
+                for label, cached in (("cached", True), ("uncached", False))}
         same = torch.equal(runs["cached"]()[0], runs["uncached"]()[0])
         times = time_alternately(runs, rounds, warmup)
-    print(f"coca {preset} greedy, {batch} images x {tokens} tokens "
-          f"({torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
-          f"uncached {times['uncached'] * 1e3:.0f} ms, speedup "
-          f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
-
-
-def virtex_cached_vs_uncached(batch: int = 32, tokens: int = 30, preset: str = "small",
-                              rounds: int = 5, warmup: int = 1) -> None:
-    """Greedy decoding of `tokens` tokens for `batch` images with VirTex's key/value cache
-    (VirTex.step) vs re-encoding the prefix every step; the visual tokens are computed once for
-    both, and the end token never wins, so every row decodes all `tokens` steps."""
-    import dataclasses
-
-    import virtex
-    from shared import decoding
-
-    torch.manual_seed(0)
-    config = dataclasses.replace(getattr(virtex.Config, preset)(),
-                                 max_text_len=max(tokens + 1, 32), vocab_size=1000)
-    model = virtex.build_model(config).eval()
-    prefix = torch.full((batch, 1), 2)  # [SOS] = [CLS]
-    with torch.no_grad():
-        visual = model.visual_tokens(torch.randn(batch, 3, config.image_size,
-                                                 config.image_size))
-        runs = {name: (lambda cached=cached: decoding.greedy(
-                    model.next_token_logprobs(visual, cached), prefix, 1 + tokens, end_id=-1))
-                for name, cached in (("cached", True), ("uncached", False))}
-        same = torch.equal(runs["cached"]()[0], runs["uncached"]()[0])
-        times = time_alternately(runs, rounds, warmup)
-    print(f"virtex {preset} greedy, {batch} images x {tokens} tokens "
-          f"({torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
+    print(f"{name} {preset} greedy, {batch} x {tokens} tokens ({what}, "
+          f"{torch.get_num_threads()} threads): cached {times['cached'] * 1e3:.0f} ms, "
           f"uncached {times['uncached'] * 1e3:.0f} ms, speedup "
           f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
 
@@ -379,11 +339,11 @@ def main() -> None:
     if args.bert:
         bert_vs_transformers(rounds=args.rounds)
     if args.oscar_cache:
-        oscar_cached_vs_uncached(rounds=args.rounds)
+        cached_vs_uncached("oscar", rounds=args.rounds)
     if args.coca_cache:
-        coca_cached_vs_uncached(rounds=args.rounds)
+        cached_vs_uncached("coca", rounds=args.rounds)
     if args.virtex_cache:
-        virtex_cached_vs_uncached(rounds=args.rounds)
+        cached_vs_uncached("virtex", rounds=args.rounds)
 
 
 if __name__ == "__main__":
