@@ -325,7 +325,7 @@ class TextDecoder(nn.Module):
         allowed = unimodal_attention_mask(tokens)  # (B, T+1, T+1)
         for layer in self.unimodal_layers:
             x = layer(x, allowed=allowed)  # (B, T+1, D)
-        return x[:, :T], self.cls_norm(x[:, T])  # (B, T, D), (B, D)
+        return x[:, :T], self.cls_norm(x[:, -1])  # (B, T, D), (B, D): [CLS] is last
 
     def multimodal(self, text_states: Tensor, image_queries: Tensor) -> Tensor:
         """text_states: (B, T, D) from `unimodal`; image_queries: (B, Q, D) from the captioning

@@ -75,6 +75,7 @@ class RunConfig:
     log_every_s: float = 5.0  # seconds between progress lines
     ckpt_every_s: float = 120.0  # seconds between latest.pt checkpoints
     num_workers: int = 1  # DataLoader worker processes making world examples
+    compile: bool = False  # torch.compile the training forward (the first steps compile)
     tokenizer_texts: int = 2000  # world examples whose captions train the tokenizer
 
 
@@ -503,6 +504,11 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
                                 f"({out / 'latest.pt'}) is kept")
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # --compile: the training forward runs through torch.compile (the same module, so the same
+    # weights; checkpoints and evaluation use `model` itself and carry no "_orig_mod." prefix).
+    # dynamic=True: text lengths change from batch to batch, and UNITER's four tasks each have
+    # their own graph; marking the sizes dynamic from the start compiles each graph once.
+    forward = torch.compile(model, dynamic=True) if run.compile else model
     stop = min(run.stop_at or config.max_steps, config.max_steps)
     # per loss term, on the device (no sync): its sum and count since the last log line, and
     # the first step where it was NaN/inf (-1 = never). A paper that trains one task per step
@@ -526,7 +532,7 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
                 with autocast:
                     flops_per_step = step_flops(model, batch) * config.grad_accum_steps
             with autocast:
-                losses = model(batch)
+                losses = forward(batch)
             (losses["loss"] / config.grad_accum_steps).backward()
             for name, value in losses.items():
                 value = value.detach().float()  # (), stays on the device

@@ -256,3 +256,48 @@ def test_step_flops_counts_forward_and_backward_matmuls():
     assert train.step_flops(model, {"x": x}) == 6 * 4 * 16 * 8
     assert model.linear.weight.grad is None
     assert train.peak_flops(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("name", ["coca", "virtex", "oscar", "uniter"])
+def test_compile_traces_each_model_once_per_task_whatever_the_text_length(name):
+    """--compile on all four models: dynamo traces the training forward, the compiled loss is
+    the eager one, and batches whose text lengths differ reuse the graph (UNITER: one graph per
+    pre-training task). CompileCounter is dynamo's counting backend (no code generation, so
+    this takes seconds); before the fix, CoCa read its [CLS] state at x[:, T], which fixed T
+    and compiled again for every new text length."""
+    from torch._dynamo.testing import CompileCounter
+
+    from shared.data import train_loader
+    from shared.world import World
+
+    run, paper, overrides = train.parse_args(["--model", name, "--tokenizer_texts", "100"])
+    config = train.make_config(paper, run.preset, {**overrides, "batch_size": 8})
+    world_config = train.make_world_config(config, run.seed)
+    tokenizer = train.make_tokenizer(run, config, world_config)
+    config = train.make_config(paper, run.preset, {"batch_size": 8,
+                                                   "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(0)
+    model = paper.build_model(config)
+    dataset = paper.train_dataset(World(world_config, "train"), tokenizer, config)
+    batches = iter(train_loader(dataset, 8, 0, paper.collate_fn))
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    lengths, tasks = set(), set()
+    for i in range(12):
+        batch = next(batches)
+        lengths.add(batch["tokens"].shape[1])
+        tasks.add(batch.get("task"))
+        torch.manual_seed(i)
+        loss = compiled(batch)["loss"]
+        loss.backward()
+        if i == 0:
+            torch.manual_seed(i)
+            assert loss.item() == pytest.approx(model(batch)["loss"].item(), rel=1e-5)
+    assert len(lengths) >= 3  # the batches did change length
+    if name != "uniter":
+        assert counter.frame_count == 1
+    else:  # one graph a task, and at most one more when a size happens to equal another
+        # (dynamo's "duck sizing": here an MLM batch with exactly B masked words)
+        assert counter.frame_count <= 2 * len(tasks)
