@@ -18,7 +18,7 @@ torchvision, and torchvision does not import beside the CPU torch 2.13 wheel; us
 virtualenv for both:
 
     python -m venv /tmp/venv-oc
-    /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 open-clip-torch numpy tokenizers pillow
+    /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 -r requirements-bench.txt
     /tmp/venv-oc/bin/python -m shared.bench --coca --resnet
 
 Results go to reference/benchmarks.md with the device, shapes, command and date.
@@ -159,13 +159,22 @@ def ipot_batched_vs_loop(batch: int = 32, text: int = 35, regions: int = 50, ite
     regions) vs a Python loop calling the same uniter.ipot on one example at a time, each cut to
     its real tokens and regions (the loop does no work on padding). Two layouts: every example
     full size, and ragged (text lengths from text/2 to text, region counts from regions/5 to
-    regions), where the batched call also works on the padding.
+    regions), where the batched call also works on the padding. Where POT is installed, a third
+    contender: POT's ot.sinkhorn (entropic OT, reg 0.5, the same 50 iterations, no early stop,
+    its torch backend on the same tensors) called once per example: another algorithm, so only
+    the time is compared, as the library a user would otherwise reach for.
 
     `threads`: torch's intra-op threads during the timing (restored after). One by default: on
     the 2-core dev machine, while another job kept both cores busy, 2 threads made the batched
     call 1.9 s instead of 3 ms (an OpenMP thread that loses its core stalls every operation)."""
     import uniter
 
+    if importlib.util.find_spec("ot") is None:
+        ot = None
+        print("POT is not installed (pip install -r requirements-bench.txt): skipping the "
+              "ot.sinkhorn column")
+    else:
+        import ot
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -189,14 +198,25 @@ def ipot_batched_vs_loop(batch: int = 32, text: int = 35, regions: int = 50, ite
                                     region_mask[b:b + 1, :ny], iters=iters)
                         for b, (nx, ny) in enumerate(sizes)]
 
+            def pot_sinkhorn():  # POT's entropic solver, its torch backend, one example a call
+                return [ot.sinkhorn(torch.full((nx,), 1 / nx), torch.full((ny,), 1 / ny),
+                                    cost[b, :nx, :ny], reg=0.5, numItermax=iters, stopThr=0.0)
+                        for b, (nx, ny) in enumerate(sizes)]
+
             plan = batched()
             gap = max((plan[b, :nx, :ny] - one[0]).abs().max().item()
                       for b, ((nx, ny), one) in enumerate(zip(sizes, loop())))
-            medians = time_alternately({"batched": batched, "loop": loop}, rounds, warmup)
+            steps = {"batched": batched, "loop": loop}
+            if ot is not None:
+                steps["pot"] = pot_sinkhorn
+            medians = time_alternately(steps, rounds, warmup)
             speedup = medians["loop"] / medians["batched"]
             print(f"  {layout:6}  batched {medians['batched'] * 1e3:7.2f} ms   per-example loop "
                   f"{medians['loop'] * 1e3:7.2f} ms   speedup {speedup:.1f}x   "
                   f"(largest plan difference {gap:.1e})")
+            if ot is not None:
+                print(f"          POT ot.sinkhorn per example {medians['pot'] * 1e3:7.2f} ms   "
+                      f"ratio batched IPOT / POT {medians['batched'] / medians['pot']:.2f}")
     finally:
         torch.set_num_threads(previous_threads)
 
