@@ -118,6 +118,9 @@ class Config:
     hard_negatives: int = 31  # [code] retrieval fine-tuning: the 31 best-scoring wrong
     #                           candidates of each query (ours: among the batch, see rank forward)
     rank_margin: float = 0.2  # [code]: hinge margin on sigmoid scores
+    itm_score: str = "log_odds"  # the retrieval score from the 2-way ITM head: "log_odds" =
+    #   logit[match] - logit[no match] (OURS: monotone in the softmax probability ITM trains),
+    #   "match_logit" = logit[match] alone ([code]'s rank head starts as that row)
     vqa_head_lr_mult: float = 10.0  # [code]: the VQA head trains at 10x the learning rate
     zero_regions: bool = False  # OURS: every region feature and location zeroed, in training
     #                             and evaluation: the text-only baseline of VQA and retrieval
@@ -165,6 +168,8 @@ class Config:
         if self.ipot_beta <= 0 or min(self.ipot_iters, self.ipot_inner) < 1:
             problems.append(f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got "
                             f"{self.ipot_beta}, {self.ipot_iters}, {self.ipot_inner}")
+        if self.itm_score not in ("log_odds", "match_logit"):
+            problems.append(f"itm_score must be log_odds or match_logit, not {self.itm_score!r}")
         if self.hard_negatives < 1 or self.rank_margin < 0 or self.vqa_head_lr_mult <= 0:
             problems.append(f"need hard_negatives >= 1, rank_margin >= 0 and "
                             f"vqa_head_lr_mult > 0, got {self.hard_negatives}, "
@@ -593,9 +598,21 @@ class UNITER(nn.Module):
 
     def match_score(self, tokens: Tensor, features: Tensor, locations: Tensor,
                     region_mask: Tensor) -> Tensor:
-        """The ITM "match" logit of each (text, image) row: the retrieval score [code]. (B,)"""
+        """The retrieval score of each (text, image) row, zero-shot and with the rank head. (B,)
+
+        itm_score "log_odds": logit[match] - logit[no match]. ITM trains a 2-way softmax, which
+        only sees the difference of its two logits: adding any amount to both leaves the loss
+        as it is, so logit[match] alone carries a part ITM never trained, and ranking by it
+        ranks by that part too. The difference is the log-odds of the softmax probability of
+        "match" and ranks exactly as that probability. As the rank head (--task retrieval) it is
+        one linear score, (w1 - w0)·h + (b1 - b0): [code]'s single-logit rank head started from
+        the difference of the rows instead of row 1.
+        "match_logit": logit[match] alone, [code]'s zero-shot score and rank head."""
         h = self.encode(tokens, features, locations, region_mask)  # (B, T + N, D)
-        return self.itm_head(self.pooler(h))[:, 1]  # (B,)
+        logits = self.itm_head(self.pooler(h))  # (B, 2)
+        if self.config.itm_score == "match_logit":
+            return logits[:, 1]  # (B,)
+        return logits[:, 1] - logits[:, 0]  # (B,)
 
     def score_pairs(self, tokens: Tensor, features: Tensor, locations: Tensor,
                     region_mask: Tensor, text_index: Tensor, image_index: Tensor,
@@ -884,8 +901,8 @@ def _regions_batch(examples: list[dict], config: Config, device: torch.device,
 
 def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[dict],
                      world_config=None) -> Tensor:
-    """The (n images, n captions) ITM match logits of every pair of n examples' images and
-    first captions: n² forward passes, as the paper's retrieval evaluation [code itm_eval]."""
+    """The (n images, n captions) retrieval scores (UNITER.match_score) of every pair of n
+    examples' images and first captions: n² forward passes, as [code itm_eval]."""
     device = _device(model)
     tokens = tokenizer.encode_batch([ex["captions"][0] for ex in examples],
                                     config.max_text_len).to(device)  # (n, T)
@@ -921,7 +938,7 @@ def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
     """The downstream metrics on a world split (eval mode, no gradients).
 
     pretrain, retrieval: i2t_r1/5/10, t2i_r1/5/10 among min(n, eval_pairs) (image, first
-        caption) pairs, every pair scored by the ITM match logit; r1_mean = their R@1 mean.
+        caption) pairs, every pair scored by UNITER.match_score; r1_mean = their R@1 mean.
     vqa: vqa_acc over every question of n images; vqa_acc_<type> per question template;
         vqa_acc_regions_zeroed = the same model with the regions zeroed at test time.
     """

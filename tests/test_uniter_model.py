@@ -641,7 +641,7 @@ def test_forward_rank_trains_on_the_hardest_negatives_of_the_batch(world, tokeni
     assert model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_retrieval_scores_are_the_match_logit_of_every_image_text_pair(world, tokenizer):
+def test_retrieval_scores_are_the_match_score_of_every_image_text_pair(world, tokenizer):
     config = small_config(tokenizer)
     model = tiny_model(config).eval()
     examples = [world.example(i) for i in range(5)]
@@ -657,6 +657,33 @@ def test_retrieval_scores_are_the_match_logit_of_every_image_text_pair(world, to
                                              region_mask)
                 assert scores[i, t].item() == pytest.approx(expected.item(), abs=1e-5), (i, t)
     assert scores.std() > 0
+
+
+def test_match_score_is_the_itm_log_odds_which_ignores_what_softmax_cannot_see(world, tokenizer):
+    """itm_score log_odds: logit[1] - logit[0] of the ITM head, the log of p / (1 - p) for the
+    softmax probability p of "match". A direction added to BOTH rows of the head changes
+    neither the softmax nor the ITM loss; it moves the match logit alone ([code]'s score,
+    itm_score match_logit) but not the log-odds."""
+    config = small_config(tokenizer)
+    model = tiny_model(config).eval()
+    batch = uniter.collate_fn([uniter.UniterDataset(world, tokenizer, dataclasses.replace(
+        config, task="retrieval"))[i] for i in range(6)])
+    args = batch["tokens"], batch["features"], batch["locations"], batch["region_mask"]
+    with torch.no_grad():
+        logits = model.itm_head(model.pooler(model.encode(*args)))  # (B, 2)
+        p = logits.softmax(-1)[:, 1]
+        score = model.match_score(*args)
+        assert torch.allclose(score, torch.log(p / (1 - p)), atol=1e-4)
+        before_match = logits[:, 1].clone()
+        shift = torch.randn(config.hidden_size)
+        model.itm_head.weight.add_(shift)  # the same direction added to both rows
+        model.itm_head.bias.add_(3.0)
+        assert torch.allclose(model.match_score(*args), score, atol=1e-4)  # log-odds: unmoved
+        model.config = dataclasses.replace(config, itm_score="match_logit")
+        moved = model.match_score(*args)
+        assert (moved - before_match).abs().min() > 0.1  # the match logit alone: moved
+    with pytest.raises(ValueError, match="itm_score"):
+        dataclasses.replace(config, itm_score="probability")
 
 
 def test_evaluate_pretrain_reports_recall_among_at_most_eval_pairs(tokenizer):
