@@ -200,7 +200,8 @@ def ipot_batched_vs_loop(batch: int = 32, text: int = 35, regions: int = 50, ite
 
             def pot_sinkhorn():  # POT's entropic solver, its torch backend, one example a call
                 return [ot.sinkhorn(torch.full((nx,), 1 / nx), torch.full((ny,), 1 / ny),
-                                    cost[b, :nx, :ny], reg=0.5, numItermax=iters, stopThr=0.0)
+                                    cost[b, :nx, :ny], reg=0.5, numItermax=iters, stopThr=0.0,
+                                    warn=False)
                         for b, (nx, ny) in enumerate(sizes)]
 
             plan = batched()
