@@ -569,7 +569,7 @@ def build_model(config: Config) -> VirTex:
     return VirTex(config)
 
 
-def make_optimizer(model: VirTex, config: Config) -> torch.optim.Optimizer:
+def make_optimizer(model: VirTex, config: Config, fused: bool = False) -> torch.optim.Optimizer:
     """SGD, momentum 0.9, weight decay 1e-4; LR 0.2 for the CNN and 1e-3 for the rest
     [VirTex Impl; code]. train.py multiplies its schedule (peak config.lr) by each group's lr_scale.
 
@@ -577,7 +577,8 @@ def make_optimizer(model: VirTex, config: Config) -> torch.optim.Optimizer:
     (official code); the CNN's BatchNorm parameters are decayed, as there.
     DEVIATION: no Lookahead wrapper ([code]: k = 5, α = 0.5); it smooths the SGD trajectory but
     changes no equation, and leaving it out keeps the optimizer state one torch object.
-    optimizer = "adamw" (OURS) uses AdamW with the same two learning rates.
+    optimizer = "adamw" (OURS) uses AdamW with the same two learning rates. fused: one kernel
+    for all tensors (train.py sets it on CUDA and the CPU).
     """
     cnn, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
@@ -593,8 +594,9 @@ def make_optimizer(model: VirTex, config: Config) -> torch.optim.Optimizer:
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                                 fused=fused)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1, fused=fused)
 
 
 # --- 7 (continued). Data and downstream evaluation on the world: train.py's contract ----------

@@ -7,6 +7,7 @@
     python -m shared.bench --oscar_cache   # Oscar's cached caption decoding vs uncached
     python -m shared.bench --coca_cache    # CoCa's cached caption decoding vs uncached
     python -m shared.bench --virtex_cache  # VirTex's cached caption decoding vs uncached
+    python -m shared.bench --adamw         # AdamW on the CPU: fused kernel vs torch's loops
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -329,6 +330,31 @@ def cached_vs_uncached(name: str, batch: int = 32, tokens: int = 30, preset: str
           f"{times['uncached'] / times['cached']:.2f}x, same tokens: {same}")
 
 
+def adamw_fused_vs_loops(rounds: int = 20, warmup: int = 5) -> None:
+    """One AdamW update of each paper's `tiny` parameters (random gradients) three ways: torch's
+    default on the CPU (a Python loop over the tensors, foreach=False), the multi-tensor
+    foreach path, and the fused kernel that train.make_optimizer picks on CUDA and the CPU."""
+    import importlib
+
+    for name in ("coca", "virtex", "oscar", "uniter"):
+        paper = importlib.import_module(name)
+        torch.manual_seed(0)
+        model = paper.build_model(paper.Config.tiny())
+        params = list(model.parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        steps = {label: torch.optim.AdamW(params, lr=1e-4, **kwargs).step
+                 for label, kwargs in (("single", {"foreach": False}),
+                                       ("foreach", {"foreach": True}),
+                                       ("fused", {"fused": True}))}
+        times = time_alternately(steps, rounds, warmup)
+        print(f"adamw {name} tiny ({sum(p.numel() for p in params) / 1e6:.2f}M parameters in "
+              f"{len(params)} tensors, {torch.get_num_threads()} threads): single "
+              f"{times['single'] * 1e3:.2f} ms, foreach {times['foreach'] * 1e3:.2f} ms, fused "
+              f"{times['fused'] * 1e3:.2f} ms, fused / single "
+              f"{times['fused'] / times['single']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
@@ -344,13 +370,15 @@ def main() -> None:
                         help="CoCa's cached caption decoding vs uncached")
     parser.add_argument("--virtex_cache", action="store_true",
                         help="VirTex's cached caption decoding vs uncached")
+    parser.add_argument("--adamw", action="store_true",
+                        help="AdamW on the CPU: the fused kernel vs torch's loops")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
     if not (args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache
-            or args.coca_cache or args.virtex_cache):
+            or args.coca_cache or args.virtex_cache or args.adamw):
         parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache, "
-                     "--coca_cache, --virtex_cache")
+                     "--coca_cache, --virtex_cache, --adamw")
     if args.coca:
         coca_vs_open_clip(rounds=args.rounds)
     if args.resnet:
@@ -365,6 +393,8 @@ def main() -> None:
         cached_vs_uncached("coca", rounds=args.rounds)
     if args.virtex_cache:
         cached_vs_uncached("virtex", rounds=args.rounds)
+    if args.adamw:
+        adamw_fused_vs_loops(rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,11 @@ def test_ipot_comparison_runs_small_and_prints_the_speedups(capsys):
     assert [layout for layout, _, _ in speedups] == ["full", "ragged"]
     assert all(float(gap) < 1e-5 for _, _, gap in speedups)  # batched = loop
     assert torch.get_num_threads() == threads  # the thread setting is put back
+
+
+def test_adamw_comparison_times_three_paths_for_each_paper(capsys):
+    bench.adamw_fused_vs_loops(rounds=1, warmup=1)
+    lines = re.findall(r"^adamw (\w+) tiny .* single (\S+) ms, foreach (\S+) ms, fused (\S+) ms",
+                       capsys.readouterr().out, re.MULTILINE)
+    assert [name for name, *_ in lines] == ["coca", "virtex", "oscar", "uniter"]
+    assert all(float(t) > 0 for _, *times in lines for t in times)

@@ -68,6 +68,34 @@ def test_param_groups_put_no_decay_on_biases_and_norms():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("name", ["coca", "virtex", "oscar", "uniter"])
+def test_optimizer_is_fused_on_the_cpu_and_steps_as_the_single_tensor_loop(name):
+    """train.make_optimizer asks for the fused kernel on the CPU too (VirTex's own optimizer as
+    well); one fused step must move every parameter as torch's single-tensor loop does."""
+    run, paper, _ = train.parse_args(["--model", name])
+    config = train.make_config(paper, "tiny", {})
+    torch.manual_seed(0)
+    model = paper.build_model(config)
+    twin = paper.build_model(config)
+    twin.load_state_dict(model.state_dict())
+    fused = train.make_optimizer(paper, model, config, torch.device("cpu"))
+    assert all(g["fused"] for g in fused.param_groups), name
+    start = [p.detach().clone() for p in model.parameters()]
+    # a device type without the fused kernel here, so fused=False: torch's single-tensor loop
+    loop = train.make_optimizer(paper, twin, config, torch.device("meta"))
+    assert not any(g["fused"] for g in loop.param_groups)
+    for step in range(3):
+        torch.manual_seed(step)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    for (key, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=key)
+    assert all(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), start))  # it moved
+
+
 # --- checkpoints -----------------------------------------------------------------------------
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
