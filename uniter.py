@@ -782,8 +782,12 @@ class UniterDataset(Dataset):
 
         mlm      a caption with mask_words, the image whole
         mrfr, mrc, mrc_kl   the caption whole, regions masked by mask_regions
-        itm      a caption with its own image, or (itm_neg_prob) another example's regions
+        itm      a caption with its own image, or (itm_neg_prob) the regions of another
+                 example of the same micro-batch (see negative_index)
         (with conditional_masking=False, MLM and MRM items mask both modalities)
+
+    The last 2·b world examples are kept (`example`), so an ITM negative costs no second
+    rendering: its image is made once for its own item and once reused as a negative.
 
     retrieval: a caption and its image (the negatives come from the batch); vqa: one of the
     image's questions and its answer."""
@@ -797,6 +801,33 @@ class UniterDataset(Dataset):
         self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
         self.statistics = (region_statistics(world) if config.standardise_features
                            else None)
+        self.micro_batch = max(1, config.batch_size // config.grad_accum_steps)
+        self._recent = {}  # world index -> example, the last 2 * micro_batch made (this process)
+
+    def example(self, index: int) -> dict:
+        """world.example(index), kept for the rest of its micro-batch: world examples are pure
+        functions of their index, so keeping one changes no item, only what it costs."""
+        if index not in self._recent:
+            if len(self._recent) >= 2 * self.micro_batch:
+                del self._recent[next(iter(self._recent))]  # the oldest (dicts keep order)
+            self._recent[index] = self.world.example(index)
+        return self._recent[index]
+
+    def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:
+        """The world index of item i's replacement image, uniform over the other images of
+        its micro-batch (items i - i % b .. i - i % b + b - 1). DEVIATION: [code] draws it from
+        the whole dataset; the world's examples are i.i.d., so the negatives follow the same
+        distribution (on a corpus, b neighbours in its file order), and each is an image the
+        micro-batch makes anyway. Where the micro-batch
+        has no other image (b = 1, or a dataset shorter than b), one from the whole dataset."""
+        n, start = len(self.world), i - i % self.micro_batch
+        others = sorted({(start + k) % n for k in range(self.micro_batch)} - {index})
+        if others:
+            return others[int(rng.integers(len(others)))]
+        if n < 2:
+            raise ValueError("ITM needs at least 2 images to draw a negative from; the "
+                             "training set has 1")
+        return (index + 1 + int(rng.integers(n - 1))) % n
 
     def __len__(self) -> int:
         return self.length
@@ -805,7 +836,7 @@ class UniterDataset(Dataset):
         c, world = self.config, self.world
         index = i % len(world)
         rng = np.random.default_rng([self.seed, 13, i])
-        example = world.example(index)
+        example = self.example(index)
         task = draw_task(c, i // c.batch_size, self.seed) if c.task == "pretrain" else c.task
         item = {"task": task, **region_inputs(example, c, self.statistics)}
         if task == "vqa":
@@ -818,8 +849,8 @@ class UniterDataset(Dataset):
         if task == "itm":
             item["is_match"] = bool(rng.random() >= c.itm_neg_prob)
             if not item["is_match"]:  # [code]: replace the image, never the text
-                other = (index + 1 + int(rng.integers(len(world) - 1))) % len(world)
-                item.update(region_inputs(world.example(other), c, self.statistics))
+                other = self.example(self.negative_index(i, index, rng))
+                item.update(region_inputs(other, c, self.statistics))
         mrm = task in ("mrfr", "mrc", "mrc_kl")
         if task == "mlm" or (mrm and not c.conditional_masking):
             tokens, labels = mask_words(tokens, rng, c.mask_prob, self.tokenizer.mask_id,

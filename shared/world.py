@@ -948,15 +948,35 @@ def _benchmark(n: int, image_size: int, feature_dim: int) -> None:
         print(f"{image_size} px, regions={regions}: {rate:,.0f} examples/s")
 
 
+def _retrieval_ceilings(n: int, image_size: int, feature_dim: int) -> None:
+    """shared.metrics.retrieval_ceilings on the first n test examples and their first captions:
+    the pairs that UNITER's and Oscar's retrieval evaluation score."""
+    from shared.metrics import retrieval_ceilings
+
+    world = World(WorldConfig(image_size=image_size, feature_dim=feature_dim), "test")
+    examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
+    truth = [[is_true(a["captions"][0], b["scene"]) for b in examples] for a in examples]
+    ceilings = retrieval_ceilings(truth)
+    per_caption = np.asarray(truth).sum(1).mean()
+    print(f"test split, {len(examples)} images x their first caption: a caption is true of "
+          f"{per_caption:.2f} of the images on average")
+    for name, value in ceilings.items():
+        print(f"  {name:<15} expected R@1 {100 * value:.1f} %")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="The synthetic world: benchmark or show examples.")
     parser.add_argument("--bench", action="store_true", help="measure examples/s")
-    parser.add_argument("--n", type=int, default=3000, help="examples to time")
+    parser.add_argument("--retrieval_ceilings", action="store_true",
+                        help="expected R@1 of idealised scorers on the first --n test pairs")
+    parser.add_argument("--n", type=int, default=3000, help="examples to time or score")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--feature_dim", type=int, default=64)
     args = parser.parse_args()
     if args.bench:
         _benchmark(args.n, args.image_size, args.feature_dim)
+    elif args.retrieval_ceilings:
+        _retrieval_ceilings(args.n, args.image_size, args.feature_dim)
     else:
         world = World(WorldConfig(image_size=args.image_size, feature_dim=args.feature_dim), "val")
         for i in range(3):

@@ -273,6 +273,53 @@ def test_itm_replaces_the_image_of_about_itm_neg_prob_of_the_pairs_never_the_tex
     assert abs(negatives / n - 0.3) <= binomial_tolerance(0.3, n)
 
 
+class CountingWorld:
+    """A world that counts how often each example is made."""
+
+    def __init__(self, world):
+        self.world, self.made = world, Counter()
+
+    def __len__(self):
+        return len(self.world)
+
+    def example(self, i, regions=True):
+        self.made[i] += 1
+        return self.world.example(i, regions)
+
+
+def test_itm_negatives_are_other_images_of_the_micro_batch_each_made_once(world, tokenizer):
+    config = small_config(tokenizer, batch_size=8, grad_accum_steps=2, **only("itm"))  # b = 4
+    counting = CountingWorld(world)
+    ds = uniter.UniterDataset(counting, tokenizer, config)
+    negatives = 0
+    for start in range(0, 160, 4):  # 40 micro-batches, in the loader's order
+        own = {i: uniter.region_inputs(world.example(i), config) for i in range(start, start + 4)}
+        for i in range(start, start + 4):
+            item = ds[i]
+            if item["is_match"]:
+                continue
+            negatives += 1
+            source = [j for j, regions in own.items()
+                      if torch.equal(item["features"], regions["features"])]
+            assert source and source != [i], i  # another image of the same micro-batch
+    assert negatives >= 40
+    assert set(counting.made) == set(range(160)) and max(counting.made.values()) == 1
+
+
+def test_itm_negative_without_a_micro_batch_comes_from_the_whole_world(world, tokenizer):
+    config = small_config(tokenizer, batch_size=1, grad_accum_steps=1, itm_neg_prob=1.0,
+                          **only("itm"))
+    ds = uniter.UniterDataset(world, tokenizer, config)
+    for i in range(20):
+        item = ds[i]
+        assert not item["is_match"]
+        assert not torch.equal(item["features"],
+                               uniter.region_inputs(world.example(i), config)["features"])
+    one = World(dataclasses.replace(WORLD_CONFIG, n_train=1), "train")
+    with pytest.raises(ValueError, match="at least 2 images"):
+        uniter.UniterDataset(one, tokenizer, config)[0]
+
+
 # --- (c) collate ---------------------------------------------------------------------------------
 
 def test_collate_pads_and_gives_the_flat_positions_of_the_masked_words_and_regions(world,
