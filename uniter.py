@@ -58,8 +58,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
-                         region_statistics)
+from shared.data import (RecentExamples, feature_statistics, flat_targets, pad_rows,
+                         pad_sequences, region_statistics)
 from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.metrics import recall_at_k, vqa_accuracy, vqa_accuracy_by_type
 from shared.ot import ipot  # the IPOT solver; WRA (below) is UNITER's use of it
@@ -786,8 +786,8 @@ class UniterDataset(Dataset):
                  example of the same micro-batch (see negative_index)
         (with conditional_masking=False, MLM and MRM items mask both modalities)
 
-    The last 2·b world examples are kept (`example`), so an ITM negative costs no second
-    rendering: its image is made once for its own item and once reused as a negative.
+    The last 2·b world examples are kept (`shared.data.RecentExamples`), so an ITM negative
+    costs no second rendering: its image is made for its own item and reused as a negative.
 
     retrieval: a caption and its image (the negatives come from the batch); vqa: one of the
     image's questions and its answer."""
@@ -802,16 +802,7 @@ class UniterDataset(Dataset):
         self.statistics = (region_statistics(world) if config.standardise_features
                            else None)
         self.micro_batch = max(1, config.batch_size // config.grad_accum_steps)
-        self._recent = {}  # world index -> example, the last 2 * micro_batch made (this process)
-
-    def example(self, index: int) -> dict:
-        """world.example(index), kept for the rest of its micro-batch: world examples are pure
-        functions of their index, so keeping one changes no item, only what it costs."""
-        if index not in self._recent:
-            if len(self._recent) >= 2 * self.micro_batch:
-                del self._recent[next(iter(self._recent))]  # the oldest (dicts keep order)
-            self._recent[index] = self.world.example(index)
-        return self._recent[index]
+        self.example = RecentExamples(world, 2 * self.micro_batch)  # index -> world.example
 
     def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:
         """The world index of item i's replacement image, uniform over the other images of

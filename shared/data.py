@@ -109,6 +109,25 @@ def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,
 
 # --- regions (Oscar, UNITER) ---------------------------------------------------------------------
 
+class RecentExamples:
+    """source.example(i), keeping the last `size` examples made (this process; every DataLoader
+    worker has its own). World and corpus examples are pure functions of their index, so keeping
+    one changes nothing but its cost: a dataset that reuses an image of its own micro-batch
+    (UNITER's ITM negatives) makes it once."""
+
+    def __init__(self, source, size: int):
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.source, self.size, self.kept = source, size, {}
+
+    def __call__(self, index: int) -> dict:
+        if index not in self.kept:
+            if len(self.kept) >= self.size:
+                del self.kept[next(iter(self.kept))]  # the oldest (dicts keep insertion order)
+            self.kept[index] = self.source.example(index)
+        return self.kept[index]
+
+
 def pad_rows(rows: list[Tensor]) -> Tensor:
     """[(n_b, ...)] -> (B, max n_b, ...), zero-padded: a batch of per-image regions."""
     out = rows[0].new_zeros((len(rows), max(len(r) for r in rows)) + rows[0].shape[1:])

@@ -948,12 +948,12 @@ def _benchmark(n: int, image_size: int, feature_dim: int) -> None:
         print(f"{image_size} px, regions={regions}: {rate:,.0f} examples/s")
 
 
-def _retrieval_ceilings(n: int, image_size: int, feature_dim: int) -> None:
+def _retrieval_ceilings(n: int, image_size: int, feature_dim: int, seed: int = 0) -> None:
     """shared.metrics.retrieval_ceilings on the first n test examples and their first captions:
     the pairs that UNITER's and Oscar's retrieval evaluation score."""
     from shared.metrics import retrieval_ceilings
 
-    world = World(WorldConfig(image_size=image_size, feature_dim=feature_dim), "test")
+    world = World(WorldConfig(seed=seed, image_size=image_size, feature_dim=feature_dim), "test")
     examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
     truth = [[is_true(a["captions"][0], b["scene"]) for b in examples] for a in examples]
     ceilings = retrieval_ceilings(truth)
@@ -972,11 +972,12 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=3000, help="examples to time or score")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--feature_dim", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed (train.py --seed)")
     args = parser.parse_args()
     if args.bench:
         _benchmark(args.n, args.image_size, args.feature_dim)
     elif args.retrieval_ceilings:
-        _retrieval_ceilings(args.n, args.image_size, args.feature_dim)
+        _retrieval_ceilings(args.n, args.image_size, args.feature_dim, args.seed)
     else:
         world = World(WorldConfig(image_size=args.image_size, feature_dim=args.feature_dim), "val")
         for i in range(3):

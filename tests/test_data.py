@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from shared.data import (IMAGE_MEAN, IMAGE_STD, collate_image_text, image_to_tensor, pad_sequences,
-                         train_loader)
+from shared.data import (IMAGE_MEAN, IMAGE_STD, RecentExamples, collate_image_text,
+                         image_to_tensor, pad_sequences, train_loader)
 
 
 class Squares(Dataset):
@@ -46,3 +46,23 @@ def test_image_to_tensor_normalises_each_channel():
     assert x.shape == (3, 2, 3) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.full((2, 3), (1 - IMAGE_MEAN[0]) / IMAGE_STD[0]))
     assert torch.allclose(x[1], torch.full((2, 3), -IMAGE_MEAN[1] / IMAGE_STD[1]))
+
+
+def test_recent_examples_makes_each_kept_example_once_and_forgets_the_oldest():
+    class Source:
+        made = []
+
+        def example(self, i):
+            self.made.append(i)
+            return {"i": i}
+
+    source = Source()
+    recent = RecentExamples(source, size=2)
+    assert [recent(i)["i"] for i in (3, 4, 3, 4)] == [3, 4, 3, 4]
+    assert source.made == [3, 4]  # kept: made once each
+    recent(5)  # a third one: 3, the oldest, is forgotten
+    assert recent(4) == {"i": 4} and source.made == [3, 4, 5]
+    recent(3)
+    assert source.made == [3, 4, 5, 3]
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        RecentExamples(source, size=0)
