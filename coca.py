@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from shared.attention import MultiHeadAttention
 from shared.config import optimisation_problems
-from shared.data import ImageTextDataset, collate_image_text, image_to_tensor
+from shared.data import ImageTextDataset, collate_image_text, image_to_tensor, model_device
 from shared.masks import causal_mask, padding_mask
 from shared.probe import linear_probe as shared_linear_probe
 from shared.transformer import PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights
@@ -593,22 +593,18 @@ def train_dataset(world, tokenizer, config: Config):
 collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def embed_image_arrays(model: CoCa, images: list, chunk: int = 250) -> Tensor:
     """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""
     out = []
     for start in range(0, len(images), chunk):
         x = torch.stack([image_to_tensor(im) for im in images[start:start + chunk]])  # (b, 3, H, W)
-        out.append(model.embed_images(x.to(_device(model))))  # (b, E)
+        out.append(model.embed_images(x.to(model_device(model))))  # (b, E)
     return torch.cat(out)  # (n, E)
 
 
 def caption_images(model: CoCa, tokenizer, config: Config, images: list) -> list[str]:
     """Decode captions for uint8 images: greedy, or beam search when config.beam_size > 1."""
-    x = torch.stack([image_to_tensor(im) for im in images]).to(_device(model))  # (b, 3, H, W)
+    x = torch.stack([image_to_tensor(im) for im in images]).to(model_device(model))  # (b, 3, H, W)
     method = "greedy" if config.beam_size == 1 else "beam"
     tokens = model.generate(x, tokenizer.cls_id, tokenizer.sep_id, config.max_text_len,
                             method=method, beam_size=config.beam_size)  # (b, T)

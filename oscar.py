@@ -56,12 +56,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (feature_statistics, flat_targets, pad_rows, pad_sequences,
-                         region_statistics)
+from shared.data import (feature_statistics, flat_targets, model_device, pad_rows,
+                         pad_sequences, region_statistics)
 from shared.decoding import beam_search, cached_step_fn, greedy
 from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.masks import causal_mask
-from shared.metrics import bleu, cider_d, recall_at_k, truth_rate, vqa_accuracy_by_type
+from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, truth_rate,
+                            vqa_accuracy_by_type)
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights)
 from shared.world import ANSWERS, World, is_true, question_type
@@ -688,10 +689,6 @@ def collate_fn(items: list[dict]) -> dict:
 
 # --- 7. Downstream evaluation on the world: train.py's contract -----------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _tag_text(example: dict, config: Config) -> str | None:
     return " ".join(example["tags"]) if config.use_tags else None
 
@@ -719,7 +716,7 @@ def retrieval_scores(model: Oscar, tokenizer, config: Config, examples: list[dic
                      world_config, chunk: int = 1024) -> Tensor:
     """(n images, n captions) scores of every pair of n examples' images (with their own tags)
     and first captions: n² forward passes, as [code]'s cross-image evaluation."""
-    device, n = _device(model), len(examples)
+    device, n = model_device(model), len(examples)
     regions, region_mask = _regions(examples, config, world_config, device)
     image, text = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)  # image-major
     scores = []
@@ -762,7 +759,7 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
     beam search (beam_size, Σ log p / len^length_penalty) or greedy (beam_size 1). The tags and
     regions are run once per image (Oscar.context_states); with `cached`, each step runs two
     caption rows (Oscar.caption_step), else all of them (Oscar.caption_logits)."""
-    device = _device(model)
+    device = model_device(model)
     beam_size = config.beam_size if beam_size is None else beam_size
     regions, region_mask = _regions(examples, config, world_config, device)
     tag_rows = [torch.tensor([*tokenizer.encode(" ".join(ex["tags"]), add_special=False)
@@ -784,19 +781,15 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
 def vqa_predictions(model: Oscar, tokenizer, config: Config, examples: list[dict],
                     world_config, chunk: int = 256) -> tuple[list, list]:
     """(predicted answers, (question, answer, image) triples) for every question."""
-    device = _device(model)
-    qa = [(q, a, k) for k, ex in enumerate(examples) for q, a in ex["questions"]]
+    device = model_device(model)
     regions, region_mask = _regions(examples, config, world_config, device)
-    predicted = []
-    for s in range(0, len(qa), chunk):
-        part = qa[s:s + chunk]
-        k = [k for _, _, k in part]
-        tokens, segments, positions = text_batch(tokenizer, config, [q for q, _, _ in part],
-                                                 [_tag_text(examples[j], config) for j in k])
-        logits = model.answer_logits(tokens.to(device), segments.to(device),
-                                     positions.to(device), regions[k], region_mask[k])
-        predicted += [ANSWERS[a] for a in logits.argmax(dim=-1).tolist()]
-    return predicted, qa
+
+    def answer_logits(questions: list[str], images: list[int]) -> Tensor:
+        tokens, segments, positions = text_batch(tokenizer, config, questions,
+                                                 [_tag_text(examples[k], config) for k in images])
+        return model.answer_logits(tokens.to(device), segments.to(device), positions.to(device),
+                                   regions[images], region_mask[images])  # (b, A)
+    return predict_answers(examples, answer_logits, ANSWERS, chunk)
 
 
 def pretraining_accuracy(model: Oscar, tokenizer, config: Config, world, n: int,
@@ -804,7 +797,7 @@ def pretraining_accuracy(model: Oscar, tokenizer, config: Config, world, n: int,
     """The two pre-training tasks on n items of a world split, built as in training (seeded):
     mtl_acc = the share of masked tokens predicted right, contrastive_acc = the share of items
     whose pollution the head calls right."""
-    device = _device(model)
+    device = model_device(model)
     dataset = OscarDataset(world, tokenizer, config, seed=1)
     right_tokens = n_tokens = right_items = 0
     for s in range(0, n, chunk):

@@ -58,10 +58,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (RecentExamples, feature_statistics, flat_targets, pad_rows,
-                         pad_sequences, region_statistics)
+from shared.data import (RecentExamples, feature_statistics, flat_targets, model_device,
+                         pad_rows, pad_sequences, region_statistics)
 from shared.losses import vqa_loss  # UNITER and Oscar share it
-from shared.metrics import recall_at_k, vqa_accuracy, vqa_accuracy_by_type
+from shared.metrics import predict_answers, recall_at_k, vqa_accuracy, vqa_accuracy_by_type
 from shared.ot import ipot  # the IPOT solver; WRA (below) is UNITER's use of it
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights)
@@ -901,10 +901,6 @@ def collate_fn(items: list[dict]) -> dict:
 
 # --- 8. Downstream evaluation on the world: train.py's contract ----------------------------------
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _regions_batch(examples: list[dict], config: Config, device: torch.device,
                    world_config=None) -> tuple:
     """(features (b, N, F), locations (b, N, 7), region_mask (b, N)) on `device`; the world's
@@ -925,7 +921,7 @@ def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[di
                      world_config=None) -> Tensor:
     """The (n images, n captions) retrieval scores (UNITER.match_score) of every pair of n
     examples' images and first captions: n² forward passes, as [code itm_eval]."""
-    device = _device(model)
+    device = model_device(model)
     tokens = tokenizer.encode_batch([ex["captions"][0] for ex in examples],
                                     config.max_text_len).to(device)  # (n, T)
     features, locations, mask = _regions_batch(examples, config, device, world_config)
@@ -940,19 +936,16 @@ def vqa_predictions(model: UNITER, tokenizer, config: Config, examples: list[dic
                     zero_regions: bool = False, chunk: int = 256,
                     world_config=None) -> tuple[list, list]:
     """(predicted answers, questions with their answers) for every question of the examples."""
-    device = _device(model)
-    qa = [(q, a, k) for k, ex in enumerate(examples) for q, a in ex["questions"]]
+    device = model_device(model)
     features, locations, mask = _regions_batch(examples, config, device, world_config)
     if zero_regions:
         features, locations = torch.zeros_like(features), torch.zeros_like(locations)
-    predicted = []
-    for s in range(0, len(qa), chunk):
-        part = qa[s:s + chunk]
-        tokens = tokenizer.encode_batch([q for q, _, _ in part], config.max_text_len).to(device)
-        k = torch.tensor([k for _, _, k in part], device=device)  # (b,) the image of each
-        logits = model.answer_logits(tokens, features[k], locations[k], mask[k])  # (b, A)
-        predicted += [ANSWERS[a] for a in logits.argmax(dim=-1).tolist()]
-    return predicted, qa
+
+    def answer_logits(questions: list[str], images: list[int]) -> Tensor:
+        tokens = tokenizer.encode_batch(questions, config.max_text_len).to(device)  # (b, T)
+        k = torch.tensor(images, device=device)  # (b,) the image of each question
+        return model.answer_logits(tokens, features[k], locations[k], mask[k])  # (b, A)
+    return predict_answers(examples, answer_logits, ANSWERS, chunk)
 
 
 def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,

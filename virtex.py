@@ -56,7 +56,7 @@ from torch.utils.data import Dataset
 
 from shared.augment import virtex_augment
 from shared.config import optimisation_problems
-from shared.data import image_to_tensor, normalise_image, pad_sequences
+from shared.data import image_to_tensor, model_device, normalise_image, pad_sequences
 from shared.masks import padding_mask
 from shared.probe import linear_probe
 from shared.transformer import PostLNDecoderBlock
@@ -653,13 +653,9 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _images(model: nn.Module, images: list) -> Tensor:
     """uint8 (H, W, 3) arrays -> (b, 3, H, W) normalised, on the model's device."""
-    return torch.stack([image_to_tensor(im) for im in images]).to(_device(model))
+    return torch.stack([image_to_tensor(im) for im in images]).to(model_device(model))
 
 
 def caption_images(model: VirTex, tokenizer, config: Config, images: list) -> list[str]:
@@ -693,7 +689,7 @@ def evaluate(model: VirTex, tokenizer, config: Config, world_config, split: str,
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        device = _device(model)
+        device = model_device(model)
         metrics = {"linear_probe_acc": linear_probe(
             lambda ims: model.pooled_features(_images(model, ims)), world_config, split, n)}
         baseline = random_backbone(config, device)

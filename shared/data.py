@@ -109,6 +109,11 @@ def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,
 
 # --- regions (Oscar, UNITER) ---------------------------------------------------------------------
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's parameters (the four models keep all of them on one)."""
+    return next(model.parameters()).device
+
+
 class RecentExamples:
     """source.example(i), keeping the last `size` examples made (this process; every DataLoader
     worker has its own). World and corpus examples are pure functions of their index, so keeping

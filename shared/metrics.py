@@ -382,6 +382,22 @@ def top1_accuracy(logits, labels) -> float:
     return float((logits.argmax(dim=1) == labels).double().mean())
 
 
+def predict_answers(examples: list[dict], answer_logits, answers: list[str],
+                    chunk: int = 256) -> tuple[list[str], list[tuple]]:
+    """Every question of the world examples, answered `chunk` at a time (Oscar and UNITER VQA).
+
+    answer_logits(questions: b strings, images: b indices into examples) -> (b, A) logits over
+    `answers`. Returns (the predicted answers, the (question, answer, image index) triples),
+    in the order of the examples and of their questions."""
+    qa = [(q, a, k) for k, ex in enumerate(examples) for q, a in ex["questions"]]
+    predicted = []
+    for s in range(0, len(qa), chunk):
+        part = qa[s:s + chunk]
+        logits = answer_logits([q for q, _, _ in part], [k for _, _, k in part])  # (b, A)
+        predicted += [answers[a] for a in logits.argmax(dim=-1).tolist()]
+    return predicted, qa
+
+
 def truth_rate(captions: list[str], scenes: list, is_true) -> dict[str, float]:
     """How often generated captions are true of their scene, and a constant-caption baseline.
 

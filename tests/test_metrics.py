@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.metrics import (bleu, cider_d, recall_at_k, retrieval_ceilings, top1_accuracy,
-                            truth_rate, vqa_accuracy)
+from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, retrieval_ceilings,
+                            top1_accuracy, truth_rate, vqa_accuracy)
 
 WORDS = ["a", "red", "blue", "big", "small", "circle", "square", "left", "of", "above", "the",
          "is"]
@@ -334,3 +334,19 @@ def test_truth_only_ceiling_is_what_a_random_tie_breaking_scorer_gets_from_recal
 def test_retrieval_ceilings_refuses_a_bad_table(truth, message):
     with pytest.raises(ValueError, match=message):
         retrieval_ceilings(truth)
+
+
+def test_predict_answers_asks_every_question_in_chunks_with_its_own_image():
+    examples = [{"questions": [("q0a", "yes"), ("q0b", "red")]}, {"questions": []},
+                {"questions": [("q2a", "no")]}]
+    answers = ["yes", "no", "red"]
+    calls = []
+
+    def answer_logits(questions, images):  # answers "red" for image 0, "no" for the others
+        calls.append((questions, images))
+        return torch.tensor([[0.0, 1.0, 2.0] if k == 0 else [0.0, 1.0, 0.0] for k in images])
+
+    predicted, qa = predict_answers(examples, answer_logits, answers, chunk=2)
+    assert qa == [("q0a", "yes", 0), ("q0b", "red", 0), ("q2a", "no", 2)]
+    assert predicted == ["red", "red", "no"]
+    assert calls == [(["q0a", "q0b"], [0, 0]), (["q2a"], [2])]
