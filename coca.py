@@ -1,7 +1,8 @@
 """CoCa: Contrastive Captioners are Image-Text Foundation Models, written from primitives.
 
     Jiahui Yu, Zirui Wang, Vijay Vasudevan, Legg Yeung, Mojtaba Seyedhosseini, Yonghui Wu.
-    TMLR 2022; arXiv 2205.01917v2 (14 Jun 2022). Every `[CoCa ...]` tag cites that version.
+    TMLR 2022; arXiv 2205.01917v2 (14 Jun 2022). Every `[CoCa ...]` tag cites that version;
+    `[code]` is open_clip 89fb801, the reference implementation we compare against.
 
 One image encoder, a text decoder cut in two halves, two losses from one pass [CoCa Fig. 2]:
 
@@ -10,25 +11,30 @@ One image encoder, a text decoder cut in two halves, two losses from one pass [C
     text -> unimodal layers (causal, no image) -+-> learned [CLS] at the end -> y        |
                                                 +-> token states -> multimodal layers <--+
                                         (causal self-attn + cross-attn) -> next-token logits
-    L_CoCa = λ_Con · L_Con(x, y) + λ_Cap · L_Cap(logits, text)                     [CoCa Eq. 4]
+    L_CoCa = λ_Con · L_Con(x, y) + λ_Cap · L_Cap(logits, text)                 [CoCa §3.2, Eq. 4]
 
 Paper map (section / equation -> code)
-    §3.2, Table 1; §4.1 "Optimization"       Config, Config.paper()
-    §3.2 "ViT ... 288x288, patch 18"          PatchEmbedding, ImageEncoder
-    §3.2 "Attentional Poolers", Fig. 2, §4.3  AttentionalPooler, CoCa.pool
-    §3.2 "Decoupled Text Decoder"             unimodal_attention_mask, TextDecoder
-    §3.1 Eq. 2 (contrastive)                  contrastive_loss
-    §3.1 Eq. 3 (captioning)                   captioning_loss
-    §3.2 Eq. 4 (both)                         coca_loss
-    §3.3 zero-shot transfer, §4.2.2           CoCa.embed_images / embed_texts, evaluate
-    §3.3 frozen-feature evaluation            linear_probe (DEVIATION: linear head, see there)
-    §4.2.3 image captioning                   CoCa.generate (shared.decoding: greedy/beam/nucleus)
-    §4.3, Table 8b objective ablation         Config.lambda_con = 0 or Config.lambda_cap = 0
+    §3.2, Table 1; §4.1 "Optimization"             Config, Config.paper()
+    §3.2 "288 × 288 and patch size 18 × 18"         PatchEmbedding, ImageEncoder
+    §3.2 "Attentional Poolers"; §4.3, Table 8f      AttentionalPooler, CoCa.pool
+    §3.2 "Decoupled Text Decoder"                   unimodal_attention_mask, TextDecoder
+    §3.1, Eq. 2 (contrastive)                       contrastive_loss
+    §3.1, Eq. 3 (captioning)                        captioning_loss
+    §3.2, Eq. 4 (both, what the model calls)        coca_loss
+    §3.2 "Pretraining Efficiency" (one pass)        CoCa.forward
+    §4.1 trainable temperature                      CoCa.logit_scale, after_optimizer_step
+    §3.3 zero-shot transfer; §4.2.2                 CoCa.embed_images / embed_texts,
+                                                    zero_shot_accuracy, evaluate
+    §3.3 frozen-feature evaluation                  linear_probe (DEVIATION: linear head)
+    §4.2.3 image captioning                         CoCa.generate, caption_images
+    §4.3, Table 8b objective ablation               Config.lambda_con = 0 or lambda_cap = 0
 
 Left out, and why: the JFT-3B + ALIGN data (the synthetic world of shared/world.py instead); the
-global batch of 65,536 and Adafactor (train.py uses AdamW with the paper's betas and decay); the
-extra epoch at 576 px; video (Fig. 3); VQA / SNLI-VE / NLVR2 fine-tuning (Appendix B); the 64k
-sentence-piece vocabulary (WordPiece trained on the world's captions).
+global batch of 65,536 and Adafactor (AdamW with the paper's betas and decay, make_optimizer);
+the extra epoch at 576 × 576 [§4.1]; video (§3.3, Fig. 3); VQA / SNLI-VE / NLVR2 fine-tuning
+[§4.2.3, Appendix B]; the 64k sentence-piece vocabulary (WordPiece trained on the world's
+captions). CoCa pretrains one model for every downstream use, so TASKS is ("pretrain",) and the
+model has no task-specific head.
 
 Shapes: B batch, T text tokens, N image tokens (patches), Q pooler queries, Dv vision width,
 D text width, E embedding width, V vocabulary, H heads, C classes. Masks: True = may attend.
@@ -43,21 +49,31 @@ from torch import Tensor, nn
 
 from shared.attention import MultiHeadAttention
 from shared.config import optimisation_problems
-from shared.data import ImageTextDataset, collate_image_text, image_to_tensor, model_device
+from shared.data import ImageTextDataset, collate_image_text, model_device
+from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
+                             in_eval_mode, world_examples)
+from shared.evaluate import sample_captions as world_sample_captions
 from shared.masks import causal_mask, padding_mask
+from shared.optim import adamw, decay_groups, fused_for
 from shared.probe import linear_probe as shared_linear_probe
 from shared.transformer import PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
-MAIN_METRIC = "zero_shot_acc"  # train.py keeps the checkpoint with the best value of this key
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------
 
+TASKS = ("pretrain",)  # one pretraining serves zero-shot, retrieval and captioning [CoCa §3.3]
+MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks best.pt
+INPUTS = "pixels"  # CoCa reads images, not detector regions
+BERT_INIT = False  # the text decoder is trained from scratch [CoCa §4.1]
+
+
 @dataclass
 class Config:
-    """CoCa-Base [CoCa Table 1] and the pretraining recipe of §4.1. `OURS:` marks values the paper
-    does not give. Every field is a flag of train.py (`--text_width 256`)."""
+    """CoCa-Base [CoCa Table 1] and the pretraining recipe of [CoCa §4.1]. `OURS:` marks values the
+    paper does not give. Every field is a flag of train.py (`--text_width 256`)."""
+    task: str = "pretrain"  # the only one (TASKS)
     # image encoder: a ViT trained from scratch [CoCa §3.2]
     image_size: int = 288  # §3.2: "image resolution of 288 × 288"
     patch_size: int = 18  # §3.2: "patch size 18 × 18, resulting in a total of 256 image tokens"
@@ -78,7 +94,7 @@ class Config:
     max_text_len: int = 64  # OURS: not stated; the [CLS] gets one more position (row max_text_len)
     embed_dim: int = 768  # OURS: width of x_i, y_j in Eq. 2; the paper states no projection
     dropout: float = 0.0  # OURS: the paper states none
-    # objective [CoCa Eq. 4]
+    # objective [CoCa §3.2, Eq. 4]
     lambda_con: float = 1.0  # §4.1: λ_Con = 1.0
     lambda_cap: float = 2.0  # §4.1: λ_Cap = 2.0 ("a larger captioning loss weight is better")
     init_temperature: float = 0.07  # §4.1: "trainable temperature τ with an initial value of 0.07"
@@ -89,17 +105,20 @@ class Config:
     batch_size: int = 65_536  # §4.1: "batch size of 65,536 image-text pairs"
     lr: float = 8e-4  # §4.1: peak learning rate
     weight_decay: float = 0.01  # §4.1: "decoupled weight decay ratio of 0.01"
-    beta1: float = 0.9  # §4.1 (Adafactor; DEVIATION: train.py uses AdamW with these betas)
+    beta1: float = 0.9  # §4.1 (Adafactor; DEVIATION: make_optimizer uses AdamW with these betas)
     beta2: float = 0.999  # §4.1
     warmup_steps: int = 10_000  # §4.1: "the first 2% of training steps" of 500k
     max_steps: int = 500_000  # §4.1: 500k steps
     lr_schedule: str = "linear"  # §4.1: "linearly decay it afterwards"
-    grad_clip: float = 1.0  # OURS: not stated for pretraining; Tables 9-10 clip 1.0 (fine-tuning)
+    grad_clip: float = 1.0  # OURS: not stated for pretraining; Tables 9, 10 clip 1.0 (fine-tuning)
     grad_accum_steps: int = 1  # OURS
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)} (CoCa pretrains one model "
+                            f"for every downstream use), not {self.task!r}")
         if self.vision_width % self.vision_heads:
             problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads "
                             f"{self.vision_heads}")
@@ -133,7 +152,7 @@ class Config:
 
     @classmethod
     def paper(cls) -> "Config":
-        """CoCa-Base [CoCa Table 1] with the §4.1 recipe (batch 65,536: a TPU-pod setting)."""
+        """CoCa-Base [CoCa Table 1] with the recipe of [CoCa §4.1] (batch 65,536: a TPU pod)."""
         return cls()
 
     @classmethod
@@ -147,8 +166,8 @@ class Config:
 
     @classmethod
     def tiny(cls) -> "Config":
-        """OURS: 2 CPU cores, about 10 minutes (sizes from the team's prototype, feasibility.md):
-        64 px, 64 image tokens from a conv stem, 32 caption queries, 2 + 2 text layers."""
+        """OURS: 2 CPU cores, about 10 minutes: 64 px, 64 image tokens from a conv stem, 32
+        caption queries, 2 + 2 text layers, half of the training scenes with one object."""
         return cls(image_size=64, patch_size=8, patch_stem="conv", vision_width=128,
                    vision_layers=3, vision_heads=2, n_caption_queries=32, text_width=128,
                    text_heads=2, unimodal_layers=2, multimodal_layers=2, vocab_size=1000,
@@ -159,14 +178,15 @@ class Config:
 # --- 3. Input embeddings -----------------------------------------------------------------------
 
 class PatchEmbedding(nn.Module):
-    """Image -> N = (image_size / p)^2 tokens of width Dv  [ViT, Dosovitskiy et al. 2021, Eq. 1].
+    """Image -> N = (image_size / p)^2 tokens of width Dv (ViT, Dosovitskiy et al. 2021, its Eq. 1;
+    the image encoder of [CoCa §3.2]).
 
     "linear" (the paper's ViT): cut the image into p×p patches, flatten each to 3·p·p numbers and
     map them with one shared Linear.
     "conv": DEVIATION: log2(p) stride-2 3×3 convolutions (GELU between) and a 1×1 convolution,
     giving the same N tokens, because at 64 px a linear patch embedding learned shape barely at
     all in CPU minutes while such an early-convolution stem (Xiao et al. 2021) learned it much
-    better (team measurement, specs/feasibility.md). Used by tiny() and small(); paper() is linear.
+    better (measured: RESULTS.md). Used by tiny() and small(); paper() is linear.
     """
 
     def __init__(self, config: Config):
@@ -199,7 +219,8 @@ class PatchEmbedding(nn.Module):
 # --- 4. Image encoder, attentional poolers, decoupled text decoder -----------------------------
 
 class ImageEncoder(nn.Module):
-    """The ViT of §3.2: patch embedding + learned positions, pre-LN blocks, a final LayerNorm.
+    """The ViT of [CoCa §3.2]: patch embedding + learned positions, pre-LN blocks, a final
+    LayerNorm.
 
     No ViT class token: CoCa reads the image through its attentional poolers instead."""
 
@@ -230,9 +251,10 @@ class AttentionalPooler(nn.Module):
     """pooler(tokens) = LayerNorm(MultiHeadAttention(q = learned queries, k = v = tokens)).
 
     [CoCa §3.2] "a pooler is a single multi-head attention layer with n_query learnable queries,
-    with the encoder output as both keys and values"; then a LayerNorm. AMBIGUITY: the LayerNorm
-    is in Fig. 2's pseudocode, which is an image in the PDF (not checked against text here); the
-    text does not say how many heads: we use the text decoder's.
+    with the encoder output as both keys and values"; then a LayerNorm. AMBIGUITY: the text of
+    §3.2 names no LayerNorm; it comes from the pseudocode drawn inside [CoCa Fig. 2], and
+    open_clip normalises the pooled tokens too [code]. Nor does the text say how many heads: we
+    use the text decoder's.
     No residual and no MLP: the queries are parameters, not tokens with content.
     """
 
@@ -252,9 +274,18 @@ class AttentionalPooler(nn.Module):
 def unimodal_attention_mask(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
     """The self-attention mask of the unimodal layers for the sequence [tokens..., CLS].
 
-    Text rows are causal [CoCa §3.2 "All decoder layers prohibit tokens from attending to future
-    tokens"]; the [CLS] row (the last one) sees every non-pad token and itself, so its row is
-    exactly `(tokens != pad) + [True]` (open_clip #554 shipped this row shifted by one).
+    Text rows are causal ([CoCa §3.2] "All decoder layers prohibit tokens from attending to
+    future tokens"); the [CLS] row (the last one) sees every non-pad token and itself, so its row
+    is exactly `(tokens != pad) + [True]` (open_clip issue #554 shipped it shifted by one).
+
+        tokens [CLS] a SEP PAD PAD  + contrastive [CLS]      (1 = may attend)
+                  CLS a SEP PAD PAD cls
+        CLS        1  .  .   .   .   .
+        a          1  1  .   .   .   .
+        SEP        1  1  1   .   .   .
+        PAD        1  1  1   .   .   .     pad rows: read by no real position later on
+        PAD        1  1  1   .   .   .
+        cls        1  1  1   .   .   1     the text embedding y
 
     Args:
         tokens: (B, T) right-padded token ids.
@@ -272,7 +303,8 @@ class TextDecoder(nn.Module):
     """The decoupled text decoder [CoCa §3.2, Fig. 2].
 
     unimodal:   n_uni layers of causal self-attention, no cross-attention; a learned [CLS] is
-                appended after the text and its output (after a LayerNorm) is the text embedding.
+                appended after the text and its output (after a LayerNorm, drawn in Fig. 2's
+                pseudocode) is the text embedding.
     multimodal: n_multi layers of causal self-attention, cross-attention to the captioning
                 pooler's queries, one MLP (the standard decoder layer; open_clip's CoCa has two
                 MLPs per layer, one in its self-attention block and one in its cross-attention
@@ -281,11 +313,11 @@ class TextDecoder(nn.Module):
     AMBIGUITY: the paper appends [CLS] "at the end of the input sentence"; with right-padded
     batches we append it after the padding (index T) and mask the pads out of its row, and it
     always takes the learned position row `max_text_len`. Its output therefore does not depend on
-    how far a batch is padded, as in open_clip, which pads every text to one fixed length.
+    how far a batch is padded, as in open_clip [code], which pads every text to one fixed length.
     AMBIGUITY: the paper does not say whether the output projection is tied to the token
     embedding; we do not tie it (nor does open_clip; CoCa-pytorch does), because Table 1's 297M
     text-decoder parameters for CoCa-Base are only reached untied (tests/test_coca.py). It is
-    initialised explicitly (open_clip #554: left as uninitialised memory there).
+    initialised explicitly (open_clip issue #554: left as uninitialised memory there).
     """
 
     def __init__(self, config: Config):
@@ -373,12 +405,15 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -
         symbol  variable                          shape
         x_i     image_emb[i], L2-normalised here  (B, E)
         y_j     text_emb[j], L2-normalised here   (B, E)
-        1/σ     logit_scale.exp()                 ()      logit_scale = log(1/σ), learnable
+        1/σ     logit_scale.exp()                 ()      logit_scale = log(1/σ), learnable;
+                                                          σ is the τ of [CoCa §4.1]
         N       B, the batch; pair i is the only positive of row i
 
     The 1/N multiplies the sum of both directions, so this is the sum of two mean cross-entropies.
     open_clip's ClipLoss (and CoCa-pytorch) return half of it (the mean of the two directions):
     with their code, λ_Con = 1 weighs the contrastive term half as much as here.
+    Worked example: x_i = y_i = e_i (orthonormal), σ = 1, N = 2: each of the 2·N log terms is
+    log(e / (e + 1)), so L_Con = -(1/2)·4·log(e / (e + 1)) = 2 · 0.3133 = 0.6265.
     """
     x = F.normalize(image_emb, dim=-1)  # (B, E), Eq. 2 uses normalised embeddings
     y = F.normalize(text_emb, dim=-1)  # (B, E)
@@ -410,15 +445,31 @@ def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Ten
 
 def coca_loss(contrastive: Tensor, captioning: Tensor, lambda_con: float,
               lambda_cap: float) -> Tensor:
-    """L_CoCa = λ_Con · L_Con + λ_Cap · L_Cap  [CoCa §3.2, Eq. 4]; λ_Con = 0 or λ_Cap = 0 gives the
-    captioning-only and contrastive-only models of the objective ablation [CoCa §4.3, Table 8b]."""
+    """The CoCa objective, the composite the model calls  [CoCa §3.2, Eq. 4]:
+
+        L_CoCa = λ_Con · L_Con + λ_Cap · L_Cap
+
+        symbol  variable                                  paper value [CoCa §4.1]
+        L_Con   contrastive, contrastive_loss(...) ()
+        L_Cap   captioning, captioning_loss(...)   ()
+        λ_Con   lambda_con                                1.0
+        λ_Cap   lambda_cap                                2.0
+
+    λ_Con = 0 or λ_Cap = 0 gives the captioning-only and contrastive-only models of the
+    objective ablation [CoCa §4.3, Table 8b]. Example: L_Con = 0.5, L_Cap = 3 -> 0.5 + 6 = 6.5.
+    """
     return lambda_con * contrastive + lambda_cap * captioning
 
 
 # --- 6. The model ------------------------------------------------------------------------------
 
 class CoCa(nn.Module):
-    """The contrastive captioner of Fig. 2. `model(batch)` returns the loss and its two terms."""
+    """The contrastive captioner of [CoCa Fig. 2]. `model(batch)` returns the loss and its terms.
+
+    Every parameter serves the one pretraining task and every downstream use (zero-shot,
+    retrieval, captioning), so `heads` (the contract's task-specific modules) stays empty and the
+    state_dict is the same whatever the config's task.
+    """
 
     def __init__(self, config: Config):
         super().__init__()
@@ -439,6 +490,7 @@ class CoCa(nn.Module):
         self.text_projection = nn.Linear(D, E, bias=False)
         # log(1/τ), learnable [CoCa §4.1]; stored as what is used: logits = exp(logit_scale) · x^T y
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
+        self.heads = nn.ModuleDict()  # no task-specific head (TASKS = ("pretrain",))
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -453,20 +505,22 @@ class CoCa(nn.Module):
                       self.contrastive_pooler.queries, self.text_decoder.positions,
                       self.text_decoder.cls_embedding):
             nn.init.normal_(param, std=0.02)
-        # explicit on purpose: the output projection must never be left uninitialised (#554)
+        # explicit on purpose: the output projection must never be left uninitialised (open_clip
+        # issue #554)
         nn.init.normal_(self.text_decoder.output.weight, std=0.02)
         nn.init.zeros_(self.text_decoder.output.bias)
 
     def pool(self, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """The two task-specific attentional poolers [CoCa §3.2].
+        """The two task-specific attentional poolers [CoCa §3.2 "Attentional Poolers"].
 
         "parallel" (Fig. 2): both poolers read the ViT output.
         "cascade": the contrastive pooler reads the captioning pooler's 256 outputs.
-        AMBIGUITY: Fig. 2 draws the parallel design, but §4.3 says "the 'cascade' version ...
-        performs better and is used by default in all CoCa models" (Table 8f: zero-shot 71.6 vs
-        71.2, VQA 69.0 vs 68.7). We default to Fig. 2; --pooler_layout cascade follows §4.3.
-        open_clip's released CoCa weights use neither: one 256-query pooler whose output query 0
-        is the contrastive embedding and whose queries 1..255 go to the decoder (issue #458).
+        AMBIGUITY: Fig. 2 draws the parallel design, but [CoCa §4.3] says "the 'cascade' version
+        (contrastive pooler on top of the generative pooler) performs better and is used by
+        default in all CoCa models" ([CoCa Table 8f]: zero-shot 71.6 vs 71.2, VQA 69.0 vs 68.7).
+        We default to Fig. 2; --pooler_layout cascade follows §4.3. open_clip's released CoCa
+        weights use neither: one 256-query pooler whose output query 0 is the contrastive
+        embedding and whose queries 1..255 go to the decoder (open_clip issue #458).
 
         Args:
             image_tokens: (B, N, Dv) encoder output.
@@ -503,14 +557,8 @@ class CoCa(nn.Module):
         logits = self.text_decoder.multimodal(text_states, image_queries)  # (B, T, V)
         l_con = contrastive_loss(image_emb, text_emb, self.logit_scale)  # ()
         l_cap = captioning_loss(logits, tokens)  # ()
-        loss = coca_loss(l_con, l_cap, self.config.lambda_con, self.config.lambda_cap)
+        loss = coca_loss(l_con, l_cap, self.config.lambda_con, self.config.lambda_cap)  # ()
         return dict(loss=loss, contrastive=l_con, captioning=l_cap)
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Clamp 1/τ to at most max_logit_scale (100). OURS: §4.1 only says τ is trainable; CLIP
-        and open_clip clamp so that the logits cannot grow without bound."""
-        self.logit_scale.clamp_(max=math.log(self.config.max_logit_scale))
 
     # --- 7. Downstream: embeddings and caption generation --------------------------------------
 
@@ -579,50 +627,41 @@ class CoCa(nn.Module):
         return out[0] if isinstance(out, tuple) else out  # (B, T)
 
 
-def build_model(config: Config) -> CoCa:
-    return CoCa(config)
-
-
-# --- 7 (continued). Downstream evaluation on the world: train.py's contract ------------------
-
-def train_dataset(world, tokenizer, config: Config):
-    """Item i: the image of world example i and one of its captions as (T_i,) token ids."""
-    return ImageTextDataset(world, tokenizer, config.max_text_len)
-
-
-collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
-
+# --- 7 (continued). Downstream on images and the world; train.py's contract ------------------
 
 def embed_image_arrays(model: CoCa, images: list, chunk: int = 250) -> Tensor:
     """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""
-    out = []
-    for start in range(0, len(images), chunk):
-        x = torch.stack([image_to_tensor(im) for im in images[start:start + chunk]])  # (b, 3, H, W)
-        out.append(model.embed_images(x.to(model_device(model))))  # (b, E)
-    return torch.cat(out)  # (n, E)
+    return torch.cat([model.embed_images(image_batch(images[s:s + chunk], model_device(model)))
+                      for s in range(0, len(images), chunk)])  # (n, E)
+
+
+def embed_text_strings(model: CoCa, tokenizer, config: Config, texts: list[str]) -> Tensor:
+    """Strings -> (n, E) text embeddings (the [CLS] output of the unimodal layers)."""
+    tokens = tokenizer.encode_batch(texts, config.max_text_len)  # (n, T)
+    return model.embed_texts(tokens.to(model_device(model)))  # (n, E)
 
 
 def caption_images(model: CoCa, tokenizer, config: Config, images: list) -> list[str]:
     """Decode captions for uint8 images: greedy, or beam search when config.beam_size > 1."""
-    x = torch.stack([image_to_tensor(im) for im in images]).to(model_device(model))  # (b, 3, H, W)
     method = "greedy" if config.beam_size == 1 else "beam"
-    tokens = model.generate(x, tokenizer.cls_id, tokenizer.sep_id, config.max_text_len,
-                            method=method, beam_size=config.beam_size)  # (b, T)
+    tokens = model.generate(image_batch(images, model_device(model)), tokenizer.cls_id,
+                            tokenizer.sep_id, config.max_text_len, method=method,
+                            beam_size=config.beam_size)  # (b, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
 
 
 def zero_shot_accuracy(model: CoCa, tokenizer, config: Config, world_config, split: str,
                        n: int) -> float:
-    """Zero-shot classification [CoCa §3.3, §4.2.2]: the class whose prompt "a <colour> <shape>" has
-    the most similar text embedding, on n single-object images of ClassificationWorld(split)."""
+    """Zero-shot classification [CoCa §3.3, §4.2.2]: the class whose prompt "a <colour> <shape>"
+    has the most similar text embedding, on n single-object images of ClassificationWorld(split)."""
     from shared.metrics import top1_accuracy
     from shared.world import CLASS_NAMES, ClassificationWorld
 
     world = ClassificationWorld(world_config, split)
     items = [world.item(i) for i in range(min(n, len(world)))]
     image_emb = embed_image_arrays(model, [image for image, _ in items])  # (n, E)
-    prompts = tokenizer.encode_batch(["a " + name for name in CLASS_NAMES], config.max_text_len)
-    class_emb = model.embed_texts(prompts.to(image_emb.device))  # (C, E)
+    class_emb = embed_text_strings(model, tokenizer, config,
+                                   ["a " + name for name in CLASS_NAMES])  # (C, E)
     labels = torch.tensor([label for _, label in items], device=image_emb.device)  # (n,)
     return float(top1_accuracy(image_emb @ class_emb.T, labels))  # logits (n, C)
 
@@ -632,13 +671,43 @@ def linear_probe(model: CoCa, world_config, split: str, n: int) -> float:
     embedding (shared.probe: fitted on ClassificationWorld("train"), tested on n `split` items).
 
     DEVIATION: the paper's frozen-feature evaluation learns a new attentional pooler over the
-    frozen encoder tokens [CoCa §3.3, Table 9]; we probe the pretrained contrastive embedding with a
-    linear head (VirTex's protocol, shared by the four papers here).
+    frozen encoder tokens [CoCa §3.3, Table 9]; we probe the pretrained contrastive embedding with
+    a linear head (VirTex's protocol, shared by the four papers here).
     """
     return shared_linear_probe(lambda images: embed_image_arrays(model, images), world_config,
                                split, n)
 
 
+def build_model(config: Config) -> CoCa:
+    """The one CoCa of every task (TASKS has one); its `heads` stay empty."""
+    return CoCa(config)
+
+
+def make_optimizer(model: CoCa, config: Config) -> torch.optim.Optimizer:
+    """AdamW with (β1, β2) and decoupled weight decay 0.01 of [CoCa §4.1] on the matrices, none
+    on biases, LayerNorm gains and logit_scale. DEVIATION: the paper uses Adafactor (for memory
+    at 2.1B parameters); AdamW is the common choice at our sizes."""
+    return adamw(decay_groups(model, config.weight_decay), config, fused_for(model))
+
+
+@torch.no_grad()
+def after_optimizer_step(model: CoCa) -> None:
+    """Clamp 1/τ to at most config.max_logit_scale (100), after every optimizer step. OURS:
+    [CoCa §4.1] only says τ is trainable; CLIP and open_clip clamp so that the logits cannot grow
+    without bound."""
+    model.logit_scale.clamp_(max=math.log(model.config.max_logit_scale))
+
+
+def train_dataset(source, tokenizer, config: Config):
+    """Item i: the image of example i of `source` (a World or a CaptionFolder) and one of its
+    captions as (T_i,) token ids."""
+    return ImageTextDataset(source, tokenizer, config.max_text_len)
+
+
+collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
+
+
+@in_eval_mode
 def evaluate(model: CoCa, tokenizer, config: Config, world_config, split: str,
              n: int) -> dict[str, float]:
     """The downstream metrics on n examples of a world split (eval mode, no gradients):
@@ -650,68 +719,33 @@ def evaluate(model: CoCa, tokenizer, config: Config, world_config, split: str,
     caption_truth(_baseline)  share of true generated captions, and of the single most common one
     linear_probe_acc     linear probe of the frozen image embedding
     """
-    from shared.metrics import bleu, cider_d, recall_at_k, truth_rate
-    from shared.world import World, is_true
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        metrics = {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, config, world_config,
-                                                       split, n)}
-        world = World(world_config, split)
-        n = min(n, len(world))
-        recalls, captions, references, scenes = [], [], [], []
-        for start in range(0, n, 100):
-            examples = [world.example(i) for i in range(start, min(start + 100, n))]
-            image_emb = embed_image_arrays(model, [ex["image"] for ex in examples])  # (g, E)
-            texts = [c for ex in examples for c in ex["captions"]]
-            text_image = torch.tensor([k for k, ex in enumerate(examples)
-                                       for _ in ex["captions"]])  # (G,), image of each caption
-            tokens = tokenizer.encode_batch(texts, config.max_text_len).to(image_emb.device)
-            scores = image_emb @ model.embed_texts(tokens).T  # (g, G) cosine similarities
-            recalls.append(recall_at_k(scores.cpu(), text_image))
-            captions += caption_images(model, tokenizer, config,
-                                       [ex["image"] for ex in examples])
-            references += [[_normalise(tokenizer, c, config.max_text_len) for c in ex["captions"]]
-                           for ex in examples]
-            scenes += [ex["scene"] for ex in examples]
-        for key in recalls[0]:
-            metrics[key] = sum(float(r[key]) for r in recalls) / len(recalls)
-        metrics["bleu4"] = float(bleu(captions, references)[3])
-        metrics["cider"] = float(cider_d(captions, references))
-        truth = truth_rate(captions, scenes, is_true)
-        metrics["caption_truth"] = float(truth["truth"])
-        metrics["caption_truth_baseline"] = float(truth["baseline"])
-        metrics["linear_probe_acc"] = linear_probe(model, world_config, split, n)
-    model.train(was_training)
+    metrics = {"zero_shot_acc": zero_shot_accuracy(model, tokenizer, config, world_config,
+                                                   split, n)}
+    examples = world_examples(world_config, split, n, regions=False)
+    metrics |= grouped_retrieval(lambda images: embed_image_arrays(model, images),
+                                 lambda texts: embed_text_strings(model, tokenizer, config, texts),
+                                 examples)
+    captions = caption_examples(lambda part: caption_images(
+        model, tokenizer, config, [ex["image"] for ex in part]), examples)
+    # references cut to the word-pieces a caption of max_text_len ids ([CLS] .. [SEP]) can hold
+    metrics |= caption_metrics(captions, examples, tokenizer, config.max_text_len - 2)
+    metrics["linear_probe_acc"] = linear_probe(model, world_config, split, len(examples))
     return metrics
 
 
-def _normalise(tokenizer, text: str, max_len: int) -> str:
-    """A reference caption as the model could write it: tokenised, truncated, decoded, lowercase,
-    so that BLEU / CIDEr-D compare generated and reference text with the same spacing."""
-    return tokenizer.decode(tokenizer.encode(text, max_len=max_len)).lower()
-
-
+@in_eval_mode
 def sample_captions(model: CoCa, tokenizer, config: Config, world_config, split: str,
                     n: int) -> list[tuple[str, str]]:
     """(generated caption, first reference caption) for the first n images of a world split."""
-    from shared.world import World
-
-    world = World(world_config, split)
-    examples = [world.example(i) for i in range(min(n, len(world)))]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        generated = caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
-    model.train(was_training)
-    return [(g, ex["captions"][0]) for g, ex in zip(generated, examples)]
+    return world_sample_captions(lambda examples: caption_images(
+        model, tokenizer, config, [ex["image"] for ex in examples]), world_config, split, n,
+        regions=False)
 
 
 if __name__ == "__main__":  # python coca.py: parameter counts and one training step of `tiny`
-    for name in ("paper", "small", "tiny"):
+    for name, preset in (("paper", Config.paper), ("small", Config.small), ("tiny", Config.tiny)):
         with torch.device("meta"):
-            n_params = sum(p.numel() for p in CoCa(getattr(Config, name)()).parameters())
+            n_params = sum(p.numel() for p in CoCa(preset()).parameters())
         print(f"{name:5s} {n_params / 1e6:7.2f}M parameters")
     config = Config.tiny()
     model = build_model(config)

@@ -1,11 +1,11 @@
 """UNITER: UNiversal Image-TExt Representation Learning, written from primitives.
 
     Yen-Chun Chen, Linjie Li, Licheng Yu, Ahmed El Kholy, Faisal Ahmed, Zhe Gan, Yu Cheng,
-    Jingjing Liu. ECCV 2020; arXiv 1909.11740v3 (17 Jul 2020). Every `[UNITER ...]` tag cites
-    that version.
+    Jingjing Liu. ECCV 2020; arXiv 1909.11740v3. Every `[UNITER ...]` tag cites that version:
+    sections, equations (1-6), tables, footnotes (fn.) and the appendix (§A).
 
 One Transformer reads a caption and an image's detector regions as one sequence; four kinds of
-pre-training task teach it to relate the two [UNITER §Model]:
+pre-training task teach it to relate the two [UNITER §3.1, Fig. 1]:
 
     [CLS] w1 .. wT [SEP] ------------------------> Text Embedder (word + position) --+
     each region: feature f (F), location p (7) --> Image Embedder (f and p) ---------+
@@ -16,37 +16,36 @@ pre-training task teach it to relate the two [UNITER §Model]:
          (text masked,   (regions masked,         (50 % of images      the text outputs and
           image whole)    text whole)              replaced)           the region outputs)
 
-Masking is conditional: one modality is masked while the other is seen whole [UNITER abstract].
-Each mini-batch trains ONE task, drawn in proportion to a mix ratio; WRA is added on ITM batches
-[code].
+Masking is conditional: one modality is masked, the other seen whole; each mini-batch trains ONE
+task [UNITER §3.1], drawn by a mix ratio [code]; WRA is added on ITM batches [code].
 
 Paper map (part of the paper -> code):
-    §Model: Image Embedder, the 7-d location     region_locations, ImageEmbeddings
-    §Model: Text Embedder, one Transformer       UNITER.encode (shared.transformer's BERT stack)
-    §MLM  masked language modelling              mask_words, mlm_loss, UNITER.forward_mlm
-    §MRM  masked region feature regression       mask_regions, mrfr_loss (tied head), forward_mrm
-    §MRM  masked region classification           mrc_loss
-    §MRM  MRC with KL-divergence                 mrc_kl_loss
-    §ITM  image-text matching                    itm_loss, UNITER.forward_itm, UniterDataset
-    §WRA  word-region alignment by OT (IPOT)     shared.ot.ipot, wra_distance, wra_loss
-    §Impl the pre-training recipe, task mix      Config, Config.paper(), draw_task
-    downstream: retrieval (rank head)            rank_hinge_loss, UNITER.forward_rank, evaluate
-    downstream: VQA                              VQAHead, vqa_loss, UNITER.forward_vqa, evaluate
+    §3.1, fn. 3   Image Embedder, the 7-d location    region_locations, ImageEmbeddings
+    §3.1, fn. 5   Text Embedder, one Transformer      UniterEncoder (shared.transformer's BERT)
+    §3.1          conditional masking; the task mix   masked_modalities, mask_*; draw_task
+    §3.2, Eq. 1   MLM                                 mlm_loss, UNITER.forward_mlm
+    §3.2, Eq. 2   ITM                                 itm_loss, rank_score, UNITER.forward_itm
+    §3.2, Eq. 3   WRA: OT with the cosine cost        wra_distance, wra_loss
+                  ITM + WRA on one batch [code]       itm_wra_loss (the composite)
+    §A.7, Eq. 6, Alg. 1   IPOT                        shared.ot.ipot (imported as uniter.ipot)
+    §3.2, Eq. 4   MRM: MRFR, MRC, MRC-kl              mrfr_loss, mrc_loss, mrc_kl_loss, forward_mrm
+    §4.1, §A.2    retrieval: triplet, hard negatives  rank_hinge_loss, UNITER.forward_rank
+    §4.1, §A.2    VQA: BCE over the answers           VQAHead, vqa_loss, UNITER.forward_vqa
+    §4 fn. 12     UNITER-base; [code] the recipe      Config, Config.paper()
 
-Citations name the paper's parts, [UNITER §Model], [UNITER §MLM], [UNITER §MRM], [UNITER §ITM],
-[UNITER §WRA], [UNITER §Impl] (implementation details), not section or equation numbers: only the
-first page of v3 (title, authors, abstract) could be read here, so no number was checked.
-[code] = the official code (ChenRocks/UNITER 1dbfa62), read for ../shared/specs/uniter_oscar.md
-Part A; where this file says what the code does, that spec is the source. [IPOT] = Xie, Wang,
-Wang, Zha, "A Fast Proximal Point Method for Computing Exact Wasserstein Distance", UAI 2019
-(PMLR 115), arXiv 1802.04307.
+Model = UniterEncoder (the same tensors whatever the task) + `heads`, one small module per
+task: pretrain = itm, mlm, mrfr, mrc (MRC and MRC-kl share it); retrieval = itm (the rank head
+IS the pre-trained ITM head, so fine-tuning starts from it); vqa = vqa. UniterDataset applies
+the masking to examples, collate_fn pads them into batches.
+
+[code] = the official code (ChenRocks/UNITER 1dbfa62).
 
 Left out, and why: the four image-text corpora and the Faster R-CNN (the synthetic world's regions
-of shared/world.py instead: boxes, features, detector class probabilities); the BERT-base-cased
-initialisation (no download here); batches sized in tokens (ours count examples, see Config).
+of shared/world.py instead: boxes, features, detector class probabilities); batches sized in
+tokens (ours count examples); VCR, NLVR2, SNLI-VE, referring expressions (no such data here).
 
 Shapes: B batch, T text tokens, N regions, D width, F region-feature size, V vocabulary,
-C detector classes (background at 0). Masks over tokens or regions: True = real (not padding).
+C detector classes (background at 0), A answers. Masks over tokens or regions: True = real.
 """
 
 from dataclasses import dataclass
@@ -60,20 +59,23 @@ from torch.utils.data import Dataset
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (RecentExamples, feature_statistics, flat_targets, model_device,
                          pad_rows, pad_sequences, region_statistics)
+from shared.evaluate import (in_eval_mode, pair_scores, retrieval_metrics, vqa_metrics,
+                             world_examples)
 from shared.losses import vqa_loss  # UNITER and Oscar share it
-from shared.metrics import predict_answers, recall_at_k, vqa_accuracy, vqa_accuracy_by_type
-from shared.ot import ipot  # the IPOT solver; WRA (below) is UNITER's use of it
+from shared.optim import adamw, fused_for
+from shared.ot import ipot  # the IPOT solver [UNITER §A.7, Alg. 1]; WRA (below) is its use
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights)
-from shared.world import ANSWERS, DETECTOR_CLASSES, World, question_type
+from shared.world import ANSWERS, DETECTOR_CLASSES
 
-LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §Model]
+LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §3.1, fn. 3]
 PAD_ID = 0  # [PAD] of shared.tokenizer
 IGNORE = -100  # the label of a word-piece that is not predicted (PyTorch's ignore_index)
 TASKS = ("pretrain", "retrieval", "vqa")  # train.py --task
 PRETRAIN_TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc_kl")  # one per update, by Config.mix_*
-# train.py keeps the checkpoint with the best value of this key of `evaluate`, per task
-MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}
+MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}  # best.pt
+INPUTS = "regions"  # detector regions, not pixels
+BERT_INIT = True  # train.py --init_bert copies BERT into model.encoder [code: from BERT-base]
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------
@@ -82,7 +84,7 @@ MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}
 class Config:
     """UNITER-base with the official all-data pre-training recipe. `[code]` = the official code,
     `OURS:` = not given by the paper or the code. Every field is a flag of train.py."""
-    # the single-stream Transformer: BERT-base sizes [UNITER §Model; code: uniter-base.json]
+    # the single-stream Transformer: BERT-base sizes [UNITER §4 fn. 12; code: uniter-base.json]
     hidden_size: int = 768  # D
     layers: int = 12
     heads: int = 12
@@ -91,16 +93,15 @@ class Config:
     init_std: float = 0.02  # [code]: BERT's N(0, 0.02) for every Linear and Embedding weight
     vocab_size: int = 28_996  # [code]: bert-base-cased WordPiece (train.py resets it)
     max_text_len: int = 62  # [code] drops captions over 60 word-pieces; + [CLS] and [SEP]
-    # the Image Embedder's input: detector regions [UNITER §Model; code]
+    # the Image Embedder's input: detector regions [UNITER §3.1; code]
     feature_dim: int = 2048  # F: Faster R-CNN (BUTD, ResNet-101) pooled ROI features
     n_regions: int = 100  # [code]: an image keeps its clip(#(conf > region_conf_threshold),
     min_regions: int = 10  #   min_regions, n_regions) most confident regions
     region_conf_threshold: float = 0.2  # [code]: conf = the detector's best object-class score
     n_region_classes: int = 1601  # C, [code]: 1600 Visual Genome classes + background at 0
-    standardise_features: bool = False  # OURS: (f - mean) / std per dimension, statistics of
-    #                                     the training regions (feature_statistics); [code]: raw f
-    # pre-training tasks [UNITER §MLM, §MRM, §ITM, §WRA; code]
-    mask_prob: float = 0.15  # [code]: each word-piece (MLM) or region (MRM) masked i.i.d.
+    standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
+    # pre-training tasks [UNITER §3.2; code]
+    mask_prob: float = 0.15  # [UNITER §3.2]: each word-piece (MLM) or region (MRM), i.i.d.
     itm_neg_prob: float = 0.5  # [code]: share of ITM pairs whose image is replaced
     mix_mlm: float = 4.0  # [code] all-data mix ITM 30 : MLM 40 : MRFR 20 : MRC-kl 20 of 110
     mix_itm: float = 3.0  # P(task of a mini-batch) = mix_task / Σ mix
@@ -108,25 +109,20 @@ class Config:
     mix_mrc: float = 0.0  # [code]: hard-label MRC is in the code but no released config uses it
     mix_mrc_kl: float = 2.0
     wra_weight: float = 0.1  # [code]: ITM batches train CE + 0.1 · L_WRA
-    ipot_beta: float = 0.5  # [code]: β of the IPOT proximal step
+    ipot_beta: float = 0.5  # [code]: β of the IPOT proximal step [UNITER §A.7, Eq. 6]
     ipot_iters: int = 50  # [code]: outer IPOT iterations
-    ipot_inner: int = 1  # [code]: k, scaling updates per outer iteration
-    conditional_masking: bool = True  # [UNITER abstract]: mask one modality, see the other
-    #                      whole; False = joint random masking of both (the paper's ablation)
-    # downstream tasks [UNITER §Downstream; code]
+    ipot_inner: int = 1  # [code]: k, scaling updates per outer iteration ("K = 1", Alg. 1)
+    conditional_masking: bool = True  # [UNITER §3.1]; False = joint masking [UNITER Table 2]
+    # downstream tasks [UNITER §4.1, §A.2; code]
     task: str = "pretrain"  # set from train.py --task: "pretrain" | "retrieval" | "vqa"
-    hard_negatives: int = 31  # [code] retrieval fine-tuning: the 31 best-scoring wrong
-    #                           candidates of each query (ours: among the batch, see rank forward)
+    hard_negatives: int = 31  # [code]: a query's best-scoring wrong candidates (forward_rank)
     rank_margin: float = 0.2  # [code]: hinge margin on sigmoid scores
-    itm_score: str = "log_odds"  # the retrieval score from the 2-way ITM head: "log_odds" =
-    #   logit[match] - logit[no match] (OURS: monotone in the softmax probability ITM trains),
-    #   "match_logit" = logit[match] alone ([code]'s rank head starts as that row)
+    itm_score: str = "log_odds"  # the retrieval score (rank_score): "log_odds" = logit[match] -
+    #   logit[no match] (OURS), "match_logit" = logit[match] alone ([code])
     vqa_head_lr_mult: float = 10.0  # [code]: the VQA head trains at 10x the learning rate
-    zero_regions: bool = False  # OURS: every region feature and location zeroed, in training
-    #                             and evaluation: the text-only baseline of VQA and retrieval
-    eval_pairs: int = 1000  # retrieval is evaluated among this many (image, caption) test
-    #                         pairs, every pair scored: 1000 = the paper's COCO 1K test
-    # pre-training recipe, read by train.py [UNITER §Impl; code pretrain-alldata-base-8gpu.json]
+    zero_regions: bool = False  # OURS: regions zeroed in training and evaluation: text-only
+    eval_pairs: int = 1000  # retrieval among this many test pairs: Flickr30K's 1K [UNITER §A.2]
+    # pre-training recipe, read by train.py [UNITER §A.2; code pretrain-alldata-base-8gpu.json]
     image_size: int = 224  # OURS: the world's render size (UNITER itself sees only regions)
     batch_size: int = 6144  # OURS: [code] batches by tokens, 8 GPUs × 10,240 × 6 accumulation
     #                         steps ≈ 492k tokens; at 60-100 tokens an example, 5k-8k examples
@@ -138,49 +134,43 @@ class Config:
     max_steps: int = 200_000  # [code]: UNITER-base, all data
     lr_schedule: str = "linear"  # [code]: linear decay to 0 after warmup
     grad_clip: float = 5.0  # [code]
-    grad_accum_steps: int = 6  # [code]
+    grad_accum_steps: int = 6  # [code]; gradient accumulation [UNITER §A.2]
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
-        problems = encoder_problems(self, TASKS)
-        if self.max_text_len < 3:
-            problems.append(f"max_text_len must be >= 3 ([CLS], a word, [SEP]), "
-                            f"not {self.max_text_len}")
-        if not 1 <= self.min_regions <= self.n_regions:
-            problems.append(f"need 1 <= min_regions <= n_regions, got min_regions "
-                            f"{self.min_regions}, n_regions {self.n_regions}")
-        if not 0 <= self.region_conf_threshold < 1:
-            problems.append(f"region_conf_threshold must be in [0, 1), "
-                            f"not {self.region_conf_threshold}")
-        if self.n_region_classes < 2:
-            problems.append(f"n_region_classes counts background and at least one object class, "
-                            f"so it must be >= 2, not {self.n_region_classes}")
-        if not 0 < self.mask_prob < 1:
-            problems.append(f"mask_prob must be in (0, 1), not {self.mask_prob}")
-        if not 0 <= self.itm_neg_prob <= 1:
-            problems.append(f"itm_neg_prob must be a probability, not {self.itm_neg_prob}")
         mix = (self.mix_mlm, self.mix_itm, self.mix_mrfr, self.mix_mrc, self.mix_mrc_kl)
-        if min(mix) < 0 or sum(mix) == 0:
-            problems.append(f"the task mix (mix_mlm, mix_itm, mix_mrfr, mix_mrc, mix_mrc_kl) "
-                            f"must be >= 0 and not all 0, got {mix}")
-        if self.wra_weight < 0:
-            problems.append(f"wra_weight must be >= 0, not {self.wra_weight}")
-        if self.ipot_beta <= 0 or min(self.ipot_iters, self.ipot_inner) < 1:
-            problems.append(f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got "
-                            f"{self.ipot_beta}, {self.ipot_iters}, {self.ipot_inner}")
-        if self.itm_score not in ("log_odds", "match_logit"):
-            problems.append(f"itm_score must be log_odds or match_logit, not {self.itm_score!r}")
-        if self.hard_negatives < 1 or self.rank_margin < 0 or self.vqa_head_lr_mult <= 0:
-            problems.append(f"need hard_negatives >= 1, rank_margin >= 0 and "
-                            f"vqa_head_lr_mult > 0, got {self.hard_negatives}, "
-                            f"{self.rank_margin}, {self.vqa_head_lr_mult}")
+        checks = [  # (fine, what to say otherwise)
+            (self.max_text_len >= 3,
+             f"max_text_len must be >= 3 ([CLS], a word, [SEP]), not {self.max_text_len}"),
+            (1 <= self.min_regions <= self.n_regions, f"need 1 <= min_regions <= n_regions, got "
+             f"min_regions {self.min_regions}, n_regions {self.n_regions}"),
+            (0 <= self.region_conf_threshold < 1,
+             f"region_conf_threshold must be in [0, 1), not {self.region_conf_threshold}"),
+            (self.n_region_classes >= 2, f"n_region_classes counts background and at least one "
+             f"object class, so it must be >= 2, not {self.n_region_classes}"),
+            (0 < self.mask_prob < 1, f"mask_prob must be in (0, 1), not {self.mask_prob}"),
+            (0 <= self.itm_neg_prob <= 1,
+             f"itm_neg_prob must be a probability, not {self.itm_neg_prob}"),
+            (min(mix) >= 0 and sum(mix) > 0, f"the task mix (mix_mlm, mix_itm, mix_mrfr, mix_mrc, "
+             f"mix_mrc_kl) must be >= 0 and not all 0, got {mix}"),
+            (self.wra_weight >= 0, f"wra_weight must be >= 0, not {self.wra_weight}"),
+            (self.ipot_beta > 0 and min(self.ipot_iters, self.ipot_inner) >= 1,
+             f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got {self.ipot_beta}, "
+             f"{self.ipot_iters}, {self.ipot_inner}"),
+            (self.itm_score in ("log_odds", "match_logit"),
+             f"itm_score must be log_odds or match_logit, not {self.itm_score!r}"),
+            (self.hard_negatives >= 1 and self.rank_margin >= 0 and self.vqa_head_lr_mult > 0,
+             f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
+             f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}")]
+        problems = encoder_problems(self, TASKS) + [message for fine, message in checks
+                                                    if not fine]
         problems += optimisation_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 
     @classmethod
     def paper(cls) -> "Config":
-        """UNITER-base [UNITER §Impl] with the official all-data recipe [code] (8 GPUs)."""
+        """UNITER-base [UNITER §4 fn. 12] with the official all-data recipe [code] (8 GPUs)."""
         return cls()
 
     @classmethod
@@ -200,13 +190,9 @@ class Config:
         64-d features, standardised, 6 shapes + background) and a 4-layer, 128-wide Transformer
         (2 heads of 64), no dropout (the world never repeats an example).
 
-        Trained from scratch (no BERT), two changes were needed before ITM left chance
-        (0.693) at all, both measured with `python train.py --model uniter`: standardised
-        region features (see feature_statistics) and init_std 0.1 instead of BERT's 0.02
-        (at width 128, 0.02 makes every attention output ~5 % of its residual, and the
-        cross-modal signal of ITM stays too weak to learn from). Alone, neither was enough:
-        standardised features gave ITM 0.694 after 2,000 updates, init_std 0.1 gave 0.687
-        after 1,500. Together, ITM starts to fall after ~700 updates; hence 3,500 of them."""
+        From scratch (no BERT), ITM leaves chance only with both standardised region features
+        and init_std 0.1: at width 128, BERT's 0.02 makes every attention output ~5 % of its
+        residual, too weak a cross-modal signal for ITM (measured: RESULTS.md)."""
         return cls(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
                    init_std=0.1, vocab_size=1000, max_text_len=32, feature_dim=64, n_regions=10,
                    min_regions=10, n_region_classes=len(DETECTOR_CLASSES), image_size=64,
@@ -215,10 +201,10 @@ class Config:
                    eval_pairs=100, standardise_features=True)
 
 
-# --- 3. Input embeddings: the region location -------------------------------------------------
+# --- 3. Input embeddings: the Image Embedder -----------------------------------------------------
 
 def region_locations(boxes: Tensor, image_width: float, image_height: float) -> Tensor:
-    """The 7-d location of each region that the Image Embedder reads [UNITER §Model; code]:
+    """The 7-d location of each region that the Image Embedder reads [UNITER §3.1, fn. 3]:
 
         p = [x1/W, y1/H, x2/W, y2/H, w/W, h/H, (w/W)·(h/H)],   w = x2 - x1, h = y2 - y1
 
@@ -249,261 +235,20 @@ def region_locations(boxes: Tensor, image_width: float, image_height: float) -> 
     return torch.stack([x1, y1, x2, y2, w, h, w * h], dim=-1)  # (..., 7)
 
 
-# --- 4. Conditional masking and the task sampler ---------------------------------------------
-# Pure functions of a numpy Generator, so every draw of the dataset is a function of (seed, i).
-
-def draw_task(config: "Config", update: int, seed: int = 0) -> str:
-    """The pre-training task of optimizer update `update` [code: MetaLoader]: one of
-    PRETRAIN_TASKS with probability mix_task / Σ mix. Every micro-batch of a gradient-accumulation
-    cycle asks with the same `update`, so one update trains one task, as in [code]; ITM batches
-    also train WRA (model.forward_itm)."""
-    mix = np.array([config.mix_mlm, config.mix_itm, config.mix_mrfr, config.mix_mrc,
-                    config.mix_mrc_kl], dtype=np.float64)  # (5,), in PRETRAIN_TASKS order
-    u = np.random.default_rng([seed, 5, update]).random()  # one uniform in [0, 1)
-    k = int(np.searchsorted(np.cumsum(mix) / mix.sum(), u, side="right"))
-    return PRETRAIN_TASKS[min(k, len(PRETRAIN_TASKS) - 1)]
-
-
-def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, mask_id: int,
-               random_ids: tuple[int, int], special_ids: set) -> tuple[list[int], list[int]]:
-    """MLM masking of one caption [UNITER §MLM; code data/mlm.py]:
-
-    each word-piece (never [CLS], [SEP] or another special token) is picked with probability
-    mask_prob; a picked one becomes [MASK] 80 % of the time, a random word-piece drawn uniformly
-    from random_ids = [lo, hi) 10 %, and stays itself 10 %. If nothing was picked, the first
-    word-piece becomes [MASK], so every caption has something to predict.
-
-    Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere.
-    """
-    inputs, labels = list(tokens), [IGNORE] * len(tokens)
-    words = [t for t, token in enumerate(tokens) if token not in special_ids]
-    picked = [t for t in words if rng.random() < mask_prob]
-    if not picked and words:
-        picked, forced = [words[0]], True  # [code]: the forced one is always [MASK]
-    else:
-        forced = False
-    for t in picked:
-        labels[t] = tokens[t]
-        u = 0.0 if forced else rng.random()
-        if u < 0.8:
-            inputs[t] = mask_id
-        elif u < 0.9:
-            inputs[t] = int(rng.integers(*random_ids))
-    return inputs, labels
-
-
-def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarray:
-    """MRM masking of one image's n regions [UNITER §MRM; code data/mrm.py]: each region i.i.d.
-    with probability mask_prob, and one at random if none was picked. Returns (n,) bool.
-
-    The model replaces a masked region's feature by a learned mask vector (ImageEmbeddings);
-    its location is never masked."""
-    masked = rng.random(n) < mask_prob  # (n,)
-    if n and not masked.any():
-        masked[rng.integers(n)] = True
-    return masked
-
-
-def kept_regions(conf: np.ndarray, config: "Config") -> int:
-    """How many of an image's regions (rows sorted by conf, descending) the model sees [code]:
-    those with conf > region_conf_threshold, but at least min_regions and at most n_regions."""
-    above = int((np.asarray(conf) > config.region_conf_threshold).sum())
-    return int(np.clip(above, config.min_regions, min(config.n_regions, len(conf))))
-
-
-# --- 5. Objectives -----------------------------------------------------------------------------
-# Each is a pure function of tensors. Region losses take a `masked` flag per region and average
-# over the masked ones; a batch with nothing masked gives 0, not NaN. Logits are cast to fp32.
-
-def _masked_mean(values: Tensor, masked: Tensor) -> Tensor:
-    """Mean of `values` (...) over the entries where `masked` (...) is True; 0 if there are none."""
-    masked = masked.to(values.dtype)  # (...)
-    return (values * masked).sum() / masked.sum().clamp(min=1)  # ()
-
-
-def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Masked language modelling [UNITER §MLM]: predict each masked word-piece from the other
-    words and the whole image (conditional masking: the image is never masked in an MLM batch).
-
-        L_MLM = -(1/M) Σ_{m masked} log P_θ(w_m | w_\\m, v)
-
-        symbol          variable                           shape
-        P_θ(· | ...)    softmax(logits[b, t])              (B, T, V)  (or any (..., V))
-        w_m             labels[b, t] where != ignore_index (B, T)
-        M               number of labelled positions       ()
-
-    The mean over the masked word-pieces of the batch, as [code]. Its labels use -1 for "not
-    masked"; we use PyTorch's -100. Nothing labelled gives 0.
-    """
-    V = logits.shape[-1]
-    nll = F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
-                          ignore_index=ignore_index, reduction="none")  # (B·T,), 0 where ignored
-    return _masked_mean(nll, labels.reshape(-1) != ignore_index)  # ()
-
-
-def mrfr_loss(predicted: Tensor, target: Tensor, masked: Tensor) -> Tensor:
-    """Masked region feature regression [UNITER §MRM]: regress each masked region's detector
-    feature from the text and the other regions.
-
-        L_MRFR = (1/(M·F)) Σ_{i masked} || h_θ(v_i) - r(v_i) ||²
-
-        symbol     variable                          shape
-        h_θ(v_i)   predicted[b, n]                   (B, N, F)
-        r(v_i)     target[b, n]: the input feature   (B, N, F), copied before masking
-        M          masked.sum()                      ()
-
-    As [code], the squared error is averaged over the F dimensions as well (an element-wise MSE
-    over the masked rows); specs/uniter_oscar.md §A7 reports a summed L2 in the paper, not
-    checked here. Model concern, for the next session: h_θ's last layer is the Image Embedder's
-    feature Linear (D <- F) used transposed, the same Parameter object, with its own zero bias.
-    """
-    squared_error = (predicted.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
-    return _masked_mean(squared_error, masked)  # ()
-
-
-def mrc_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
-    """Masked region classification [UNITER §MRM]: predict the detector's most likely object
-    class of each masked region, a hard label.
-
-        L_MRC = -(1/M) Σ_{i masked} log softmax(g_θ(v_i))[c_i]
-        c_i   = 1 + argmax_{c >= 1} p̃(v_i)_c        (the best object class, never background)
-
-        symbol     variable                      shape
-        g_θ(v_i)   logits[b, n]                  (B, N, C)
-        p̃(v_i)     detector_probs[b, n]          (B, N, C): detector softmax, background at 0
-        M          masked.sum()                  ()
-
-    As [code], background (class 0) is left out of the argmax, so it is never a target even where
-    the detector thinks it most likely; the model still has a background logit.
-    """
-    C = logits.shape[-1]
-    target = detector_probs[..., 1:].argmax(dim=-1) + 1  # (B, N): best object class, never 0
-    nll = F.cross_entropy(logits.reshape(-1, C).float(), target.reshape(-1),
-                          reduction="none")  # (B·N,)
-    return _masked_mean(nll, masked.reshape(-1))  # ()
-
-
-def mrc_kl_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
-    """Masked region classification with KL-divergence [UNITER §MRM]: match the detector's
-    whole class distribution instead of its argmax.
-
-        L_MRC-kl = (1/M) Σ_{i masked} KL(p̃(v_i) ‖ softmax(g_θ(v_i)))
-                 = (1/M) Σ_{i masked} Σ_c t_c (log t_c - log p_c),   0 · log 0 := 0
-
-        symbol     variable                                shape
-        t_c        detector_probs[b, n, c]                 (B, N, C), background included
-        log p_c    log_softmax(logits[b, n])_c             (B, N, C)
-        M          masked.sum()                            ()
-
-    DEVIATION: [code] takes the element-wise mean over the M × C entries, i.e. this loss divided
-    by C (1601); we keep the per-region KL, which does not shrink with the number of classes.
-    Divide by C to compare loss values with the original.
-    """
-    t = detector_probs.float()  # (B, N, C)
-    log_p = logits.float().log_softmax(dim=-1)  # (B, N, C)
-    kl = (torch.xlogy(t, t) - t * log_p).sum(dim=-1)  # (B, N): Σ_c t (log t - log p)
-    return _masked_mean(kl, masked)  # ()
-
-
-def itm_loss(logits: Tensor, is_match: Tensor) -> Tensor:
-    """Image-text matching [UNITER §ITM]: does this caption describe this image? The score comes
-    from the [CLS] output (the pooler and the Linear(D, 2) are the model's).
-
-        L_ITM = -(1/B) Σ_b [ y_b log s_b + (1 - y_b) log(1 - s_b) ],   s_b = softmax(z_b)_1
-
-        symbol   variable              shape
-        z_b      logits[b]             (B, 2): column 1 = "match", column 0 = "no match"
-        y_b      is_match[b]           (B,) bool or 0/1
-
-    A 2-way softmax, as [code]; it is the binary cross-entropy above because
-    softmax(z)_1 = sigmoid(z_1 - z_0).
-    """
-    return F.cross_entropy(logits.float(), is_match.long())  # ()
-
-
-def wra_distance(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor,
-                 region_mask: Tensor, beta: float = 0.5, iters: int = 50, k: int = 1) -> Tensor:
-    """The OT distance between each example's text outputs and region outputs [UNITER §WRA]:
-
-        d_b = Σ_ij C_ij T_ij,   C_ij = 1 - cos(x_i, y_j),   T = ipot(C), held constant
-
-        symbol   variable                                 shape
-        x_i      text_hidden[b, i] (final layer)          (B, T, D), [CLS] and [SEP] included
-        y_j      region_hidden[b, j] (final layer)        (B, N, D)
-        C        cost, 0 on padded pairs                  (B, T, N), in [0, 2]
-        T        ipot(C.detach(), ...)                    (B, T, N), no gradient
-        d_b      the returned distance                    (B,), in [0, 2]
-
-    As [code]: the costs are computed in fp32 (also under bf16 autocast) and the plan is a
-    constant, so the gradient reaches the hidden states only through C: ∂d/∂C = T.
-    Returns (B,) in fp32.
-    """
-    with torch.autocast(text_hidden.device.type, enabled=False):  # else x @ y would be bf16
-        x = F.normalize(text_hidden.float(), dim=-1, eps=1e-5)  # (B, T, D), unit rows; eps: [code]
-        y = F.normalize(region_hidden.float(), dim=-1, eps=1e-5)  # (B, N, D)
-        real_pair = text_mask[:, :, None] & region_mask[:, None, :]  # (B, T, N)
-        cost = (1.0 - x @ y.transpose(1, 2)).masked_fill(~real_pair, 0.0)  # (B, T, N): 1 - cos
-    plan = ipot(cost.detach(), text_mask, region_mask, beta, iters, k)  # (B, T, N), constant
-    return (cost * plan).sum(dim=(1, 2))  # (B,)
-
-
-def wra_loss(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor, region_mask: Tensor,
-             is_match: Tensor, beta: float = 0.5, iters: int = 50, k: int = 1) -> Tensor:
-    """Word-region alignment [UNITER §WRA; code]: on an ITM batch, pull the words and regions of
-    matched pairs together and push those of mismatched pairs apart, through the OT distance:
-
-        L_WRA = (1/n) ( Σ_{b: y_b = 1} d_b  -  Σ_{b: y_b = 0} d_b )
-
-        symbol   variable                                           shape
-        d_b      wra_distance(text_hidden, region_hidden, ...)[b]   (B,), in [0, 2]
-        y_b      is_match[b]                                        (B,) bool or 0/1
-        n        B, positives and negatives together                ()
-
-    The sign: minimising L_WRA lowers d for matched pairs and raises it for mismatched ones. So
-    L_WRA lies in [-2, 2] and can be negative; there is no margin or hinge (d <= 2 bounds the
-    push). The model adds wra_weight · L_WRA to the ITM loss, over every pair of an ITM batch.
-    AMBIGUITY: the part of the paper checked here (the abstract) says only that WRA uses OT to
-    "encourage fine-grained alignment between words and image regions"; how mismatched pairs
-    enter and what divides the sum is unstated there. We follow [code]: both signs, divided by
-    the whole batch size n = n_pos + n_neg (not a mean over each group).
-    """
-    d = wra_distance(text_hidden, region_hidden, text_mask, region_mask, beta, iters, k)  # (B,)
-    sign = is_match.bool().to(d.dtype) * 2 - 1  # (B,): +1 matched, -1 mismatched
-    return (sign * d).sum() / d.shape[0]  # ()
-
-
-def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> Tensor:
-    """Retrieval fine-tuning [UNITER §Downstream; code model/itm.py]: a triplet hinge on sigmoid
-    scores, so that each true pair beats each of its negatives by the margin:
-
-        L_rank = mean_{b, k} max(0, margin + σ(s_neg[b, k]) - σ(s_pos[b]))
-
-        symbol     variable           shape
-        s_pos[b]   positive[b]        (B,): the score of query b's true pair
-        s_neg      negative[b, k]     (B, K): its K negatives (other images or captions)
-
-    The sigmoid bounds every score to (0, 1), so a margin of 0.2 is on a fixed scale.
-    """
-    gap = margin + torch.sigmoid(negative.float()) - torch.sigmoid(positive.float())[:, None]
-    return gap.clamp(min=0).mean()  # ()
-
-
-# --- 6. The model: embedders, the single-stream Transformer, the heads -------------------------
-
 class ImageEmbeddings(nn.Module):
-    """The Image Embedder [UNITER §Model; code model/model.py]: region feature f (F) and
+    """The Image Embedder [UNITER §3.1; code model/model.py]: region feature f (F) and
     7-d location p -> one D-wide input token per region:
 
         e = Dropout(LN( LN(W_f f) + LN(W_p p) + type[1] ))
 
-    type[1] is the text's token-type table, row 1 (regions are segment 1; the table is the text
-    embedder's, passed in). There is no position embedding: the 7-d location is where a region is.
+    The paper: an FC layer for each of f and p, their sum, one LN [UNITER §3.1], the modality
+    embedding type[1] summed before it [UNITER §3.1, fn. 5] (row 1 of the text embedder's
+    token-type table, passed in); the inner LNs are [code]'s. No position embedding: the 7-d
+    location is where a region is. Names: [code] img_linear, img_layer_norm, pos_linear,
+    pos_layer_norm, mask_embedding row 1.
 
-    Masked regions (MRM): [code] zeroes the feature and adds a learned vector m, so a masked input
-    is m whatever the region was; the location is kept. The paper's text says the feature is set
-    to zeros; we follow [code] (DEVIATION from the paper's text, see reference/uniter.md).
-    Names: feature = [code] img_linear, feature_norm = img_layer_norm, location = pos_linear,
-    location_norm = pos_layer_norm, mask_vector = mask_embedding row 1.
+    DEVIATION from the paper, as [code]: a masked region's feature is replaced by zeros
+    [UNITER §3.1, §3.2] plus a learned vector m, so its input is m; its location is kept.
     """
 
     def __init__(self, feature_dim: int, d_model: int, dropout: float = 0.1, eps: float = 1e-12):
@@ -528,27 +273,14 @@ class ImageEmbeddings(nn.Module):
         return self.dropout(self.norm(v + u + region_type))  # (B, N, D)
 
 
-class VQAHead(nn.Module):
-    """[code] model/vqa.py: pooled [CLS] -> Linear(D, 2D) -> GELU -> LN -> Linear(2D, answers)."""
+# --- 4. The encoder: Text Embedder, Image Embedder, one Transformer ------------------------------
 
-    def __init__(self, d_model: int, n_answers: int, eps: float = 1e-12):
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, 2 * d_model)
-        self.norm = nn.LayerNorm(2 * d_model, eps=eps)
-        self.fc2 = nn.Linear(2 * d_model, n_answers)
-
-    def forward(self, pooled: Tensor) -> Tensor:
-        return self.fc2(self.norm(F.gelu(self.fc1(pooled))))  # (B, D) -> (B, A)
-
-
-class UNITER(nn.Module):
-    """One BERT-style Transformer over [text ; regions] [UNITER §Model], with the heads of
-    config.task: pretrain = MLM, MRFR, MRC (also MRC-kl) and ITM; retrieval = ITM only (its
-    "match" logit is the rank score); vqa = the VQA head.
-
-    The sequence is the plain padded layout [w_1..w_T (padded) ; r_1..r_N (padded)] with one key
-    mask: [code] packs each example's text and regions together first ("gather_index"), which
-    saves compute and gives the same outputs (no position id depends on the packing).
+class UniterEncoder(nn.Module):
+    """One BERT-style Transformer over [text ; regions] [UNITER §3.1], the same tensors whatever
+    the task; `text_embeddings`, `layers`, `pooler` take BERT's weights (shared.bert). Text
+    Embedder: LN(word + position + type[0]) [UNITER §3.1, fn. 5]; the pooler (Linear + tanh on
+    [CLS]) feeds ITM and VQA. The sequence is [w_1..w_T (padded) ; r_1..r_N (padded)] with one
+    key mask; [code] packs each example first ("gather_index"): less compute, same outputs.
     """
 
     def __init__(self, config: Config):
@@ -561,23 +293,9 @@ class UNITER(nn.Module):
         self.layers = nn.ModuleList(PostLNEncoderBlock(D, c.heads, c.intermediate_size,
                                                        c.dropout) for _ in range(c.layers))
         self.pooler = BertPooler(D)
-        if c.task in ("pretrain", "retrieval"):
-            self.itm_head = nn.Linear(D, 2)  # [code] itm_output: column 1 = "match"
-        if c.task == "pretrain":
-            self.mlm_transform = HeadTransform(D)  # output: the word embeddings, tied, + own bias
-            self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
-            self.mrfr_transform = HeadTransform(D)  # output: W_f transposed, tied, + own bias
-            self.mrfr_bias = nn.Parameter(torch.zeros(c.feature_dim))
-            self.mrc_transform = HeadTransform(D)  # shared by MRC and MRC-kl, as [code]
-            self.mrc_output = nn.Linear(D, c.n_region_classes)
-        if c.task == "vqa":
-            self.vqa_head = VQAHead(D, len(ANSWERS))
-        self.apply(lambda module: init_bert_weights(module, c.init_std))  # N(0, std), zero
-        #                                                        biases, LN (1, 0) [code]
-        nn.init.normal_(self.image_embeddings.mask_vector, std=c.init_std)
 
-    def encode(self, tokens: Tensor, features: Tensor, locations: Tensor, region_mask: Tensor,
-               region_masked: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, features: Tensor, locations: Tensor, region_mask: Tensor,
+                region_masked: Tensor | None = None) -> Tensor:
         """tokens (B, T), features (B, N, F), locations (B, N, 7), region_mask (B, N) bool
         (True = a real region), region_masked (B, N) bool or None (MRM). Returns the final
         hidden states (B, T + N, D): text first, then regions."""
@@ -592,117 +310,411 @@ class UNITER(nn.Module):
             x = layer(x, allowed)  # (B, T + N, D), every token sees every real token
         return x
 
-    def _encode_batch(self, batch: dict, region_masked: Tensor | None = None) -> Tensor:
-        return self.encode(batch["tokens"], batch["features"], batch["locations"],
-                           batch["region_mask"], region_masked)  # (B, T + N, D)
+
+# --- 5. Pre-training tasks: conditional masking, the task sampler, the objectives ---------------
+# Masking: pure functions of a numpy Generator (each draw of the data is a function of (seed, i)).
+# Objectives: pure functions of tensors; region losses average over the `masked` regions (none
+# masked gives 0, not NaN); logits are cast to fp32.
+
+def draw_task(config: Config, update: int, seed: int = 0) -> str:
+    """The pre-training task of optimizer update `update`: "we randomly sample one task for each
+    mini-batch, and train on only one objective per SGD update" [UNITER §3.1]; task k with
+    probability mix_k / Σ mix [code: MetaLoader]. Every micro-batch of an update asks with the
+    same `update`, so one update trains one task; ITM batches also train WRA (itm_wra_loss)."""
+    mix = np.array([config.mix_mlm, config.mix_itm, config.mix_mrfr, config.mix_mrc,
+                    config.mix_mrc_kl], dtype=np.float64)  # (5,), in PRETRAIN_TASKS order
+    u = np.random.default_rng([seed, 5, update]).random()  # one uniform in [0, 1)
+    k = int(np.searchsorted(np.cumsum(mix) / mix.sum(), u, side="right"))
+    return PRETRAIN_TASKS[min(k, len(PRETRAIN_TASKS) - 1)]
+
+
+def masked_modalities(task: str, conditional: bool = True) -> tuple[bool, bool]:
+    """Which modalities a pre-training item masks, (words, regions). Conditional masking
+    [UNITER §3.1]: "each time we only mask one modality while keeping the other modality
+    intact", the one its task predicts: mlm -> (True, False), mrfr / mrc / mrc_kl -> (False,
+    True). conditional=False is joint random masking ([UNITER Table 2] line 12): MLM and MRM
+    items mask both (each still trains its own loss). ITM and the downstream tasks mask nothing."""
+    mrm = task in ("mrfr", "mrc", "mrc_kl")
+    if task != "mlm" and not mrm:
+        return False, False
+    return task == "mlm" or not conditional, mrm or not conditional
+
+
+def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, mask_id: int,
+               random_ids: tuple[int, int], special_ids: set) -> tuple[list[int], list[int]]:
+    """MLM masking of one caption [UNITER §3.2, fn. 7; code data/mlm.py]:
+
+    each word-piece (never [CLS], [SEP] or another special token) is picked with probability
+    mask_prob (15 %); a picked one becomes [MASK] 80 % of the time, a random word-piece drawn
+    uniformly from random_ids = [lo, hi) 10 %, and stays itself 10 %. If nothing was picked, the
+    first word-piece becomes [MASK], so every caption has something to predict [code].
+
+    Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere.
+    """
+    inputs, labels = list(tokens), [IGNORE] * len(tokens)
+    words = [t for t, token in enumerate(tokens) if token not in special_ids]
+    picked = [t for t in words if rng.random() < mask_prob]
+    if not picked and words:
+        picked, forced = [words[0]], True  # [code]: the forced one is always [MASK]
+    else:
+        forced = False
+    for t in picked:
+        labels[t] = tokens[t]
+        u = 0.0 if forced else rng.random()
+        if u < 0.8:
+            inputs[t] = mask_id
+        elif u < 0.9:
+            inputs[t] = int(rng.integers(*random_ids))
+    return inputs, labels
+
+
+def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarray:
+    """MRM masking of one image's n regions [UNITER §3.2, MRM; code data/mrm.py]: each region
+    i.i.d. with probability mask_prob (15 %), and one at random if none was picked [code].
+    Returns (n,) bool. The model replaces a masked region's feature by a learned mask vector
+    (ImageEmbeddings); its location is never masked."""
+    masked = rng.random(n) < mask_prob  # (n,)
+    if n and not masked.any():
+        masked[rng.integers(n)] = True
+    return masked
+
+
+def _masked_mean(values: Tensor, masked: Tensor) -> Tensor:
+    """Mean of `values` (...) over the entries where `masked` (...) is True; 0 if there are none."""
+    masked = masked.to(values.dtype)  # (...)
+    return (values * masked).sum() / masked.sum().clamp(min=1)  # ()
+
+
+def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Masked language modelling [UNITER §3.2, Eq. 1]: predict each masked word-piece from the
+    other words and the whole image (conditional masking: the image is never masked in an MLM
+    batch).
+
+        L_MLM = -E log P_θ(w_m | w_\\m, v)  ≈  -(1/M) Σ_{m masked} log P_θ(w_m | w_\\m, v)
+
+        symbol          variable                           shape
+        P_θ(· | ...)    softmax(logits[b, t])              (B, T, V)  (or any (..., V))
+        w_m             labels[b, t] where != ignore_index (B, T)
+        M               number of labelled positions       ()
+
+    The expectation is the mean over the masked word-pieces of the batch, as [code]. Its labels
+    use -1 for "not masked"; we use PyTorch's -100. Nothing labelled gives 0.
+    """
+    V = logits.shape[-1]
+    nll = F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
+                          ignore_index=ignore_index, reduction="none")  # (B·T,), 0 where ignored
+    return _masked_mean(nll, labels.reshape(-1) != ignore_index)  # ()
+
+
+def itm_loss(logits: Tensor, is_match: Tensor) -> Tensor:
+    """Image-text matching [UNITER §3.2, Eq. 2]: does this caption describe this image? The score
+    comes from the [CLS] output (the pooler and the Linear(D, 2) are the model's).
+
+        L_ITM = -(1/B) Σ_b [ y_b log s_b + (1 - y_b) log(1 - s_b) ],   s_b = softmax(z_b)_1
+
+        symbol   variable              shape
+        z_b      logits[b]             (B, 2): column 1 = "match", column 0 = "no match"
+        y_b      is_match[b]           (B,) bool or 0/1
+
+    The paper's FC layer + sigmoid; [code]'s 2-way softmax, which we follow, is the same binary
+    cross-entropy because softmax(z)_1 = sigmoid(z_1 - z_0).
+    """
+    return F.cross_entropy(logits.float(), is_match.long())  # ()
+
+
+def rank_score(itm_logits: Tensor, kind: str = "log_odds") -> Tensor:
+    """The retrieval score of each (text, image) pair from the ITM head's logits (B, 2) -> (B,),
+    zero-shot and as the rank head of `--task retrieval`.
+
+    "log_odds": z_1 - z_0, the argument of the paper's sigmoid s_θ(w, v) [UNITER §3.2, Eq. 2]:
+        it ranks exactly as the probability of "match" and ignores what both logits share,
+        which the 2-way softmax (and so ITM) never sees. DEVIATION (OURS): [code]'s rank head
+        is row 1 alone, not the difference of the rows (reference/uniter.md).
+    "match_logit": z_1 alone, [code]'s zero-shot score and rank head.
+    """
+    if kind == "match_logit":
+        return itm_logits[:, 1]  # (B,)
+    return itm_logits[:, 1] - itm_logits[:, 0]  # (B,)
+
+
+def wra_distance(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor,
+                 region_mask: Tensor, beta: float = 0.5, iters: int = 50, k: int = 1) -> Tensor:
+    """The OT distance between each example's text outputs and region outputs
+    [UNITER §3.2, Eq. 3], its plan by IPOT [UNITER §A.7, Eq. 6, Alg. 1]:
+
+        d_b = Σ_ij C_ij T_ij,   C_ij = 1 - cos(x_i, y_j),   T = ipot(C), held constant
+
+        symbol   variable                                 shape
+        x_i      text_hidden[b, i] (final layer)          (B, T, D), [CLS] and [SEP] included
+        y_j      region_hidden[b, j] (final layer)        (B, N, D)
+        C        cost, 0 on padded pairs                  (B, T, N), in [0, 2]
+        T        ipot(C.detach(), ...)                    (B, T, N), no gradient
+        d_b      the returned distance                    (B,), in [0, 2]
+
+    The marginals a, b of Eq. 3 are uniform over the real tokens and regions [code]. As [code]:
+    the costs are computed in fp32 (also under bf16 autocast) and the plan is a constant, so the
+    gradient reaches the hidden states only through C: ∂d/∂C = T. Returns (B,) in fp32.
+    """
+    with torch.autocast(text_hidden.device.type, enabled=False):  # else x @ y would be bf16
+        x = F.normalize(text_hidden.float(), dim=-1, eps=1e-5)  # (B, T, D), unit rows; eps: [code]
+        y = F.normalize(region_hidden.float(), dim=-1, eps=1e-5)  # (B, N, D)
+        real_pair = text_mask[:, :, None] & region_mask[:, None, :]  # (B, T, N)
+        cost = (1.0 - x @ y.transpose(1, 2)).masked_fill(~real_pair, 0.0)  # (B, T, N): 1 - cos
+    plan = ipot(cost.detach(), text_mask, region_mask, beta, iters, k)  # (B, T, N), constant
+    return (cost * plan).sum(dim=(1, 2))  # (B,)
+
+
+def wra_loss(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor, region_mask: Tensor,
+             is_match: Tensor, beta: float = 0.5, iters: int = 50, k: int = 1) -> Tensor:
+    """Word-region alignment [UNITER §3.2, Eq. 3; code]: on an ITM batch, pull the words and
+    regions of matched pairs together and push those of mismatched pairs apart, through the OT
+    distance:
+
+        L_WRA = (1/n) ( Σ_{b: y_b = 1} d_b  -  Σ_{b: y_b = 0} d_b )
+
+        symbol   variable                                           shape
+        d_b      wra_distance(text_hidden, region_hidden, ...)[b]   (B,), in [0, 2]
+        y_b      is_match[b]                                        (B,) bool or 0/1
+        n        B, positives and negatives together                ()
+
+    The sign: minimising L_WRA lowers d for matched pairs and raises it for mismatched ones. So
+    L_WRA lies in [-2, 2] and can be negative; there is no margin or hinge (d <= 2 bounds the
+    push). AMBIGUITY: Eq. 3 defines L_WRA as the OT distance of one (w, v) pair; how mismatched
+    pairs enter and what divides the sum is unstated. We follow [code]: both signs, divided by
+    the whole batch size n = n_pos + n_neg (not a mean over each group).
+    """
+    d = wra_distance(text_hidden, region_hidden, text_mask, region_mask, beta, iters, k)  # (B,)
+    sign = is_match.bool().to(d.dtype) * 2 - 1  # (B,): +1 matched, -1 mismatched
+    return (sign * d).sum() / d.shape[0]  # ()
+
+
+def itm_wra_loss(itm: Tensor, wra: Tensor | None, wra_weight: float) -> Tensor:
+    """The loss of an ITM batch [code]: L = L_ITM + λ · L_WRA, both over every pair of the batch.
+
+        symbol   variable                                     shape
+        L_ITM    itm = itm_loss(...);  L_WRA  wra = wra_loss(...), None if λ = 0   ()
+        λ        wra_weight (0.1)                             ()
+
+    DEVIATION from the paper (one objective per update [UNITER §3.1]), as [code]."""
+    return itm if wra is None else itm + wra_weight * wra  # ()
+
+
+def mrfr_loss(predicted: Tensor, target: Tensor, masked: Tensor) -> Tensor:
+    """Masked region feature regression [UNITER §3.2, Eq. 4, MRFR]: regress each masked region's
+    detector feature from the text and the other regions.
+
+        L_MRFR = (1/(M·F)) Σ_{i masked} || h_θ(v_i) - r(v_i) ||²
+
+        symbol     variable                          shape
+        h_θ(v_i)   predicted[b, n]                   (B, N, F)
+        r(v_i)     target[b, n]: the input feature   (B, N, F), copied before masking
+        M          masked.sum()                      ()
+
+    DEVIATION from the paper, as [code]: the paper sums the squared L2 norms over the M masked
+    regions; [code] (and we) average the squared error over the M regions and the F dimensions
+    (an element-wise MSE over the masked rows). h_θ's last layer is the Image Embedder's feature
+    Linear (D <- F) used transposed, the same Parameter object, with its own zero bias [code].
+    """
+    squared_error = (predicted.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    return _masked_mean(squared_error, masked)  # ()
+
+
+def mrc_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
+    """Masked region classification [UNITER §3.2, Eq. 4, MRC]: predict the detector's most
+    likely object class of each masked region, a hard label.
+
+        L_MRC = -(1/M) Σ_{i masked} log softmax(g_θ(v_i))[c_i]
+        c_i   = 1 + argmax_{c >= 1} p̃(v_i)_c        (the best object class, never background)
+
+        symbol     variable                      shape
+        g_θ(v_i)   logits[b, n]                  (B, N, C)
+        p̃(v_i)     detector_probs[b, n]          (B, N, C): detector softmax, background at 0
+        M          masked.sum()                  ()
+
+    The paper sums over the M masked regions; we average, as for MLM. As [code], background
+    (class 0) is left out of the argmax, so it is never a target even where the detector thinks
+    it most likely; the model still has a background logit.
+    """
+    C = logits.shape[-1]
+    target = detector_probs[..., 1:].argmax(dim=-1) + 1  # (B, N): best object class, never 0
+    nll = F.cross_entropy(logits.reshape(-1, C).float(), target.reshape(-1),
+                          reduction="none")  # (B·N,)
+    return _masked_mean(nll, masked.reshape(-1))  # ()
+
+
+def mrc_kl_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
+    """Masked region classification with KL-divergence [UNITER §3.2, Eq. 4, MRC-kl]: match the
+    detector's whole class distribution instead of its argmax.
+
+        L_MRC-kl = (1/M) Σ_{i masked} KL(p̃(v_i) ‖ softmax(g_θ(v_i)))
+                 = (1/M) Σ_{i masked} Σ_c t_c (log t_c - log p_c),   0 · log 0 := 0
+
+        symbol     variable                                shape
+        t_c        detector_probs[b, n, c]                 (B, N, C), background included
+        log p_c    log_softmax(logits[b, n])_c             (B, N, C)
+        M          masked.sum()                            ()
+
+    The paper sums over the M masked regions; we average. DEVIATION: [code] takes the
+    element-wise mean over the M × C entries, i.e. this loss divided by C (1601); we keep the
+    per-region KL, which does not shrink with the number of classes. Divide by C to compare
+    loss values with the original.
+    """
+    t = detector_probs.float()  # (B, N, C)
+    log_p = logits.float().log_softmax(dim=-1)  # (B, N, C)
+    kl = (torch.xlogy(t, t) - t * log_p).sum(dim=-1)  # (B, N): Σ_c t (log t - log p)
+    return _masked_mean(kl, masked)  # ()
+
+
+def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> Tensor:
+    """Retrieval fine-tuning [UNITER §4.1: "maximize the margin ... through triplet loss";
+    code model/itm.py]: a hinge on sigmoid scores, so that each true pair beats each of its
+    negatives by the margin:
+
+        L_rank = mean_{b, k} max(0, margin + σ(s_neg[b, k]) - σ(s_pos[b]))
+
+        symbol     variable           shape
+        s_pos[b]   positive[b]        (B,): the score of query b's true pair
+        s_neg      negative[b, k]     (B, K): its K negatives (other images or captions)
+
+    The sigmoid bounds every score to (0, 1), so a margin of 0.2 is on a fixed scale.
+    """
+    gap = margin + torch.sigmoid(negative.float()) - torch.sigmoid(positive.float())[:, None]
+    return gap.clamp(min=0).mean()  # ()
+
+
+# --- 6. The model: the encoder and one head per task -------------------------------------------
+
+class TiedOutputHead(nn.Module):
+    """BERT's prediction head with its output layer tied to an embedding [code]: transform(h),
+    then that embedding's weight (passed in, so it is not a copy) and the head's own bias.
+    MLM: the word embeddings (V, D); MRFR: the Image Embedder's W_f (D, F) transposed."""
+
+    def __init__(self, d_model: int, out_dim: int):
+        super().__init__()
+        self.transform = HeadTransform(d_model)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+
+    def forward(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(self.transform(hidden), weight, self.bias)  # (M, D) -> (M, out)
+
+
+def task_heads(config: Config) -> nn.ModuleDict:
+    """The heads of config.task [code]. "itm" is one Linear(D, 2) (itm_output, column 1 =
+    "match") in pre-training and retrieval alike, so retrieval fine-tuning starts from it."""
+    c, D = config, config.hidden_size
+    heads = nn.ModuleDict()
+    if c.task in ("pretrain", "retrieval"):
+        heads["itm"] = nn.Linear(D, 2)  # (B, D) pooled [CLS] -> (B, 2)  [UNITER §3.2, Eq. 2]
+    if c.task == "pretrain":
+        heads["mlm"] = TiedOutputHead(D, c.vocab_size)  # (M, D) -> (M, V), the word embeddings
+        heads["mrfr"] = TiedOutputHead(D, c.feature_dim)  # (M, D) -> (M, F), W_f transposed
+        heads["mrc"] = nn.Sequential(HeadTransform(D), nn.Linear(D, c.n_region_classes))
+        #   (M, D) -> (M, C), shared by MRC and MRC-kl  [UNITER §3.2, Eq. 4]
+    if c.task == "vqa":  # an MLP on the pooled [CLS] [UNITER §4.1]; [code] model/vqa.py
+        heads["vqa"] = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(),
+                                     nn.LayerNorm(2 * D, eps=1e-12),
+                                     nn.Linear(2 * D, len(ANSWERS)))  # (B, D) -> (B, A)
+    return heads
+
+
+class UNITER(nn.Module):
+    """UniterEncoder + the heads of config.task (task_heads). forward(batch) trains the task of
+    batch["task"]: mlm, mrfr, mrc, mrc_kl, itm (pretrain), retrieval or vqa."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.encoder = UniterEncoder(config)
+        self.heads = task_heads(config)
+        self.apply(lambda m: init_bert_weights(m, config.init_std))  # [code]: BERT's init
+        nn.init.normal_(self.encoder.image_embeddings.mask_vector, std=config.init_std)
+
+    def encode_batch(self, batch: dict, region_masked: Tensor | None = None) -> Tensor:
+        return self.encoder(batch["tokens"], batch["features"], batch["locations"],
+                            batch["region_mask"], region_masked)  # (B, T + N, D)
 
     def match_score(self, tokens: Tensor, features: Tensor, locations: Tensor,
                     region_mask: Tensor) -> Tensor:
-        """The retrieval score of each (text, image) row, zero-shot and with the rank head. (B,)
+        """rank_score (config.itm_score) of each (text, image) row. (B,)"""
+        h = self.encoder(tokens, features, locations, region_mask)  # (B, T + N, D)
+        return rank_score(self.heads["itm"](self.encoder.pooler(h)), self.config.itm_score)
 
-        itm_score "log_odds": logit[match] - logit[no match]. ITM trains a 2-way softmax, which
-        only sees the difference of its two logits: adding any amount to both leaves the loss
-        as it is, so logit[match] alone carries a part ITM never trained, and ranking by it
-        ranks by that part too. The difference is the log-odds of the softmax probability of
-        "match" and ranks exactly as that probability. As the rank head (--task retrieval) it is
-        one linear score, (w1 - w0)·h + (b1 - b0): [code]'s single-logit rank head started from
-        the difference of the rows instead of row 1.
-        "match_logit": logit[match] alone, [code]'s zero-shot score and rank head."""
-        h = self.encode(tokens, features, locations, region_mask)  # (B, T + N, D)
-        logits = self.itm_head(self.pooler(h))  # (B, 2)
-        if self.config.itm_score == "match_logit":
-            return logits[:, 1]  # (B,)
-        return logits[:, 1] - logits[:, 0]  # (B,)
-
-    def score_pairs(self, tokens: Tensor, features: Tensor, locations: Tensor,
-                    region_mask: Tensor, text_index: Tensor, image_index: Tensor,
-                    chunk: int = 1024) -> Tensor:
-        """match_score of the pairs (text text_index[p], image image_index[p]), in chunks of
-        `chunk` pairs. tokens (Bt, T); features (Bi, N, F) etc.; indices (P,). Returns (P,)."""
-        out = []
-        for s in range(0, len(text_index), chunk):
-            t, i = text_index[s:s + chunk], image_index[s:s + chunk]  # (p,), (p,)
-            out.append(self.match_score(tokens[t], features[i], locations[i], region_mask[i]))
-        return torch.cat(out)  # (P,)
+    def answer_logits(self, tokens: Tensor, features: Tensor, locations: Tensor,
+                      region_mask: Tensor) -> Tensor:
+        """(B, A) logits over ANSWERS."""
+        h = self.encoder(tokens, features, locations, region_mask)  # (B, T + N, D)
+        return self.heads["vqa"](self.encoder.pooler(h))  # (B, A)
 
     def forward(self, batch: dict) -> dict:
         """One task's batch -> {"loss": scalar, <task>: scalar, ...}; batch["task"] picks it."""
         task = batch["task"]
-        if task == "mlm":
-            return self.forward_mlm(batch)
         if task in ("mrfr", "mrc", "mrc_kl"):
             return self.forward_mrm(batch, task)
-        if task == "itm":
-            return self.forward_itm(batch)
-        if task == "retrieval":
-            return self.forward_rank(batch)
-        if task == "vqa":
-            return self.forward_vqa(batch)
-        raise ValueError(f"unknown task {task!r}")
+        return {"mlm": self.forward_mlm, "itm": self.forward_itm, "retrieval": self.forward_rank,
+                "vqa": self.forward_vqa}[task](batch)
 
     def forward_mlm(self, batch: dict) -> dict:
-        """[UNITER §MLM]: the masked word-pieces, gathered by the collate's flat positions (so
-        the step has no data-dependent shape and no host-device sync)."""
+        """[UNITER §3.2, Eq. 1]: the masked word-pieces, gathered by the collate's flat positions
+        (so the step has no data-dependent shape and no host-device sync)."""
         T = batch["tokens"].shape[1]
-        h = self._encode_batch(batch, batch.get("region_masked"))  # joint masking: both masked
+        h = self.encode_batch(batch, batch.get("region_masked"))  # joint masking: both masked
         hidden = h[:, :T].flatten(0, 1).index_select(0, batch["mlm_positions"])  # (M, D)
-        logits = F.linear(self.mlm_transform(hidden), self.text_embeddings.word.weight,
-                          self.mlm_bias)  # (M, V): output weight tied to the word embeddings
+        logits = self.heads["mlm"](hidden, self.encoder.text_embeddings.word.weight)  # (M, V)
         loss = mlm_loss(logits, batch["mlm_targets"])
         return {"loss": loss, "mlm": loss}
 
     def forward_mrm(self, batch: dict, task: str) -> dict:
-        """[UNITER §MRM]: MRFR, MRC or MRC-kl on the masked regions' outputs."""
+        """[UNITER §3.2, Eq. 4]: MRFR, MRC or MRC-kl on the masked regions' outputs."""
         T = batch["tokens"].shape[1]
-        h = self._encode_batch(batch, batch["region_masked"])  # (B, T + N, D)
+        h = self.encode_batch(batch, batch["region_masked"])  # (B, T + N, D)
         hidden = h[:, T:].flatten(0, 1).index_select(0, batch["mrm_positions"])  # (M, D)
         every = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)  # (M,)
         if task == "mrfr":
             # the output layer IS the Image Embedder's W_f (D x F), transposed: (M, D) -> (M, F)
-            predicted = F.linear(self.mrfr_transform(hidden),
-                                 self.image_embeddings.feature.weight.t(), self.mrfr_bias)
-            loss = mrfr_loss(predicted, batch["mrfr_targets"], every)
+            weight = self.encoder.image_embeddings.feature.weight.t()  # (F, D)
+            loss = mrfr_loss(self.heads["mrfr"](hidden, weight), batch["mrfr_targets"], every)
         else:
-            logits = self.mrc_output(self.mrc_transform(hidden))  # (M, C)
+            logits = self.heads["mrc"](hidden)  # (M, C)
             objective = mrc_loss if task == "mrc" else mrc_kl_loss
             loss = objective(logits, batch["mrc_targets"], every)
         return {"loss": loss, task: loss}
 
     def forward_itm(self, batch: dict) -> dict:
-        """[UNITER §ITM] on the pooled [CLS], plus wra_weight · WRA [UNITER §WRA] on the same
-        forward pass's outputs (every text token, [CLS] and [SEP] included, and every region)."""
-        T = batch["tokens"].shape[1]
-        h = self._encode_batch(batch)  # (B, T + N, D)
-        loss_itm = itm_loss(self.itm_head(self.pooler(h)), batch["is_match"])
-        out = {"loss": loss_itm, "itm": loss_itm}
-        c = self.config
-        if c.wra_weight > 0:
-            loss_wra = wra_loss(h[:, :T], h[:, T:], batch["tokens"] != PAD_ID,
-                                batch["region_mask"], batch["is_match"], c.ipot_beta,
-                                c.ipot_iters, c.ipot_inner)
-            out["loss"] = loss_itm + c.wra_weight * loss_wra
-            out["wra"] = loss_wra
-        return out
+        """[UNITER §3.2, Eq. 2] on the pooled [CLS], plus wra_weight · WRA [UNITER §3.2, Eq. 3]
+        on the same forward pass's outputs (every text token, [CLS] and [SEP] included, and
+        every region): itm_wra_loss."""
+        c, T = self.config, batch["tokens"].shape[1]
+        h = self.encode_batch(batch)  # (B, T + N, D)
+        loss_itm = itm_loss(self.heads["itm"](self.encoder.pooler(h)), batch["is_match"])
+        loss_wra = None if c.wra_weight == 0 else wra_loss(
+            h[:, :T], h[:, T:], batch["tokens"] != PAD_ID, batch["region_mask"],
+            batch["is_match"], c.ipot_beta, c.ipot_iters, c.ipot_inner)
+        out = {"loss": itm_wra_loss(loss_itm, loss_wra, c.wra_weight), "itm": loss_itm}
+        return out if loss_wra is None else {**out, "wra": loss_wra}
 
     def forward_rank(self, batch: dict) -> dict:
-        """Retrieval fine-tuning with hard negatives [code train_itm_hard_negatives.py]. [code]
-        scores one caption against 1 + 399 random images (and one image against 400 captions)
-        with the model in eval mode and no gradient, and trains the hinge on the 31 best-scoring
-        wrong ones. Ours: the batch's other B - 1 examples are the random candidates, and the
-        config.hard_negatives best-scoring of them, in each direction, are trained on."""
+        """Retrieval fine-tuning with hard negatives [UNITER §A.2; code
+        train_itm_hard_negatives.py]: [code] scores each query against 399 random candidates
+        (eval mode, no gradient) and trains the hinge on the 31 best-scoring wrong ones.
+        DEVIATION: the candidates are the batch's other B - 1 examples; the hard_negatives
+        best-scoring of them, in each direction, are trained on."""
         tokens, features = batch["tokens"], batch["features"]
         locations, region_mask = batch["locations"], batch["region_mask"]
         B = tokens.shape[0]
         k = min(self.config.hard_negatives, B - 1)
         if k < 1:
             raise ValueError("retrieval fine-tuning needs at least 2 pairs a batch")
+
+        def score_pairs(t: Tensor, i: Tensor) -> Tensor:  # (text t[p], image i[p]) -> (P,)
+            chunks = zip(t.split(1024), i.split(1024))  # 1024 pairs a call
+            return torch.cat([self.match_score(tokens[a], features[b], locations[b],
+                                               region_mask[b]) for a, b in chunks])
         was_training = self.training
         self.eval()
         with torch.no_grad():
             grid = torch.arange(B, device=tokens.device)
-            text_index, image_index = grid.repeat(B), grid.repeat_interleave(B)  # (B·B,) each
-            scores = self.score_pairs(tokens, features, locations, region_mask, text_index,
-                                      image_index).view(B, B)  # (B images, B texts)
+            scores = score_pairs(grid.repeat(B), grid.repeat_interleave(B)).view(B, B)
+            #   (B images, B texts): pair p = (text p % B, image p // B)
             scores.fill_diagonal_(-torch.inf)  # the true pairs are not negatives
             hard_images = scores.topk(k, dim=0).indices.T  # (B texts, k): best wrong images
             hard_texts = scores.topk(k, dim=1).indices  # (B images, k): best wrong texts
@@ -710,47 +722,32 @@ class UNITER(nn.Module):
         positive = self.match_score(tokens, features, locations, region_mask)  # (B,)
         texts = grid.repeat_interleave(k)  # (B·k,): text b, k times
         images = hard_images.reshape(-1)  # (B·k,)
-        negative_images = self.score_pairs(tokens, features, locations, region_mask, texts,
-                                           images).view(B, k)  # (B, k)
-        negative_texts = self.score_pairs(tokens, features, locations, region_mask,
-                                          hard_texts.reshape(-1), texts).view(B, k)  # (B, k)
+        negative_images = score_pairs(texts, images).view(B, k)  # (B, k)
+        negative_texts = score_pairs(hard_texts.reshape(-1), texts).view(B, k)  # (B, k)
         loss = rank_hinge_loss(positive, torch.cat([negative_images, negative_texts], dim=1),
                                self.config.rank_margin)
         return {"loss": loss, "rank": loss}
 
     def forward_vqa(self, batch: dict) -> dict:
-        """[UNITER §Downstream]: the answer from the pooled [CLS] of [question ; regions]."""
-        logits = self.vqa_head(self.pooler(self._encode_batch(batch)))  # (B, A)
+        """VQA as classification over the answers [UNITER §4.1] with a binary cross-entropy on
+        their soft scores [UNITER §A.2], from the pooled [CLS] of [question ; regions]."""
+        logits = self.heads["vqa"](self.encoder.pooler(self.encode_batch(batch)))  # (B, A)
         loss = vqa_loss(logits, batch["answer_scores"])
         return {"loss": loss, "vqa": loss}
-
-    def answer_logits(self, tokens: Tensor, features: Tensor, locations: Tensor,
-                      region_mask: Tensor) -> Tensor:
-        """(B, A) logits over ANSWERS."""
-        return self.vqa_head(self.pooler(self.encode(tokens, features, locations, region_mask)))
 
 
 def build_model(config: Config) -> UNITER:
     return UNITER(config)
 
 
-def param_groups(model: UNITER, config: Config) -> list[dict]:
-    """AdamW groups [code]: weight decay on matrices, none on biases and LayerNorm gains (nor the
-    mask vector); the VQA head trains at vqa_head_lr_mult x the learning rate (train.py
-    multiplies each group's schedule by its lr_scale)."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        head = name.startswith("vqa_head.")
-        decay = p.dim() >= 2
-        groups.setdefault((head, decay), []).append(p)
-    return [{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
-             "lr_scale": config.vqa_head_lr_mult if head else 1.0}
-            for (head, decay), params in groups.items()]
+# --- 7. Data: the world's regions, one task a batch --------------------------------------------
 
+def kept_regions(conf: np.ndarray, config: Config) -> int:
+    """How many of an image's regions (rows sorted by conf, descending) the model sees [code]:
+    those with conf > region_conf_threshold, but at least min_regions and at most n_regions."""
+    above = int((np.asarray(conf) > config.region_conf_threshold).sum())
+    return int(np.clip(above, config.min_regions, min(config.n_regions, len(conf))))
 
-# --- 7. Data: the world's regions, one task per batch -----------------------------------------
 
 def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> dict:
     """A world example's kept regions as tensors: features (n, F), standardised with
@@ -780,11 +777,10 @@ class UniterDataset(Dataset):
     the same for a whole update (train.py's loader gives micro-batch k the items k·b .. k·b+b-1,
     b = batch_size / grad_accum_steps); then
 
-        mlm      a caption with mask_words, the image whole
+        mlm      a caption with mask_words, the image whole (masked_modalities)
         mrfr, mrc, mrc_kl   the caption whole, regions masked by mask_regions
         itm      a caption with its own image, or (itm_neg_prob) the regions of another
                  example of the same micro-batch (see negative_index)
-        (with conditional_masking=False, MLM and MRM items mask both modalities)
 
     The last 2·b world examples are kept (`shared.data.RecentExamples`), so an ITM negative
     costs no second rendering: its image is made for its own item and reused as a negative.
@@ -806,11 +802,12 @@ class UniterDataset(Dataset):
 
     def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:
         """The world index of item i's replacement image, uniform over the other images of
-        its micro-batch (items i - i % b .. i - i % b + b - 1). DEVIATION: [code] draws it from
-        the whole dataset; the world's examples are i.i.d., so the negatives follow the same
-        distribution (on a corpus, b neighbours in its file order), and each is an image the
-        micro-batch makes anyway. Where the micro-batch
-        has no other image (b = 1, or a dataset shorter than b), one from the whole dataset."""
+        its micro-batch (items i - i % b .. i - i % b + b - 1). DEVIATION: the paper draws "a
+        randomly-selected one from other samples" [UNITER §3.2, ITM], [code] from the whole
+        dataset; the world's examples are i.i.d., so the negatives follow the same distribution
+        (on a corpus, b neighbours in its file order), and each is an image the micro-batch
+        makes anyway. Where the micro-batch has no other image (b = 1, or a dataset shorter
+        than b), one from the whole dataset."""
         n, start = len(self.world), i - i % self.micro_batch
         others = sorted({(start + k) % n for k in range(self.micro_batch)} - {index})
         if others:
@@ -842,20 +839,16 @@ class UniterDataset(Dataset):
             if not item["is_match"]:  # [code]: replace the image, never the text
                 other = self.example(self.negative_index(i, index, rng))
                 item.update(region_inputs(other, c, self.statistics))
-        mrm = task in ("mrfr", "mrc", "mrc_kl")
-        if task == "mlm" or (mrm and not c.conditional_masking):
+        words, regions = masked_modalities(task, c.conditional_masking)
+        if words:
             tokens, labels = mask_words(tokens, rng, c.mask_prob, self.tokenizer.mask_id,
                                         self.random_ids, self.special_ids)
             item["mlm_labels"] = torch.tensor(labels)  # (T_i,)
-        if mrm or (task == "mlm" and not c.conditional_masking):
+        if regions:
             item["region_masked"] = torch.from_numpy(
                 mask_regions(len(item["features"]), rng, c.mask_prob))  # (n,)
         item["tokens"] = torch.tensor(tokens)  # (T_i,)
         return item
-
-
-def train_dataset(world, tokenizer, config: Config) -> UniterDataset:
-    return UniterDataset(world, tokenizer, config)
 
 
 def collate_fn(items: list[dict]) -> dict:
@@ -899,11 +892,9 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-# --- 8. Downstream evaluation on the world: train.py's contract ----------------------------------
-
-def _regions_batch(examples: list[dict], config: Config, device: torch.device,
-                   world_config=None) -> tuple:
-    """(features (b, N, F), locations (b, N, 7), region_mask (b, N)) on `device`; the world's
+def region_batch(examples: list[dict], config: Config, device: torch.device,
+                 world_config=None) -> tuple:
+    """(features (n, N, F), locations (n, N, 7), region_mask (n, N)) on `device`; the world's
     config gives the statistics of standardise_features."""
     statistics = None
     if config.standardise_features:
@@ -919,25 +910,25 @@ def _regions_batch(examples: list[dict], config: Config, device: torch.device,
 
 def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[dict],
                      world_config=None) -> Tensor:
-    """The (n images, n captions) retrieval scores (UNITER.match_score) of every pair of n
-    examples' images and first captions: n² forward passes, as [code itm_eval]."""
+    """The (n images, n captions) match_score of every pair of n examples' images and first
+    captions: n² forward passes, as [code itm_eval]. On the CPU."""
     device = model_device(model)
     tokens = tokenizer.encode_batch([ex["captions"][0] for ex in examples],
                                     config.max_text_len).to(device)  # (n, T)
-    features, locations, mask = _regions_batch(examples, config, device, world_config)
-    n = len(examples)
-    grid = torch.arange(n, device=device)
-    scores = model.score_pairs(tokens, features, locations, mask, grid.repeat(n),
-                               grid.repeat_interleave(n))  # (n·n,), image-major
-    return scores.view(n, n).float().cpu()  # (n images, n texts)
+    features, locations, mask = region_batch(examples, config, device, world_config)
+
+    def score(image: Tensor, text: Tensor) -> Tensor:
+        i, t = image.to(device), text.to(device)  # (p,), (p,)
+        return model.match_score(tokens[t], features[i], locations[i], mask[i])  # (p,)
+    return pair_scores(score, len(examples))  # (n images, n texts)
 
 
-def vqa_predictions(model: UNITER, tokenizer, config: Config, examples: list[dict],
-                    zero_regions: bool = False, chunk: int = 256,
-                    world_config=None) -> tuple[list, list]:
-    """(predicted answers, questions with their answers) for every question of the examples."""
+def answer_logits_fn(model: UNITER, tokenizer, config: Config, examples: list[dict],
+                     world_config=None, zero_regions: bool = False):
+    """answer_logits(questions, image indices into examples) -> (b, A) logits over ANSWERS, for
+    shared.evaluate.vqa_metrics; zero_regions: every region feature and location zeroed."""
     device = model_device(model)
-    features, locations, mask = _regions_batch(examples, config, device, world_config)
+    features, locations, mask = region_batch(examples, config, device, world_config)
     if zero_regions:
         features, locations = torch.zeros_like(features), torch.zeros_like(locations)
 
@@ -945,35 +936,57 @@ def vqa_predictions(model: UNITER, tokenizer, config: Config, examples: list[dic
         tokens = tokenizer.encode_batch(questions, config.max_text_len).to(device)  # (b, T)
         k = torch.tensor(images, device=device)  # (b,) the image of each question
         return model.answer_logits(tokens, features[k], locations[k], mask[k])  # (b, A)
-    return predict_answers(examples, answer_logits, ANSWERS, chunk)
+    return answer_logits
 
 
+# --- 8. train.py's contract: dataset, optimizer, evaluation ----------------------------------
+
+def train_dataset(source, tokenizer, config: Config) -> UniterDataset:
+    """Item i = example i prepared for the task of its update (UniterDataset)."""
+    return UniterDataset(source, tokenizer, config)
+
+
+def make_optimizer(model: UNITER, config: Config) -> torch.optim.Optimizer:
+    """AdamW [code]: weight decay on matrices, none on biases and LayerNorm gains (nor the mask
+    vector); the VQA head trains at vqa_head_lr_mult x the learning rate ("lr_scale": train.py
+    multiplies each group's schedule by it)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("heads.vqa."), p.dim() >= 2), []).append(p)
+    return adamw([{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+                   "lr_scale": config.vqa_head_lr_mult if head else 1.0}
+                  for (head, decay), params in groups.items()], config, fused_for(model))
+
+
+def after_optimizer_step(model: UNITER) -> None:
+    """Nothing to do after an update (CoCa clamps its temperature here)."""
+
+
+@in_eval_mode
 def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
              n: int) -> dict[str, float]:
-    """The downstream metrics on a world split (eval mode, no gradients).
+    """The downstream metrics on a world split.
 
     pretrain, retrieval: i2t_r1/5/10, t2i_r1/5/10 among min(n, eval_pairs) (image, first
         caption) pairs, every pair scored by UNITER.match_score; r1_mean = their R@1 mean.
     vqa: vqa_acc over every question of n images; vqa_acc_<type> per question template;
         vqa_acc_regions_zeroed = the same model with the regions zeroed at test time.
     """
-    world = World(world_config, split)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        if config.task == "vqa":
-            examples = [world.example(i) for i in range(min(n, len(world)))]
-            predicted, qa = vqa_predictions(model, tokenizer, config, examples,
-                                            world_config=world_config)
-            metrics = vqa_accuracy_by_type(predicted, [q for q, _, _ in qa],
-                                           [a for _, a, _ in qa], question_type)
-            blind, _ = vqa_predictions(model, tokenizer, config, examples, zero_regions=True,
-                                       world_config=world_config)
-            metrics["vqa_acc_regions_zeroed"] = vqa_accuracy(blind, [[a] for _, a, _ in qa])
-        else:
-            examples = [world.example(i) for i in range(min(n, config.eval_pairs, len(world)))]
-            scores = retrieval_scores(model, tokenizer, config, examples, world_config)  # (n, n)
-            metrics = recall_at_k(scores, torch.arange(len(examples)))
-            metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
-    model.train(was_training)
-    return {k: float(v) for k, v in metrics.items()}
+    if config.task != "vqa":
+        examples = world_examples(world_config, split, min(n, config.eval_pairs))
+        return retrieval_metrics(retrieval_scores(model, tokenizer, config,
+                                                              examples, world_config))
+    examples = world_examples(world_config, split, n)
+    answers = [answer_logits_fn(model, tokenizer, config, examples, world_config,
+                                            zero_regions) for zero_regions in (False, True)]
+    metrics = vqa_metrics(answers[0], examples, ANSWERS)
+    metrics["vqa_acc_regions_zeroed"] = vqa_metrics(answers[1], examples, ANSWERS)["vqa_acc"]
+    return metrics
+
+
+@in_eval_mode
+def sample_captions(model: UNITER, tokenizer, config: Config, world_config, split: str,
+                    n: int) -> list[tuple[str, str]]:
+    """UNITER does not caption: always []."""
+    return []

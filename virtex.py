@@ -1,44 +1,56 @@
 """VirTex: Learning Visual Representations from Textual Annotations, written from primitives.
 
-    Karan Desai, Justin Johnson. CVPR 2021; arXiv 2006.06666v3 (25 Sep 2021). Every `[VirTex ...]`
-    tag cites that version.
+    Karan Desai, Justin Johnson. CVPR 2021; arXiv 2006.06666v3. Every `[VirTex ...]` tag cites that
+    version.
 
 A CNN learns to see by captioning: a ResNet-50 and a small Transformer decoder are trained from
 scratch to caption images in both directions; then the decoder is thrown away and the CNN is
-the product, judged by linear probes and transfer [VirTex Fig. 1]:
+the product, judged by linear probes and transfer [VirTex §Method]:
 
     image -> ResNet-50 -> layer4 grid (B, 2048, 7, 7) -> 49 visual tokens -> Linear 2048 -> H
                                                                      |            |
     [SOS] c1 .. cT -> forward Transformer decoder  (cross-attends) <-+            |
     [EOS] cT .. c1 -> backward Transformer decoder (cross-attends) <--------------+
-    L = CE(forward next tokens) + CE(backward next tokens)                  bicaptioning
+    L = L_f (forward next tokens) + L_b (backward next tokens)              bicaptioning
 
-Paper map (section / equation -> code)
-    Impl: implementation details, [code]        Config, Config.paper()
-    Method: visual backbone (ResNet-50)          Bottleneck, ResNet
-    Method: textual head (Transformer decoder)   WordAndPositionEmbedding, TextualHead
-    Method: bicaptioning (forward + backward)    reverse_captions, captioning_loss,
-                                                 bicaptioning_loss, VirTex.forward
-    Ablation: pretraining tasks                  Config.pretext: "bicaptioning" | "captioning" |
-                                                 "token_classification" | "masked_lm";
-                                                 token_classification_loss, mask_tokens,
-                                                 masked_lm_loss
-    Impl: data augmentation                      VirTexDataset (shared.augment: crop, flip with
-                                                 the whole-word left/right swap, colour jitter)
-    Impl: optimisation                           make_optimizer (SGD, two learning rates)
-    Downstream: linear probes of frozen features VirTex.pooled_features, evaluate
-    Captioning (beam 5, nucleus 0.9), [code]     VirTex.generate (shared.decoding)
+Citations name the paper's parts, one fixed set, not section or equation numbers: [VirTex §Method]
+(the model as a whole), [VirTex §Method: visual backbone], [VirTex §Method: textual head],
+[VirTex §Method: bicaptioning], [VirTex §Implementation], [VirTex §Ablations: pretraining tasks],
+[VirTex §Downstream] (linear probes of frozen features), [VirTex §Captioning].
+[code] = the official code, kdexd/virtex at ae67b23.
 
-Citations name the paper's parts, [VirTex Method], [VirTex Impl] (implementation details),
-[VirTex Ablation] (pretraining tasks), [VirTex Downstream], [VirTex Captioning], not section
-numbers: only the first page of v3 could be checked here. [code] = the official code (kdexd/virtex
-ae67b23), read for ../shared/specs/virtex_coca.md Part A.
+Paper map (part -> code)
+    §Implementation; [code]                  Config, Config.paper()
+    §Method: visual backbone (ResNet-50)     Bottleneck, ResNet
+    §Method: textual head                    WordAndPositionEmbedding, TransformerDecoder,
+                                             TextualHead
+    §Method: bicaptioning                    reverse_captions, captioning_loss (L_f, L_b),
+                                             bicaptioning_loss (L = L_f + L_b)
+    §Ablations: pretraining tasks            Config.pretext; token_classification_loss,
+                                             mask_tokens, masked_lm_loss
+    §Method (the model)                      VirTex = ResNet + model.heads, build_model
+    §Implementation: data augmentation       VirTexDataset (shared.augment.virtex_augment: crop,
+                                             flip swapping left/right words, colour jitter)
+    §Implementation: optimisation            make_optimizer (SGD, two learning rates)
+    §Downstream: linear probes               VirTex.pooled_features, evaluate
+    §Captioning (beam 5, nucleus 0.9)        VirTex.generate (shared.decoding), caption_images
+
+Heads by pretext. The ResNet (`visual.*`) is the encoder: its state dict is the same for every
+pretext. What a pretext adds lives under `model.heads`, so that fine-tuning from another
+pretext's checkpoint (shared.checkpoint.load_weights) carries over every shared piece:
+
+    pretext                model.heads
+    bicaptioning           textual (visual projection, embedding, forward Transformer, output),
+                           backward (the backward Transformer)
+    captioning             textual
+    masked_lm              textual, run without the causal mask
+    token_classification   token_classification (a Linear on pooled layer4)
 
 Left out, and why: COCO Captions (the synthetic world of shared/world.py instead); Lookahead
-(DEVIATION, see make_optimizer); the detection / segmentation / iNat transfer tasks (they need
-Detectron2-scale code and data); the SentencePiece BPE vocabulary (WordPiece trained on the world's
-captions, shared.tokenizer); the multilabel-classification ablation (it needs COCO's instance
-labels; the world's equivalent is the token-classification row).
+(DEVIATION, see make_optimizer); detection / segmentation / iNat transfer (Detectron2-scale code
+and data); the SentencePiece BPE vocabulary (WordPiece trained on the world's captions); the
+multilabel-classification ablation (COCO's instance labels; the world's analogue is token
+classification).
 
 Shapes: B batch, T text tokens, N visual tokens (grid cells h·w), Cv CNN channels (2048), H
 textual width, V vocabulary, C classes. Masks: True = may attend.
@@ -54,43 +66,56 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+import shared.evaluate
+from shared import decoding
 from shared.augment import virtex_augment
 from shared.config import optimisation_problems
-from shared.data import image_to_tensor, model_device, normalise_image, pad_sequences
+from shared.data import model_device, normalise_image, pad_sequences
+from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_eval_mode,
+                             world_examples)
 from shared.masks import padding_mask
+from shared.optim import adamw, fused_for
 from shared.probe import linear_probe
 from shared.transformer import PostLNDecoderBlock
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
-MAIN_METRIC = "linear_probe_acc"  # the paper judges checkpoints by frozen-feature probes [VirTex Downstream]
+TASKS = ("pretrain",)  # train.py --task: VirTex only pretrains; --pretext picks the pretext task
+MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex §Downstream]
+INPUTS = "pixels"  # train.py feeds images, not detector regions
+BERT_INIT = False  # trained from scratch: --init_bert does not apply
 PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
+CAPTIONING = ("bicaptioning", "captioning")  # the pretexts that train a left-to-right decoder
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------
 
 @dataclass
 class Config:
-    """R-50 + the best textual head L1/H2048/A32/F8192 with the [VirTex Impl] recipe. `OURS:` marks values
-    the paper does not give. Every scalar field is a flag of train.py (`--hidden_size 1024`)."""
-    # visual backbone: ResNet-50 trained from scratch [VirTex Method]
-    image_size: int = 224  # [VirTex Impl]: random 224 × 224 crops
+    """R-50 + the best textual head L1/H2048/A32/F8192 with the [VirTex §Implementation]
+    recipe. `OURS:` marks values the paper does not give. Every scalar field is a flag of
+    train.py (`--hidden_size 1024`)."""
+    task: str = "pretrain"  # train.py --task; VirTex only pretrains (TASKS)
+    # visual backbone: ResNet-50 trained from scratch [VirTex §Method: visual backbone]
+    image_size: int = 224  # [VirTex §Implementation]: random 224 × 224 crops
     resnet_blocks: tuple = (3, 4, 6, 3)  # ResNet-50 [He et al. 2016, Table 1]; not a CLI flag
     resnet_width: int = 64  # channels of the stem and of layer1's 3×3 convs; layer4 gives 32×
     stem_kernel: int = 7  # ResNet's 7×7 stride-2 stem and 3×3 max-pool
     stem_stride: int = 2
     stem_pool: bool = True
     zero_init_residual: bool = True  # [code]: the last BN γ of each block starts at 0
-    # textual head: L1 H2048 A32 F8192, the best model of the width ablation (the base model is H1024 A16 F4096)
+    # textual head: L1 H2048 A32 F8192, the best model of the width ablation [code]
+    # (the base model is H1024 A16 F4096)
     hidden_size: int = 2048  # H
     layers: int = 1  # L
     heads: int = 32  # A = H / 64
     feedforward_size: int = 8192  # F = 4H
     dropout: float = 0.1  # [code]: in embeddings, attention, MLP and residuals
-    vocab_size: int = 10_000  # [VirTex Impl]: SentencePiece BPE of 10K tokens (train.py resets it)
+    vocab_size: int = 10_000  # [VirTex §Implementation]: SentencePiece BPE of 10K tokens
+    # (train.py sets it to the tokenizer's)
     max_text_len: int = 30  # official code: 30 tokens including [SOS] and [EOS]
-    pretext: str = "bicaptioning"  # [VirTex Ablation]: the pretraining task
+    pretext: str = "bicaptioning"  # [VirTex §Ablations: pretraining tasks]: the pretraining task
     mask_prob: float = 0.15  # masked_lm: share of caption tokens masked (BERT's 15 %)
-    # data augmentation [VirTex Impl; code]
+    # data augmentation [VirTex §Implementation; code]
     crop_scale_min: float = 0.2  # random resized crop, area in [0.2, 1]
     flip_prob: float = 0.5  # horizontal flip, swapping "left" <-> "right" in the caption
     jitter_prob: float = 0.8  # colour jitter, official code: p = 0.8
@@ -98,9 +123,9 @@ class Config:
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1  # kept small: captions name colours
-    # decoding [VirTex Captioning; code]
+    # decoding [VirTex §Captioning; code]
     beam_size: int = 5  # beam search, no length penalty, the repeated token blocked
-    # pretraining recipe, read by train.py [VirTex Impl; code]
+    # pretraining recipe, read by train.py [VirTex §Implementation; code]
     optimizer: str = "sgd"  # SGD with momentum; "adamw" = OURS, for short CPU runs
     batch_size: int = 256  # 256 across 8 GPUs
     lr: float = 1e-3  # the textual head (and visual projection)
@@ -117,6 +142,9 @@ class Config:
 
     def __post_init__(self):
         problems = []
+        if self.task not in TASKS:
+            problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r} (VirTex "
+                            f"only pretrains; --pretext picks the pretext task)")
         self.resnet_blocks = tuple(self.resnet_blocks)  # a list after a JSON round trip
         if len(self.resnet_blocks) != 4 or min(self.resnet_blocks) < 1:
             problems.append(f"resnet_blocks needs 4 stage depths >= 1, got {self.resnet_blocks}")
@@ -150,7 +178,7 @@ class Config:
 
     @classmethod
     def paper(cls) -> "Config":
-        """R-50, L1/H2048 bicaptioning with the [VirTex Impl] recipe (8 GPUs, about 2 days)."""
+        """R-50, L1/H2048 bicaptioning with the [VirTex §Implementation] recipe (8 GPUs)."""
         return cls()
 
     @classmethod
@@ -168,17 +196,16 @@ class Config:
         L1/H128/A2/F512. Mild augmentation: the world's captions state size, count and colour,
         which a strong crop or hue shift would make false.
         DEVIATION: AdamW, not SGD: with SGD at the paper's 1e-3 the textual head barely moves in a
-        thousand steps (measured: loss 5.06 at step 227 with SGD, 2.67 at step 230 with AdamW);
-        the paper's 500K steps are what makes SGD work there.
+        thousand steps; the paper's 500K steps are what makes SGD work there (RESULTS.md).
         DEVIATION: no zero-initialised residual γ: under AdamW each γ grows by about the LR per
         step, so the blocks stay near the identity for hundreds of steps; without it the linear
-        probe rose from 24.3 % to 31.8 % in the same 1,500 steps (reference/virtex.md)."""
+        probe is higher after the same 1,500 steps (RESULTS.md)."""
         return cls(image_size=64, resnet_blocks=(1, 1, 1, 1), resnet_width=16, stem_kernel=3,
-                   stem_stride=1, zero_init_residual=False, hidden_size=128, heads=2, feedforward_size=512,
-                   max_text_len=32, vocab_size=1000, crop_scale_min=0.8, brightness=0.2,
-                   contrast=0.2, saturation=0.2, hue=0.0, batch_size=64, optimizer="adamw",
-                   lr=1e-3, cnn_lr=1e-3, weight_decay=0.01, warmup_steps=100, max_steps=1500,
-                   train_single_object_prob=0.5)
+                   stem_stride=1, zero_init_residual=False, hidden_size=128, heads=2,
+                   feedforward_size=512, max_text_len=32, vocab_size=1000, crop_scale_min=0.8,
+                   brightness=0.2, contrast=0.2, saturation=0.2, hue=0.0, batch_size=64,
+                   optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=0.01,
+                   warmup_steps=100, max_steps=1500, train_single_object_prob=0.5)
 
 
 # --- 3. Visual backbone: ResNet-50 from primitives ----------------------------------------------
@@ -220,7 +247,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The visual backbone [VirTex Method]: ResNet-50 up to layer4, without avgpool and fc.
+    """The visual backbone [VirTex §Method: visual backbone]: ResNet-50 up to layer4, without
+    avgpool and fc.
 
     224 px -> (B, 2048, 7, 7). Initialised as torchvision with zero_init_residual=True (the
     official code): He-normal (fan_out) convolutions, BN γ = 1 and β = 0, except the last BN of
@@ -254,7 +282,7 @@ class ResNet(nn.Module):
             if isinstance(module, Bottleneck) and config.zero_init_residual:
                 nn.init.zeros_(module.bn3.weight)  # each residual block starts as the identity
         # channels-last kernels and activations: the layout oneDNN (CPU) and cuDNN (bf16 GPU)
-        # run fastest; measured 0.26 -> 0.20 s per tiny training step on the 2-core CPU
+        # run fastest (RESULTS.md)
         self.to(memory_format=torch.channels_last)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -265,11 +293,11 @@ class ResNet(nn.Module):
         return self.layer4(self.layer3(x))  # (B, 32w, H/32, W/32)
 
 
-# --- 4. Textual head: embeddings and a post-LN Transformer decoder -----------------------------
+# --- 4. Textual head: embeddings, a post-LN Transformer decoder, the output layer -------------
 
 class WordAndPositionEmbedding(nn.Module):
     """Token + learned position embeddings, LayerNorm, dropout; padded positions set to zero
-    [VirTex Method; code: LayerNorm eps 1e-8, pads zeroed after the dropout]."""
+    [VirTex §Method: textual head; code: LayerNorm eps 1e-8, pads zeroed after the dropout]."""
 
     def __init__(self, vocab_size: int, hidden_size: int, max_len: int, dropout: float):
         super().__init__()
@@ -286,11 +314,11 @@ class WordAndPositionEmbedding(nn.Module):
         return x * (tokens != PAD_ID).unsqueeze(-1).to(x.dtype)  # (B, T, H), zero at pads
 
 
-class TextualHead(nn.Module):
-    """The Transformer decoder of one direction [VirTex Method]: L post-LN layers of causal
-    self-attention, cross-attention to the projected visual tokens and a GELU MLP (dropout 0.1),
-    as torch's TransformerDecoderLayer(norm_first=False) that the official code uses. No final
-    LayerNorm: in a post-LN stack each layer ends with one."""
+class TransformerDecoder(nn.Module):
+    """The Transformer of one direction [VirTex §Method: textual head]: L post-LN layers of
+    causal self-attention, cross-attention to the projected visual tokens and a GELU MLP
+    (dropout 0.1), as torch's TransformerDecoderLayer(norm_first=False) that the official code
+    uses. No final LayerNorm: in a post-LN stack each layer ends with one."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -307,11 +335,57 @@ class TextualHead(nn.Module):
         return x
 
 
+class TextualHead(nn.Module):
+    """The forward textual head and the parts both directions share [VirTex §Method: textual
+    head; code]: the visual projection (per grid cell, no positions added), the word and position
+    embedding, the forward Transformer and the output layer (weight tied to the word embedding,
+    its own bias). The `backward` head is only a second TransformerDecoder that reads through
+    these. Init [code]: N(0, 0.02) Linear and Embedding weights, the [PAD] row zero.
+    DEVIATION: zero biases; the official code keeps PyTorch's default bias init."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        H = config.hidden_size
+        self.visual_projection = nn.Linear(config.visual_dim, H)  # Cv -> H
+        self.embedding = WordAndPositionEmbedding(config.vocab_size, H, config.max_text_len,
+                                                  config.dropout)
+        self.transformer = TransformerDecoder(config)  # the forward direction
+        self.output = nn.Linear(H, config.vocab_size)
+        self.output.weight = self.embedding.words.weight  # tied; the bias is its own
+        init_textual_weights(self)
+        with torch.no_grad():
+            self.embedding.words.weight[PAD_ID].zero_()
+
+    def project(self, grid: Tensor) -> Tensor:
+        """layer4 grid (B, Cv, h, w) -> visual tokens (B, N, H), N = h·w (49 at 224 px)."""
+        cells = grid.flatten(2).transpose(1, 2)  # (B, N, Cv), raster order
+        return self.visual_projection(cells)  # (B, N, H)
+
+    def logits(self, tokens: Tensor, visual: Tensor, causal: bool = True,
+               transformer: TransformerDecoder | None = None) -> Tensor:
+        """tokens (B, T), visual (B, N, H) -> next-token logits (B, T, V), through `transformer`
+        (default: the forward one; the backward head passes its own)."""
+        transformer = self.transformer if transformer is None else transformer
+        x = transformer(self.embedding(tokens), visual, tokens, causal=causal)  # (B, T, H)
+        return self.output(x)  # (B, T, V)
+
+
+def init_textual_weights(module: nn.Module) -> None:
+    """N(0, 0.02) Linear and Embedding weights under `module` [code]; zero biases (DEVIATION)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 # --- 5. Objectives -----------------------------------------------------------------------------
 
 def reverse_captions(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
-    """The backward model's input [VirTex Method; code]: each caption reversed BEFORE padding, so pads
-    stay on the right: [SOS] a b [EOS] [PAD] -> [EOS] b a [SOS] [PAD].
+    """The backward Transformer's input [VirTex §Method: bicaptioning; code]: each caption
+    reversed BEFORE padding, so pads stay on the right:
+
+        [SOS] a b [EOS] [PAD]  ->  [EOS] b a [SOS] [PAD]
 
     tokens: (B, T) right-padded -> (B, T)."""
     B, T = tokens.shape
@@ -322,15 +396,19 @@ def reverse_captions(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
 
 
 def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
-    """One direction of bicaptioning [VirTex Method], teacher forcing:
+    """One direction of bicaptioning [VirTex §Method: bicaptioning], teacher forcing:
 
-        L_f = -Σ_t log p(c_t | c_<t, I; φ, θ_f)      (the backward term has c_>t and θ_b)
+        L_f = -Σ_t log p(c_t | c_<t, I; θ, φ_f)      (L_b: c_>t and φ_b, on reversed tokens)
 
         symbol       variable                         shape
         p(c_t | .)   softmax(logits[:, t-1])          (B, T, V); the shift is done here
         c_t          tokens[:, t], t = 1 .. T-1       (B, T); c_0 = [SOS] is only an input
+        θ            the ResNet (VirTex.visual)
+        φ_f, φ_b     the forward / backward Transformer
 
     As the official code: the mean over the non-pad targets of the batch (not the sum over t).
+    Worked example: tokens [SOS] a, logits at position 0 = (0, log 3, 0, 0), a = 1:
+    p(a) = 3 / 6, L = -log 0.5 = 0.693.
     """
     V = logits.shape[-1]
     predictions = logits[:, :-1].reshape(-1, V)  # (B·(T-1), V): position t-1 predicts token t
@@ -338,27 +416,35 @@ def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Ten
     return F.cross_entropy(predictions.float(), targets, ignore_index=pad_id)  # ()
 
 
-def bicaptioning_loss(forward_logits: Tensor, backward_logits: Tensor, tokens: Tensor,
-                      backward_tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
-    """Bicaptioning [VirTex Method]: the sum of the forward and backward captioning losses
-    (no 1/2 factor, as the official code). logits: (B, T, V); tokens: (B, T)."""
-    return (captioning_loss(forward_logits, tokens, pad_id)
-            + captioning_loss(backward_logits, backward_tokens, pad_id))
+def bicaptioning_loss(forward: Tensor, backward: Tensor) -> Tensor:
+    """Bicaptioning [VirTex §Method: bicaptioning]: the forward and backward captioning losses
+    maximise the caption's log-likelihood in both directions at once:
+
+        L = L_f + L_b
+
+        symbol  variable   shape
+        L_f     forward    () captioning_loss of the forward logits on tokens
+        L_b     backward   () captioning_loss of the backward logits on reverse_captions(tokens)
+
+    No weights and no 1/2 factor, as the official code."""
+    return forward + backward  # ()
 
 
 def token_classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """The token-classification pretext [VirTex Ablation; code]: predict the set of tokens in the
-    caption from the pooled image features, as a cross-entropy against a uniform K-hot target:
+    """The token-classification pretext [VirTex §Ablations: pretraining tasks; code]: predict
+    the set of tokens in the caption from the pooled image features, as a cross-entropy against
+    a uniform K-hot target:
 
         L = (1/B') Σ_b  -(1/K_b) Σ_{v in S_b} log softmax(z_b)_v
 
-        symbol  variable                          shape
-        z_b     logits[b]                         (B, V)
+        symbol  variable                               shape
+        z_b     logits[b]                              (B, V)
         S_b     {v : targets[b, v] = 1}, K_b = |S_b|   (B, V) multi-hot, special tokens excluded
         B'      rows with K_b > 0
 
     An image whose caption has no ordinary token (K_b = 0) is left out of the mean instead of
     dividing by zero (the NaN of kdexd/virtex #28); a batch of only such rows gives 0.
+    Worked example: z = log (1, 2, 3, 4), S = {1, 3}: L = -(log 0.2 + log 0.4) / 2 = 1.263.
     """
     targets = targets.to(logits.dtype)
     counts = targets.sum(dim=1)  # (B,) K_b
@@ -370,11 +456,17 @@ def token_classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 def mask_tokens(tokens: list[int], rng: np.random.Generator, mask_id: int, vocab_size: int,
                 special_ids: set[int], mask_prob: float = 0.15) -> tuple[list[int], list[int]]:
-    """The masked-LM pretext's input and labels [VirTex Ablation; BERT §3.1]:
+    """The masked-LM pretext's input and labels [VirTex §Ablations: pretraining tasks;
+    BERT §3.1]:
 
     ceil(mask_prob · n) of the n ordinary tokens (never [SOS]/[EOS]) are chosen, at least one;
     each becomes [MASK] with p = 0.8, a random ordinary token with p = 0.1, itself with p = 0.1.
     labels = the original token at the chosen positions, PAD_ID (ignored) elsewhere.
+
+        tokens  [SOS]  a     b       c   [EOS]
+        inputs  [SOS]  a   [MASK]    c   [EOS]      (b chosen, replaced by [MASK])
+        labels  [PAD] [PAD]  b     [PAD] [PAD]
+
     DEVIATION: BERT's 80/10/10 with a label at every chosen position; the official VirTex code
     masks 85 % / randomises 10 % and labels only the [MASK]ed positions.
     """
@@ -397,133 +489,119 @@ def mask_tokens(tokens: list[int], rng: np.random.Generator, mask_id: int, vocab
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor, pad_id: int = PAD_ID) -> Tensor:
-    """Cross-entropy at the masked positions only: labels (B, T), pad_id elsewhere; logits
-    (B, T, V) from the decoder run WITHOUT the causal mask [VirTex Ablation]."""
+    """The masked-LM pretext [VirTex §Ablations: pretraining tasks]: cross-entropy at the masked
+    positions only, the decoder run WITHOUT the causal mask:
+
+        L = -(1/|M|) Σ_{t in M} log softmax(logits[t])_{c_t}
+
+        symbol  variable                 shape
+        logits  logits                   (B, T, V)
+        c_t     labels[t]                (B, T); pad_id where not masked
+        M       {t : labels[t] != pad_id}
+    """
     V = logits.shape[-1]
     return F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
                            ignore_index=pad_id)  # ()
 
 
-# --- 6. The model ------------------------------------------------------------------------------
+# --- 6. The model: the ResNet and the pretext's heads ------------------------------------------
 
 class VirTex(nn.Module):
-    """ResNet + visual projection + textual head(s), for the pretext of config.pretext.
+    """The ResNet (`visual`, the encoder: the same for every pretext) and the heads of
+    config.pretext (`heads`, see the module docstring) [VirTex §Method].
 
-    Weight sharing for bicaptioning [VirTex Method; code]: the backward textual head has
+    Weight sharing for bicaptioning [VirTex §Method: textual head; code]: the backward head has
     its own Transformer layers, a copy of the forward ones made after initialisation (so both
     start equal), and shares the word/position embeddings, the visual projection and the output
-    layer with the forward head. The output layer's weight is tied to the word embedding and has
-    its own bias.
+    layer (all in `heads.textual`) with the forward direction.
     """
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.visual = ResNet(config)
-        Cv, H = config.visual_dim, config.hidden_size
+        self.heads = nn.ModuleDict()
         if config.pretext == "token_classification":
-            self.classifier = nn.Linear(Cv, config.vocab_size)  # on global-average-pooled features
-        else:
-            self.visual_projection = nn.Linear(Cv, H)  # per grid cell; no positions added
-            self.embedding = WordAndPositionEmbedding(config.vocab_size, H, config.max_text_len,
-                                                      config.dropout)
-            self.forward_head = TextualHead(config)
-            self.output = nn.Linear(H, config.vocab_size)
-            self.output.weight = self.embedding.words.weight  # tied; the bias is its own
-        self.init_weights()
-        if config.pretext == "bicaptioning":
-            self.backward_head = copy.deepcopy(self.forward_head)  # same start, own weights
-
-    def init_weights(self) -> None:
-        """N(0, 0.02) Linear and Embedding weights, padding row zero [official code]; zero
-        biases (DEVIATION: the official code keeps PyTorch's default bias init). The ResNet keeps
-        its own initialisation."""
-        for name, module in self.named_modules():
-            if name.startswith("visual."):
-                continue
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        if hasattr(self, "embedding"):
-            with torch.no_grad():
-                self.embedding.words.weight[PAD_ID].zero_()
+            classifier = nn.Linear(config.visual_dim, config.vocab_size)  # on pooled layer4
+            init_textual_weights(classifier)
+            self.heads["token_classification"] = classifier
+        else:  # bicaptioning, captioning, masked_lm: a decoder over the visual tokens
+            self.heads["textual"] = TextualHead(config)
+        if config.pretext == "bicaptioning":  # same start as the forward Transformer, own weights
+            self.heads["backward"] = copy.deepcopy(self.heads["textual"].transformer)
 
     def visual_tokens(self, images: Tensor) -> Tensor:
-        """images (B, 3, H, W) -> projected grid cells (B, N, H), N = h·w (49 at 224 px)."""
-        grid = self.visual(images)  # (B, Cv, h, w)
-        cells = grid.flatten(2).transpose(1, 2)  # (B, N, Cv), raster order
-        return self.visual_projection(cells)  # (B, N, H)
+        """images (B, 3, H, W) -> projected grid cells (B, N, H)."""
+        return self.heads["textual"].project(self.visual(images))  # (B, N, H)
 
     def pooled_features(self, images: Tensor) -> Tensor:
-        """The transferred representation [VirTex Downstream; code]: layer4, global average pooled and
-        L2-normalised. images (B, 3, H, W) -> (B, Cv)."""
+        """The transferred representation [VirTex §Downstream; code]: layer4, global average
+        pooled and L2-normalised. images (B, 3, H, W) -> (B, Cv)."""
         return F.normalize(self.visual(images).mean(dim=(2, 3)), dim=-1)  # (B, Cv)
-
-    def logits(self, head: TextualHead, tokens: Tensor, visual: Tensor,
-               causal: bool = True) -> Tensor:
-        """tokens (B, T), visual (B, N, H) -> next-token logits (B, T, V)."""
-        x = head(self.embedding(tokens), visual, tokens, causal=causal)  # (B, T, H)
-        return self.output(x)  # (B, T, V)
 
     def forward(self, batch: dict) -> dict:
         """batch: {"images": (B, 3, H, W), "tokens": (B, T) [PAD] = 0} and, per pretext,
         "token_targets": (B, V) multi-hot (token_classification) or "mlm_tokens", "mlm_labels":
-        (B, T) (masked_lm). Returns dict(loss=..., <terms>=...), all scalars."""
+        (B, T) (masked_lm). The one place that dispatches on config.pretext. Returns
+        dict(loss=..., <terms>=...), all scalars."""
         images, tokens, pretext = batch["images"], batch["tokens"], self.config.pretext
+        grid = self.visual(images)  # (B, Cv, h, w)
         if pretext == "token_classification":
-            pooled = self.visual(images).mean(dim=(2, 3))  # (B, Cv), global average pool
-            loss = token_classification_loss(self.classifier(pooled), batch["token_targets"])
-            return dict(loss=loss)
-        visual = self.visual_tokens(images)  # (B, N, H)
+            pooled = grid.mean(dim=(2, 3))  # (B, Cv), global average pool
+            logits = self.heads["token_classification"](pooled)  # (B, V)
+            return dict(loss=token_classification_loss(logits, batch["token_targets"]))
+        textual = self.heads["textual"]
+        visual = textual.project(grid)  # (B, N, H)
         if pretext == "masked_lm":
-            logits = self.logits(self.forward_head, batch["mlm_tokens"], visual, causal=False)
+            logits = textual.logits(batch["mlm_tokens"], visual, causal=False)  # (B, T, V)
             return dict(loss=masked_lm_loss(logits, batch["mlm_labels"]))
-        forward = captioning_loss(self.logits(self.forward_head, tokens, visual), tokens)
+        forward = captioning_loss(textual.logits(tokens, visual), tokens)  # L_f
         if pretext == "captioning":
             return dict(loss=forward)
         backward_tokens = reverse_captions(tokens)  # (B, T)
-        backward = captioning_loss(self.logits(self.backward_head, backward_tokens, visual),
-                                   backward_tokens)
-        return dict(loss=forward + backward, forward=forward, backward=backward)  # L = L_f + L_b
+        backward = captioning_loss(textual.logits(backward_tokens, visual,
+                                                  transformer=self.heads["backward"]),
+                                   backward_tokens)  # L_b
+        return dict(loss=bicaptioning_loss(forward, backward), forward=forward,
+                    backward=backward)
 
-    # --- 7. Inference: captions from the forward head ------------------------------------------
+    # --- 7. Generation: captions from the forward direction -----------------------------------
 
     def step(self, token: Tensor, position: int, past: list | None, cross_kv: list
              ) -> tuple[Tensor, list]:
-        """One decoding step of the forward head with a key/value cache: the token at
+        """One decoding step of the forward direction with a key/value cache: the token at
         `position` (R,) attends to the cached keys and values of positions 0 .. position - 1
-        (past: [(k, v)] * layers, each (R, H, position, Dh); None at position 0) and to the
+        (past: [(k, v)] * layers, each (R, heads, position, Dh); None at position 0) and to the
         visual tokens' (cross_kv, projected once per image). No causal mask is needed: the one
         query may see every cached position and itself. Returns (next-token logits (R, V),
         the cache with this position appended)."""
-        e = self.embedding
+        textual = self.heads["textual"]
+        e = textual.embedding
         x = e.dropout(e.norm(e.words(token) + e.positions.weight[position]))[:, None]  # (R, 1, H)
         cache = []
-        for l, layer in enumerate(self.forward_head.layers):
+        for l, layer in enumerate(textual.transformer.layers):
             k, v = layer.self_attn.project_kv(x)  # (R, heads, 1, Dh): post-LN, the raw input
             if past is not None:
                 k, v = torch.cat([past[l][0], k], dim=2), torch.cat([past[l][1], v], dim=2)
             cache.append((k, v))
             x = layer(x, None, causal=False, kv=(k, v), context_kv=cross_kv[l])  # (R, 1, H)
-        return self.output(x[:, 0]), cache  # (R, V)
+        return textual.output(x[:, 0]), cache  # (R, V)
 
     def next_token_logprobs(self, visual: Tensor, cached: bool = True):
-        """The `step_fn` of shared.decoding for the forward head: (tokens (R, t), rows (R,)) ->
-        (R, V) log-probs of token t+1. cached: one position a step against a key/value cache
+        """The `step_fn` of shared.decoding for the forward direction: (tokens (R, t), rows (R,))
+        -> (R, V) log-probs of token t+1. cached: one position a step against a key/value cache
         (VirTex.step; shared.decoding.PrefixParents follows the decoders' reordering); else
         the whole prefix is re-encoded every step (O(T²)). The same numbers either way
         (tests/test_virtex.py)."""
-        from shared.decoding import cached_step_fn
-
+        textual = self.heads["textual"]
         if cached:
             cross_kv = [layer.cross_attn.project_kv(visual)
-                        for layer in self.forward_head.layers]  # once per image
-            return cached_step_fn(lambda token, position, past, kv, rows:
+                        for layer in textual.transformer.layers]  # once per image
+            return decoding.cached_step_fn(lambda token, position, past, kv, rows:
                                   self.step(token, position, past, kv), cross_kv)
 
         def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t), (R,) -> (R, V)
-            logits = self.logits(self.forward_head, tokens, visual[rows])  # (R, t, V)
+            logits = textual.logits(tokens, visual[rows])  # (R, t, V)
             return logits[:, -1].float().log_softmax(dim=-1)
         return step_fn
 
@@ -531,10 +609,10 @@ class VirTex(nn.Module):
     def generate(self, images: Tensor, start_id: int, end_id: int, max_len: int | None = None,
                  method: str = "beam", beam_size: int = 5, top_p: float = 0.9,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Caption images with the forward head [VirTex Captioning; code]: beam search (beam 5, no length
-        penalty, the immediately repeated token blocked, as the official code), nucleus sampling
-        (p = 0.9) or greedy, through shared.decoding, with a key/value cache
-        (next_token_logprobs).
+        """Caption images with the forward direction [VirTex §Captioning; code]: beam search
+        (beam 5, no length penalty, the immediately repeated token blocked, as the official
+        code), nucleus sampling (p = 0.9) or greedy, through shared.decoding, with a key/value
+        cache (next_token_logprobs).
 
         Args:
             images: (B, 3, H, W).  start_id / end_id: [CLS] / [SEP] of the tokenizer ([SOS]/[EOS]).
@@ -542,9 +620,7 @@ class VirTex(nn.Module):
         Returns:
             (B, T) token ids starting with start_id, right-padded with 0 after end_id.
         """
-        from shared import decoding  # only needed to generate
-
-        if not hasattr(self, "forward_head") or self.config.pretext == "masked_lm":
+        if self.config.pretext not in CAPTIONING:
             raise ValueError(f"pretext {self.config.pretext!r} trains no left-to-right decoder; "
                              f"captions need 'bicaptioning' or 'captioning'")
         max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
@@ -565,27 +641,27 @@ class VirTex(nn.Module):
         return out[0] if isinstance(out, tuple) else out  # (B, T)
 
 
+# --- 8. train.py's contract: model, optimizer, data, downstream evaluation on the world -------
 def build_model(config: Config) -> VirTex:
     return VirTex(config)
 
 
-def make_optimizer(model: VirTex, config: Config, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(model: VirTex, config: Config) -> torch.optim.Optimizer:
     """SGD, momentum 0.9, weight decay 1e-4; LR 0.2 for the CNN and 1e-3 for the rest
-    [VirTex Impl; code]. train.py multiplies its schedule (peak config.lr) by each group's lr_scale.
-
-    No weight decay on the LayerNorm parameters and biases of the embedding and the Transformer
-    (official code); the CNN's BatchNorm parameters are decayed, as there.
+    [VirTex §Implementation; code]; train.py scales its schedule (peak config.lr) by lr_scale.
+    No weight decay on the norms and biases of the embedding and the Transformers ([code]: the
+    regex `.*textual.(embedding|transformer).*(norm.*|bias)`, so the visual projection's, the
+    output layer's and the CNN's BatchNorm parameters are decayed).
     DEVIATION: no Lookahead wrapper ([code]: k = 5, α = 0.5); it smooths the SGD trajectory but
     changes no equation, and leaving it out keeps the optimizer state one torch object.
-    optimizer = "adamw" (OURS) uses AdamW with the same two learning rates. fused: one kernel
-    for all tensors (train.py sets it on CUDA and the CPU).
-    """
+    optimizer = "adamw" (OURS): AdamW with the same two learning rates. Fused where it can be."""
+    no_decay_parts = ("heads.textual.embedding.", "heads.textual.transformer.", "heads.backward.")
     cnn, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if name.startswith("visual."):
             cnn.append(p)
-        elif name.startswith(("embedding.", "forward_head.", "backward_head.")) and p.dim() == 1:
-            no_decay.append(p)  # LayerNorm γ, β and the biases of the textual head
+        elif name.startswith(no_decay_parts) and p.dim() == 1:
+            no_decay.append(p)  # LayerNorm γ, β and the biases of the embedding and Transformers
         else:
             decay.append(p)
     wd = config.weight_decay
@@ -594,17 +670,19 @@ def make_optimizer(model: VirTex, config: Config, fused: bool = False) -> torch.
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                                 fused=fused)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1, fused=fused)
+        return adamw(groups, config, fused=fused_for(model))
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.beta1, fused=fused_for(model))
 
 
-# --- 7 (continued). Data and downstream evaluation on the world: train.py's contract ----------
+def after_optimizer_step(model: VirTex) -> None:
+    """Nothing to do after an optimizer step (CoCa clamps its temperature there)."""
+
+
 
 class VirTexDataset(Dataset):
-    """Item i: world example i, augmented as [VirTex Impl; code] (crop -> flip with the caption's left/right
-    swapped -> colour jitter -> normalise), one of its captions, and the pretext's targets. Every
-    random choice is a pure function of (seed, i)."""
+    """Item i: world example i, augmented as [VirTex §Implementation; code] (crop -> flip with
+    the caption's left/right swapped -> colour jitter -> normalise), one of its captions, and the
+    pretext's targets. Every random choice is a pure function of (seed, i)."""
 
     def __init__(self, world, tokenizer, config: Config, seed: int = 0):
         self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
@@ -637,8 +715,9 @@ class VirTexDataset(Dataset):
         return item
 
 
-def train_dataset(world, tokenizer, config: Config) -> VirTexDataset:
-    return VirTexDataset(world, tokenizer, config)
+def train_dataset(source, tokenizer, config: Config) -> VirTexDataset:
+    """source: a shared.world.World, or a shared.folders.CaptionFolder (--data)."""
+    return VirTexDataset(source, tokenizer, config)
 
 
 def collate_fn(items: list[dict]) -> dict:
@@ -653,16 +732,12 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-def _images(model: nn.Module, images: list) -> Tensor:
-    """uint8 (H, W, 3) arrays -> (b, 3, H, W) normalised, on the model's device."""
-    return torch.stack([image_to_tensor(im) for im in images]).to(model_device(model))
-
-
 def caption_images(model: VirTex, tokenizer, config: Config, images: list) -> list[str]:
-    """Beam-search captions (config.beam_size; 1 = greedy) for uint8 images."""
+    """Beam-search captions (config.beam_size; 1 = greedy) for uint8 (H, W, 3) images."""
     method = "greedy" if config.beam_size == 1 else "beam"
-    tokens = model.generate(_images(model, images), tokenizer.cls_id, tokenizer.sep_id,
-                            config.max_text_len, method=method, beam_size=config.beam_size)
+    tokens = model.generate(image_batch(images, model_device(model)), tokenizer.cls_id,
+                            tokenizer.sep_id, config.max_text_len, method=method,
+                            beam_size=config.beam_size)  # (B, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
 
 
@@ -674,62 +749,40 @@ def random_backbone(config: Config, device: torch.device, seed: int = 0) -> ResN
         return ResNet(config).to(device).eval()
 
 
+@in_eval_mode
 def evaluate(model: VirTex, tokenizer, config: Config, world_config, split: str,
              n: int) -> dict[str, float]:
     """The downstream metrics on n examples of a world split (eval mode, no gradients):
 
     linear_probe_acc          linear probe of frozen, L2-normalised, pooled layer-4 features on
-                              ClassificationWorld (36 classes) [VirTex Downstream]
+                              ClassificationWorld (36 classes) [VirTex §Downstream]
     linear_probe_acc_random   the same probe on a randomly initialised ResNet of the same shape
     bleu4, cider, caption_truth(_baseline)   beam-search captions (captioning pretexts only)
     """
-    from shared.metrics import bleu, cider_d, truth_rate
-    from shared.world import World, is_true
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        device = model_device(model)
-        metrics = {"linear_probe_acc": linear_probe(
-            lambda ims: model.pooled_features(_images(model, ims)), world_config, split, n)}
-        baseline = random_backbone(config, device)
-        metrics["linear_probe_acc_random"] = linear_probe(
-            lambda ims: F.normalize(baseline(_images(model, ims)).mean(dim=(2, 3)), dim=-1),
-            world_config, split, n)
-        if config.pretext in ("bicaptioning", "captioning"):
-            world = World(world_config, split)
-            examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
-            captions = []
-            for s in range(0, len(examples), 100):
-                captions += caption_images(model, tokenizer, config,
-                                     [ex["image"] for ex in examples[s:s + 100]])
-            references = [[_normalise(tokenizer, c, config.max_text_len) for c in ex["captions"]]
-                          for ex in examples]
-            metrics["bleu4"] = float(bleu(captions, references)[3])
-            metrics["cider"] = float(cider_d(captions, references))
-            truth = truth_rate(captions, [ex["scene"] for ex in examples], is_true)
-            metrics["caption_truth"] = float(truth["truth"])
-            metrics["caption_truth_baseline"] = float(truth["baseline"])
-    model.train(was_training)
+    device = model_device(model)
+    metrics = {"linear_probe_acc": linear_probe(
+        lambda ims: model.pooled_features(image_batch(ims, device)), world_config, split, n)}
+    baseline = random_backbone(config, device)
+    metrics["linear_probe_acc_random"] = linear_probe(
+        lambda ims: F.normalize(baseline(image_batch(ims, device)).mean(dim=(2, 3)), dim=-1),
+        world_config, split, n)
+    if config.pretext in CAPTIONING:
+        examples = world_examples(world_config, split, n, regions=False)
+        captions = caption_examples(lambda part: caption_images(
+            model, tokenizer, config, [ex["image"] for ex in part]), examples)
+        metrics |= caption_metrics(captions, examples, tokenizer, config.max_text_len - 2)
     return metrics
 
 
-def _normalise(tokenizer, text: str, max_len: int) -> str:
-    """A reference caption as the model could write it (tokenised, truncated, decoded)."""
-    return tokenizer.decode(tokenizer.encode(text, max_len=max_len)).lower()
-
-
+@in_eval_mode
 def sample_captions(model: VirTex, tokenizer, config: Config, world_config, split: str,
                     n: int) -> list[tuple[str, str]]:
-    """(generated caption, first reference caption) for the first n images of a world split."""
-    from shared.world import World
-
-    if config.pretext not in ("bicaptioning", "captioning"):
+    """(generated, first reference) captions of n world images; [] without a captioning pretext."""
+    if config.pretext not in CAPTIONING:
         return []
-    world = World(world_config, split)
-    examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
-    generated = caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
-    return [(g, ex["captions"][0]) for g, ex in zip(generated, examples)]
+    return shared.evaluate.sample_captions(lambda examples: caption_images(
+        model, tokenizer, config, [ex["image"] for ex in examples]), world_config, split, n,
+        regions=False)
 
 
 if __name__ == "__main__":  # python virtex.py: parameter counts and one training step of `tiny`

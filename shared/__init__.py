@@ -1,13 +1,33 @@
-"""Building blocks shared by the four paper files (oscar.py, uniter.py, virtex.py, coca.py).
+"""Building blocks for the four paper files (oscar.py, uniter.py, virtex.py, coca.py) and train.py.
 
-Plain modules, imported explicitly, e.g. `from shared.attention import MultiHeadAttention`:
+Plain modules, imported explicitly (`from shared.attention import MultiHeadAttention`). Nothing
+here imports a paper file or train.py.
 
+Models
     masks.py        boolean "may attend" masks (True = query i may attend to key j)
     attention.py    multi-head attention: the explicit math path and the fused SDPA path
-    transformer.py  post-LN / pre-LN encoder and decoder blocks, BERT embeddings and pooler
+    transformer.py  post-LN / pre-LN encoder and decoder blocks, BERT embeddings, pooler
+    bert.py         BERT from a Hugging Face checkpoint folder, on these blocks (--init_bert)
+    ot.py           optimal transport by IPOT, batched (UNITER's word-region alignment only)
+    losses.py       the VQA loss that UNITER and Oscar share
+    decoding.py     greedy, beam search and nucleus sampling over a next-token function;
+                    the key/value cache helpers the three captioners share
+Data
     tokenizer.py    BERT-style WordPiece tokenizer on `tokenizers`
     world.py        the procedural synthetic world (images, captions, regions, VQA, checker)
-    data.py         turning world examples into batches of tensors
+    data.py         world examples -> tensors and batches; the step-indexed loader
+    augment.py      VirTex's crop / flip (left <-> right in the caption) / colour jitter
+                    (VirTex only; kept here because it is 360 lines of image code)
+    folders.py      corpora on disk behind the world's interface (--data)
+    convert.py      the official UNITER / Oscar region files -> folders.py's layout (CLI)
+Evaluation
     metrics.py      BLEU, CIDEr-D, recall@K, VQA accuracy, top-1, caption truth rate
-    decoding.py     greedy, beam search and nucleus sampling over a next-token function
+    evaluate.py     world evaluation pieces each paper's `evaluate` maps onto its keys
+    probe.py        the linear probe of frozen image features (CoCa, VirTex)
+Training
+    config.py       checks of the recipe fields every paper's Config shares
+    optim.py        AdamW parameter groups, the fused flag, the learning-rate schedule
+    checkpoint.py   atomic checkpoints, encoder-strict fine-tuning loads, RNG states
+    monitor.py      loss-term means and the NaN/inf guard without syncs; MFU
+    cli.py          the command line generated from dataclasses
 """

@@ -1,11 +1,14 @@
 """VirTex's training data augmentation, written with torch and numpy only.
 
     Karan Desai, Justin Johnson. VirTex: Learning Visual Representations from Textual
-    Annotations. CVPR 2021; arXiv 2006.06666v3. `[VirTex Impl]` cites its implementation
-    details (see virtex.py on why parts, not section numbers); `official code` means github.com/kdexd/virtex (config.py, factories.py, data/transforms.py).
+    Annotations. CVPR 2021; arXiv 2006.06666v3. `[VirTex §Implementation]` cites the paper's
+    implementation details (VirTex is cited by part names, not section numbers: see virtex.py);
+    `official code` means github.com/kdexd/virtex (virtex/config.py, virtex/factories.py,
+    virtex/data/transforms.py).
 
-What VirTex does to every training image [VirTex Impl; official code
-`_C.DATA.IMAGE_TRANSFORM_TRAIN`], in this order:
+What VirTex does to every training image [VirTex §Implementation; official code:
+`_C.DATA.IMAGE_TRANSFORM_TRAIN`; every number below is factories.py's ImageTransformsFactory
+and config.py's crop size], in this order:
 
     1. random resized crop   area fraction in (0.2, 1.0), aspect ratio in (3/4, 4/3)
                              (log-uniform), resized to 224 x 224              random_resized_crop
@@ -91,7 +94,7 @@ def _check_jitter(brightness: float, contrast: float, saturation: float, hue: fl
         raise ValueError(f"hue must be in [0, 0.5] (turns of the hue circle), got {hue}")
 
 
-# --- 2. Random resized crop [VirTex Impl] ---------------------------------------------------
+# --- 2. Random resized crop [VirTex §Implementation] ---------------------------------------
 
 def random_resized_crop(image: Tensor, size: int, scale: tuple[float, float],
                         ratio: tuple[float, float], rng: np.random.Generator) -> Tensor:
@@ -149,7 +152,7 @@ def random_resized_crop(image: Tensor, size: int, scale: tuple[float, float],
     return out.clamp(0.0, 1.0)  # (3, size, size)
 
 
-# --- 3. Horizontal flip with the caption swap [VirTex Impl] ---------------------------------
+# --- 3. Horizontal flip with the caption swap [VirTex §Implementation] ---------------------
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", flags=re.IGNORECASE)
 _SWAP = {"left": "right", "right": "left"}
@@ -170,7 +173,7 @@ def hflip_caption(caption: str) -> str:
     """Swap the whole words "left" <-> "right" in a caption, keeping their case.
 
     Mirroring the image turns "a cat to the left of a dog" false unless the caption says
-    "right" instead [VirTex Impl; official code: the flip swaps the two words].
+    "right" instead [VirTex §Implementation; official code: the flip swaps the two words].
 
     DEVIATION: whole words only (regular-expression word boundaries). The official code does a
     substring replace (caption.replace("left", "[TMP]").replace("right", "left")...), which also
@@ -294,7 +297,7 @@ def adjust_hue(image: Tensor, shift: float) -> Tensor:
     return rgb.clamp(0.0, 1.0)  # (3, H, W)
 
 
-# --- 5. Colour jitter [VirTex Impl; official code: brightness, contrast, saturation 0.4, hue 0.1]
+# --- 5. Colour jitter [VirTex §Implementation; official code: b, c, s 0.4, hue 0.1, p 0.8]
 
 def color_jitter(image: Tensor, brightness: float, contrast: float, saturation: float,
                  hue: float, rng: np.random.Generator) -> Tensor:
@@ -324,7 +327,7 @@ def color_jitter(image: Tensor, brightness: float, contrast: float, saturation: 
     return image  # (3, H, W)
 
 
-# --- 6. The VirTex pipeline: crop -> flip -> jitter [VirTex Impl] ---------------------------
+# --- 6. The VirTex pipeline: crop -> flip -> jitter [VirTex §Implementation] ---------------
 
 def virtex_augment(image_uint8: np.ndarray, caption: str, rng: np.random.Generator, size: int,
                    crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -334,7 +337,8 @@ def virtex_augment(image_uint8: np.ndarray, caption: str, rng: np.random.Generat
                    hue: float = 0.1) -> tuple[Tensor, str]:
     """One training pair, augmented as VirTex does: random resized crop to (size, size), then a
     horizontal flip with probability `flip_prob` (swapping "left"/"right" in the caption), then
-    colour jitter with probability `jitter_prob`. Defaults are the paper's / official code's.
+    colour jitter with probability `jitter_prob`. Defaults are the official code's
+    (virtex/factories.py, ImageTransformsFactory).
 
     image_uint8: (H, W, 3) uint8 as the world renders it. Returns ((3, size, size) float in
     [0, 1], caption). Normalising with IMAGE_MEAN / IMAGE_STD is the caller's job. Every random

@@ -134,9 +134,10 @@ class BertModel(nn.Module):
 
 
 def load_bert_encoder(model: nn.Module, folder: str | Path) -> int:
-    """Copy a BERT checkpoint into a model that holds `text_embeddings` (BertEmbeddings),
-    `layers` (PostLNEncoderBlocks) and `pooler` (BertPooler), as oscar.Oscar and uniter.UNITER
-    do: the papers' initialisation [Oscar; UNITER: code starts from BERT-base]. The model's
+    """Copy a BERT checkpoint into an encoder that holds `text_embeddings` (BertEmbeddings),
+    `layers` (PostLNEncoderBlocks) and `pooler` (BertPooler), as the `encoder` of Oscar's and
+    UNITER's models does: both papers initialise from BERT [Oscar §3 "Implementation Details";
+    UNITER §4.2]. The model's
     sizes must be the checkpoint's (train.py --init_bert sets them from config.json); it may
     use fewer positions than BERT's 512 (the first rows are copied). The heads and the region
     embedding keep their own initialisation. Returns the number of tensors copied."""
@@ -161,5 +162,5 @@ def load_bert_encoder(model: nn.Module, folder: str | Path) -> int:
                          f"{str(e).splitlines()[-1].strip()}") from None
     if unexpected:
         raise ValueError(f"the model has no {unexpected[0]!r}: it must hold text_embeddings, "
-                         f"layers and pooler like oscar.Oscar and uniter.UNITER")
+                         f"layers and pooler like Oscar's and UNITER's encoders")
     return len(ours)

@@ -1,9 +1,12 @@
 """Convert the official region-feature files to our per-image .npz (shared.folders.RegionFolder).
 
+Official code: github.com/ChenRocks/UNITER (its npz) and github.com/microsoft/Oscar (its TSV).
+
     python -m shared.convert uniter-npz SRC_DIR DST_DIR
     python -m shared.convert oscar-tsv FEATURES_TSV DST_DIR --labels LABELS_TSV
 
-Our format (../shared/specs/uniter_oscar.md §C3), one DST_DIR/<image>.npz per image:
+Our format (the one shared.folders.RegionFolder reads and shared.world.export_split writes),
+one DST_DIR/<image>.npz per image:
 
     features (N, F) float16, rows sorted by conf, highest first
     boxes    (N, 4) float32, x1/W, y1/H, x2/W, y2/H in [0, 1]

@@ -30,7 +30,7 @@ from shared.world import World
 
 # Per-channel mean and standard deviation of the images the model sees. ImageNet's values are
 # the common choice for real photos (VirTex, CoCa implementations); we keep them so the same
-# normalisation serves real data (issue 7) and the world.
+# normalisation serves real data (train.py --data) and the world.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
@@ -162,9 +162,8 @@ def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
 
     Why (OURS, tiny presets): the world's features share a large constant component (the norm of
     their mean is 1.5x their spread), which a Linear + LayerNorm keeps, so the part that tells
-    regions apart starts small; trained from scratch, a model then learns to ignore the image for
-    hundreds of updates (measured for UNITER: MLM was no better with the right image than with
-    another one's after 600 updates; with standardised features it was 0.24 nats better).
+    regions apart starts small; trained from scratch, a model can then learn to ignore the image
+    for hundreds of updates, and standardising removes that start-up delay (see RESULTS.md).
     The papers read raw detector features, from a BERT initialisation."""
     key = tuple(sorted(vars(world_config).items()))
     if key not in _statistics_cache:

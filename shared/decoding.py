@@ -21,12 +21,15 @@ Conventions shared by the three functions:
       the prefix is not scored), accumulated in float32 (float64 if step_fn returns float64).
 
     greedy          argmax at every step
-    beam_search     K hypotheses per item, Σ log p / len^α, optional repeat blocking [VirTex]
+    beam_search     K hypotheses per item, Σ log p / len^α, optional repeat blocking
+                    [VirTex code]
     nucleus_sample  top-p sampling with temperature [Holtzman et al. 2020, "The Curious Case of
                     Neural Text Degeneration", arXiv 1904.09751, §3.1]
 
-VirTex's code decodes with beam search (plain Σ log p, no token repeated right after itself);
-the decoding settings each paper uses are chosen, with their sources, in its paper file.
+[VirTex code] = github.com/kdexd/virtex, virtex/utils/beam_search.py (AutoRegressiveBeamSearch,
+adapted from AllenNLP's). It decodes with beam search (plain Σ log p, no token repeated right
+after itself); the decoding settings each paper uses are chosen, with their sources, in its
+paper file.
 
 Shapes: B batch items, K beam size, R rows passed to step_fn, t current length, T output
 length, T0 prefix length, V vocabulary.
@@ -194,7 +197,7 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
 
         score = Σ log p / len^α,    len = generated tokens (end included, prefix excluded),
 
-    form the next beam (α = `length_penalty`; α = 0 is the plain sum, VirTex's setting; α > 0
+    form the next beam (α = `length_penalty`; α = 0 is the plain sum, [VirTex code]; α > 0
     favours longer captions). A hypothesis that emits `end_id` stays in the beam, frozen: its
     only extension is `pad_id` at log-prob 0, so it keeps its score and competes with the
     unfinished ones (as in the AllenNLP search VirTex uses; with K = 1 this is `greedy`).
@@ -217,7 +220,7 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
         beam_size: K >= 1.
         length_penalty: α >= 0 in Σ log p / len^α.
         block_repeat: forbid a token equal to the one just before it (log p set to -inf, not
-            renormalised) [VirTex]. AMBIGUITY: VirTex's code starts blocking at the second
+            renormalised) [VirTex code]. AMBIGUITY: VirTex's code starts blocking at the second
             generated token, with log p = -10000 rather than -inf; we also block the last
             prefix token at the first step (which only forbids re-emitting the start token).
             DEVIATION: VirTex's code lets each hypothesis propose only its 2 best tokens
@@ -267,7 +270,7 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
         sums, best_score = sums.to(out.dtype), best_score.to(out.dtype)
         logp = out.new_full((B * K, V), NEG_INF)  # (B·K, V), -inf for rows not asked
         logp[ask] = out
-        if block_repeat:  # [VirTex]: the token just emitted may not come again right away
+        if block_repeat:  # [VirTex code]: the token just emitted may not come again right away
             repeat = torch.arange(V, device=device)[None, :] == flat_tokens[:, -1:]  # (B·K, V)
             logp = logp.masked_fill(repeat, NEG_INF)
         # A frozen (finished) hypothesis has one extension, at log-prob 0: column 0 holds it

@@ -202,19 +202,19 @@ REGION_KEYS = ("features", "boxes", "conf")  # needed in every npz; cls_prob, ta
 
 
 class RegionFolder:
-    """Captions (COCO format) and one region .npz per image (the layout of
-    ../shared/specs/uniter_oscar.md §C3, which shared.world.export_split writes):
+    """Captions (COCO format) and one region .npz per image (the layout that
+    shared.world.export_split and shared.convert write):
 
         features (N, F) float, boxes (N, 4) x1/W, y1/H, x2/W, y2/H in [0, 1], conf (N,),
         optional cls_prob (N, C) (UNITER's MRC targets), tags (K,) str (Oscar), image_hw (2,)
 
     behind the world's interface: example(i) -> {"captions", "features" float32, "boxes",
     "conf", "cls_prob" (if stored), "tags" ([] if not stored)}, rows sorted by conf, highest
-    first (the papers' models then keep their own number: UNITER conf > threshold within
-    [min, max]; Oscar the first n_regions). The npz of image `file_name` is
-    `<region_dir>/<file_name stem>.npz`. Images without an npz are dropped and counted; an npz
-    that cannot be read, or lacks a key of REGION_KEYS, gives the next readable image with a
-    warning (counted in `unreadable`)."""
+    first (the papers' models then keep their own number: UNITER, as its official code
+    ChenRocks/UNITER does, conf > threshold within [min, max]; Oscar the first n_regions).
+    The npz of image `file_name` is `<region_dir>/<file_name stem>.npz`. Images without an npz
+    are dropped and counted; an npz that cannot be read, or lacks a key of REGION_KEYS, gives the
+    next readable image with a warning (counted in `unreadable`)."""
 
     def __init__(self, records: list[tuple[Path, list[str]]]):
         self.records, self.dropped_captions, self.dropped_images = _keep(records)

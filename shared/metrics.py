@@ -1,10 +1,13 @@
 """The downstream metrics of the four papers, written out from their definitions.
 
-    bleu            BLEU-1..4, corpus level        captioning  [Oscar, VirTex, CoCa]
-    cider_d         CIDEr-D                        captioning  [Oscar, VirTex, CoCa]
-    recall_at_k     R@1/5/10, both directions      retrieval   [Oscar, UNITER, CoCa]
-    vqa_accuracy    VQA soft accuracy              VQA         [Oscar, UNITER]
-    top1_accuracy   top-1 of a (N, C) logit table  zero-shot / linear probe [VirTex, CoCa]
+    bleu            BLEU-1..4, corpus level        captioning  [Oscar Table 1; CoCa Table 7]
+    cider_d         CIDEr-D                        captioning  [Oscar Table 1; VirTex §Captioning;
+                                                               CoCa Table 7]
+    recall_at_k     R@1/5/10, both directions      retrieval   [Oscar Table 2(a); UNITER Table 3;
+                                                               CoCa Table 3]
+    vqa_accuracy    VQA soft accuracy              VQA         [Oscar Table 2(b); UNITER Table 3]
+    top1_accuracy   top-1 of a (N, C) logit table  zero-shot / linear probe
+                                                   [VirTex §Downstream; CoCa Tables 2, 4]
     truth_rate      share of true captions         the synthetic world (OURS, no paper)
 
 BLEU and CIDEr-D are defined here *exactly* as the COCO caption evaluation code computes them

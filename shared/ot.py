@@ -5,10 +5,10 @@
 
 The solver is another paper's algorithm, so it lives here; uniter.py imports it (uniter.ipot is
 this function) and writes the WRA distance and loss on top of it. [code] = the official UNITER
-code (model/ot.py), read for ../shared/specs/uniter_oscar.md Part A.
+code, github.com/ChenRocks/UNITER, model/ot.py (`ipot`, `optimal_transport_dist`).
 
 Tests: tests/test_uniter.py (marginals, zeros on padding, the batched plan against a loop, and
-POT's exact EMD). Timing: `python -m shared.bench --ipot`.
+POT's exact EMD). Timing: `python bench.py --ipot`.
 """
 
 import torch
@@ -20,7 +20,9 @@ from torch import Tensor
 def ipot(cost: Tensor, x_mask: Tensor, y_mask: Tensor, beta: float = 0.5, iters: int = 50,
          k: int = 1) -> Tensor:
     """Transport plans between text tokens and regions by IPOT [IPOT], batched, as the WRA of
-    [UNITER §WRA; code] uses it. Computed without gradient, in cost's dtype (fp32 or fp64).
+    [UNITER §3.2, Eq. 3; §A.7, Eq. 6, Algorithm 1; code] uses it. Computed without gradient, in
+    cost's dtype (fp32 or fp64). The defaults β = 0.5, iters = 50, k = 1 are [code]'s
+    (optimal_transport_dist); k = 1 is also Algorithm 1's "K = 1 in practice".
 
     The exact problem, for each example b with n_x real tokens and n_y real regions:
 

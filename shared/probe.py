@@ -1,7 +1,9 @@
 """The linear probe shared by the four papers: how good are frozen image features?
 
-VirTex's main evaluation [VirTex §4.1] and CoCa's frozen-feature evaluation [CoCa §3.3] both train
-a linear classifier on features of a frozen image encoder. Here the classifier is a multinomial
+VirTex's main evaluation [VirTex §Downstream: linear probe] trains a linear classifier on
+features of a frozen image encoder. CoCa's frozen-feature evaluation [CoCa §3.3, §4.2.1] instead
+learns an attentional pooler and a softmax classifier on the frozen encoder's outputs; the linear
+probe on its pooled contrastive embedding stands in for it here. The classifier is a multinomial
 logistic regression fitted with full-batch L-BFGS on the world's classification view
 (`ClassificationWorld`: single-object images, 36 (colour, shape) classes) and tested on another
 split. The paper file decides what a "feature" is: CoCa's pooled contrastive embedding, VirTex's

@@ -21,8 +21,9 @@ Special tokens (one vocabulary for every paper):
 
 Decoders use [CLS] as the start-of-sequence token and [SEP] as the end-of-sequence token, so one
 vocabulary serves every paper:
-    * VirTex's [SOS]/[EOS] [VirTex §3.2]          -> [CLS]/[SEP]
-    * CoCa's BOS/EOS of the text decoder [CoCa §3] -> [CLS]/[SEP]
+    * VirTex's [SOS]/[EOS] [VirTex §Method: textual head] -> [CLS]/[SEP]
+    * CoCa's start/end tokens of the autoregressive text decoder (the paper names none; its
+      captioning loss [CoCa §3.1, Eq. 3] needs them)  -> [CLS]/[SEP]
     * Oscar's and UNITER's [CLS]/[SEP]            -> themselves
     * CoCa's contrastive [CLS] (the token appended to the unimodal text sequence whose output is
       the text embedding [CoCa §3.2, Fig. 2]) is a learned embedding in coca.py, NOT a vocabulary

@@ -1,8 +1,8 @@
 """The procedural synthetic world: images, captions, regions, VQA and a caption checker.
 
 No image-caption corpus can be downloaded at run time, so every paper in this repository trains
-and is measured on this world (requirements: `specs/world.md`). It is known exactly, so besides
-BLEU and CIDEr-D we can ask whether a generated caption is *true* of its image (`is_true`).
+and is measured on this world. It is known exactly, so besides BLEU and CIDEr-D we can ask
+whether a generated caption is *true* of its image (`is_true`).
 
 Design, in the order a call to `World.example(i)` runs:
 
@@ -41,7 +41,7 @@ two circles). "A is left of B" holds when A's box ends at or before B's box star
 boxes in pixels with exclusive x2, y2); the generator only states relations that hold with a
 margin of 5 % of the image (`relation_margin`), so no stated relation is borderline.
 
-Regions (the per-image npz of `specs/uniter_oscar.md` §C3; N = n_regions, F = feature_dim,
+Regions (the per-image npz layout of shared.folders.RegionFolder; N = n_regions, F = feature_dim,
 C = 6 shape classes): boxes (N, 4) x1, y1, x2, y2 / image side, in [0, 1]; features (N, F);
 cls_prob (N, C+1) with background at 0; conf = 1 - cls_prob[:, 0] = P(not background); rows
 sorted by conf, descending; tags = the best *foreground* class of every region with conf > 0.5,
@@ -50,14 +50,11 @@ in that order (duplicates and mistakes included, as with a real detector's objec
 VQA answers (`ANSWERS`): "yes", "no", the counts as words "zero".."six", the six colours and the
 six shapes. Counts are words, not digits, so that answers share the captions' vocabulary.
 
-Throughput (requirement 10), one process pinned to one core of the 2-core Intel Xeon dev
-machine, numpy 2.4, Pillow 13, 10 regions, F = 64, three runs:
+Throughput, one process pinned to one core, examples/s with region features (example(i)) and
+without (example(i, regions=False)); measured numbers are in RESULTS.md:
 
     taskset -c 0 python -m shared.world --bench
-    -> 64 px: 2,500 examples/s with region features (example(i)), 4,400-4,700 without
-       (example(i, regions=False)); World() itself takes 0.03 s (noise texture + detector fit).
     taskset -c 0 python -m shared.world --bench --image_size 224 --feature_dim 2048
-    -> 224 px: 900 examples/s with 2048-d region features, 1,260 without.
 """
 
 import argparse
@@ -78,7 +75,9 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
 # The 36 (colour, shape) classes of the classification view, colour-major: "red circle" = 0.
 CLASS_NAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
-# The detector's classes; index 0 is background, as in Faster R-CNN's softmax [UNITER §3.1].
+# The detector's classes; index 0 is background, as in Faster R-CNN's softmax and in the soft
+# labels UNITER's MRC reads (ChenRocks/UNITER model/pretrain.py: "background class should not
+# be the target").
 DETECTOR_CLASSES = ("background",) + SHAPES
 MAX_OBJECTS = 6  # the largest max_objects we support (counts are words up to "six")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")  # VQA count answers
@@ -698,9 +697,9 @@ class Detector:
         mean features of proposals on 120 rendered one-object scenes (IoU >= 0.5 with the object:
         its shape, IoU < 0.2: background, others unused, as Faster R-CNN labels its proposals);
         tau = a quarter of the mean squared distance of those samples to their own centroid
-        (measured: jittered object boxes then get conf ~0.99, background boxes ~0.1, as peaked
-        as a trained detector, and the argmax of jittered object boxes is their true shape ~80 %
-        of the time: circles and hexagons, stars and diamonds get confused).
+        (chosen so that jittered object boxes get a conf near 1 and background boxes a low one,
+        as peaked as a trained detector, while the argmax of jittered object boxes still confuses
+        circles with hexagons and stars with diamonds; see RESULTS.md).
     The detector depends on (image_size, feature_dim) only, not on the world's seed, like one
     pretrained detector run over every split.
     """
@@ -789,7 +788,7 @@ class Detector:
         return centroids.astype(np.float32), float(spread / 4)
 
     def detect(self, image: np.ndarray, scene: Scene, rng: np.random.Generator, n: int) -> dict:
-        """Regions of one image, rows sorted by conf descending (the npz convention, §C3)."""
+        """Regions of one image, rows sorted by conf descending (the npz convention above)."""
         boxes = self.proposals(scene, rng, n)  # (N, 4) pixels
         features = self.features(image, boxes)  # (N, F)
         cls_prob = self.classify(features)  # (N, C+1)

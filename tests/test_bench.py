@@ -1,4 +1,4 @@
-"""shared/bench.py: the timing harness alternates its contestants, skips missing libraries, and
+"""bench.py: the timing harness alternates its contestants, skips missing libraries, and
 the IPOT comparison runs at small sizes."""
 
 import importlib.util
@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from shared import bench
+import bench
 
 
 def test_time_alternately_interleaves_and_returns_medians():

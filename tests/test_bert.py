@@ -85,15 +85,15 @@ def test_oscar_and_uniter_start_from_bert(batch):
     for paper in (oscar, uniter):
         config = dataclasses.replace(paper.Config.tiny(), **sizes)
         model = paper.build_model(config).eval()
-        assert load_bert_encoder(model, MINILM) == 6 * 16 + 7
+        assert load_bert_encoder(model.encoder, MINILM) == 6 * 16 + 7
         B, F = len(ids), config.feature_dim
         no_region = torch.zeros(B, 1, dtype=torch.bool)
         with torch.no_grad():
             if paper is oscar:
-                h = model.encode(ids, torch.zeros_like(ids), torch.arange(ids.shape[1]),
+                h = model.encoder(ids, torch.zeros_like(ids), torch.arange(ids.shape[1]),
                                  torch.zeros(B, 1, F + 6), no_region)
             else:
-                h = model.encode(ids, torch.zeros(B, 1, F), torch.zeros(B, 1, 7), no_region)
+                h = model.encoder(ids, torch.zeros(B, 1, F), torch.zeros(B, 1, 7), no_region)
         real = mask.bool()
         assert (h[:, :ids.shape[1]] - expected)[real].abs().max().item() <= 1e-4
 

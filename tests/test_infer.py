@@ -1,4 +1,4 @@
-"""shared/infer.py on checkpoints that train.py writes here (2 steps each, tiny sizes): captions
+"""infer.py on checkpoints that train.py writes here (2 steps each, tiny sizes): captions
 for image files (CoCa, VirTex) and region files (Oscar), CoCa zero-shot classification and
 text-to-image ranking, as lines and as JSON, and one-line errors for misuse."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train
-from shared import infer
+import infer
 from shared.world import World, WorldConfig, export_split
 
 COCA = ["--model", "coca", "--batch_size", "4", "--vision_width", "32", "--vision_heads", "2",

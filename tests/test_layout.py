@@ -13,7 +13,7 @@ FORBIDDEN = re.compile(
 
 def product_files():
     """Every .py file but the tests and the benchmark, which times other libraries on purpose
-    (shared/bench.py imports open_clip inside a function, only where it is installed)."""
+    (bench.py imports open_clip inside a function, only where it is installed)."""
     return [p for p in ROOT.rglob("*.py")
             if not {"tests", ".git", ".venv", "runs"} & set(p.relative_to(ROOT).parts)
             and p.name != "bench.py"]
@@ -44,3 +44,31 @@ def test_paper_files_import_only_torch_numpy_stdlib_and_shared():
             continue
         roots = set(re.findall(r"^(?:from|import)\s+([A-Za-z_]\w*)", path.read_text(), re.MULTILINE))
         assert roots <= allowed, (name, roots - allowed)
+
+
+def test_shared_imports_no_paper_file_and_not_train():
+    """The layers: shared/ knows no paper; the paper files know only shared/; train.py and the
+    command-line tools sit on top. Nothing imports upward (imports inside functions included)."""
+    import ast
+
+    top = {"train", "infer", "bench", "oscar", "uniter", "virtex", "coca"}
+    for path in sorted((ROOT / "shared").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & top, (path.name, imported & top)
+        assert "import_module" not in path.read_text(), path.name
+    for name in ["oscar.py", "uniter.py", "virtex.py", "coca.py"]:
+        text = (ROOT / name).read_text()
+        others = top - {name[:-3]}
+        assert not re.findall(rf"^\s*(?:from|import)\s+({'|'.join(others)})\b", text,
+                              re.MULTILINE), name
+
+
+def test_shared_init_lists_every_module():
+    listed = set(re.findall(r"^\s+(\w+)\.py\s", (ROOT / "shared" / "__init__.py").read_text(),
+                            re.MULTILINE))
+    modules = {p.stem for p in (ROOT / "shared").glob("*.py")} - {"__init__"}
+    assert listed == modules, (modules - listed, listed - modules)

@@ -1,12 +1,13 @@
 """oscar.py: the input layout, the masking (pre-training and captioning), the polluted tags, the
-caption attention mask block by block, the two losses against hand computations, cached caption
-decoding against a full recomputation, a tiny model that overfits each task, and the [CLS]
-reaching the regions.
+caption attention mask block by block, the encoder and heads by task (what fine-tuning loads),
+the [CLS] reaching the regions, cached caption decoding against a full recomputation, and a tiny
+model that overfits each task. The loss math (by hand, loops from the equations) is in
+tests/test_losses_oscar.py.
 
-Kinds (STYLE.md §14): (a) loss math by hand; (b) equivalence: the cached decoder against the
-whole sequence re-encoded at every step; (c) shapes and masks, the masking checked over many
-seeded draws with binomial tolerances (4 standard deviations); (d) learning. Every model is
-tiny (D 32, 2 layers) and the file runs in seconds.
+In order (STYLE.md §14): shapes and masks, the masking checked over many seeded draws with
+binomial tolerances (4 standard deviations); the model by composition; causality (what the [CLS]
+reaches); equivalence (the cached decoder against the whole sequence re-encoded at every step);
+learning. Every model is tiny (D 32, 2 layers) and the file runs in seconds.
 """
 
 import dataclasses
@@ -61,14 +62,14 @@ def batch_of(world, tokenizer, config, n=8, start=0):
     return oscar.collate_fn([dataset[i] for i in range(start, start + n)])
 
 
-# --- the input -----------------------------------------------------------------------------------
+# --- the input and the config --------------------------------------------------------------------
 
 def test_text_pair_worked_example_and_truncation_from_the_longer():
     tokens, segments = oscar.text_pair([7, 8, 9], [5, 6], 7, CLS, SEP)
     assert tokens == [CLS, 7, 8, SEP, 5, 6, SEP]
     assert segments == [0, 0, 0, 0, 1, 1, 1]
-    a, b = oscar.truncate_pair([1, 2], [3, 4, 5, 6, 7], 4)  # the tags are longer: they shrink
-    assert (a, b) == ([1, 2], [3, 4])
+    tokens, _ = oscar.text_pair([1, 2], [3, 4, 5, 6, 7], 7, CLS, SEP)  # 4 pieces fit: the tags
+    assert (tokens[1:3], tokens[4:6]) == ([1, 2], [3, 4])  # are longer, so they shrink
     tokens, segments = oscar.text_pair([7, 8, 9], None, 7, CLS, SEP)  # use_tags False
     assert tokens == [CLS, 7, 8, 9, SEP] and set(segments) == {0}
 
@@ -80,6 +81,13 @@ def test_region_vectors_append_the_six_box_numbers():
     assert v.shape == (3, 5 + oscar.BOX_DIM)
     assert torch.equal(v[:, :5], features) and torch.equal(v[:, 5:9], boxes)
     assert torch.allclose(v[0, 9:], torch.tensor([0.4, 0.7]))  # w, h
+
+
+def test_config_rejects_bad_values_in_one_line():
+    with pytest.raises(ValueError, match="task must be one of"):
+        small(task="nlvr2")
+    with pytest.raises(ValueError, match="max_caption_len >= max_gen_len"):
+        small(max_caption_len=10, max_gen_len=9)
 
 
 # --- masking -------------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ def test_caption_attention_mask_four_blocks_and_padding():
     assert not m[3].any() and not m[:, 3].any() and not m[C + 2].any() and not m[:, C + 2].any()
 
 
-# --- the data: polluted tags -----------------------------------------------------------------------
+# --- the data: polluted tags, batches ------------------------------------------------------------
 
 def test_polluted_tags_come_from_another_image(world, tokenizer):
     config = small()
@@ -231,43 +239,135 @@ def test_caption_batch_layout(world, tokenizer):
     assert (flat[batch["mlm_positions"]] != CLS).all()
 
 
-# --- the losses by hand ------------------------------------------------------------------------------
-
-def test_masked_token_loss_by_hand():
-    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [1.0, 3.0, 0.0]])
-    labels = torch.tensor([0, IGNORE, 1])
-    # -log softmax at the labels of rows 0 and 2, averaged over the 2 labelled rows
-    row0 = -(2.0 - math.log(math.exp(2) + 1 + math.exp(-1)))
-    row2 = -(3.0 - math.log(math.e + math.exp(3) + 1))
-    assert oscar.masked_token_loss(logits, labels).item() == pytest.approx((row0 + row2) / 2,
-                                                                           rel=1e-6)
-    assert oscar.masked_token_loss(logits, torch.full((3,), IGNORE)).item() == 0.0
-
-
-def test_contrastive_loss_by_hand():
-    logits = torch.tensor([[1.0, -1.0], [0.0, 2.0]])
-    polluted = torch.tensor([False, True])
-    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-2))) / 2
-    assert oscar.contrastive_loss(logits, polluted).item() == pytest.approx(expected, rel=1e-6)
-    flipped = oscar.contrastive_loss(logits, ~polluted).item()
-    assert flipped == pytest.approx((math.log(1 + math.exp(2)) * 2) / 2, rel=1e-6)
-
-
-def test_vqa_loss_is_bce_summed_over_answers():
-    logits, scores = torch.randn(4, 7), torch.rand(4, 7)
-    by_hand = sum(-(s * math.log(torch.sigmoid(x)) + (1 - s) * math.log(1 - torch.sigmoid(x)))
-                  for row_x, row_s in zip(logits, scores) for x, s in zip(row_x, row_s)) / 4
-    assert oscar.vqa_loss(logits, scores).item() == pytest.approx(float(by_hand), rel=1e-5)
-
+# --- the model: one encoder, one head per task ---------------------------------------------------
 
 def test_the_mlm_head_is_tied_to_the_word_embeddings():
     model = oscar.build_model(small())
     hidden = torch.randn(5, 32)
-    expected = model.mlm_transform(hidden) @ model.text_embeddings.word.weight.T + model.mlm_bias
+    head = model.heads["mlm"]
+    expected = head.transform(hidden) @ model.encoder.text_embeddings.word.weight.T + head.bias
     assert torch.allclose(model.mlm_logits(hidden), expected, atol=1e-6)
+    assert not any("word" in k for k in model.heads.state_dict())  # tied, not a copy
 
 
-# --- cached decoding against a full recomputation -----------------------------------------------------
+def test_the_encoder_is_the_same_for_every_task_and_the_heads_are_named_by_task():
+    keys = {}
+    for task in oscar.TASKS:
+        state = oscar.build_model(small(task=task)).state_dict()
+        keys[task] = {k for k in state if not k.startswith("heads.")}
+        assert {k.split(".")[1] for k in state if k.startswith("heads.")} \
+            == set(oscar.TASK_HEADS[task])
+    assert all(keys[task] == keys["pretrain"] for task in oscar.TASKS)
+    assert all(k.startswith("encoder.") for k in keys["pretrain"])
+    assert oscar.TASK_HEADS == {"pretrain": ("mlm", "contrastive"), "caption": ("mlm",),
+                                "retrieval": ("retrieval",), "vqa": ("vqa",)}
+
+
+@pytest.mark.parametrize("task, fresh", [("pretrain", []), ("caption", []),
+                                         ("retrieval", ["retrieval"]), ("vqa", ["vqa"])])
+def test_fine_tuning_from_pretraining_loads_the_encoder_and_the_mlm_head(task, fresh):
+    """shared.checkpoint.load_weights, as train.py --init: the encoder always, the MLM head for
+    captioning (same name), the retrieval and VQA heads fresh: what the strict=False load of
+    the layout before heads-by-composition transferred."""
+    from shared.checkpoint import load_weights
+
+    torch.manual_seed(0)
+    pretrained = oscar.build_model(small()).state_dict()
+    model = oscar.build_model(small(task=task))
+    assert load_weights(model, pretrained) == fresh
+    for k, v in model.state_dict().items():
+        if k.startswith("encoder.") or k.startswith("heads.mlm."):
+            assert torch.equal(v, pretrained[k]), k
+
+
+def test_caption_to_pretrain_leaves_the_contrastive_head_fresh_another_encoder_fails():
+    from shared.checkpoint import CheckpointError, load_weights
+
+    caption = oscar.build_model(small(task="caption")).state_dict()
+    assert load_weights(oscar.build_model(small()), caption) == ["contrastive"]
+    with pytest.raises(CheckpointError, match=r"\(200, 32\), the model's is \(200, 64\)"):
+        load_weights(oscar.build_model(small(hidden_size=64)), caption)
+    with pytest.raises(CheckpointError, match="does not fit this model: it lacks"):
+        load_weights(oscar.build_model(small(layers=3)), caption)
+
+
+def test_the_model_calls_the_composite_objective(world, tokenizer, monkeypatch):
+    """forward's loss is oscar.pretraining_loss of its two terms (L_MTL + L_C, Eq. 4): replace
+    the function and the loss moves with it."""
+    torch.manual_seed(0)
+    model = oscar.build_model(small())
+    batch = batch_of(world, tokenizer, small())
+    out = model(batch)
+    assert torch.allclose(out["loss"], out["mtl"] + out["contrastive"])
+    monkeypatch.setattr(oscar, "pretraining_loss", lambda mtl, contrastive: mtl + 2 * contrastive)
+    out = model(batch)
+    assert torch.allclose(out["loss"], out["mtl"] + 2 * out["contrastive"])
+
+
+def test_the_contract_names():
+    assert oscar.TASKS[0] == "pretrain" and set(oscar.MAIN_METRIC) == set(oscar.TASKS)
+    assert oscar.INPUTS == "regions" and oscar.BERT_INIT is True
+    for preset in (oscar.Config.paper, oscar.Config.small, oscar.Config.tiny):
+        assert preset().task == "pretrain"
+    model = oscar.build_model(small())
+    optimizer = oscar.make_optimizer(model, small(weight_decay=0.05))
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decays[id(model.encoder.region_embedding.weight)] == 0.05
+    assert decays[id(model.heads["mlm"].bias)] == 0.0
+    assert len(decays) == len(list(model.parameters()))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert oscar.after_optimizer_step(model) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_bert_checkpoint_fills_the_encoder(tmp_path):
+    """train.py --init_bert calls shared.bert.load_bert_encoder(model.encoder, folder)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from shared.bert import load_bert_encoder
+
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path)
+    model = oscar.build_model(small())
+    head = model.heads["mlm"].transform.dense.weight.clone()
+    assert load_bert_encoder(model.encoder, tmp_path) == 2 * 16 + 7
+    assert torch.equal(model.encoder.text_embeddings.word.weight,
+                       bert.embeddings.word_embeddings.weight)
+    assert torch.equal(model.encoder.layers[1].mlp.fc2.weight,
+                       bert.encoder.layer[1].output.dense.weight)
+    assert torch.equal(model.heads["mlm"].transform.dense.weight, head)  # heads keep theirs
+
+
+# --- causality: what the [CLS] reaches -----------------------------------------------------------
+
+def test_cls_attention_reaches_the_regions(world, tokenizer):
+    """With tags (pre-training layout) and under the caption mask, the [CLS] output depends on
+    the region features: the masks let it attend to them."""
+    torch.manual_seed(0)
+    for task in ("pretrain", "caption"):
+        config = small(task=task)
+        model = oscar.build_model(config)
+        batch = batch_of(world, tokenizer, config, n=2)
+        regions = batch["regions"].clone().requires_grad_(True)
+        allowed = None
+        if task == "caption":
+            C = batch["caption_len"]
+            allowed = oscar.caption_attention_mask(
+                batch["tokens"][:, :C] != PAD,
+                torch.cat([batch["tokens"][:, C:] != PAD, batch["region_mask"]], dim=1))
+            assert allowed[:, 0, -regions.shape[1]:][batch["region_mask"]].all()
+        h = model.encoder(batch["tokens"], batch["segments"], batch["positions"], regions,
+                          batch["region_mask"], allowed)
+        # a random direction: a LayerNorm output's plain sum is constant (0), its gradient too
+        (h[:, 0] * torch.randn(h.shape[-1])).sum().backward()
+        reached = regions.grad.abs().sum(-1)  # (B, N)
+        assert (reached[batch["region_mask"]] > 0).all()
+        assert (reached[~batch["region_mask"]] == 0).all()
+
+
+# --- equivalence: cached decoding against a full recomputation -----------------------------------
 
 def _full_next_logits(model, caption, tags, regions, region_mask, config):
     """The slow way: the whole [caption [MASK] ; tags ; regions] through encode with the caption
@@ -280,7 +380,7 @@ def _full_next_logits(model, caption, tags, regions, region_mask, config):
     positions = torch.cat([torch.arange(t), config.max_caption_len + torch.arange(L)])
     allowed = oscar.caption_attention_mask(query != PAD,
                                            torch.cat([tags != PAD, region_mask], dim=1))
-    h = model.encode(tokens, segments, positions.expand(B, -1), regions, region_mask, allowed)
+    h = model.encoder(tokens, segments, positions.expand(B, -1), regions, region_mask, allowed)
     return model.mlm_logits(h[:, t - 1])  # (B, V)
 
 
@@ -292,7 +392,7 @@ def test_cached_greedy_decoding_equals_full_recomputation(world, tokenizer):
     examples = [test.example(i) for i in range(4)]
     with torch.no_grad():
         fast = oscar.caption(model, tokenizer, config, examples, WORLD_CONFIG, beam_size=1)
-        regions, region_mask = oscar._regions(examples, config, WORLD_CONFIG, "cpu")
+        regions, region_mask = oscar.region_batch(examples, config, WORLD_CONFIG, "cpu")
         tags = oscar.pad_sequences([torch.tensor(
             tokenizer.encode(" ".join(ex["tags"]), add_special=False)[:config.max_tag_len - 1]
             + [SEP]) for ex in examples])
@@ -313,93 +413,6 @@ def test_cached_greedy_decoding_equals_full_recomputation(world, tokenizer):
     assert fast == slow
 
 
-# --- learning --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("task, term", [("pretrain", "mtl"), ("caption", "caption"),
-                                        ("retrieval", "retrieval"), ("vqa", "vqa")])
-def test_a_tiny_model_overfits_one_batch(world, tokenizer, task, term):
-    torch.manual_seed(0)
-    config = small(task=task)
-    model = oscar.build_model(config)
-    batch = batch_of(world, tokenizer, config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    first = model(batch)[term].item()
-    for _ in range(200):
-        losses = model(batch)
-        optimizer.zero_grad()
-        losses["loss"].backward()
-        optimizer.step()
-    if task == "vqa":  # BCE over every answer falls slowly; the answers must all be right
-        logits = model.answer_logits(batch["tokens"], batch["segments"], batch["positions"],
-                                     batch["regions"], batch["region_mask"])
-        assert torch.equal(logits.argmax(-1), batch["answer"])
-        assert losses[term].item() < 0.2 * first, (first, losses[term].item())
-    else:
-        assert losses[term].item() < 0.1 * first, (first, losses[term].item())
-    if task == "pretrain":
-        assert losses["contrastive"].item() < 0.1
-
-
-def test_cls_attention_reaches_the_regions(world, tokenizer):
-    """With tags (pre-training layout) and under the caption mask, the [CLS] output depends on
-    the region features: the masks let it attend to them."""
-    torch.manual_seed(0)
-    for task in ("pretrain", "caption"):
-        config = small(task=task)
-        model = oscar.build_model(config)
-        batch = batch_of(world, tokenizer, config, n=2)
-        regions = batch["regions"].clone().requires_grad_(True)
-        allowed = None
-        if task == "caption":
-            C = batch["caption_len"]
-            allowed = oscar.caption_attention_mask(
-                batch["tokens"][:, :C] != PAD,
-                torch.cat([batch["tokens"][:, C:] != PAD, batch["region_mask"]], dim=1))
-            assert allowed[:, 0, -regions.shape[1]:][batch["region_mask"]].all()
-        h = model.encode(batch["tokens"], batch["segments"], batch["positions"], regions,
-                         batch["region_mask"], allowed)
-        # a random direction: a LayerNorm output's plain sum is constant (0), its gradient too
-        (h[:, 0] * torch.randn(h.shape[-1])).sum().backward()
-        reached = regions.grad.abs().sum(-1)  # (B, N)
-        assert (reached[batch["region_mask"]] > 0).all()
-        assert (reached[~batch["region_mask"]] == 0).all()
-
-
-def test_evaluate_reports_each_task_s_keys(tokenizer):
-    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean", "mtl_acc", "contrastive_acc",
-                         "own_called_polluted", "foreign_caption_called_polluted"},
-            "retrieval": {"i2t_r1", "t2i_r1"},
-            "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4"},
-            "vqa": {"vqa_acc", "vqa_acc_count"}}
-    for task, expected in keys.items():
-        config = small(task=task, beam_size=2)
-        model = oscar.build_model(config)
-        metrics = oscar.evaluate(model, tokenizer, config, WORLD_CONFIG, "test", 8)
-        assert expected <= set(metrics), (task, metrics)
-        assert all(0 <= v <= 10 for v in metrics.values())
-
-
-def test_config_rejects_bad_values_in_one_line():
-    with pytest.raises(ValueError, match="task must be one of"):
-        small(task="nlvr2")
-    with pytest.raises(ValueError, match="max_caption_len >= max_gen_len"):
-        small(max_caption_len=10, max_gen_len=9)
-
-
-def test_contrastive_accuracy_of_a_head_that_always_says_polluted(tokenizer):
-    config = small()
-    model = oscar.build_model(config).eval()
-    with torch.no_grad():
-        model.contrastive_head.bias.copy_(torch.tensor([-1e4, 1e4]))  # always "polluted"
-    test = World(WORLD_CONFIG, "test")
-    with torch.no_grad():
-        metrics = oscar.pretraining_accuracy(model, tokenizer, config, test, 40)
-    dataset = oscar.OscarDataset(test, tokenizer, config, seed=1)
-    share = sum(dataset[i]["polluted"] for i in range(40)) / 40
-    assert metrics["contrastive_acc"] == pytest.approx(share)
-    assert 0 <= metrics["mtl_acc"] <= 1
-
-
 @pytest.mark.parametrize("method", ["greedy", "beam"])
 def test_caching_the_caption_rows_gives_the_same_tokens_and_log_probs(tokenizer, method):
     """Oscar.caption_step (two rows a step, the earlier rows cached) against caption_logits
@@ -411,7 +424,7 @@ def test_caching_the_caption_rows_gives_the_same_tokens_and_log_probs(tokenizer,
     model = oscar.build_model(config).eval()
     test = World(WORLD_CONFIG, "test")
     examples = [test.example(i) for i in range(6)]
-    regions, region_mask = oscar._regions(examples, config, WORLD_CONFIG, "cpu")
+    regions, region_mask = oscar.region_batch(examples, config, WORLD_CONFIG, "cpu")
     tags = oscar.pad_sequences([torch.tensor(
         tokenizer.encode(" ".join(ex["tags"]), add_special=False)[:config.max_tag_len - 1]
         + [SEP]) for ex in examples])
@@ -442,3 +455,59 @@ def test_prefix_parents_follow_reordered_and_dropped_rows():
     assert index.tolist() == [1, 2, 0]
     with pytest.raises(ValueError, match="does not extend"):
         parents(torch.tensor([[3, 3, 3, 3]]), torch.tensor([0]))
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+def test_evaluate_reports_each_task_s_keys(tokenizer):
+    keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean", "mtl_acc", "contrastive_acc",
+                         "own_called_polluted", "foreign_caption_called_polluted"},
+            "retrieval": {"i2t_r1", "t2i_r1"},
+            "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4"},
+            "vqa": {"vqa_acc", "vqa_acc_count"}}
+    for task, expected in keys.items():
+        config = small(task=task, beam_size=2)
+        model = oscar.build_model(config)
+        metrics = oscar.evaluate(model, tokenizer, config, WORLD_CONFIG, "test", 8)
+        assert expected <= set(metrics), (task, metrics)
+        assert all(0 <= v <= 10 for v in metrics.values())
+
+
+def test_contrastive_accuracy_of_a_head_that_always_says_polluted(tokenizer):
+    config = small()
+    model = oscar.build_model(config).eval()
+    with torch.no_grad():
+        model.heads["contrastive"].bias.copy_(torch.tensor([-1e4, 1e4]))  # always "polluted"
+    test = World(WORLD_CONFIG, "test")
+    with torch.no_grad():
+        metrics = oscar.pretraining_accuracy(model, tokenizer, config, test, 40)
+    dataset = oscar.OscarDataset(test, tokenizer, config, seed=1)
+    share = sum(dataset[i]["polluted"] for i in range(40)) / 40
+    assert metrics["contrastive_acc"] == pytest.approx(share)
+    assert 0 <= metrics["mtl_acc"] <= 1
+
+
+# --- learning ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task, term", [("pretrain", "mtl"), ("caption", "caption"),
+                                        ("retrieval", "retrieval"), ("vqa", "vqa")])
+def test_a_tiny_model_overfits_one_batch(world, tokenizer, task, term):
+    torch.manual_seed(0)
+    config = small(task=task)
+    model = oscar.build_model(config)
+    batch = batch_of(world, tokenizer, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    first = model(batch)[term].item()
+    for _ in range(200):
+        losses = model(batch)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    if task == "vqa":  # BCE over every answer falls slowly; the answers must all be right
+        logits = model.answer_logits(batch)
+        assert torch.equal(logits.argmax(-1), batch["answer"])
+        assert losses[term].item() < 0.2 * first, (first, losses[term].item())
+    else:
+        assert losses[term].item() < 0.1 * first, (first, losses[term].item())
+    if task == "pretrain":
+        assert losses["contrastive"].item() < 0.1

@@ -14,6 +14,9 @@ import pytest
 import torch
 
 import train
+from shared.checkpoint import save_checkpoint
+from shared.monitor import peak_flops, step_flops
+from shared.optim import decay_groups, learning_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,37 +56,38 @@ def step_losses(lines):
 def test_get_lr_warms_up_linearly_then_decays_to_zero():
     class C:
         lr, warmup_steps, max_steps, lr_schedule = 1.0, 4, 14, "cosine"
-    assert [train.get_lr(s, C) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert train.get_lr(9, C) == pytest.approx(0.5)  # half-way through the cosine
-    assert train.get_lr(14, C) == pytest.approx(0.0, abs=1e-12)
+    assert [learning_rate(s, C) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(9, C) == pytest.approx(0.5)  # half-way through the cosine
+    assert learning_rate(14, C) == pytest.approx(0.0, abs=1e-12)
     C.lr_schedule = "linear"
-    assert train.get_lr(9, C) == pytest.approx(0.5)
-    assert train.get_lr(11, C) == pytest.approx(0.3)
+    assert learning_rate(9, C) == pytest.approx(0.5)
+    assert learning_rate(11, C) == pytest.approx(0.3)
 
 
 def test_param_groups_put_no_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    decay, no_decay = train.param_groups(model, 0.1)
+    decay, no_decay = decay_groups(model, 0.1)
     assert [p.shape for p in decay["params"]] == [(4, 3)]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
 @pytest.mark.parametrize("name", ["coca", "virtex", "oscar", "uniter"])
 def test_optimizer_is_fused_on_the_cpu_and_steps_as_the_single_tensor_loop(name):
-    """train.make_optimizer asks for the fused kernel on the CPU too (VirTex's own optimizer as
-    well); one fused step must move every parameter as torch's single-tensor loop does."""
+    """Every paper's make_optimizer asks for the fused kernel on the CPU too (VirTex's own
+    optimizer as well); one fused step must move every parameter as torch's single-tensor loop
+    does."""
     run, paper, _ = train.parse_args(["--model", name])
     config = train.make_config(paper, "tiny", {})
     torch.manual_seed(0)
     model = paper.build_model(config)
     twin = paper.build_model(config)
     twin.load_state_dict(model.state_dict())
-    fused = train.make_optimizer(paper, model, config, torch.device("cpu"))
+    fused = paper.make_optimizer(model, config)
     assert all(g["fused"] for g in fused.param_groups), name
     start = [p.detach().clone() for p in model.parameters()]
-    # a device type without the fused kernel here, so fused=False: torch's single-tensor loop
-    loop = train.make_optimizer(paper, twin, config, torch.device("meta"))
-    assert not any(g["fused"] for g in loop.param_groups)
+    loop = paper.make_optimizer(twin, config)
+    for group in loop.param_groups:  # the same groups, stepped by torch's single-tensor loop
+        group["fused"], group["foreach"] = False, False
     for step in range(3):
         torch.manual_seed(step)
         for p, q in zip(model.parameters(), twin.parameters()):
@@ -100,7 +104,7 @@ def test_optimizer_is_fused_on_the_cpu_and_steps_as_the_single_tensor_loop(name)
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "latest.pt"
-    train.save_checkpoint(path, step=1)
+    save_checkpoint(path, step=1)
 
     def broken_save(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
@@ -108,7 +112,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, step=2)
+        save_checkpoint(path, step=2)
     assert torch.load(path)["step"] == 1  # the previous checkpoint survived
 
 
@@ -117,7 +121,7 @@ def test_resume_continues_exactly(tmp_path):
     straight, straight_lines = train_in_process(tmp_path / "a", "--max_steps", "6")
     stopped, first_lines = train_in_process(tmp_path / "b", "--max_steps", "6", "--stop_at", "3")
     assert stopped == {"stopped_at": 3}
-    resumed, resumed_lines = train_in_process(tmp_path / "b", "--max_steps", "6", "--resume", "true")
+    resumed, resumed_lines = train_in_process(tmp_path / "b", "--max_steps", "6", "--resume")
 
     losses_a = step_losses(straight_lines)
     losses_b = {**step_losses(first_lines), **step_losses(resumed_lines)}
@@ -177,6 +181,8 @@ def test_help_lists_run_options_and_every_config_field():
     (["--text_width", "30", "--text_heads", "4"], "error: invalid config:"),
     (["--vocab", "/no/such/vocab.txt", "--max_steps", "1"], "/no/such/vocab.txt"),
     (["--resume", "true", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
+    (["--resume", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
+    (["--model", "coca", "--task", "vqa"], "invalid choice 'vqa' for coca"),
 ])
 def test_bad_input_gives_one_clear_line_not_a_traceback(args, message):
     result = run_cli(*args)
@@ -205,12 +211,15 @@ def test_uniter_pretrains_then_fine_tunes_vqa_from_its_checkpoint(tmp_path):
     run.out = str(tmp_path / "vqa")
     final = train.train(run, paper, overrides, log=lines.append)
     assert {"vqa_acc", "vqa_acc_regions_zeroed"} <= set(final) and "i2t_r1" not in final
-    assert any(line.startswith(f"init from {init}") and "missing" in line for line in lines)
+    assert any(line.startswith(f"init from {init}") and line.endswith("fresh: vqa")
+               for line in lines)
     pre = torch.load(init, weights_only=False)
     vqa = torch.load(tmp_path / "vqa" / "best.pt", weights_only=False)
     assert vqa["config"]["task"] == "vqa" and vqa["tokenizer"] == pre["tokenizer"]
-    assert any(k.startswith("vqa_head.") for k in vqa["model"])
-    assert not any(k.startswith("mlm_transform.") for k in vqa["model"])
+    assert any(k.startswith("heads.vqa.") for k in vqa["model"])
+    assert not any(k.startswith("heads.mlm.") for k in vqa["model"])
+    encoder = {k for k in pre["model"] if not k.startswith("heads.")}
+    assert encoder == {k for k in vqa["model"] if not k.startswith("heads.")}
 
 
 
@@ -239,10 +248,11 @@ def test_oscar_pretrains_then_fine_tunes_captioning_from_its_checkpoint(tmp_path
     lines.clear()
     final = train.train(run, paper, overrides, log=lines.append)
     assert {"caption_truth", "caption_truth_baseline", "cider", "bleu4"} <= set(final)
-    assert any(line.startswith(f"init from {init}: 0 missing") for line in lines), lines
+    assert any(line.startswith(f"init from {init}") and line.endswith("fresh: none")
+               for line in lines), lines
     assert any("generated:" in line for line in lines)
     model = torch.load(tmp_path / "caption" / "best.pt", weights_only=False)["model"]
-    assert "mlm_bias" in model and not any(k.startswith("contrastive_head") for k in model)
+    assert "heads.mlm.bias" in model and not any(k.startswith("heads.contrastive") for k in model)
 
 
 def test_the_progress_line_reports_text_tokens_per_second(tmp_path):
@@ -261,7 +271,7 @@ def test_the_progress_line_reports_text_tokens_per_second(tmp_path):
     ex, tok = (float(x) for x in re.search(r"([\d.]+) ex/s ([\d.]+) tok/s", first).groups())
     config = train.make_config(paper, run.preset, overrides)
     tokenizer = train.Tokenizer.load(tmp_path / "tokenizer.json")
-    dataset = paper.train_dataset(World(train.make_world_config(config, run.seed), "train"),
+    dataset = paper.train_dataset(World(train.make_world_config(paper, config, run.seed), "train"),
                                   tokenizer, config)
     batch = next(iter(train_loader(dataset, config.batch_size, 0, paper.collate_fn)))
     per_example = float((batch["tokens"] != 0).sum()) / config.batch_size
@@ -281,9 +291,9 @@ def test_step_flops_counts_forward_and_backward_matmuls():
 
     model = Tiny()
     x = torch.randn(4, 16, requires_grad=True)
-    assert train.step_flops(model, {"x": x}) == 6 * 4 * 16 * 8
+    assert step_flops(model, {"x": x}) == 6 * 4 * 16 * 8
     assert model.linear.weight.grad is None
-    assert train.peak_flops(torch.device("cpu")) is None
+    assert peak_flops(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("name", ["coca", "virtex", "oscar", "uniter"])
@@ -300,7 +310,7 @@ def test_compile_traces_each_model_once_per_task_whatever_the_text_length(name):
 
     run, paper, overrides = train.parse_args(["--model", name, "--tokenizer_texts", "100"])
     config = train.make_config(paper, run.preset, {**overrides, "batch_size": 8})
-    world_config = train.make_world_config(config, run.seed)
+    world_config = train.make_world_config(paper, config, run.seed)
     tokenizer = train.make_tokenizer(run, config, world_config)
     config = train.make_config(paper, run.preset, {"batch_size": 8,
                                                    "vocab_size": tokenizer.vocab_size})
@@ -329,3 +339,66 @@ def test_compile_traces_each_model_once_per_task_whatever_the_text_length(name):
     else:  # one graph a task, and at most one more when a size happens to equal another
         # (dynamo's "duck sizing": here an MLM batch with exactly B masked words)
         assert counter.frame_count <= 2 * len(tasks)
+
+
+# --- the contract: train.py asks the paper file nothing it does not define -------------------
+
+def test_train_py_uses_only_the_contract_and_never_probes_the_paper():
+    """No hasattr/getattr anywhere in train.py, no comparison with a model's name outside
+    import_paper, and every paper file defines every contract name."""
+    import ast
+
+    tree = ast.parse((ROOT / "train.py").read_text())
+    calls = {n.func.id for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert not {"hasattr", "getattr"} & calls
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name != "import_paper":
+            names = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)
+                     and isinstance(c.value, str)}
+            compared = {c.value for cmp in ast.walk(node) if isinstance(cmp, ast.Compare)
+                        for c in ast.walk(cmp) if isinstance(c, ast.Constant)}
+            assert not set(train.MODELS) & compared, (node.name, names)
+        if isinstance(node, ast.FunctionDef):  # small functions: about 60 lines of code at most
+            assert node.end_lineno - node.lineno <= 70, node.name
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id == "paper"}
+    contract = {"Config", "TASKS", "MAIN_METRIC", "INPUTS", "BERT_INIT", "build_model",
+                "make_optimizer", "after_optimizer_step", "train_dataset", "collate_fn",
+                "evaluate", "sample_captions"}
+    assert used <= contract, used - contract
+    for name in train.MODELS:
+        paper = train.import_paper(name)
+        missing = {c for c in contract if c not in vars(paper)}
+        assert not missing, (name, missing)
+        assert set(paper.MAIN_METRIC) == set(paper.TASKS) and paper.TASKS[0] == "pretrain"
+        assert paper.INPUTS in ("pixels", "regions") and isinstance(paper.BERT_INIT, bool)
+        for preset in ("paper", "small", "tiny"):
+            assert train.preset_config(paper, preset).task == "pretrain"
+
+
+def test_the_stop_message_is_a_command_that_continues_the_run(tmp_path):
+    """--stop_at prints `python train.py ... --resume`; running exactly those arguments
+    finishes the run (the resumed config comes from the checkpoint, not the command line)."""
+    import shlex
+
+    _, lines = train_in_process(tmp_path, "--max_steps", "3", "--stop_at", "2")
+    line = next(line for line in lines if "continue with:" in line)
+    command = shlex.split(line.split("continue with:")[1])
+    assert command[:2] == ["python", "train.py"] and command[-1] == "--resume"
+    run, paper, overrides = train.parse_args([*command[2:], "--num_workers", "0",
+                                              "--log_every_s", "0", "--final_n", "20"])
+    assert run.resume is True
+    final = train.train(run, paper, overrides, log=lambda line: None)
+    assert final["step"] == 3
+
+
+def test_a_checkpoint_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
+    (tmp_path / "old").mkdir()
+    torch.save({"model": {"pooler.weight": torch.zeros(2)}, "step": 1, "config": {}},
+               tmp_path / "old" / "latest.pt")
+    result = run_cli("--out", str(tmp_path / "old"), "--resume")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "earlier layout" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("--init", str(tmp_path / "old" / "latest.pt"), "--out", str(tmp_path / "x"))
+    assert result.returncode != 0 and "earlier layout" in result.stderr

@@ -1,14 +1,15 @@
-"""uniter.py's masking, task sampler, data, model and downstream evaluation: masking statistics
-over many draws, the task mix, one task per update, conditional masking, the collate's flat
-positions, the Image Embedder's mask vector, the tied MLM and MRFR output layers, padding
-invariance, a tiny model that overfits each task, an ITM model that needs the image, the
-retrieval and VQA losses against loops, and the AdamW parameter groups.
+"""uniter.py and uniter.py: the masking, task sampler, data, model, heads and downstream
+evaluation, in the order (c) shapes and masks, (b) equivalence, (d) learning (STYLE.md §14; the
+loss maths, (a), is tests/test_losses_uniter.py).
 
-Kinds (STYLE.md §14): (a) loss math against loops; (b) equivalence: the model's losses against
-the tied heads written out, batched against one at a time, evaluate against its by-hand version;
-(c) shapes and masks, the masking and the task mix checked over many seeded draws with binomial
-tolerances (4 standard deviations); (d) learning. Every model is tiny (D 32, 2 layers) and the
-whole file runs in seconds on a laptop CPU.
+(c) masking statistics and the task mix over many seeded draws with binomial tolerances (4
+    standard deviations), one task per update, conditional masking, the collate's flat positions,
+    the Image Embedder's mask vector, padding invariance, the optimizer's groups, the contract,
+    the encoder's state the same for every task and fine-tuning from pre-training;
+(b) the model's losses against the tied heads written out, the rank forward against a loop,
+    evaluate against its by-hand version;
+(d) a tiny model that overfits each task, an ITM model that needs the image.
+Every model is tiny (D 32, 2 layers) and the whole file runs in seconds on a laptop CPU.
 """
 
 import dataclasses
@@ -22,8 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import uniter
+
+from shared.checkpoint import load_weights
+from shared.data import feature_statistics
 from shared.tokenizer import Tokenizer
-from shared.world import ANSWERS, World, WorldConfig
+from shared.world import ANSWERS, World, WorldConfig, question_type
 
 IGNORE = uniter.IGNORE
 PAD_ID = uniter.PAD_ID
@@ -416,80 +420,13 @@ def test_no_output_of_the_model_depends_on_a_masked_regions_feature(world, token
     features[masked] = 5 * torch.randn(int(masked.sum()), 16)
     args = (batch["tokens"], batch["locations"], batch["region_mask"])
     with torch.no_grad():
-        h = model.encode(args[0], batch["features"], *args[1:], region_masked=masked)
-        h_changed = model.encode(args[0], features, *args[1:], region_masked=masked)
-        h_unmasked = model.encode(args[0], features, *args[1:])
+        h = model.encoder(args[0], batch["features"], *args[1:], region_masked=masked)
+        h_changed = model.encoder(args[0], features, *args[1:], region_masked=masked)
+        h_unmasked = model.encoder(args[0], features, *args[1:])
     T = batch["tokens"].shape[1]
     real = torch.cat([batch["tokens"] != PAD_ID, batch["region_mask"]], dim=1)  # (B, T + N)
     assert torch.allclose(h_changed[real], h[real], atol=1e-5)
     assert not torch.allclose(h_unmasked[:, T:][masked], h[:, T:][masked], atol=1e-3)
-
-
-# --- (b) the tied output layers ------------------------------------------------------------------
-
-def mrfr_loss_by_hand(model, batch, detach_head: bool = False) -> torch.Tensor:
-    """L_MRFR with the output layer written out: transform(h) @ W_f + b, W_f the Image
-    Embedder's feature weight (D, F); the masked regions read in row-major (b, n) order."""
-    T = batch["tokens"].shape[1]
-    h = model.encode(batch["tokens"], batch["features"], batch["locations"],
-                     batch["region_mask"], batch["region_masked"])
-    hidden = h[:, T:][batch["region_masked"]]  # (M, D)
-    weight = model.image_embeddings.feature.weight  # (D, F)
-    weight = weight.detach() if detach_head else weight
-    predicted = model.mrfr_transform(hidden) @ weight + model.mrfr_bias  # (M, F)
-    return ((predicted - batch["mrfr_targets"]) ** 2).mean()
-
-
-def mlm_loss_by_hand(model, batch, items, detach_head: bool = False) -> torch.Tensor:
-    """L_MLM with the output layer written out: transform(h) @ E_wordᵀ + b."""
-    B, T = batch["tokens"].shape
-    labels = torch.full((B, T), IGNORE)
-    for b, it in enumerate(items):
-        labels[b, :len(it["mlm_labels"])] = it["mlm_labels"]
-    h = model.encode(batch["tokens"], batch["features"], batch["locations"],
-                     batch["region_mask"])
-    hidden = h[:, :T][labels != IGNORE]  # (M, D)
-    weight = model.text_embeddings.word.weight  # (V, D)
-    weight = weight.detach() if detach_head else weight
-    logits = model.mlm_transform(hidden) @ weight.T + model.mlm_bias  # (M, V)
-    return F.cross_entropy(logits, labels[labels != IGNORE])
-
-
-@pytest.mark.parametrize("task", ["mrfr", "mlm"])
-def test_the_mlm_and_mrfr_output_layers_are_the_embedding_weights_themselves(world, tokenizer,
-                                                                            task):
-    config = small_config(tokenizer, **only(task))
-    batch, items = dataset_batch(world, tokenizer, config, B=6)
-    model = tiny_model(config).eval()
-    if task == "mrfr":
-        weight = model.image_embeddings.feature.weight
-        by_hand = lambda detach=False: mrfr_loss_by_hand(model, batch, detach)  # noqa: E731
-    else:
-        weight = model.text_embeddings.word.weight
-        by_hand = lambda detach=False: mlm_loss_by_hand(model, batch, items, detach)  # noqa: E731
-
-    # no other parameter holds a copy of the tied weight
-    for name, p in model.named_parameters():
-        if p is not weight and p.shape in (weight.shape, weight.T.shape):
-            assert not torch.equal(p, weight) and not torch.equal(p, weight.T), name
-
-    with torch.no_grad():
-        loss = model(batch)["loss"].item()
-        assert loss == pytest.approx(by_hand().item(), rel=1e-5)
-        weight.data.add_(0.5 * torch.randn_like(weight))  # edit the embedding in place...
-        edited = model(batch)["loss"].item()
-        assert edited == pytest.approx(by_hand().item(), rel=1e-5)  # ...the head follows
-        assert abs(edited - loss) > 1e-3 * loss
-
-    model.zero_grad()
-    model(batch)["loss"].backward()
-    through_model = weight.grad.clone()
-    through_both = torch.autograd.grad(by_hand(), weight)[0]
-    through_embedding_only = torch.autograd.grad(by_hand(detach=True), weight)[0]
-    assert torch.allclose(through_model, through_both, rtol=1e-4, atol=1e-7)
-    # the output layer's share of the gradient reaches the same Parameter
-    head_share = (through_model - through_embedding_only).norm()
-    assert head_share > 0.05 * through_model.norm()
 
 
 # --- (c) padding ---------------------------------------------------------------------------------
@@ -529,9 +466,9 @@ def test_real_positions_do_not_see_padding_in_the_encoder(world, tokenizer):
     assert len({len(it["tokens"]) for it in items}) > 1 and len({len(it["features"])
                                                                 for it in items}) > 1
     with torch.no_grad():
-        h = model._encode_batch(pad_batch(together, 3, 2))
+        h = model.encode_batch(pad_batch(together, 3, 2))
         for b, it in enumerate(items):
-            alone = model._encode_batch(uniter.collate_fn([it]))[0]  # no padding at all
+            alone = model.encode_batch(uniter.collate_fn([it]))[0]  # no padding at all
             length, n = len(it["tokens"]), len(it["features"])
             assert torch.allclose(h[b, :length], alone[:length], atol=1e-5)
             assert torch.allclose(h[b, T + 3:T + 3 + n], alone[length:], atol=1e-5)
@@ -549,6 +486,323 @@ def test_every_task_loss_is_unchanged_by_extra_padding(world, tokenizer, task):
     assert out.keys() == padded.keys()
     for key in out:
         assert padded[key].item() == pytest.approx(out[key].item(), rel=1e-4, abs=1e-6), key
+
+
+# --- (c) the optimizer ---------------------------------------------------------------------------
+
+def test_make_optimizer_scales_the_vqa_head_and_decays_only_matrices(tokenizer):
+    config = small_config(tokenizer, task="vqa", vqa_head_lr_mult=7.0, weight_decay=0.05)
+    model = tiny_model(config)
+    model.encoder.text_embeddings.position.weight.requires_grad_(False)  # frozen: in no group
+    optimizer = uniter.make_optimizer(model, config)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    groups = optimizer.param_groups
+    assert all(g["lr"] == config.lr and g["betas"] == (config.beta1, config.beta2)
+               for g in groups)
+    names = {id(p): name for name, p in model.named_parameters()}
+    listed = [id(p) for group in groups for p in group["params"]]
+    assert len(listed) == len(set(listed))  # each once
+    assert set(listed) == {id(p) for p in model.parameters() if p.requires_grad}
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
+             for p in m.parameters()}
+    for group in groups:
+        assert group["weight_decay"] in (0.0, 0.05)
+        for p in group["params"]:
+            name = names[id(p)]
+            assert group["lr_scale"] == (7.0 if name.startswith("heads.vqa.") else 1.0), name
+            if group["weight_decay"] > 0:
+                assert not name.endswith("bias") and id(p) not in norms, name
+                assert name != "encoder.image_embeddings.mask_vector"
+            else:
+                assert p.dim() < 2, name  # every matrix decays
+    assert any(group["lr_scale"] == 7.0 for group in groups)
+    torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                       for g in groups], lr=1e-3)  # a valid optimizer spec
+
+    pretrain = small_config(tokenizer, vqa_head_lr_mult=7.0)
+    assert {g["lr_scale"] for g in uniter.make_optimizer(tiny_model(pretrain),
+                                                         pretrain).param_groups} == {1.0}
+    assert uniter.after_optimizer_step(model) is None  # the hook is a no-op for UNITER
+
+
+def test_standardised_features_are_the_raw_ones_minus_the_training_mean_over_the_std(world,
+                                                                                   tokenizer):
+    config = small_config(tokenizer, standardise_features=True, **only("mlm"))
+    mean, std = feature_statistics(world.config)
+    train = World(world.config, "train")
+    raw = np.concatenate([train.example(i)["features"]
+                          for i in range(min(500, len(train)))])  # by hand
+    assert np.allclose(mean.numpy(), raw.mean(0), atol=1e-5)
+    assert np.allclose(std.numpy(), raw.std(0), rtol=1e-4)
+    item = uniter.UniterDataset(world, tokenizer, config)[3]
+    example = world.example(3)
+    n = len(item["features"])
+    expected = (torch.from_numpy(example["features"][:n]) - mean) / std
+    assert torch.allclose(item["features"], expected, atol=1e-5)
+    assert not torch.allclose(item["features"], torch.from_numpy(example["features"][:n]))
+    with pytest.raises(ValueError, match="world_config"):
+        uniter.retrieval_scores(tiny_model(config), tokenizer, config, [example, example])
+
+
+# --- (c) the contract and tasks by composition ---------------------------------------------------
+
+def test_the_contract_names_of_train_py():
+    assert uniter.TASKS[0] == "pretrain" and set(uniter.MAIN_METRIC) == set(uniter.TASKS)
+    assert uniter.INPUTS == "regions" and uniter.BERT_INIT is True
+    with pytest.raises(ValueError, match="task must be one of pretrain, retrieval, vqa"):
+        dataclasses.replace(uniter.Config.tiny(), task="captioning")
+    model = uniter.build_model(uniter.Config.tiny())
+    for name in ("text_embeddings", "layers", "pooler"):  # shared.bert.load_bert_encoder
+        assert hasattr(model.encoder, name), name
+    assert uniter.sample_captions(model, None, uniter.Config.tiny(), WORLD_CONFIG, "val", 3) == []
+
+
+def test_the_encoder_state_is_the_same_for_every_task_and_heads_hold_the_rest(tokenizer):
+    heads = {"pretrain": {"itm", "mlm", "mrfr", "mrc"}, "retrieval": {"itm"}, "vqa": {"vqa"}}
+    states = {}
+    for task in uniter.TASKS:
+        model = tiny_model(small_config(tokenizer, task=task))
+        assert set(model.heads) == heads[task], task
+        states[task] = model.state_dict()
+        assert all(k.startswith(("encoder.", "heads.")) for k in states[task])
+    encoder = [{k: v.shape for k, v in state.items() if not k.startswith("heads.")}
+               for state in states.values()]
+    assert encoder[0] == encoder[1] == encoder[2] and len(encoder[0]) > 0
+    # the tied output layers live in the encoder: the heads hold no copy of them
+    assert not any(k.endswith(("word.weight", "feature.weight")) for k in states["pretrain"]
+                   if k.startswith("heads."))
+
+
+def test_masked_modalities_is_conditional_masking_and_its_joint_ablation():
+    for conditional in (True, False):
+        assert uniter.masked_modalities("mlm", conditional) == (True, not conditional)
+        for task in ("mrfr", "mrc", "mrc_kl"):
+            assert uniter.masked_modalities(task, conditional) == (not conditional, True)
+        for task in ("itm", "retrieval", "vqa"):
+            assert uniter.masked_modalities(task, conditional) == (False, False)
+
+
+@pytest.mark.parametrize("task,fresh", [("pretrain", []), ("retrieval", []), ("vqa", ["vqa"])])
+def test_fine_tuning_from_pretraining_loads_the_encoder_and_the_itm_head(tokenizer, task, fresh):
+    pretrained = tiny_model(small_config(tokenizer), seed=1)
+    with torch.no_grad():
+        pretrained.heads["itm"].weight.add_(1.0)  # unlike any fresh initialisation
+    model = tiny_model(small_config(tokenizer, task=task), seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert load_weights(model, pretrained.state_dict()) == fresh
+    theirs = pretrained.state_dict()
+    for k, v in model.state_dict().items():
+        head = k.split(".")[1] if k.startswith("heads.") else None
+        expected = before[k] if head in fresh else theirs[k]
+        assert torch.equal(v, expected), k
+    if task == "retrieval":  # the rank head starts from the pre-trained ITM head
+        assert torch.equal(model.heads["itm"].weight, pretrained.heads["itm"].weight)
+
+
+# --- (b) the tied output layers ------------------------------------------------------------------
+
+def mrfr_loss_by_hand(model, batch, detach_head: bool = False) -> torch.Tensor:
+    """L_MRFR with the output layer written out: transform(h) @ W_f + b, W_f the Image
+    Embedder's feature weight (D, F); the masked regions read in row-major (b, n) order."""
+    T = batch["tokens"].shape[1]
+    h = model.encoder(batch["tokens"], batch["features"], batch["locations"],
+                     batch["region_mask"], batch["region_masked"])
+    hidden = h[:, T:][batch["region_masked"]]  # (M, D)
+    weight = model.encoder.image_embeddings.feature.weight  # (D, F)
+    weight = weight.detach() if detach_head else weight
+    predicted = model.heads["mrfr"].transform(hidden) @ weight + model.heads["mrfr"].bias  # (M, F)
+    return ((predicted - batch["mrfr_targets"]) ** 2).mean()
+
+
+def mlm_loss_by_hand(model, batch, items, detach_head: bool = False) -> torch.Tensor:
+    """L_MLM with the output layer written out: transform(h) @ E_wordᵀ + b."""
+    B, T = batch["tokens"].shape
+    labels = torch.full((B, T), IGNORE)
+    for b, it in enumerate(items):
+        labels[b, :len(it["mlm_labels"])] = it["mlm_labels"]
+    h = model.encoder(batch["tokens"], batch["features"], batch["locations"],
+                     batch["region_mask"])
+    hidden = h[:, :T][labels != IGNORE]  # (M, D)
+    weight = model.encoder.text_embeddings.word.weight  # (V, D)
+    weight = weight.detach() if detach_head else weight
+    logits = model.heads["mlm"].transform(hidden) @ weight.T + model.heads["mlm"].bias  # (M, V)
+    return F.cross_entropy(logits, labels[labels != IGNORE])
+
+
+@pytest.mark.parametrize("task", ["mrfr", "mlm"])
+def test_the_mlm_and_mrfr_output_layers_are_the_embedding_weights_themselves(world, tokenizer,
+                                                                            task):
+    config = small_config(tokenizer, **only(task))
+    batch, items = dataset_batch(world, tokenizer, config, B=6)
+    model = tiny_model(config).eval()
+    if task == "mrfr":
+        weight = model.encoder.image_embeddings.feature.weight
+        by_hand = lambda detach=False: mrfr_loss_by_hand(model, batch, detach)  # noqa: E731
+    else:
+        weight = model.encoder.text_embeddings.word.weight
+        by_hand = lambda detach=False: mlm_loss_by_hand(model, batch, items, detach)  # noqa: E731
+
+    # no other parameter holds a copy of the tied weight
+    for name, p in model.named_parameters():
+        if p is not weight and p.shape in (weight.shape, weight.T.shape):
+            assert not torch.equal(p, weight) and not torch.equal(p, weight.T), name
+
+    with torch.no_grad():
+        loss = model(batch)["loss"].item()
+        assert loss == pytest.approx(by_hand().item(), rel=1e-5)
+        weight.data.add_(0.5 * torch.randn_like(weight))  # edit the embedding in place...
+        edited = model(batch)["loss"].item()
+        assert edited == pytest.approx(by_hand().item(), rel=1e-5)  # ...the head follows
+        assert abs(edited - loss) > 1e-3 * loss
+
+    model.zero_grad()
+    model(batch)["loss"].backward()
+    through_model = weight.grad.clone()
+    through_both = torch.autograd.grad(by_hand(), weight)[0]
+    through_embedding_only = torch.autograd.grad(by_hand(detach=True), weight)[0]
+    assert torch.allclose(through_model, through_both, rtol=1e-4, atol=1e-7)
+    # the output layer's share of the gradient reaches the same Parameter
+    head_share = (through_model - through_embedding_only).norm()
+    assert head_share > 0.05 * through_model.norm()
+
+
+# --- (b) retrieval and VQA: the rank forward against a loop, evaluation ----------------------
+
+def test_forward_rank_trains_on_the_hardest_negatives_of_the_batch(world, tokenizer):
+    config = small_config(tokenizer, task="retrieval", hard_negatives=2, rank_margin=0.2)
+    batch, _ = dataset_batch(world, tokenizer, config, B=4)
+    model = tiny_model(config)
+    with torch.no_grad():
+        model.heads["itm"].weight.mul_(50)  # spread the scores so that the top-k is clear
+    model.train()
+    out = model(batch)
+    assert model.training  # forward_rank scores in eval mode, then gives the mode back
+    assert set(out) == {"loss", "rank"} and torch.isfinite(out["loss"]) and out["loss"] > 0
+
+    with torch.no_grad():  # S[i, t] = score of (image i, text t), by hand, one image at a time
+        B = 4
+        rows = []
+        for i in range(B):
+            rows.append(model.match_score(batch["tokens"], batch["features"][i:i + 1].expand(
+                B, -1, -1), batch["locations"][i:i + 1].expand(B, -1, -1),
+                batch["region_mask"][i:i + 1].expand(B, -1)))
+        S = torch.stack(rows)  # (B images, B texts)
+    sigmoid = torch.sigmoid
+    terms = []
+    for b in range(B):
+        wrong_images = sorted((i for i in range(B) if i != b), key=lambda i: -S[i, b])[:2]
+        wrong_texts = sorted((t for t in range(B) if t != b), key=lambda t: -S[b, t])[:2]
+        negatives = [S[i, b] for i in wrong_images] + [S[b, t] for t in wrong_texts]
+        terms += [max(0.0, (0.2 + sigmoid(n) - sigmoid(S[b, b])).item()) for n in negatives]
+    assert out["loss"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+
+    out["loss"].backward()
+    assert model.heads["itm"].weight.grad.abs().sum() > 0
+    assert model.encoder.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_retrieval_scores_are_the_match_score_of_every_image_text_pair(world, tokenizer):
+    config = small_config(tokenizer)
+    model = tiny_model(config).eval()
+    examples = [world.example(i) for i in range(5)]
+    scores = uniter.retrieval_scores(model, tokenizer, config, examples)
+    assert scores.shape == (5, 5)
+    with torch.no_grad():
+        for i, image in enumerate(examples):
+            r = uniter.region_inputs(image, config)
+            region_mask = torch.ones(1, len(r["features"]), dtype=torch.bool)
+            for t, text in enumerate(examples):
+                tokens = torch.tensor([tokenizer.encode(text["captions"][0], config.max_text_len)])
+                expected = model.match_score(tokens, r["features"][None], r["locations"][None],
+                                             region_mask)
+                assert scores[i, t].item() == pytest.approx(expected.item(), abs=1e-5), (i, t)
+    assert scores.std() > 0
+
+
+def test_match_score_is_the_itm_log_odds_which_ignores_what_softmax_cannot_see(world, tokenizer):
+    """itm_score log_odds: logit[1] - logit[0] of the ITM head, the log of p / (1 - p) for the
+    softmax probability p of "match". A direction added to BOTH rows of the head changes
+    neither the softmax nor the ITM loss; it moves the match logit alone ([code]'s score,
+    itm_score match_logit) but not the log-odds."""
+    config = small_config(tokenizer)
+    model = tiny_model(config).eval()
+    batch = uniter.collate_fn([uniter.UniterDataset(world, tokenizer, dataclasses.replace(
+        config, task="retrieval"))[i] for i in range(6)])
+    args = batch["tokens"], batch["features"], batch["locations"], batch["region_mask"]
+    with torch.no_grad():
+        logits = model.heads["itm"](model.encoder.pooler(model.encoder(*args)))  # (B, 2)
+        p = logits.softmax(-1)[:, 1]
+        score = model.match_score(*args)
+        assert torch.allclose(score, torch.log(p / (1 - p)), atol=1e-4)
+        before_match = logits[:, 1].clone()
+        shift = torch.randn(config.hidden_size)
+        model.heads["itm"].weight.add_(shift)  # the same direction added to both rows
+        model.heads["itm"].bias.add_(3.0)
+        assert torch.allclose(model.match_score(*args), score, atol=1e-4)  # log-odds: unmoved
+        model.config = dataclasses.replace(config, itm_score="match_logit")
+        moved = model.match_score(*args)
+        assert (moved - before_match).abs().min() > 0.1  # the match logit alone: moved
+    with pytest.raises(ValueError, match="itm_score"):
+        dataclasses.replace(config, itm_score="probability")
+
+
+def test_evaluate_pretrain_reports_recall_among_at_most_eval_pairs(tokenizer):
+    config = small_config(tokenizer, eval_pairs=8)
+    model = tiny_model(config).train()
+    metrics = uniter.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 20)
+    assert model.training  # the mode is given back
+    assert set(metrics) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                            "r1_mean"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["r1_mean"] == pytest.approx((metrics["i2t_r1"] + metrics["t2i_r1"]) / 2)
+    assert metrics["i2t_r10"] == metrics["t2i_r10"] == 1.0  # 8 candidates (eval_pairs), not 20
+    assert metrics[uniter.MAIN_METRIC["pretrain"]] == metrics["r1_mean"]
+
+
+def test_evaluate_vqa_reports_accuracy_per_question_type_and_with_regions_zeroed(tokenizer):
+    config = small_config(tokenizer, task="vqa")
+    model = tiny_model(config)
+    with torch.no_grad():  # an untrained model whose answers follow its inputs, regions included
+        for layer in model.encoder.layers:
+            layer.attn.v_proj.weight.mul_(30)
+            layer.attn.out_proj.weight.mul_(30)
+        model.heads["vqa"][3].weight.mul_(100)
+    val = World(WORLD_CONFIG, "val")
+    examples = [val.example(i) for i in range(6)]
+
+    def predict(zero: bool) -> list[str]:
+        answers = []
+        with torch.no_grad():
+            for example in examples:
+                r = uniter.region_inputs(example, config)
+                features, locations = r["features"][None], r["locations"][None]
+                if zero:
+                    features, locations = torch.zeros_like(features), torch.zeros_like(locations)
+                for question, _ in example["questions"]:
+                    tokens = torch.tensor([tokenizer.encode(question, config.max_text_len)])
+                    every = torch.ones(1, features.shape[1], dtype=torch.bool)
+                    logits = model.answer_logits(tokens, features, locations, every)
+                    answers.append(ANSWERS[logits.argmax().item()])
+        return answers
+
+    qa = [(q, a) for example in examples for q, a in example["questions"]]
+    predicted, blind = predict(False), predict(True)
+    right = [p == a for p, (_, a) in zip(predicted, qa)]
+    blind_right = [p == a for p, (_, a) in zip(blind, qa)]
+    assert len(set(predicted)) > 1 and sum(right) != sum(blind_right)  # the checks below bite
+
+    model.train()
+    metrics = uniter.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 6)
+    assert model.training
+    assert metrics["vqa_acc"] == pytest.approx(sum(right) / len(qa))
+    assert metrics["vqa_acc_regions_zeroed"] == pytest.approx(sum(blind_right) / len(qa))
+    kinds = Counter(question_type(q) for q, _ in qa)
+    assert {k for k in metrics if k not in ("vqa_acc", "vqa_acc_regions_zeroed")} == \
+        {f"vqa_acc_{kind}" for kind in kinds}
+    assert set(kinds) <= {"colour", "shape", "count", "exists", "relation"} and len(kinds) >= 3
+    for kind in kinds:
+        hits = [r for r, (q, _) in zip(right, qa) if question_type(q) == kind]
+        assert metrics[f"vqa_acc_{kind}"] == pytest.approx(sum(hits) / len(hits)), kind
 
 
 # --- (d) learning --------------------------------------------------------------------------------
@@ -580,7 +834,7 @@ def test_a_tiny_model_overfits_one_batch_of_each_task(world, tokenizer, task):
 
 def itm_accuracy(model, batch) -> float:
     with torch.no_grad():
-        logits = model.itm_head(model.pooler(model._encode_batch(batch)))  # (B, 2)
+        logits = model.heads["itm"](model.encoder.pooler(model.encode_batch(batch)))  # (B, 2)
     return ((logits[:, 1] > logits[:, 0]) == batch["is_match"]).float().mean().item()
 
 
@@ -626,216 +880,3 @@ def test_itm_learns_to_use_the_image_and_fails_when_regions_are_shuffled(world, 
                     "region_mask": batch["region_mask"][perm]}
         shuffled_accuracy.append(itm_accuracy(model.eval(), shuffled))
     assert sum(shuffled_accuracy) / 5 <= 0.75, shuffled_accuracy
-
-
-# --- (a, b) retrieval and VQA: losses against loops, the rank forward, evaluation ----------------
-
-def test_rank_hinge_loss_equals_a_loop_over_the_equation():
-    g = torch.Generator().manual_seed(0)
-    positive, negative = 2 * torch.randn(5, generator=g), 2 * torch.randn(5, 3, generator=g)
-    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    terms = [max(0.0, 0.3 + sigmoid(negative[b, k].item()) - sigmoid(positive[b].item()))
-             for b in range(5) for k in range(3)]
-    assert 0 < sum(t == 0 for t in terms) < len(terms)  # the hinge is both active and not
-    loss = uniter.rank_hinge_loss(positive, negative, margin=0.3)
-    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
-
-
-def test_vqa_loss_is_the_per_answer_binary_cross_entropy_summed_then_averaged_over_the_batch():
-    g = torch.Generator().manual_seed(0)
-    logits = 3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
-    scores = torch.rand(4, 6, generator=g, dtype=torch.float64)  # soft scores in [0, 1]
-    scores[0] = torch.tensor([0, 1, 0, 0, 0, 0])  # one right answer
-    total = 0.0
-    for b in range(4):
-        for a in range(6):
-            z, s = logits[b, a].item(), scores[b, a].item()
-            p = 1 / (1 + math.exp(-z))
-            total -= s * math.log(p) + (1 - s) * math.log(1 - p)
-    assert uniter.vqa_loss(logits, scores).item() == pytest.approx(total / 4, rel=1e-5)
-
-
-def test_forward_rank_trains_on_the_hardest_negatives_of_the_batch(world, tokenizer):
-    config = small_config(tokenizer, task="retrieval", hard_negatives=2, rank_margin=0.2)
-    batch, _ = dataset_batch(world, tokenizer, config, B=4)
-    model = tiny_model(config)
-    with torch.no_grad():
-        model.itm_head.weight.mul_(50)  # spread the scores so that the top-k is clear
-    model.train()
-    out = model(batch)
-    assert model.training  # forward_rank scores in eval mode, then gives the mode back
-    assert set(out) == {"loss", "rank"} and torch.isfinite(out["loss"]) and out["loss"] > 0
-
-    with torch.no_grad():  # S[i, t] = score of (image i, text t), by hand, one image at a time
-        B = 4
-        rows = []
-        for i in range(B):
-            rows.append(model.match_score(batch["tokens"], batch["features"][i:i + 1].expand(
-                B, -1, -1), batch["locations"][i:i + 1].expand(B, -1, -1),
-                batch["region_mask"][i:i + 1].expand(B, -1)))
-        S = torch.stack(rows)  # (B images, B texts)
-    sigmoid = torch.sigmoid
-    terms = []
-    for b in range(B):
-        wrong_images = sorted((i for i in range(B) if i != b), key=lambda i: -S[i, b])[:2]
-        wrong_texts = sorted((t for t in range(B) if t != b), key=lambda t: -S[b, t])[:2]
-        negatives = [S[i, b] for i in wrong_images] + [S[b, t] for t in wrong_texts]
-        terms += [max(0.0, (0.2 + sigmoid(n) - sigmoid(S[b, b])).item()) for n in negatives]
-    assert out["loss"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
-
-    out["loss"].backward()
-    assert model.itm_head.weight.grad.abs().sum() > 0
-    assert model.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
-
-
-def test_retrieval_scores_are_the_match_score_of_every_image_text_pair(world, tokenizer):
-    config = small_config(tokenizer)
-    model = tiny_model(config).eval()
-    examples = [world.example(i) for i in range(5)]
-    scores = uniter.retrieval_scores(model, tokenizer, config, examples)
-    assert scores.shape == (5, 5)
-    with torch.no_grad():
-        for i, image in enumerate(examples):
-            r = uniter.region_inputs(image, config)
-            region_mask = torch.ones(1, len(r["features"]), dtype=torch.bool)
-            for t, text in enumerate(examples):
-                tokens = torch.tensor([tokenizer.encode(text["captions"][0], config.max_text_len)])
-                expected = model.match_score(tokens, r["features"][None], r["locations"][None],
-                                             region_mask)
-                assert scores[i, t].item() == pytest.approx(expected.item(), abs=1e-5), (i, t)
-    assert scores.std() > 0
-
-
-def test_match_score_is_the_itm_log_odds_which_ignores_what_softmax_cannot_see(world, tokenizer):
-    """itm_score log_odds: logit[1] - logit[0] of the ITM head, the log of p / (1 - p) for the
-    softmax probability p of "match". A direction added to BOTH rows of the head changes
-    neither the softmax nor the ITM loss; it moves the match logit alone ([code]'s score,
-    itm_score match_logit) but not the log-odds."""
-    config = small_config(tokenizer)
-    model = tiny_model(config).eval()
-    batch = uniter.collate_fn([uniter.UniterDataset(world, tokenizer, dataclasses.replace(
-        config, task="retrieval"))[i] for i in range(6)])
-    args = batch["tokens"], batch["features"], batch["locations"], batch["region_mask"]
-    with torch.no_grad():
-        logits = model.itm_head(model.pooler(model.encode(*args)))  # (B, 2)
-        p = logits.softmax(-1)[:, 1]
-        score = model.match_score(*args)
-        assert torch.allclose(score, torch.log(p / (1 - p)), atol=1e-4)
-        before_match = logits[:, 1].clone()
-        shift = torch.randn(config.hidden_size)
-        model.itm_head.weight.add_(shift)  # the same direction added to both rows
-        model.itm_head.bias.add_(3.0)
-        assert torch.allclose(model.match_score(*args), score, atol=1e-4)  # log-odds: unmoved
-        model.config = dataclasses.replace(config, itm_score="match_logit")
-        moved = model.match_score(*args)
-        assert (moved - before_match).abs().min() > 0.1  # the match logit alone: moved
-    with pytest.raises(ValueError, match="itm_score"):
-        dataclasses.replace(config, itm_score="probability")
-
-
-def test_evaluate_pretrain_reports_recall_among_at_most_eval_pairs(tokenizer):
-    config = small_config(tokenizer, eval_pairs=8)
-    model = tiny_model(config).train()
-    metrics = uniter.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 20)
-    assert model.training  # the mode is given back
-    assert set(metrics) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-                            "r1_mean"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    assert metrics["r1_mean"] == pytest.approx((metrics["i2t_r1"] + metrics["t2i_r1"]) / 2)
-    assert metrics["i2t_r10"] == metrics["t2i_r10"] == 1.0  # 8 candidates (eval_pairs), not 20
-    assert metrics[uniter.MAIN_METRIC["pretrain"]] == metrics["r1_mean"]
-
-
-def test_evaluate_vqa_reports_accuracy_per_question_type_and_with_regions_zeroed(tokenizer):
-    config = small_config(tokenizer, task="vqa")
-    model = tiny_model(config)
-    with torch.no_grad():  # an untrained model whose answers follow its inputs, regions included
-        for layer in model.layers:
-            layer.attn.v_proj.weight.mul_(30)
-            layer.attn.out_proj.weight.mul_(30)
-        model.vqa_head.fc2.weight.mul_(100)
-    val = World(WORLD_CONFIG, "val")
-    examples = [val.example(i) for i in range(6)]
-
-    def predict(zero: bool) -> list[str]:
-        answers = []
-        with torch.no_grad():
-            for example in examples:
-                r = uniter.region_inputs(example, config)
-                features, locations = r["features"][None], r["locations"][None]
-                if zero:
-                    features, locations = torch.zeros_like(features), torch.zeros_like(locations)
-                for question, _ in example["questions"]:
-                    tokens = torch.tensor([tokenizer.encode(question, config.max_text_len)])
-                    every = torch.ones(1, features.shape[1], dtype=torch.bool)
-                    logits = model.answer_logits(tokens, features, locations, every)
-                    answers.append(ANSWERS[logits.argmax().item()])
-        return answers
-
-    qa = [(q, a) for example in examples for q, a in example["questions"]]
-    predicted, blind = predict(False), predict(True)
-    right = [p == a for p, (_, a) in zip(predicted, qa)]
-    blind_right = [p == a for p, (_, a) in zip(blind, qa)]
-    assert len(set(predicted)) > 1 and sum(right) != sum(blind_right)  # the checks below bite
-
-    model.train()
-    metrics = uniter.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 6)
-    assert model.training
-    assert metrics["vqa_acc"] == pytest.approx(sum(right) / len(qa))
-    assert metrics["vqa_acc_regions_zeroed"] == pytest.approx(sum(blind_right) / len(qa))
-    kinds = Counter(uniter.question_type(q) for q, _ in qa)
-    assert {k for k in metrics if k not in ("vqa_acc", "vqa_acc_regions_zeroed")} == \
-        {f"vqa_acc_{kind}" for kind in kinds}
-    assert set(kinds) <= {"colour", "shape", "count", "exists", "relation"} and len(kinds) >= 3
-    for kind in kinds:
-        hits = [r for r, (q, _) in zip(right, qa) if uniter.question_type(q) == kind]
-        assert metrics[f"vqa_acc_{kind}"] == pytest.approx(sum(hits) / len(hits)), kind
-
-
-# --- (c) the AdamW parameter groups --------------------------------------------------------------
-
-def test_param_groups_scale_the_vqa_head_and_decay_only_matrices(tokenizer):
-    config = small_config(tokenizer, task="vqa", vqa_head_lr_mult=7.0, weight_decay=0.05)
-    model = tiny_model(config)
-    model.text_embeddings.position.weight.requires_grad_(False)  # frozen: in no group
-    groups = uniter.param_groups(model, config)
-    names = {id(p): name for name, p in model.named_parameters()}
-    listed = [id(p) for group in groups for p in group["params"]]
-    assert len(listed) == len(set(listed))  # each once
-    assert set(listed) == {id(p) for p in model.parameters() if p.requires_grad}
-    norms = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
-             for p in m.parameters()}
-    for group in groups:
-        assert group["weight_decay"] in (0.0, 0.05)
-        for p in group["params"]:
-            name = names[id(p)]
-            assert group["lr_scale"] == (7.0 if name.startswith("vqa_head.") else 1.0), name
-            if group["weight_decay"] > 0:
-                assert not name.endswith("bias") and id(p) not in norms, name
-                assert name != "image_embeddings.mask_vector"
-            else:
-                assert p.dim() < 2, name  # every matrix decays
-    assert any(group["lr_scale"] == 7.0 for group in groups)
-    torch.optim.AdamW(groups, lr=1e-3)  # a valid optimizer spec
-
-    pretrain = small_config(tokenizer, vqa_head_lr_mult=7.0)
-    assert {g["lr_scale"] for g in uniter.param_groups(tiny_model(pretrain), pretrain)} == {1.0}
-
-
-def test_standardised_features_are_the_raw_ones_minus_the_training_mean_over_the_std(world,
-                                                                                   tokenizer):
-    config = small_config(tokenizer, standardise_features=True, **only("mlm"))
-    mean, std = uniter.feature_statistics(world.config)
-    train = uniter.World(world.config, "train")
-    raw = np.concatenate([train.example(i)["features"]
-                          for i in range(min(500, len(train)))])  # by hand
-    assert np.allclose(mean.numpy(), raw.mean(0), atol=1e-5)
-    assert np.allclose(std.numpy(), raw.std(0), rtol=1e-4)
-    item = uniter.UniterDataset(world, tokenizer, config)[3]
-    example = world.example(3)
-    n = len(item["features"])
-    expected = (torch.from_numpy(example["features"][:n]) - mean) / std
-    assert torch.allclose(item["features"], expected, atol=1e-5)
-    assert not torch.allclose(item["features"], torch.from_numpy(example["features"][:n]))
-    with pytest.raises(ValueError, match="world_config"):
-        uniter.retrieval_scores(tiny_model(config), tokenizer, config, [example, example])

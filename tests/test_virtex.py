@@ -1,9 +1,11 @@
-"""virtex.py: the ResNet-50 against torchvision's parameter count, weight sharing between the two
-textual heads, causality, caption reversal, the losses by hand (bicaptioning, token
-classification, masked LM), the augmentation's caption swap, and a tiny model that learns.
+"""virtex.py: the ResNet-50 against torchvision's parameter count, the heads by pretext (the
+encoder's state dict never depends on it; load_weights carries over every shared head), the
+contract names, caption reversal and masked-LM masks, causality, weight sharing between the two
+directions, the key/value cache, and a tiny model that learns. The loss math is in
+tests/test_losses_virtex.py.
 
-Kinds (STYLE.md §14): (a) loss math by hand and by loops; (c) shapes, masks, causality;
-(d) learning. The models here are small: the file runs in seconds on a laptop CPU.
+Kinds (STYLE.md §14), in this order: (c) shapes; masks; causality; (b) equivalence; (d) learning
+and the downstream evaluation. The models here are small: the file runs in seconds on a laptop CPU.
 """
 
 import dataclasses
@@ -12,14 +14,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import virtex
-from virtex import (Config, ResNet, VirTex, bicaptioning_loss, captioning_loss, mask_tokens,
-                    masked_lm_loss, reverse_captions, token_classification_loss)
+from shared.checkpoint import load_weights
+from virtex import Config, ResNet, VirTex, captioning_loss, mask_tokens, reverse_captions
 
 SOS, EOS, MASK = 2, 3, 4  # shared.tokenizer's [CLS], [SEP], [MASK]; [PAD] = 0, [UNK] = 1
 SPECIAL = {0, 1, 2, 3, 4}
+HEADS = {"bicaptioning": {"textual", "backward"}, "captioning": {"textual"},
+         "masked_lm": {"textual"}, "token_classification": {"token_classification"}}
 
 
 def small_config(**overrides) -> Config:
@@ -47,7 +50,7 @@ def model_for(config: Config, seed: int = 0) -> VirTex:
     return virtex.build_model(config).eval()
 
 
-# --- (c) the visual backbone -------------------------------------------------------------------
+# --- (c) shapes: the visual backbone -----------------------------------------------------------
 
 def test_resnet50_has_torchvision_parameter_count_without_fc():
     with torch.device("meta"):
@@ -77,162 +80,50 @@ def test_resnet_uses_torchvision_parameter_names_and_zero_init_residual():
             assert torch.all(block.bn1.weight == 1)
 
 
-# --- (c) the textual heads: sharing, causality, reversal ---------------------------------------
+# --- (c) shapes: heads by pretext, the contract, config, optimizer ------------------------------
 
-def test_backward_head_has_its_own_transformer_that_starts_equal_and_shares_the_rest():
+@pytest.mark.parametrize("pretext", virtex.PRETEXTS)
+def test_each_pretext_adds_its_heads_and_the_encoder_state_dict_never_changes(pretext):
+    model = model_for(small_config(pretext=pretext))
+    assert set(model.heads) == HEADS[pretext]
+    encoder = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    resnet = ResNet(small_config()).state_dict()
+    assert encoder == {"visual." + k: v.shape for k, v in resnet.items()}  # the ResNet alone
+    assert all(k.startswith(("visual.", "heads.")) for k in model.state_dict())
+
+
+@pytest.mark.parametrize("source, target, fresh", [
+    ("bicaptioning", "captioning", []),  # the forward direction and its shared parts
+    ("captioning", "bicaptioning", ["backward"]),
+    ("masked_lm", "captioning", []),  # the same decoder, run with the causal mask
+    ("bicaptioning", "token_classification", ["token_classification"]),
+    ("token_classification", "bicaptioning", ["backward", "textual"]),
+])
+def test_load_weights_carries_every_shared_head_across_pretexts(source, target, fresh):
+    """Fine-tuning with another pretext (train.py --init): the ResNet loads strictly, and every
+    head both pretexts have loads, so every tensor the two models share by name transfers."""
+    trained = model_for(small_config(pretext=source), seed=1).state_dict()
+    model = model_for(small_config(pretext=target), seed=2)
+    assert load_weights(model, trained) == fresh
+    own = model.state_dict()
+    shared_keys = set(own) & set(trained)
+    assert any(k.startswith("visual.") for k in shared_keys)
+    for k in shared_keys:
+        assert torch.equal(own[k], trained[k]), k
+    for k in own.keys() - trained.keys():
+        assert k.split(".")[1] in fresh, k  # what the checkpoint lacks is in a fresh head
+
+
+def test_the_contract_names():
+    assert virtex.TASKS == ("pretrain",) and set(virtex.MAIN_METRIC) == set(virtex.TASKS)
+    assert virtex.MAIN_METRIC["pretrain"] == "linear_probe_acc"
+    assert virtex.INPUTS == "pixels" and virtex.BERT_INIT is False
+    assert Config.tiny().task == "pretrain"
     model = model_for(small_config())
-    assert model.backward_head is not model.forward_head
-    forward_params = dict(model.forward_head.named_parameters())
-    for name, p in model.backward_head.named_parameters():
-        assert p is not forward_params[name] and torch.equal(p, forward_params[name]), name
-    # shared modules: one object each, used by both directions
-    assert model.output.weight is model.embedding.words.weight  # tied, with its own bias
-    assert not hasattr(model, "backward_embedding") and not hasattr(model, "backward_output")
-    # the backward loss alone trains the shared parts and the backward transformer only
-    model.train()
-    batch = make_batch(model.config)
-    visual = model.visual_tokens(batch["images"])
-    backward_tokens = reverse_captions(batch["tokens"])
-    captioning_loss(model.logits(model.backward_head, backward_tokens, visual),
-                    backward_tokens).backward()
-    assert model.embedding.words.weight.grad.abs().sum() > 0
-    assert model.visual_projection.weight.grad.abs().sum() > 0
-    assert model.output.bias.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.forward_head.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert virtex.after_optimizer_step(model) is None  # a no-op
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-
-def test_changing_token_t_plus_1_leaves_logits_up_to_t_unchanged():
-    model = model_for(small_config())
-    batch = make_batch(model.config, B=2, T=8)
-    visual = model.visual_tokens(batch["images"])
-    with torch.no_grad():
-        before = model.logits(model.forward_head, batch["tokens"], visual)
-        for t in range(1, 6):
-            changed = batch["tokens"].clone()
-            changed[:, t + 1] = 7 + t
-            after = model.logits(model.forward_head, changed, visual)
-            assert torch.allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-5), t
-            assert not torch.allclose(before[:, t + 1:], after[:, t + 1:], atol=1e-5), t
-        # the masked-LM decoder is bidirectional: the past does move
-        after = model.logits(model.forward_head, changed, visual, causal=False)
-        before = model.logits(model.forward_head, batch["tokens"], visual, causal=False)
-        assert not torch.allclose(before[:, :6], after[:, :6], atol=1e-5)
-
-
-def test_changing_the_image_changes_the_caption_logits():
-    model = model_for(small_config())
-    batch = make_batch(model.config, B=2)
-    with torch.no_grad():
-        a = model.logits(model.forward_head, batch["tokens"], model.visual_tokens(batch["images"]))
-        b = model.logits(model.forward_head, batch["tokens"],
-                         model.visual_tokens(batch["images"].flip(0)))
-    assert (a - b).abs().max() > 1e-6  # small at initialisation (N(0, 0.02)), but there
-
-
-def test_reverse_captions_flips_each_caption_before_padding():
-    tokens = torch.tensor([[SOS, 10, 11, EOS, 0, 0],
-                           [SOS, 12, EOS, 0, 0, 0],
-                           [SOS, 13, 14, 15, 16, EOS]])
-    expected = torch.tensor([[EOS, 11, 10, SOS, 0, 0],
-                             [EOS, 12, SOS, 0, 0, 0],
-                             [EOS, 16, 15, 14, 13, SOS]])
-    assert torch.equal(reverse_captions(tokens), expected)
-    assert torch.equal(reverse_captions(reverse_captions(tokens)), tokens)
-
-
-def test_embeddings_at_pads_are_zero():
-    model = model_for(small_config())
-    tokens = torch.tensor([[SOS, 9, EOS, 0, 0]])
-    x = model.embedding(tokens)
-    assert torch.all(x[0, 3:] == 0) and torch.all(x[0, :3].abs().sum(-1) > 0)
-
-
-# --- (a) loss math -----------------------------------------------------------------------------
-
-def test_captioning_loss_by_hand_on_a_two_token_caption():
-    """[SOS] a: one target; logits at position 0 are (0, log 3, 0, 0) -> p(a = 1) = 3/6."""
-    logits = torch.zeros(1, 2, 4)
-    logits[0, 0, 1] = math.log(3.0)
-    logits[0, 1] = torch.randn(4)  # position 1 predicts nothing: no target after it
-    tokens = torch.tensor([[2, 1]])
-    assert captioning_loss(logits, tokens).item() == pytest.approx(-math.log(0.5), abs=1e-6)
-    # bicaptioning: backward tokens [a, SOS] = [1, 2]; p(SOS | a) from backward logits at 0
-    backward_logits = torch.zeros(1, 2, 4)
-    backward_logits[0, 0, 2] = math.log(7.0)  # p = 7/10
-    loss = bicaptioning_loss(logits, backward_logits, tokens, reverse_captions(tokens))
-    assert loss.item() == pytest.approx(-math.log(0.5) - math.log(0.7), abs=1e-6)
-
-
-def test_captioning_loss_ignores_pads_and_equals_the_loop_version():
-    torch.manual_seed(0)
-    tokens = torch.tensor([[SOS, 7, 8, EOS, 0, 0], [SOS, 9, EOS, 0, 0, 0]])
-    logits = torch.randn(2, 6, 12)
-    total, count = 0.0, 0
-    for b in range(2):
-        for t in range(1, 6):
-            if tokens[b, t] != 0:
-                total -= logits[b, t - 1].log_softmax(-1)[tokens[b, t]].item()
-                count += 1
-    assert captioning_loss(logits, tokens).item() == pytest.approx(total / count, abs=1e-5)
-    changed = logits.clone()
-    changed[0, 3:] += 5 * torch.randn(3, 12)  # positions whose targets are pads
-    changed[1, 2:] += 5 * torch.randn(4, 12)
-    assert torch.allclose(captioning_loss(changed, tokens), captioning_loss(logits, tokens))
-
-
-def test_token_classification_loss_by_hand_loop_and_empty_label_sets():
-    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]]))
-    targets = torch.tensor([[0, 1, 0, 1], [0, 0, 0, 0]])  # row 1: an empty label set
-    # row 0: -(log 2/10 + log 4/10) / 2; row 1 left out of the mean
-    expected = -(math.log(0.2) + math.log(0.4)) / 2
-    loss = token_classification_loss(logits, targets)
-    assert torch.isfinite(loss) and loss.item() == pytest.approx(expected, abs=1e-6)
-    empty = token_classification_loss(logits, torch.zeros_like(targets, dtype=torch.float))
-    assert empty.item() == 0.0  # kdexd/virtex #28 gave NaN here
-    # loop version over random rows
-    torch.manual_seed(0)
-    logits, targets = torch.randn(5, 9), (torch.rand(5, 9) < 0.3).float()
-    targets[2] = 0
-    rows = []
-    for b in range(5):
-        labels = targets[b].nonzero().flatten().tolist()
-        if labels:
-            rows.append(-sum(logits[b].log_softmax(-1)[v].item() for v in labels) / len(labels))
-    assert token_classification_loss(logits, targets).item() == pytest.approx(
-        sum(rows) / len(rows), abs=1e-5)
-
-
-def test_mask_tokens_masks_15_percent_of_ordinary_tokens_and_labels_them():
-    tokens = [SOS] + list(range(10, 30)) + [EOS]  # 20 ordinary tokens
-    inputs, labels = mask_tokens(tokens, np.random.default_rng(0), MASK, 100, SPECIAL, 0.15)
-    chosen = [i for i, label in enumerate(labels) if label != 0]
-    assert len(chosen) == math.ceil(0.15 * 20) == 3
-    assert all(labels[i] == tokens[i] for i in chosen)
-    assert inputs[0] == SOS and inputs[-1] == EOS and labels[0] == labels[-1] == 0
-    assert all(inputs[i] == tokens[i] for i in range(len(tokens)) if i not in chosen)
-    # over many draws about 80 % of the chosen positions become [MASK], none a special token
-    rng, n_mask, n_chosen = np.random.default_rng(1), 0, 0
-    for _ in range(300):
-        inputs, labels = mask_tokens(tokens, rng, MASK, 100, SPECIAL, 0.15)
-        for i, label in enumerate(labels):
-            if label:
-                n_chosen += 1
-                n_mask += inputs[i] == MASK
-                assert inputs[i] == MASK or inputs[i] not in SPECIAL
-    assert 0.74 < n_mask / n_chosen < 0.86
-    # a caption with no ordinary token: nothing to mask, nothing to predict
-    assert mask_tokens([SOS, EOS], rng, MASK, 100, SPECIAL) == ([SOS, EOS], [0, 0])
-
-
-def test_masked_lm_loss_counts_only_labelled_positions():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 4, 6)
-    labels = torch.tensor([[0, 5, 0, 2]])
-    expected = -(logits[0, 1].log_softmax(-1)[5] + logits[0, 3].log_softmax(-1)[2]) / 2
-    assert masked_lm_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
-
-
-# --- (c) the pretexts, config, optimizer -------------------------------------------------------
 
 @pytest.mark.parametrize("pretext, terms", [("bicaptioning", {"loss", "forward", "backward"}),
                                             ("captioning", {"loss"}),
@@ -256,7 +147,14 @@ def test_every_pretext_runs_forward_and_backward(pretext, terms):
         assert losses["loss"].item() == pytest.approx(
             losses["forward"].item() + losses["backward"].item(), rel=1e-6)
     if pretext == "captioning":
-        assert not hasattr(model, "backward_head")
+        assert "backward" not in model.heads
+
+
+def test_embeddings_at_pads_are_zero():
+    model = model_for(small_config())
+    tokens = torch.tensor([[SOS, 9, EOS, 0, 0]])
+    x = model.heads["textual"].embedding(tokens)
+    assert torch.all(x[0, 3:] == 0) and torch.all(x[0, :3].abs().sum(-1) > 0)
 
 
 def test_paper_config_is_r50_l1_h2048_with_the_section_3_3_recipe():
@@ -271,6 +169,7 @@ def test_paper_config_is_r50_l1_h2048_with_the_section_3_3_recipe():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(pretext="simclr"), "pretext must be one of"),
+    (dict(task="vqa"), "task must be one of pretrain"),
     (dict(hidden_size=100, heads=3), "not divisible by heads"),
     (dict(resnet_blocks=(1, 1, 1)), "resnet_blocks"),
     (dict(image_size=16, stem_stride=2), "too small"),
@@ -288,42 +187,54 @@ def test_optimizer_gives_the_cnn_its_own_learning_rate_and_no_decay_on_head_norm
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
     assert isinstance(virtex.make_optimizer(model, small_config()), torch.optim.AdamW)  # tiny
     by_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    textual = model.heads["textual"]
     cnn_group = by_param[id(model.visual.conv1.weight)]
     assert cnn_group["lr_scale"] * config.lr == pytest.approx(config.cnn_lr)
     assert by_param[id(model.visual.bn1.weight)]["weight_decay"] == config.weight_decay
-    assert by_param[id(model.embedding.norm.weight)]["weight_decay"] == 0.0
-    assert by_param[id(model.visual_projection.weight)]["lr_scale"] == 1.0
+    assert by_param[id(textual.embedding.norm.weight)]["weight_decay"] == 0.0
+    assert by_param[id(textual.visual_projection.weight)]["lr_scale"] == 1.0
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    # [code]'s NO_DECAY regex: both Transformers' norms and biases; not the projection's or
+    # the output layer's bias
+    backward_norm = model.heads["backward"].layers[0].mlp_norm.weight
+    assert by_param[id(backward_norm)]["weight_decay"] == 0.0
+    assert by_param[id(textual.output.bias)]["weight_decay"] == config.weight_decay
+    assert by_param[id(textual.visual_projection.bias)]["weight_decay"] == config.weight_decay
 
 
-# --- (d) learning, generation, the world -------------------------------------------------------
+# --- masks: caption reversal, masked-LM inputs, the flip's caption swap -------------------------
 
-def test_a_tiny_model_overfits_one_batch():
-    config = small_config(dropout=0.0, optimizer="adamw", lr=3e-3, cnn_lr=3e-3)
-    model = model_for(config).train()
-    batch = make_batch(config)
-    optimizer = virtex.make_optimizer(model, config)
-    first = None
-    for _ in range(150):
-        losses = model(batch)
-        first = first or losses["loss"].item()
-        optimizer.zero_grad()
-        losses["loss"].backward()
-        optimizer.step()
-    assert losses["loss"].item() < 0.1 * first, (first, losses["loss"].item())
+def test_reverse_captions_flips_each_caption_before_padding():
+    tokens = torch.tensor([[SOS, 10, 11, EOS, 0, 0],
+                           [SOS, 12, EOS, 0, 0, 0],
+                           [SOS, 13, 14, 15, 16, EOS]])
+    expected = torch.tensor([[EOS, 11, 10, SOS, 0, 0],
+                             [EOS, 12, SOS, 0, 0, 0],
+                             [EOS, 16, 15, 14, 13, SOS]])
+    assert torch.equal(reverse_captions(tokens), expected)
+    assert torch.equal(reverse_captions(reverse_captions(tokens)), tokens)
 
 
-def test_generation_starts_with_sos_and_needs_a_captioning_pretext():
-    config = small_config()
-    model = model_for(config)
-    images = make_batch(config, B=3)["images"]
-    for method in ("beam", "greedy", "nucleus"):
-        out = model.generate(images, SOS, EOS, max_len=6, method=method, beam_size=3,
-                             generator=torch.Generator().manual_seed(0))
-        assert out.shape[0] == 3 and out.shape[1] <= 6 and torch.all(out[:, 0] == SOS), method
-        assert out.max() < config.vocab_size
-    with pytest.raises(ValueError, match="no left-to-right decoder"):
-        model_for(small_config(pretext="token_classification")).generate(images, SOS, EOS)
+def test_mask_tokens_masks_15_percent_of_ordinary_tokens_and_labels_them():
+    tokens = [SOS] + list(range(10, 30)) + [EOS]  # 20 ordinary tokens
+    inputs, labels = mask_tokens(tokens, np.random.default_rng(0), MASK, 100, SPECIAL, 0.15)
+    chosen = [i for i, label in enumerate(labels) if label != 0]
+    assert len(chosen) == math.ceil(0.15 * 20) == 3
+    assert all(labels[i] == tokens[i] for i in chosen)
+    assert inputs[0] == SOS and inputs[-1] == EOS and labels[0] == labels[-1] == 0
+    assert all(inputs[i] == tokens[i] for i in range(len(tokens)) if i not in chosen)
+    # over many draws about 80 % of the chosen positions become [MASK], none a special token
+    rng, n_mask, n_chosen = np.random.default_rng(1), 0, 0
+    for _ in range(300):
+        inputs, labels = mask_tokens(tokens, rng, MASK, 100, SPECIAL, 0.15)
+        for i, label in enumerate(labels):
+            if label:
+                n_chosen += 1
+                n_mask += inputs[i] == MASK
+                assert inputs[i] == MASK or inputs[i] not in SPECIAL
+    assert 0.74 < n_mask / n_chosen < 0.86
+    # a caption with no ordinary token: nothing to mask, nothing to predict
+    assert mask_tokens([SOS, EOS], rng, MASK, 100, SPECIAL) == ([SOS, EOS], [0, 0])
 
 
 def test_dataset_flip_swaps_left_and_right_as_whole_words():
@@ -351,47 +262,78 @@ def test_dataset_flip_swaps_left_and_right_as_whole_words():
     assert torch.allclose(item["image"], unflipped["image"].flip(-1), atol=1e-5)
 
 
-def test_evaluate_reports_probe_random_baseline_and_captions():
-    from shared.tokenizer import Tokenizer
-    from shared.world import World, WorldConfig
+# --- causality ---------------------------------------------------------------------------------
 
-    world_config = WorldConfig(seed=0, image_size=32)
-    world = World(world_config, "train")
-    tokenizer = Tokenizer.train([c for i in range(50) for c in world.example(i)["captions"]],
-                                vocab_size=200)
-    config = small_config(vocab_size=tokenizer.vocab_size, max_text_len=20, beam_size=2)
-    model = model_for(config).train()
-    rng_before = torch.random.get_rng_state()
-    metrics = virtex.evaluate(model, tokenizer, config, world_config, "val", 12)
-    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the random baseline forks
-    assert model.training
-    for key in ["linear_probe_acc", "linear_probe_acc_random", "caption_truth",
-                "caption_truth_baseline", "bleu4", "cider"]:
-        assert 0.0 <= metrics[key] <= (10.0 if key == "cider" else 1.0), key
-    samples = virtex.sample_captions(model.eval(), tokenizer, config, world_config, "val", 2)
-    assert len(samples) == 2 and all(isinstance(g, str) for g, _ in samples)
-    config = dataclasses.replace(config, pretext="token_classification")
-    metrics = virtex.evaluate(model_for(config), tokenizer, config, world_config, "val", 12)
-    assert set(metrics) == {"linear_probe_acc", "linear_probe_acc_random"}
+def test_changing_token_t_plus_1_leaves_logits_up_to_t_unchanged():
+    model = model_for(small_config())
+    batch = make_batch(model.config, B=2, T=8)
+    textual = model.heads["textual"]
+    visual = model.visual_tokens(batch["images"])
+    with torch.no_grad():
+        before = textual.logits(batch["tokens"], visual)
+        for t in range(1, 6):
+            changed = batch["tokens"].clone()
+            changed[:, t + 1] = 7 + t
+            after = textual.logits(changed, visual)
+            assert torch.allclose(before[:, : t + 1], after[:, : t + 1], atol=1e-5), t
+            assert not torch.allclose(before[:, t + 1:], after[:, t + 1:], atol=1e-5), t
+        # the masked-LM decoder is bidirectional: the past does move
+        after = textual.logits(changed, visual, causal=False)
+        before = textual.logits(batch["tokens"], visual, causal=False)
+        assert not torch.allclose(before[:, :6], after[:, :6], atol=1e-5)
 
 
-def test_train_py_runs_virtex_and_writes_the_issue_keys(tmp_path):
-    import json
+def test_changing_the_image_changes_the_caption_logits():
+    model = model_for(small_config())
+    batch = make_batch(model.config, B=2)
+    textual = model.heads["textual"]
+    with torch.no_grad():
+        a = textual.logits(batch["tokens"], model.visual_tokens(batch["images"]))
+        b = textual.logits(batch["tokens"], model.visual_tokens(batch["images"].flip(0)))
+    assert (a - b).abs().max() > 1e-6  # small at initialisation (N(0, 0.02)), but there
 
-    import train
 
-    args = ["--model", "virtex", "--preset", "tiny", "--batch_size", "4", "--image_size", "32",
-            "--resnet_width", "4", "--hidden_size", "32", "--heads", "2", "--feedforward_size",
-            "64", "--max_text_len", "16", "--vocab_size", "200", "--tokenizer_texts", "50",
-            "--num_workers", "0", "--log_every_s", "0", "--final_n", "12", "--max_steps", "3",
-            "--warmup_steps", "1", "--beam_size", "2", "--out", str(tmp_path)]
-    run, paper, overrides = train.parse_args(args)
-    lines = []
-    final = train.train(run, paper, overrides, log=lines.append)
-    assert any(line.startswith("step 3/3") and "forward" in line for line in lines)
-    saved = json.loads((tmp_path / "final.json").read_text())
-    for key in ["linear_probe_acc", "linear_probe_acc_random", "caption_truth", "cider"]:
-        assert key in saved and saved[key] == final[key]
+# --- (b) equivalence: weight sharing, the composite, the key/value cache ------------------------
+
+def test_backward_head_has_its_own_transformer_that_starts_equal_and_shares_the_rest():
+    model = model_for(small_config())
+    textual, backward_head = model.heads["textual"], model.heads["backward"]
+    assert backward_head is not textual.transformer
+    forward_params = dict(textual.transformer.named_parameters())
+    for name, p in backward_head.named_parameters():
+        assert p is not forward_params[name] and torch.equal(p, forward_params[name]), name
+    # shared modules: one object each, used by both directions
+    assert textual.output.weight is textual.embedding.words.weight  # tied, with its own bias
+    assert set(dict(backward_head.named_children())) == {"layers"}  # no embedding, no output
+    # the backward loss alone trains the shared parts and the backward transformer only
+    model.train()
+    batch = make_batch(model.config)
+    visual = model.visual_tokens(batch["images"])
+    backward_tokens = reverse_captions(batch["tokens"])
+    captioning_loss(textual.logits(backward_tokens, visual, transformer=backward_head),
+                    backward_tokens).backward()
+    assert textual.embedding.words.weight.grad.abs().sum() > 0
+    assert textual.visual_projection.weight.grad.abs().sum() > 0
+    assert textual.output.bias.grad.abs().sum() > 0
+    assert all(p.grad is None for p in textual.transformer.parameters())
+
+
+def test_the_model_returns_the_bicaptioning_composite(monkeypatch):
+    """VirTex.forward's loss is bicaptioning_loss(L_f, L_b), not a sum of its own."""
+    config = small_config()
+    model = model_for(config)
+    batch = make_batch(config)
+    calls = []
+
+    def composite(forward, backward):
+        calls.append((forward, backward))
+        return 3 * forward - backward
+
+    monkeypatch.setattr(virtex, "bicaptioning_loss", composite)
+    losses = model(batch)
+    assert len(calls) == 1 and calls[0] == (losses["forward"], losses["backward"])
+    assert losses["loss"].item() == pytest.approx(3 * losses["forward"].item()
+                                                  - losses["backward"].item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])
@@ -416,3 +358,80 @@ def test_the_key_value_cache_gives_the_same_tokens_and_log_probs(method):
     (tokens_a, score_a), (tokens_b, score_b) = results
     assert torch.equal(tokens_a, tokens_b) and tokens_a.shape[1] > 2
     assert torch.allclose(score_a, score_b, atol=1e-4)
+
+
+# --- (d) learning, generation, the world -------------------------------------------------------
+
+def test_a_tiny_model_overfits_one_batch():
+    config = small_config(dropout=0.0, optimizer="adamw", lr=3e-3, cnn_lr=3e-3)
+    model = model_for(config).train()
+    batch = make_batch(config)
+    optimizer = virtex.make_optimizer(model, config)
+    first = None
+    for _ in range(150):
+        losses = model(batch)
+        first = first or losses["loss"].item()
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        virtex.after_optimizer_step(model)
+    assert losses["loss"].item() < 0.1 * first, (first, losses["loss"].item())
+
+
+def test_generation_starts_with_sos_and_needs_a_captioning_pretext():
+    config = small_config()
+    model = model_for(config)
+    images = make_batch(config, B=3)["images"]
+    for method in ("beam", "greedy", "nucleus"):
+        out = model.generate(images, SOS, EOS, max_len=6, method=method, beam_size=3,
+                             generator=torch.Generator().manual_seed(0))
+        assert out.shape[0] == 3 and out.shape[1] <= 6 and torch.all(out[:, 0] == SOS), method
+        assert out.max() < config.vocab_size
+    with pytest.raises(ValueError, match="no left-to-right decoder"):
+        model_for(small_config(pretext="token_classification")).generate(images, SOS, EOS)
+
+
+def test_evaluate_reports_probe_random_baseline_and_captions():
+    from shared.tokenizer import Tokenizer
+    from shared.world import World, WorldConfig
+
+    world_config = WorldConfig(seed=0, image_size=32)
+    world = World(world_config, "train")
+    tokenizer = Tokenizer.train([c for i in range(50) for c in world.example(i)["captions"]],
+                                vocab_size=200)
+    config = small_config(vocab_size=tokenizer.vocab_size, max_text_len=20, beam_size=2)
+    model = model_for(config).train()
+    rng_before = torch.random.get_rng_state()
+    metrics = virtex.evaluate(model, tokenizer, config, world_config, "val", 12)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the random baseline forks
+    assert model.training
+    for key in ["linear_probe_acc", "linear_probe_acc_random", "caption_truth",
+                "caption_truth_baseline", "bleu4", "cider"]:
+        assert 0.0 <= metrics[key] <= (10.0 if key == "cider" else 1.0), key
+    samples = virtex.sample_captions(model.eval(), tokenizer, config, world_config, "val", 2)
+    assert len(samples) == 2 and all(isinstance(g, str) for g, _ in samples)
+    assert not model.training  # sample_captions restores the mode it was given
+    config = dataclasses.replace(config, pretext="token_classification")
+    metrics = virtex.evaluate(model_for(config), tokenizer, config, world_config, "val", 12)
+    assert set(metrics) == {"linear_probe_acc", "linear_probe_acc_random"}
+    assert virtex.sample_captions(model_for(config), tokenizer, config, world_config, "val",
+                                  2) == []
+
+
+def test_train_py_runs_virtex_and_writes_the_issue_keys(tmp_path):
+    import json
+
+    import train
+
+    args = ["--model", "virtex", "--preset", "tiny", "--batch_size", "4", "--image_size", "32",
+            "--resnet_width", "4", "--hidden_size", "32", "--heads", "2", "--feedforward_size",
+            "64", "--max_text_len", "16", "--vocab_size", "200", "--tokenizer_texts", "50",
+            "--num_workers", "0", "--log_every_s", "0", "--final_n", "12", "--max_steps", "3",
+            "--warmup_steps", "1", "--beam_size", "2", "--out", str(tmp_path)]
+    run, paper, overrides = train.parse_args(args)
+    lines = []
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert any(line.startswith("step 3/3") and "forward" in line for line in lines)
+    saved = json.loads((tmp_path / "final.json").read_text())
+    for key in ["linear_probe_acc", "linear_probe_acc_random", "caption_truth", "cider"]:
+        assert key in saved and saved[key] == final[key]

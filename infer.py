@@ -1,10 +1,10 @@
 """Use a trained checkpoint from the command line (train.py writes best.pt / latest.pt).
 
-    python -m shared.infer caption runs/coca-tiny/best.pt photo1.jpg photo2.png
-    python -m shared.infer caption runs/virtex-tiny/best.pt photo.jpg --json
-    python -m shared.infer caption runs/oscar-tiny-caption/best.pt --regions img1.npz img2.npz
-    python -m shared.infer classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
-    python -m shared.infer rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
+    python infer.py caption runs/coca-tiny/best.pt photo1.jpg photo2.png
+    python infer.py caption runs/virtex-tiny/best.pt photo.jpg --json
+    python infer.py caption runs/oscar-tiny-caption/best.pt --regions img1.npz img2.npz
+    python infer.py classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
+    python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
 
 caption   CoCa and VirTex caption image files; Oscar (a --task caption checkpoint) captions
           region files (the .npz of shared.folders.RegionFolder; tags are read from them)
@@ -36,9 +36,10 @@ def load(checkpoint: Path, device: str = "cpu"):
 
     if not checkpoint.is_file():
         raise SystemExit(f"error: no checkpoint {checkpoint}")
-    ckpt = torch.load(checkpoint, map_location=device, weights_only=False)
+    ckpt = train.read_checkpoint(checkpoint)
     paper = train.import_paper(ckpt["run"]["model"])
-    config = dataclasses.replace(getattr(paper.Config, ckpt["run"]["preset"])(), **ckpt["config"])
+    config = dataclasses.replace(train.preset_config(paper, ckpt["run"]["preset"]),
+                                 **ckpt["config"])
     model = paper.build_model(config).to(device)
     model.load_state_dict(ckpt["model"])
     return paper, model.eval(), Tokenizer.from_str(ckpt["tokenizer"]), config, ckpt["run"]
@@ -70,7 +71,7 @@ def caption(checkpoint: Path, images: list[Path], regions: list[Path]) -> list[d
             if config.standardise_features:  # the statistics its training used
                 import train
 
-                world_config = train.make_world_config(config, run["seed"])
+                world_config = train.make_world_config(paper, config, run["seed"])
             captions = paper.caption(model, tokenizer, config, examples, world_config)
             return [{"file": str(p), "caption": c} for p, c in zip(regions, captions)]
         if run["model"] not in ("coca", "virtex"):

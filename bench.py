@@ -1,13 +1,13 @@
 """Timing our models against other implementations at the same shapes, in one process.
 
-    python -m shared.bench --coca          # coca.CoCa vs open_clip's CoCa, one training step each
-    python -m shared.bench --resnet        # virtex.ResNet vs torchvision's resnet50, fwd + bwd
-    python -m shared.bench --ipot          # uniter.ipot batched vs a loop over the examples
-    python -m shared.bench --bert          # shared.bert.BertModel vs transformers.BertModel
-    python -m shared.bench --oscar_cache   # Oscar's cached caption decoding vs uncached
-    python -m shared.bench --coca_cache    # CoCa's cached caption decoding vs uncached
-    python -m shared.bench --virtex_cache  # VirTex's cached caption decoding vs uncached
-    python -m shared.bench --adamw         # AdamW on the CPU: fused kernel vs torch's loops
+    python bench.py --coca          # coca.CoCa vs open_clip's CoCa, one training step each
+    python bench.py --resnet        # virtex.ResNet vs torchvision's resnet50, fwd + bwd
+    python bench.py --ipot          # uniter.ipot batched vs a loop over the examples
+    python bench.py --bert          # shared.bert.BertModel vs transformers.BertModel
+    python bench.py --oscar_cache   # Oscar's cached caption decoding vs uncached
+    python bench.py --coca_cache    # CoCa's cached caption decoding vs uncached
+    python bench.py --virtex_cache  # VirTex's cached caption decoding vs uncached
+    python bench.py --adamw         # AdamW on the CPU: fused kernel vs torch's loops
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -20,7 +20,7 @@ virtualenv for both:
 
     python -m venv /tmp/venv-oc
     /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 -r requirements-bench.txt
-    /tmp/venv-oc/bin/python -m shared.bench --coca --resnet
+    /tmp/venv-oc/bin/python bench.py --coca --resnet
 
 Results go to reference/benchmarks.md with the device, shapes, command and date.
 """

@@ -1,0 +1,145 @@
+"""Downstream evaluation on the synthetic world, shared by the four paper files.
+
+A paper's `evaluate` asks its model for what only the paper knows (an embedding, a pair score, a
+caption, an answer's logits) and maps the pieces below onto its metric keys in a few lines:
+
+    in_eval_mode        decorator: eval mode and no gradients for the call, the mode restored after
+    world_examples      the first n examples of a world split
+    image_batch         uint8 (H, W, 3) arrays -> (B, 3, H, W) normalised tensor on a device
+    pair_scores         the (n images, n texts) matrix of a cross-encoder: n² pair scores, chunked
+    retrieval_metrics   R@1/5/10 both ways from a scores matrix whose truth is its diagonal
+    grouped_retrieval   the same for a dual encoder, among groups of images and all their captions
+    reference_caption   a reference caption as a model could write it (tokenised, cut, decoded)
+    caption_examples    captions for many images, `chunk` images per decoding call
+    caption_metrics     BLEU-4, CIDEr-D and the world's caption truth rate against the references
+    vqa_metrics         VQA accuracy, overall and per question template
+    sample_captions     (generated, reference) pairs to print after training
+
+Shapes: n examples, G captions of a group, E embedding width, A answers.
+"""
+
+import functools
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shared.data import image_to_tensor
+from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, truth_rate,
+                            vqa_accuracy_by_type)
+from shared.world import World, is_true, question_type
+
+
+def in_eval_mode(fn: Callable) -> Callable:
+    """fn(model, ...) runs with model.eval() and torch.no_grad(); the model's training mode is
+    restored afterwards, also when fn raises. A dict of metrics comes back with float values."""
+
+    @functools.wraps(fn)
+    def wrapper(model: torch.nn.Module, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+        if isinstance(out, dict):
+            return {k: float(v) for k, v in out.items()}
+        return out
+    return wrapper
+
+
+def world_examples(world_config, split: str, n: int, regions: bool = True) -> list[dict]:
+    """The first min(n, len(split)) examples of World(world_config, split). regions=False skips
+    the detector (pixel models do not read regions)."""
+    world = World(world_config, split)
+    return [world.example(i, regions=regions) for i in range(min(n, len(world)))]
+
+
+def image_batch(images: list[np.ndarray], device: torch.device) -> Tensor:
+    """uint8 (H, W, 3) arrays -> (B, 3, H, W) normalised pixels on `device`."""
+    return torch.stack([image_to_tensor(image) for image in images]).to(device)
+
+
+def pair_scores(score: Callable[[Tensor, Tensor], Tensor], n: int, chunk: int = 1024) -> Tensor:
+    """Every (image i, text t) pair of n examples scored by a cross-encoder, `chunk` pairs a call.
+
+    score(image_index (p,), text_index (p,)) -> (p,) scores. Returns (n images, n texts) on the
+    CPU, float32. n² forward passes, as the official UNITER and Oscar evaluations do."""
+    image = torch.arange(n).repeat_interleave(n)  # (n·n,), image-major
+    text = torch.arange(n).repeat(n)  # (n·n,)
+    out = [score(image[s:s + chunk], text[s:s + chunk]).float().cpu()
+           for s in range(0, n * n, chunk)]
+    return torch.cat(out).view(n, n)  # (n images, n texts)
+
+
+def retrieval_metrics(scores: Tensor) -> dict[str, float]:
+    """i2t_r1/5/10, t2i_r1/5/10 of a (n images, n texts) matrix whose true pairs are its
+    diagonal, and r1_mean = (i2t_r1 + t2i_r1) / 2."""
+    metrics = recall_at_k(scores, torch.arange(scores.shape[1]))
+    metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
+    return metrics
+
+
+def grouped_retrieval(embed_images: Callable[[list], Tensor],
+                      embed_texts: Callable[[list[str]], Tensor], examples: list[dict],
+                      group: int = 100) -> dict[str, float]:
+    """Dual-encoder retrieval among groups of `group` images and all their captions (5 each in the
+    world), the recalls averaged over groups (the last group may be smaller).
+
+    embed_images(uint8 arrays) -> (g, E); embed_texts(strings) -> (G, E); both L2-normalised,
+    so that their product is the cosine similarity."""
+    recalls = []
+    for start in range(0, len(examples), group):
+        part = examples[start:start + group]
+        image_emb = embed_images([ex["image"] for ex in part])  # (g, E)
+        texts = [c for ex in part for c in ex["captions"]]
+        text_image = torch.tensor([k for k, ex in enumerate(part) for _ in ex["captions"]])  # (G,)
+        scores = image_emb @ embed_texts(texts).T  # (g, G)
+        recalls.append(recall_at_k(scores.float().cpu(), text_image))
+    return {key: sum(float(r[key]) for r in recalls) / len(recalls) for key in recalls[0]}
+
+
+def reference_caption(tokenizer, text: str, max_pieces: int) -> str:
+    """A reference caption as the model could write it: its first max_pieces word-pieces, decoded
+    and lowercased, so that BLEU / CIDEr-D compare generated and reference text alike."""
+    return tokenizer.decode(tokenizer.encode(text, add_special=False)[:max_pieces]).lower()
+
+
+def caption_examples(caption: Callable[[list[dict]], list[str]], examples: list[dict],
+                     chunk: int = 100) -> list[str]:
+    """caption(examples) -> captions, called on `chunk` examples at a time."""
+    return [c for s in range(0, len(examples), chunk) for c in caption(examples[s:s + chunk])]
+
+
+def caption_metrics(captions: list[str], examples: list[dict], tokenizer,
+                    max_pieces: int) -> dict[str, float]:
+    """Generated captions against each example's references (reference_caption):
+
+    bleu4, cider            BLEU-4 and CIDEr-D (shared.metrics)
+    caption_truth           the share of captions the world's checker finds true of the scene
+    caption_truth_baseline  the same for the single most common generated caption (truth_rate)
+    """
+    references = [[reference_caption(tokenizer, c, max_pieces) for c in ex["captions"]]
+                  for ex in examples]
+    truth = truth_rate(captions, [ex["scene"] for ex in examples], is_true)
+    return {"bleu4": bleu(captions, references)[3], "cider": cider_d(captions, references),
+            "caption_truth": truth["truth"], "caption_truth_baseline": truth["baseline"]}
+
+
+def vqa_metrics(answer_logits: Callable[[list[str], list[int]], Tensor], examples: list[dict],
+                answers: list[str], chunk: int = 256) -> dict[str, float]:
+    """vqa_acc over every question of the examples and vqa_acc_<type> per question template.
+
+    answer_logits(questions, image indices into examples) -> (b, A) logits over `answers`."""
+    predicted, qa = predict_answers(examples, answer_logits, answers, chunk)
+    return vqa_accuracy_by_type(predicted, [q for q, _, _ in qa], [a for _, a, _ in qa],
+                                question_type)
+
+
+def sample_captions(caption: Callable[[list[dict]], list[str]], world_config, split: str,
+                    n: int, regions: bool = True) -> list[tuple[str, str]]:
+    """(generated caption, first reference caption) for the first n images of a world split."""
+    examples = world_examples(world_config, split, n, regions)
+    return [(g, ex["captions"][0]) for g, ex in zip(caption(examples), examples)]
