@@ -627,7 +627,7 @@ class CoCa(nn.Module):
         return out[0] if isinstance(out, tuple) else out  # (B, T)
 
 
-# --- 7 (continued). Downstream on images and the world; train.py's contract ------------------
+# --- 8. Downstream on images and the world; train.py's contract ----------------------------
 
 def embed_image_arrays(model: CoCa, images: list, chunk: int = 250) -> Tensor:
     """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""

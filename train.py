@@ -32,8 +32,8 @@ best.pt (written atomically), tokenizer.json, config.json.
 
 import argparse
 import dataclasses
-import json
 import itertools
+import json
 import math
 import random
 import sys
@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.bert import load_bert_encoder, read_config
-from shared.cli import add_dataclass_flags
+from shared.bert import encoder_sizes, load_bert_encoder
 from shared.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_states,
                                save_checkpoint, set_rng_states, write_json_atomic)
+from shared.cli import add_dataclass_flags
 from shared.data import train_loader
-from shared.folders import CaptionFolder, RegionFolder, unreadable_files
+from shared.folders import CaptionFolder, RegionFolder, open_corpus, unreadable_files
 from shared.monitor import LossMeter, NonFiniteLoss, format_duration, peak_flops, step_flops
 from shared.optim import learning_rate
 from shared.tokenizer import Tokenizer
@@ -153,14 +153,9 @@ def bert_sizes(run: RunConfig, paper, config):
     if run.init:
         raise SystemExit("error: give --init (our checkpoint) or --init_bert (BERT), not both")
     try:
-        bert = read_config(Path(run.init_bert))
+        return make_config(paper, run.preset, encoder_sizes(run.init_bert), config)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --init_bert: {e}") from None
-    if not (Path(run.init_bert) / "vocab.txt").exists():
-        raise SystemExit(f"error: --init_bert: {run.init_bert} has no vocab.txt")
-    return make_config(paper, run.preset, dict(
-        hidden_size=bert["hidden_size"], layers=bert["num_hidden_layers"],
-        heads=bert["num_attention_heads"], intermediate_size=bert["intermediate_size"]), config)
 
 
 def pick_device(name: str) -> torch.device:
@@ -194,23 +189,15 @@ def make_world_config(paper, config, seed: int) -> WorldConfig:
                        single_object_prob=config.train_single_object_prob, **regions)
 
 
-def open_corpus(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
-    """--data: a corpus on disk (shared/folders.py): images and captions (coco:, jsonl:) for a
-    pixel paper, captions and region files (regions:) for a region paper."""
+def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
+    """--data: a corpus on disk (shared/folders.py) of the kind the paper reads (INPUTS)."""
     if run.eval_every:
         raise SystemExit("error: --eval_every evaluates on the world; with --data there is no "
                          "evaluation, so leave it at 0")
-    kind, _, spec = run.data.partition(":")
     try:
-        if paper.INPUTS == "regions":
-            if kind != "regions":
-                raise ValueError(f"{run.model} reads region features: give "
-                                 f"regions:ANNOTATION_JSON[,REGION_DIR], not {run.data!r}")
-            annotation, _, region_dir = spec.partition(",")
-            return RegionFolder.coco(annotation, region_dir or None)
-        return CaptionFolder.from_spec(run.data, config.image_size)
+        return open_corpus(run.data, paper.INPUTS, config.image_size)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: --data: {e}") from None
+        raise SystemExit(f"error: --data ({run.model}): {e}") from None
 
 
 def make_tokenizer(run: RunConfig, config, world_config: WorldConfig, corpus=None) -> Tokenizer:
@@ -303,21 +290,38 @@ def progress_line(step: int, config, means: dict, steps: int, tokens: int, secon
             f"| eta {format_duration((stop - step) / max(rate, 1e-9))}")
 
 
-def evaluate(paper, model, tokenizer, config, world_config, split: str, n: int, out: Path,
-             step: int, log) -> dict:
+def evaluate(s: "State", split: str, n: int, log) -> dict:
     """The paper's metrics on n examples of a world split, appended to metrics.jsonl."""
-    metrics = paper.evaluate(model, tokenizer, config, world_config, split, n)
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-    head = f"eval step {step}" if split == "val" else f"final ({split})"
+    metrics = s.paper.evaluate(s.model, s.tokenizer, s.config, s.world_config, split, n)
+    with open(s.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": s.step, "split": split, **metrics}) + "\n")
+    head = f"eval step {s.step}" if split == "val" else f"final ({split})"
     log(f"{head}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
 
 
 # --- 5. A run: set up (or resume), loop, finish -----------------------------------------------
 
-def setup(run: RunConfig, paper, overrides: dict, log) -> dict:
-    """Everything a run needs, from the command line or from <out>/latest.pt (--resume)."""
+@dataclasses.dataclass
+class State:
+    """Everything a run holds while it trains; `step` and `best` are what a checkpoint adds."""
+    run: RunConfig
+    paper: object
+    out: Path
+    device: torch.device
+    config: object
+    world_config: WorldConfig
+    corpus: CaptionFolder | RegionFolder | None
+    tokenizer: Tokenizer
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: object = None
+    step: int = 0
+    best: float = -math.inf
+
+
+def setup(run: RunConfig, paper, overrides: dict, log) -> State:
+    """The run from the command line, or from <out>/latest.pt (--resume)."""
     out, device = Path(run.out), pick_device(run.device)
     ckpt = read_checkpoint(out / "latest.pt") if run.resume else None
     if ckpt is not None and ckpt["config"]["task"] != run.task:
@@ -332,7 +336,7 @@ def setup(run: RunConfig, paper, overrides: dict, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
     world_config = make_world_config(paper, config, run.seed)
-    corpus = open_corpus(run, paper, config) if run.data else None
+    corpus = open_data(run, paper, config) if run.data else None
     if corpus is not None:
         corpus.unreadable_log = out / "unreadable.txt"  # every worker appends what it skips
         log(f"--data {run.data}: {len(corpus)} images; dropped {corpus.dropped_images} images "
@@ -346,104 +350,111 @@ def setup(run: RunConfig, paper, overrides: dict, log) -> dict:
                                             "config": dataclasses.asdict(config)})
     model = make_model(run if ckpt is None else dataclasses.replace(run, init="", init_bert=""),
                        paper, config, device, init, log)
-    optimizer = paper.make_optimizer(model, config)
-    state = dict(run=run, out=out, device=device, config=config, world_config=world_config,
-                 corpus=corpus, tokenizer=tokenizer, model=model, optimizer=optimizer,
-                 step=0, best=-math.inf)
+    s = State(run, paper, out, device, config, world_config, corpus, tokenizer, model,
+              paper.make_optimizer(model, config))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state.update(step=ckpt["step"], best=ckpt["best"])
-    state["batches"] = make_batches(run, paper, config, corpus or World(world_config, "train"),
-                                    tokenizer, state["step"], device)
+        s.optimizer.load_state_dict(ckpt["optimizer"])
+        s.step, s.best = ckpt["step"], ckpt["best"]
+    s.batches = make_batches(run, paper, config, corpus or World(world_config, "train"),
+                             tokenizer, s.step, device)
     if ckpt is not None:  # after the loader took its seed: the same random stream continues
         set_rng_states(ckpt["rng"])
-    return state
+    return s
 
 
-def checkpoint(s: dict, name: str) -> None:
-    save_checkpoint(s["out"] / name, model=s["model"].state_dict(),
-                    optimizer=s["optimizer"].state_dict(), step=s["step"], best=s["best"],
-                    rng=rng_states(), config=dataclasses.asdict(s["config"]),
-                    run=dataclasses.asdict(s["run"]), tokenizer=s["tokenizer"].to_str())
+def checkpoint(s: State, name: str) -> None:
+    save_checkpoint(s.out / name, model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
+                    step=s.step, best=s.best, rng=rng_states(),
+                    config=dataclasses.asdict(s.config), run=dataclasses.asdict(s.run),
+                    tokenizer=s.tokenizer.to_str())
+
+
+def mfu_per_step(s: State, autocast) -> float | None:
+    """The FLOPs of one step over the GPU's bf16 peak (None off an H100 / H200 / A100), counted
+    once on the first batch, which is then put back at the head of the stream."""
+    peak = peak_flops(s.device)
+    if peak is None:
+        return None
+    first = next(s.batches)
+    s.batches = itertools.chain([first], s.batches)
+    with autocast:
+        flops = step_flops(s.model, {k: v.to(s.device) if torch.is_tensor(v) else v
+                                     for k, v in first.items()})
+    return flops * s.config.grad_accum_steps / peak
 
 
 def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     """Set up (or resume) a run and train it to max_steps (or run.stop_at). Returns the final
     metrics when the run reaches max_steps, else {"stopped_at": step}."""
     s = setup(run, paper, overrides, log)
-    run, config, model, device = s["run"], s["config"], s["model"], s["device"]
+    run, config, model = s.run, s.config, s.model
     log(f"{run.model} {run.preset} ({config.task}): "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
-        f"{config.max_steps} steps of {config.batch_size} examples -> {s['out']}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {s.device}, "
+        f"{config.max_steps} steps of {config.batch_size} examples -> {s.out}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.type == "cuda")
     # --compile: the same module through torch.compile (checkpoints and evaluation use `model`);
     # dynamic=True: text lengths change from batch to batch, so sizes are symbolic from the start
     forward = torch.compile(model, dynamic=True) if run.compile else model
     stop = min(run.stop_at or config.max_steps, config.max_steps)
-    meter, peak, mfu_flops = LossMeter(device), peak_flops(device), None
-    kept = f"the last good checkpoint ({s['out'] / 'latest.pt'}) is kept"
-    t_log = t_ckpt = t_start = time.time()
-    start_step, window_steps, window_tokens = s["step"], 0, 0
+    meter, kept = LossMeter(s.device), f"the last good checkpoint ({s.out / 'latest.pt'}) is kept"
     model.train()
-    if peak is not None:  # the FLOPs of a step, counted once on the first batch (put back)
-        first = next(s["batches"])
-        s["batches"] = itertools.chain([first], s["batches"])
-        with autocast:
-            mfu_flops = step_flops(model, {k: v.to(device) if torch.is_tensor(v) else v
-                                           for k, v in first.items()})
-        mfu_flops *= config.grad_accum_steps / peak
-    while s["step"] < stop:
-        window_tokens += train_step(model, forward, s["optimizer"], paper, config, s["batches"],
-                                    s["step"], meter, device, autocast)
-        s["step"] += 1
+    mfu = mfu_per_step(s, autocast)
+    t_log = t_ckpt = t_start = time.time()
+    start_step, window_steps, window_tokens = s.step, 0, 0
+    while s.step < stop:
+        window_tokens += train_step(model, forward, s.optimizer, paper, config, s.batches,
+                                    s.step, meter, s.device, autocast)
+        s.step += 1
         window_steps += 1
         now = time.time()
-        if now - t_log >= run.log_every_s or s["step"] == stop:
+        if now - t_log >= run.log_every_s or s.step == stop:
             meter.check(kept)
-            log(progress_line(s["step"], config, meter.means(), window_steps, window_tokens,
-                              now - t_log, stop, mfu_flops))
+            log(progress_line(s.step, config, meter.means(), window_steps, window_tokens,
+                              now - t_log, stop, mfu))
             window_steps, window_tokens, t_log = 0, 0, now
-        if run.eval_every and s["step"] % run.eval_every == 0 and s["step"] < config.max_steps:
+        if run.eval_every and s.step % run.eval_every == 0 and s.step < config.max_steps:
             meter.check(kept)
-            metrics = evaluate(paper, model, s["tokenizer"], config, s["world_config"], "val",
-                               run.eval_n, s["out"], s["step"], log)
-            if metrics[paper.MAIN_METRIC[config.task]] > s["best"]:
-                s["best"] = metrics[paper.MAIN_METRIC[config.task]]
-                checkpoint(s, "best.pt")
-        if now - t_ckpt >= run.ckpt_every_s or s["step"] == stop:
+            keep_if_best(s, evaluate(s, "val", run.eval_n, log))
+        if now - t_ckpt >= run.ckpt_every_s or s.step == stop:
             meter.check(kept)
             checkpoint(s, "latest.pt")
             t_ckpt = now
-    if s["step"] < config.max_steps:
-        log(f"stopped at step {s['step']}; continue with: python train.py --model {run.model} "
-            f"--preset {run.preset} --task {run.task} --out {s['out']} --resume")
-        return {"stopped_at": s["step"]}
-    return finish(s, paper, time.time() - t_start, s["step"] - start_step, log)
+    if s.step < config.max_steps:
+        log(f"stopped at step {s.step}; continue with: python train.py --model {run.model} "
+            f"--preset {run.preset} --task {run.task} --out {s.out} --resume")
+        return {"stopped_at": s.step}
+    return finish(s, time.time() - t_start, s.step - start_step, log)
 
 
-def finish(s: dict, paper, seconds: float, steps: int, log) -> dict:
+def keep_if_best(s: State, metrics: dict) -> None:
+    """best.pt: the model with the highest MAIN_METRIC of the task so far."""
+    value = metrics[s.paper.MAIN_METRIC[s.config.task]]
+    if value > s.best:
+        s.best = value
+        checkpoint(s, "best.pt")
+
+
+def finish(s: State, seconds: float, steps: int, log) -> dict:
     """final.json and best.pt: the test-split metrics (on the world) or the corpus counts."""
-    run, out, config, step = s["run"], s["out"], s["config"], s["step"]
     log(f"trained {steps} steps in {format_duration(seconds)}")
-    final = {"step": step, "train_seconds": round(seconds, 1)}
-    if s["corpus"] is not None:  # no labels to evaluate against: report the run and the corpus
-        corpus = s["corpus"]
-        final.update(data=run.data, images=len(corpus), dropped_images=corpus.dropped_images,
-                     dropped_captions=corpus.dropped_captions,
-                     unreadable_files=unreadable_files(out / "unreadable.txt"))
+    final = {"step": s.step, "train_seconds": round(seconds, 1)}
+    if s.corpus is not None:  # no labels to evaluate against: report the run and the corpus
+        final.update(data=s.run.data, images=len(s.corpus),
+                     dropped_images=s.corpus.dropped_images,
+                     dropped_captions=s.corpus.dropped_captions,
+                     unreadable_files=unreadable_files(s.out / "unreadable.txt"))
         log("no evaluation with --data (the world's metrics do not apply); final.json has the "
             "corpus counts")
     else:
         final["split"] = "test"
-        final.update(evaluate(paper, s["model"], s["tokenizer"], config, s["world_config"],
-                              "test", run.final_n, out, step, log))
-        samples = paper.sample_captions(s["model"], s["tokenizer"], config, s["world_config"],
-                                        "test", 5)
+        final.update(evaluate(s, "test", s.run.final_n, log))
+        samples = s.paper.sample_captions(s.model, s.tokenizer, s.config, s.world_config,
+                                          "test", 5)
         for generated, truth in samples:
             log(f"  generated: {generated!r:60}  truth: {truth!r}")
-    write_json_atomic(out / "final.json", final)
-    if s["best"] == -math.inf:  # no periodic evaluation picked a best model: the final one is it
+    write_json_atomic(s.out / "final.json", final)
+    if s.best == -math.inf:  # no periodic evaluation picked a best model: the final one is it
         checkpoint(s, "best.pt")
     return final
 

@@ -642,6 +642,7 @@ class VirTex(nn.Module):
 
 
 # --- 8. train.py's contract: model, optimizer, data, downstream evaluation on the world -------
+
 def build_model(config: Config) -> VirTex:
     return VirTex(config)
 

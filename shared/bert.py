@@ -80,6 +80,16 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+def encoder_sizes(folder: str | Path) -> dict:
+    """The encoder sizes of a BERT checkpoint folder as Config fields: hidden_size, layers, heads,
+    intermediate_size. Raises FileNotFoundError (no config.json or no vocab.txt) or ValueError."""
+    c = read_config(Path(folder))
+    if not (Path(folder) / "vocab.txt").exists():
+        raise FileNotFoundError(f"{folder} has no vocab.txt")
+    return dict(hidden_size=c["hidden_size"], layers=c["num_hidden_layers"],
+                heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"])
+
+
 def read_weights(folder: Path) -> dict[str, Tensor]:
     """The tensors of model.safetensors (preferred) or pytorch_model.bin."""
     if (folder / "model.safetensors").exists():

@@ -270,3 +270,17 @@ class RegionFolder:
             self._statistics = (torch.from_numpy(features.mean(0)).float(),
                                 torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
         return self._statistics
+
+
+def open_corpus(spec: str, inputs: str, image_size: int) -> CaptionFolder | RegionFolder:
+    """train.py's --data: 'regions:ANNOTATION_JSON[,REGION_DIR]' for a model whose INPUTS are
+    "regions", else 'coco:ANNOTATION_JSON[,IMAGE_DIR]' or 'jsonl:FILE' (CaptionFolder.from_spec).
+    Raises ValueError (or OSError) naming what is wrong."""
+    kind, _, rest = spec.partition(":")
+    if inputs != "regions":
+        return CaptionFolder.from_spec(spec, image_size)
+    if kind != "regions" or not rest:
+        raise ValueError(f"this model reads region features: give "
+                         f"regions:ANNOTATION_JSON[,REGION_DIR], not {spec!r}")
+    annotation, _, region_dir = rest.partition(",")
+    return RegionFolder.coco(annotation, region_dir or None)

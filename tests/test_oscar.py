@@ -2,7 +2,7 @@
 caption attention mask block by block, the encoder and heads by task (what fine-tuning loads),
 the [CLS] reaching the regions, cached caption decoding against a full recomputation, and a tiny
 model that overfits each task. The loss math (by hand, loops from the equations) is in
-tests/test_losses_oscar.py.
+tests/test_losses.py.
 
 In order (STYLE.md §14): shapes and masks, the masking checked over many seeded draws with
 binomial tolerances (4 standard deviations); the model by composition; causality (what the [CLS]

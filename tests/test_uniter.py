@@ -1,5 +1,5 @@
 """uniter.py's Config (presets, validation) and the Image Embedder's 7-d region location
-[UNITER §3.1, fn. 3]. The objectives' maths: tests/test_losses_uniter.py; the masking, data,
+[UNITER §3.1, fn. 3]. The objectives' maths: tests/test_losses.py; the masking, data,
 model and evaluation: tests/test_uniter_model.py."""
 
 import dataclasses

@@ -1,6 +1,6 @@
 """uniter.py and uniter.py: the masking, task sampler, data, model, heads and downstream
 evaluation, in the order (c) shapes and masks, (b) equivalence, (d) learning (STYLE.md §14; the
-loss maths, (a), is tests/test_losses_uniter.py).
+loss maths, (a), is tests/test_losses.py).
 
 (c) masking statistics and the task mix over many seeded draws with binomial tolerances (4
     standard deviations), one task per update, conditional masking, the collate's flat positions,

@@ -2,7 +2,7 @@
 encoder's state dict never depends on it; load_weights carries over every shared head), the
 contract names, caption reversal and masked-LM masks, causality, weight sharing between the two
 directions, the key/value cache, and a tiny model that learns. The loss math is in
-tests/test_losses_virtex.py.
+tests/test_losses.py.
 
 Kinds (STYLE.md §14), in this order: (c) shapes; masks; causality; (b) equivalence; (d) learning
 and the downstream evaluation. The models here are small: the file runs in seconds on a laptop CPU.
