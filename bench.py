@@ -65,7 +65,7 @@ def coca_vs_open_clip(batch: int = 32, image: int = 64, patch: int = 8, width: i
     text = torch.randint(5, vocab, (batch, tokens))  # no pads: both sides see full sequences
 
     config = coca.Config(image_size=image, patch_size=patch, patch_stem="linear",
-                         vision_width=width, vision_layers=vision_layers, vision_heads=heads,
+                         pooler_layout="parallel", vision_width=width, vision_layers=vision_layers, vision_heads=heads,
                          n_caption_queries=queries, text_width=width, text_heads=heads,
                          unimodal_layers=text_layers, multimodal_layers=text_layers,
                          vocab_size=vocab, max_text_len=tokens, embed_dim=width)

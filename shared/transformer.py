@@ -21,19 +21,24 @@ from shared.attention import MultiHeadAttention
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward sub-layer: Linear -> GELU -> Linear (-> dropout).
+    """The position-wise feed-forward sub-layer: Linear -> GELU (-> dropout) -> Linear (-> dropout).
 
-    GELU is the exact (erf) form used by BERT, ViT and the CoCa implementations.
+    GELU is the exact (erf) form used by BERT, ViT and the CoCa implementations. hidden_dropout
+    acts on the d_hidden activations, as torch's nn.TransformerDecoderLayer does (VirTex's
+    official decoder); BERT has none there (0).
     """
 
-    def __init__(self, d_model: int, d_hidden: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, d_hidden: int, dropout: float = 0.0,
+                 hidden_dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_hidden)  # BERT: intermediate.dense
         self.fc2 = nn.Linear(d_hidden, d_model)  # BERT: output.dense
+        self.hidden_dropout = nn.Dropout(hidden_dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (B, T, D) -> (B, T, D)
+        h = self.hidden_dropout(F.gelu(self.fc1(x)))  # (B, T, d_hidden)
+        return self.dropout(self.fc2(h))  # (B, T, D)
 
 
 class PostLNEncoderBlock(nn.Module):
@@ -97,7 +102,8 @@ class PostLNDecoderBlock(nn.Module):
     """The original Transformer decoder layer [Vaswani et al. 2017 §3.1], post-LN.
 
     VirTex's textual head: causal self-attention, cross-attention to the visual tokens, MLP,
-    each followed by dropout, the residual and a LayerNorm.
+    each followed by dropout, the residual and a LayerNorm; the MLP also drops out its hidden
+    activations, as torch's nn.TransformerDecoderLayer (VirTex's official decoder) does.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.1,
@@ -108,7 +114,7 @@ class PostLNDecoderBlock(nn.Module):
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout,
                                              context_dim=context_dim)
         self.cross_attn_norm = nn.LayerNorm(d_model, eps=eps)
-        self.mlp = MLP(d_model, d_hidden, dropout=dropout)
+        self.mlp = MLP(d_model, d_hidden, dropout=dropout, hidden_dropout=dropout)
         self.mlp_norm = nn.LayerNorm(d_model, eps=eps)
         self.dropout = nn.Dropout(dropout)
 

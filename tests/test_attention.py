@@ -193,3 +193,18 @@ def test_bert_embeddings_sum_word_position_and_type():
         emb(torch.ones(1, 9, dtype=torch.long))
     pooled = BertPooler(16)(torch.randn(3, 4, 16))
     assert pooled.shape == (3, 16) and pooled.abs().max() <= 1
+
+
+def test_the_post_ln_decoder_drops_out_its_mlp_hidden_activations_and_bert_does_not():
+    """torch's nn.TransformerDecoderLayer (VirTex's official decoder) applies dropout between
+    the GELU and the second linear; BERT's layer does not. With that dropout at p = 1, the MLP's
+    output in train mode is the second linear's bias alone."""
+    from shared.transformer import MLP, PostLNEncoderBlock
+
+    decoder = PostLNDecoderBlock(8, 2, 16, dropout=0.1)
+    assert decoder.mlp.hidden_dropout.p == 0.1
+    assert PostLNEncoderBlock(8, 2, 16, dropout=0.1).mlp.hidden_dropout.p == 0.0
+    mlp = MLP(8, 16, dropout=0.0, hidden_dropout=1.0).train()
+    out = mlp(torch.randn(2, 3, 8))
+    assert torch.allclose(out, mlp.fc2.bias.expand(2, 3, 8))
+    assert not torch.allclose(mlp.eval()(torch.randn(2, 3, 8)), mlp.fc2.bias.expand(2, 3, 8))

@@ -339,3 +339,13 @@ def test_evaluate_returns_every_metric_in_range_and_restores_train_mode():
     assert all(type(v) is float for v in metrics.values())
     samples = coca.sample_captions(model, tokenizer, config, world_config, "val", 2)
     assert len(samples) == 2 and all(isinstance(g, str) and isinstance(r, str) for g, r in samples)
+
+
+def test_the_paper_preset_uses_the_cascade_poolers_of_section_4_3():
+    """[CoCa §4.3]: the cascade poolers are "used by default in all CoCa models"; tiny and small
+    keep Fig. 2's parallel layout, the one their runs were measured with. In the cascade, the
+    contrastive pooler reads the captioning pooler's D-wide outputs."""
+    assert Config.paper().pooler_layout == "cascade" and Config().pooler_layout == "cascade"
+    assert Config.tiny().pooler_layout == Config.small().pooler_layout == "parallel"
+    cascade = model_for(small_config(vision_width=48, pooler_layout="cascade"))
+    assert cascade.contrastive_pooler.attn.k_proj.in_features == 32  # text_width, not 48

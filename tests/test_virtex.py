@@ -157,7 +157,7 @@ def test_embeddings_at_pads_are_zero():
     assert torch.all(x[0, 3:] == 0) and torch.all(x[0, :3].abs().sum(-1) > 0)
 
 
-def test_paper_config_is_r50_l1_h2048_with_the_section_3_3_recipe():
+def test_paper_config_is_r50_l1_h2048_with_the_implementation_recipe():
     c = Config.paper()
     assert (c.resnet_blocks, c.resnet_width, c.image_size) == ((3, 4, 6, 3), 64, 224)
     assert (c.layers, c.hidden_size, c.heads, c.feedforward_size) == (1, 2048, 32, 8192)
