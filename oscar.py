@@ -27,9 +27,9 @@ Paper map (part of the paper -> code; the heads of each task: TASK_HEADS):
     §3 Eq. 1: one encoder over [w, q, v]        OscarEncoder
     §3 Eq. 2: masked token loss L_MTL           mask_tokens, masked_token_loss, heads.mlm
     §3 Eq. 3: contrastive loss L_C              OscarDataset (polluted tags), contrastive_loss
-    §3 Eq. 4: L_Pre-training = L_MTL + L_C      pretraining_loss, Oscar.forward_pretrain
-    §4 retrieval: a binary classifier           retrieval_loss, Oscar.match_logits
-    §4 captioning: the seq2seq mask             caption_attention_mask, Oscar.forward_caption
+    §3 Eq. 4: L_Pre-training = L_MTL + L_C      pretraining_loss, Oscar.forward
+    §4 retrieval: a binary classifier           OscarDataset (pairs), retrieval_loss, match_logits
+    §4 captioning: the seq2seq mask             caption_attention_mask, Oscar.forward
     App. A: 15 % of caption tokens, at most 3   caption_masked_count, caption_mask_positions
     §4 captioning inference, beam 5             caption, Oscar.context_states / caption_step
     §4 VQA: linear classifier, soft scores      heads.vqa, vqa_loss (shared.losses)
@@ -76,14 +76,16 @@ TASKS = ("pretrain", "caption", "retrieval", "vqa")  # train.py --task
 MAIN_METRIC = {"pretrain": "r1_mean", "caption": "cider", "retrieval": "r1_mean",
                "vqa": "vqa_acc"}  # what train.py keeps best.pt by, per task
 INPUTS = "regions"  # Oscar reads detector regions (and their tags), not pixels
-BERT_INIT = True  # train.py --init_bert starts model.encoder from a BERT checkpoint
+BERT_INIT = True  # --init_bert fills model.encoder (DEVIATION: [code] also heads.mlm, contrastive)
 
 
 # --- 2. Config and presets ------------------------------------------------------------------------
 
 @dataclass
 class Config:
-    """Defaults = Oscar-B [Oscar §3, Implementation Details; code]."""
+    """Defaults = Oscar-B [Oscar §3, Implementation Details; code]. AMBIGUITY: the paper names no
+    region LayerNorm, clipping or warmup: [code]'s pre-training defaults have none of the three;
+    the VinVL (Oscar+) command sets region_layer_norm=True, grad_clip=10 (warmup 0)."""
     # the encoder: BERT-base [Oscar §3, Implementation Details]
     hidden_size: int = 768
     layers: int = 12
@@ -92,13 +94,15 @@ class Config:
     dropout: float = 0.1  # [code]; the VQA script raises it to 0.3 for the whole model
     init_std: float = 0.02  # BERT's N(0, 0.02); [Oscar §3] starts from BERT-base weights
     vocab_size: int = 30522  # bert-base-uncased [code]
-    # the input [Oscar §3; code]
-    max_text_len: int = 35  # [CLS] caption [SEP] tags [SEP] [Oscar §3, Implementation Details]
+    # the input [Oscar §3; code]: [CLS] text [SEP] tags [SEP], at most this many pieces by task
+    max_text_len: int = 35  # pre-training [Oscar §3, Implementation Details]
+    max_retrieval_text_len: int = 70  # [code] run_retrieval.py and its MODEL_ZOO commands
+    max_vqa_text_len: int = 128  # [code] the MODEL_ZOO run_vqa.py commands
     max_caption_len: int = 40  # captioning: the caption slot, [CLS] .. [SEP] [code]
     max_tag_len: int = 30  # captioning: the tag slot, tags .. [SEP] (70 - 40) [code]
     n_regions: int = 50  # [Oscar §3, Implementation Details]; [code]: the first 50 rows
     feature_dim: int = 2048  # P = 2048 [Oscar §3]; the input is F + 6 = 2054 [code]
-    region_layer_norm: bool = True  # [code] use_img_layernorm (1 in the VinVL command)
+    region_layer_norm: bool = False  # [code] use_img_layernorm: 0 by default, 1 in VinVL's
     standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
     use_tags: bool = True  # False: the no-tags baseline [Oscar §5.3], no tags anywhere
     # pre-training [Oscar §3]
@@ -108,7 +112,7 @@ class Config:
     # captioning fine-tuning and inference [Oscar App. A; code run_captioning.py]
     caption_mask_prob: float = 0.15  # [Oscar App. A]
     max_caption_masked: int = 3  # [Oscar App. A]
-    max_gen_len: int = 20  # [code]
+    max_gen_len: int = 20  # [code] max_gen_length: the whole caption, [CLS] included
     beam_size: int = 5  # [Oscar §4]; 1 = greedy
     length_penalty: float = 1.0  # score = Σ log p / len [code]
     task: str = "pretrain"  # one of TASKS; train.py sets it from --task
@@ -120,21 +124,22 @@ class Config:
     weight_decay: float = 0.01  # [code]
     beta1: float = 0.9
     beta2: float = 0.999
-    warmup_steps: int = 0  # [code] VinVL command: warmup 0
+    warmup_steps: int = 0  # [code] (and the VinVL command)
     max_steps: int = 1_000_000
     lr_schedule: str = "linear"
-    grad_clip: float = 10.0  # [code] VinVL command: max_grad_norm 10
+    grad_clip: float = 0.0  # off: [code] max_grad_norm -1 (the VinVL command: 10)
     grad_accum_steps: int = 1
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
         c = self
         checks = [  # (what must hold, the message when it does not)
-            (c.n_regions >= 1 and c.max_tag_len >= 1 and c.max_text_len >= 5, f"need n_regions "
-             f">= 1, max_tag_len >= 1 ([SEP]) and max_text_len >= 5 ([CLS] w [SEP] q [SEP])"),
-            (c.max_gen_len >= 1 and c.max_caption_len >= c.max_gen_len + 2,
-             f"need max_gen_len >= 1 and max_caption_len >= max_gen_len + 2 ([CLS], the words, "
-             f"the [MASK] being read), got {c.max_caption_len} and {c.max_gen_len}"),
+            (min(c.n_regions, c.max_tag_len) >= 1 and min(c.max_text_len, c.max_vqa_text_len,
+             c.max_retrieval_text_len) >= 5, "need n_regions, max_tag_len >= 1 and max_*text_len"
+             " >= 5 ([CLS] w [SEP] q [SEP])"),
+            (c.max_gen_len >= 2 and c.max_caption_len >= c.max_gen_len + 2, f"need max_gen_len "
+             f">= 2 ([CLS] included) and max_caption_len >= max_gen_len + 2, got "
+             f"{c.max_caption_len} and {c.max_gen_len}"),
             (0 < c.mask_prob < 1 and 0 < c.caption_mask_prob < 1 and 0 <= c.pollute_prob <= 1,
              "need mask_prob and caption_mask_prob in (0, 1) and pollute_prob in [0, 1]"),
             (c.max_caption_masked >= 1 and c.beam_size >= 1 and c.length_penalty >= 0,
@@ -146,29 +151,36 @@ class Config:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def text_len(self) -> int:  # the most pieces of [CLS] text [SEP] tags [SEP] for self.task
+        return {"retrieval": self.max_retrieval_text_len, "vqa": self.max_vqa_text_len}.get(
+            self.task, self.max_text_len)
+
     @classmethod
     def paper(cls) -> "Config":
-        """Oscar-B [Oscar §3; code] (the VinVL pre-training command's optimiser settings)."""
+        """Oscar-B [Oscar §3; code]."""
         return cls()
 
     @classmethod
     def small(cls) -> "Config":
         """OURS: one GPU, hours. A 6-layer, 384-wide Oscar on 36 of the world's regions."""
         return cls(hidden_size=384, layers=6, heads=6, intermediate_size=1536, vocab_size=1000,
-                   max_text_len=48, max_caption_len=32, max_tag_len=38, n_regions=36,
-                   feature_dim=512, image_size=128, batch_size=256, lr=1e-4, warmup_steps=1000,
-                   max_steps=50_000, grad_clip=1.0, max_gen_len=24,
+                   max_text_len=48, max_retrieval_text_len=70, max_vqa_text_len=70,
+                   max_caption_len=32, max_tag_len=38, n_regions=36, feature_dim=512,
+                   image_size=128, batch_size=256, lr=1e-4, warmup_steps=1000,
+                   max_steps=50_000, grad_clip=1.0, max_gen_len=24, region_layer_norm=True,
                    train_single_object_prob=0.5, standardise_features=True)
 
     @classmethod
     def tiny(cls) -> "Config":
         """OURS: 2 CPU cores, minutes. The world's regions (10 an image, 64-d, standardised), a
         4-layer, 128-wide encoder, no dropout (the world never repeats an example), init_std
-        0.1 (as UNITER's tiny preset: from scratch, its cross-modal loss needs it)."""
+        0.1 (as UNITER's tiny preset: from scratch, its cross-modal loss needs it). Every text
+        36 pieces (the world's longest [CLS] text [SEP] tags [SEP] is 30); region LayerNorm."""
         return cls(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
-                   init_std=0.1, vocab_size=1000, max_text_len=36, max_caption_len=24,
-                   max_tag_len=12, n_regions=10, feature_dim=64, image_size=64, batch_size=64,
-                   lr=5e-4, warmup_steps=100, max_steps=3000, grad_clip=1.0, max_gen_len=20,
+                   init_std=0.1, vocab_size=1000, max_text_len=36, max_retrieval_text_len=36,
+                   max_vqa_text_len=36, max_caption_len=24, max_tag_len=12, n_regions=10,
+                   feature_dim=64, image_size=64, batch_size=64, lr=5e-4, warmup_steps=100,
+                   max_steps=3000, grad_clip=1.0, max_gen_len=20, region_layer_norm=True,
                    eval_pairs=100, train_single_object_prob=0.5, standardise_features=True)
 
 
@@ -179,17 +191,17 @@ def text_pair(caption: list[int], tags: list[int] | None, max_len: int, cls_id: 
     """[CLS] caption [SEP] tags [SEP] and its segment ids (0 for [CLS], the caption and its
     [SEP]; 1 for the tags and the last [SEP]) [code]; tags None (use_tags False): [CLS] caption
     [SEP] only. caption and tags are word-pieces without specials; to fit max_len, one piece at
-    a time goes from the end of the longer one, the caption on ties [code: _truncate_seq_pair].
+    a time goes from the end of the longer one, the tags on ties [code: _truncate_seq_pair].
 
-    Worked example: caption [7, 8, 9], tags [5, 6], max_len 7 -> 5 pieces fit next to the 3
+    Worked example: caption [7, 8, 9], tags [5, 6], max_len 7 -> 4 pieces fit next to the 3
     specials; the caption (longer) loses 9 -> tokens [CLS 7 8 SEP 5 6 SEP], segments
-    [0 0 0 0 1 1 1]."""
+    [0 0 0 0 1 1 1]. Caption [7, 8], tags [5, 6], max_len 6: a tie, the tags lose 6."""
     if tags is None:
         caption = caption[:max_len - 2]
         return [cls_id, *caption, sep_id], [0] * (len(caption) + 2)
     caption, tags = list(caption), list(tags)
     while len(caption) + len(tags) > max_len - 3:
-        (caption if len(caption) >= len(tags) else tags).pop()
+        (caption if len(caption) > len(tags) else tags).pop()
     tokens = [cls_id, *caption, sep_id, *tags, sep_id]
     return tokens, [0] * (len(caption) + 2) + [1] * (len(tags) + 1)
 
@@ -232,8 +244,9 @@ class OscarEncoder(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         c, D = config, config.hidden_size
-        # pre-training: positions 0 .. max_text_len - 1; captioning: tags after the caption slot
-        positions = max(c.max_text_len, c.max_caption_len + c.max_tag_len)
+        # every task's positions (captioning: the tags after the caption slot): one encoder
+        positions = max(c.max_text_len, c.max_retrieval_text_len, c.max_vqa_text_len,
+                        c.max_caption_len + c.max_tag_len)
         self.text_embeddings = BertEmbeddings(c.vocab_size, D, max_positions=positions,
                                               n_token_types=2, dropout=c.dropout, pad_id=PAD_ID)
         self.region_embedding = nn.Linear(c.feature_dim + BOX_DIM, D)  # v = W [v' ; z]
@@ -262,17 +275,20 @@ class OscarEncoder(nn.Module):
 
 # --- 5. Objectives [Oscar §3, Eqs. 2-4; §4] -------------------------------------------------------
 
-def corrupt(token: int, rng: np.random.Generator, mask_id: int, vocab_size: int) -> int:
-    """A chosen token's input: [MASK] (80 %), a random id of the WHOLE vocabulary (10 %,
-    specials included, as [code]) or itself (10 %) [code random_word]."""
+def corrupt(token: int, rng: np.random.Generator, mask_id: int,
+            random_ids: tuple[int, int]) -> int:
+    """A chosen token's input: [MASK] (80 %), a random ordinary id from random_ids = [lo, hi)
+    (10 %) or itself (10 %) [code random_word]."""
     # AMBIGUITY: [Oscar §3] replaces a masked token "with a special token [MASK]"; [code] uses
     # BERT's 80/10/10 (pre-training and captioning); we follow [code].
+    # DEVIATION: [code] draws from the whole vocabulary; its attention mask comes from lengths,
+    # ours from tokens != [PAD], so a drawn [PAD] would become padding: we draw past the specials.
     u = rng.random()
-    return mask_id if u < 0.8 else int(rng.integers(vocab_size)) if u < 0.9 else token
+    return mask_id if u < 0.8 else int(rng.integers(*random_ids)) if u < 0.9 else token
 
 
 def mask_tokens(tokens: list[int], maskable: list[bool], rng: np.random.Generator,
-                mask_prob: float, mask_id: int, vocab_size: int) -> tuple[list[int], list[int]]:
+                mask_prob: float, mask_id: int, random_ids: tuple) -> tuple[list, list]:
     """The corruption of L_MTL [Oscar §3, Eq. 2]: each maskable piece (caption and tag
     word-pieces, never [CLS]/[SEP]) is chosen with mask_prob and corrupted. Unlike UNITER there
     is no at-least-one rule: an item can have no label. Returns (input ids, labels with IGNORE
@@ -280,7 +296,7 @@ def mask_tokens(tokens: list[int], maskable: list[bool], rng: np.random.Generato
     out, labels = list(tokens), [IGNORE] * len(tokens)
     for i, ok in enumerate(maskable):
         if ok and rng.random() < mask_prob:
-            labels[i], out[i] = tokens[i], corrupt(tokens[i], rng, mask_id, vocab_size)
+            labels[i], out[i] = tokens[i], corrupt(tokens[i], rng, mask_id, random_ids)
     return out, labels
 
 
@@ -411,12 +427,13 @@ class Oscar(nn.Module):
         super().__init__()
         self.config, D = config, config.hidden_size
         self.encoder = OscarEncoder(config)
+        classifier = lambda n: nn.Sequential(OrderedDict(dropout=nn.Dropout(config.dropout),
+                                                         classifier=nn.Linear(D, n)))
         make = {"mlm": lambda: MaskedTokenHead(D, config.vocab_size),
                 "contrastive": lambda: nn.Linear(D, 2),  # f [Oscar §3, Eq. 3]; 1 = polluted
-                "retrieval": lambda: nn.Linear(D, 2),  # column 1 = "match" [code]
-                # "a task-specific linear classifier" [Oscar §4, VQA], after dropout [code]
-                "vqa": lambda: nn.Sequential(OrderedDict(dropout=nn.Dropout(config.dropout),
-                                                         classifier=nn.Linear(D, len(ANSWERS))))}
+                # column 1 = "match" [code]; "a task-specific linear classifier" [Oscar §4,
+                # VQA]; both after dropout on the pooled [CLS] [code]
+                "retrieval": lambda: classifier(2), "vqa": lambda: classifier(len(ANSWERS))}
         self.heads = nn.ModuleDict({name: make[name]() for name in TASK_HEADS[config.task]})
         self.apply(lambda module: init_bert_weights(module, config.init_std))
 
@@ -552,7 +569,8 @@ def after_optimizer_step(model: Oscar) -> None:
 
 class OscarDataset(Dataset):
     """Item i: example i (modulo the source) for config.task ([CLS] caption or question [SEP]
-    tags [SEP] + regions; caption: two slots), every random choice a pure function of (seed, i).
+    tags [SEP] + regions; caption: two slots), every random choice a pure function of (seed, i);
+    retrieval: items 2k, 2k + 1 = example k's aligned pair, its unaligned one [Oscar §4; code].
 
     Polluted tags [Oscar §3]: q replaced "with probability 50% with a different tag sequence
     randomly sampled from the dataset". [code] (vanilla settings, textb_sample_mode 0) takes a
@@ -562,8 +580,11 @@ class OscarDataset(Dataset):
 
     def __init__(self, world, tokenizer, config: Config, seed: int = 0):
         self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
-        self.length = max(1, len(world) // config.batch_size) * config.batch_size
+        per_example = 2 if config.task == "retrieval" else 1  # a positive and its negative
+        self.length = max(1, per_example * len(world) // config.batch_size) * config.batch_size
         self.statistics = region_statistics(world) if config.standardise_features else None
+        t = tokenizer  # corrupt draws its random ids from [lo, hi), past the special ids
+        self.random_ids = (max(t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id) + 1, t.vocab_size)
 
     def __len__(self) -> int:
         return self.length
@@ -576,7 +597,8 @@ class OscarDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         c, world, tok = self.config, self.world, self.tokenizer
-        index, rng = i % len(world), np.random.default_rng([self.seed, 17, i])
+        k, negative = divmod(i, 2) if c.task == "retrieval" else (i, 0)
+        index, rng = k % len(world), np.random.default_rng([self.seed, 17, k])
         example = world.example(index)
         item = {"task": c.task, "regions": region_inputs(example, c, self.statistics)}
         text = example["captions"][rng.integers(len(example["captions"]))]
@@ -595,9 +617,9 @@ class OscarDataset(Dataset):
                     tags = self._pieces(donor["captions"][rng.integers(len(donor["captions"]))])
                 else:
                     tags = tag_pieces(tok, donor, c)
-        if c.task == "retrieval":  # a positive, or (1/2) a negative [Oscar §4; code]
-            item["is_match"] = bool(rng.random() >= 0.5)
-            if not item["is_match"]:
+        if c.task == "retrieval":  # "we randomly select a different image or a different
+            item["is_match"] = not negative  # caption to form an unaligned pair" [Oscar §4]
+            if negative:
                 donor = world.example(self._other(index, rng))
                 if rng.random() < 0.5:  # another caption, the image and its tags kept
                     text = donor["captions"][rng.integers(len(donor["captions"]))]
@@ -610,17 +632,17 @@ class OscarDataset(Dataset):
             for p in caption_mask_positions(len(caption), rng, c.caption_mask_prob,
                                             c.max_caption_masked):
                 labels[p], caption[p] = caption[p], corrupt(caption[p], rng, tok.mask_id,
-                                                            tok.vocab_size)
+                                                            self.random_ids)
             item["caption"], item["mlm_labels"] = torch.tensor(caption), torch.tensor(labels)
             item["tags"] = tag_slot(tags, c, tok.sep_id)
             item["tag_offset"] = c.max_caption_len  # the tags' first position id [code]
             return item
-        tokens, segments = text_pair(self._pieces(text), tags, c.max_text_len, tok.cls_id,
+        tokens, segments = text_pair(self._pieces(text), tags, c.text_len(), tok.cls_id,
                                      tok.sep_id)
         if c.task == "pretrain":  # L_MTL's input: words and tags masked
             maskable = [t not in (tok.cls_id, tok.sep_id) for t in tokens]
             tokens, labels = mask_tokens(tokens, maskable, rng, c.mask_prob, tok.mask_id,
-                                         tok.vocab_size)
+                                         self.random_ids)
             item["mlm_labels"] = torch.tensor(labels)
         item["tokens"], item["segments"] = torch.tensor(tokens), torch.tensor(segments)
         item["positions"] = torch.arange(len(tokens))
@@ -684,7 +706,7 @@ def pair_batch(tokenizer, config: Config, texts: list[str], images: list[int],
     """The encoder's inputs (a batch) for b (text, image) pairs: [CLS] text [SEP] tags [SEP]
     with the tags of examples[image], and that image's rows of regions and region_mask."""
     rows = [text_pair(tokenizer.encode(text, add_special=False),
-                      tag_pieces(tokenizer, examples[k], config), config.max_text_len,
+                      tag_pieces(tokenizer, examples[k], config), config.text_len(),
                       tokenizer.cls_id, tokenizer.sep_id) for text, k in zip(texts, images)]
     tokens = pad_sequences([torch.tensor(r[0]) for r in rows])  # (b, T)
     return {"tokens": tokens.to(regions.device),
@@ -715,8 +737,8 @@ def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
 def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world_config,
             beam_size: int | None = None, cached: bool = True) -> list[str]:
     """Captions for the examples' images [Oscar §4, Image Captioning; code]: start from [CLS],
-    append [MASK], read the next word at [MASK], append it, repeat to [SEP] or max_gen_len
-    words; beam search (beam_size, Σ log p / len^length_penalty) or greedy (beam_size 1)."""
+    append [MASK], read the next word at [MASK], append it, repeat to [SEP] or max_gen_len tokens
+    ([CLS] included, [code]); beam search (beam_size, Σ log p / len^α) or greedy (beam 1)."""
     device = model_device(model)
     beam_size = config.beam_size if beam_size is None else beam_size
     regions, region_mask = region_batch(examples, config, world_config, device)
@@ -727,9 +749,9 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
     step = caption_step_fn(model, tokenizer, states, real, cached)
     prefix = torch.full((len(examples), 1), tokenizer.cls_id, dtype=torch.long, device=device)
     if beam_size == 1:
-        out, _ = greedy(step, prefix, 1 + config.max_gen_len, tokenizer.sep_id, PAD_ID)
+        out, _ = greedy(step, prefix, config.max_gen_len, tokenizer.sep_id, PAD_ID)
     else:
-        out, _ = beam_search(step, prefix, 1 + config.max_gen_len, tokenizer.sep_id, beam_size,
+        out, _ = beam_search(step, prefix, config.max_gen_len, tokenizer.sep_id, beam_size,
                              config.length_penalty, pad_id=PAD_ID)
     return [text.lower() for text in tokenizer.decode_batch(out.cpu())]
 
@@ -767,7 +789,7 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
         examples = world_examples(world_config, split, n)
         captions = caption_examples(lambda part: caption(model, tokenizer, config, part,
                                                          world_config), examples)
-        return caption_metrics(captions, examples, tokenizer, config.max_gen_len)
+        return caption_metrics(captions, examples, tokenizer, config.max_gen_len - 1)
     if config.task == "vqa":
         examples = world_examples(world_config, split, n)
         regions, region_mask = region_batch(examples, config, world_config, model_device(model))

@@ -2,7 +2,7 @@
 
     Yen-Chun Chen, Linjie Li, Licheng Yu, Ahmed El Kholy, Faisal Ahmed, Zhe Gan, Yu Cheng,
     Jingjing Liu. ECCV 2020; arXiv 1909.11740v3. Every `[UNITER ...]` tag cites that version:
-    sections, equations (1-6), tables, footnotes (fn.) and the appendix (§A).
+    sections, equations (Eqs. 1-4 in §3.2, Eqs. 5-6 in §A.7), tables, footnotes (fn.), §A.
 
 One Transformer reads a caption and an image's detector regions as one sequence; four kinds of
 pre-training task teach it to relate the two [UNITER §3.1, Fig. 1]:
@@ -20,25 +20,28 @@ Masking is conditional: one modality is masked, the other seen whole; each mini-
 task [UNITER §3.1], drawn by a mix ratio [code]; WRA is added on ITM batches [code].
 
 Paper map (part of the paper -> code):
-    §3.1, fn. 3   Image Embedder, the 7-d location    region_locations, ImageEmbeddings
+    §3.1, fn. 3, 5   Image Embedder, 7-d location     region_locations, ImageEmbeddings
     §3.1, fn. 5   Text Embedder, one Transformer      UniterEncoder (shared.transformer's BERT)
     §3.1          conditional masking; the task mix   masked_modalities, mask_*; draw_task
     §3.2, Eq. 1   MLM                                 mlm_loss, UNITER.forward_mlm
     §3.2, Eq. 2   ITM                                 itm_loss, rank_score, UNITER.forward_itm
     §3.2, Eq. 3   WRA: OT with the cosine cost        wra_distance, wra_loss
                   ITM + WRA on one batch [code]       itm_wra_loss (the composite)
-    §A.7, Eq. 6, Alg. 1   IPOT                        shared.ot.ipot (imported as uniter.ipot)
+    §A.7, Eqs. 5-6, Alg. 1   OT, IPOT                 shared.ot.ipot (imported as uniter.ipot)
     §3.2, Eq. 4   MRM: MRFR, MRC, MRC-kl              mrfr_loss, mrc_loss, mrc_kl_loss, forward_mrm
     §4.1, §A.2    retrieval: triplet, hard negatives  rank_hinge_loss, UNITER.forward_rank
-    §4.1, §A.2    VQA: BCE over the answers           VQAHead, vqa_loss, UNITER.forward_vqa
-    §4 fn. 12     UNITER-base; [code] the recipe      Config, Config.paper()
+                  retrieval test: 5 captions an image retrieval_scores, evaluate
+    §4.1, §A.2    VQA: BCE over the answers           task_heads, vqa_loss, UNITER.forward_vqa
+    §4, fn. 12    UNITER-base; [code] the recipe      Config, Config.paper()
 
 Model = UniterEncoder (the same tensors whatever the task) + `heads`, one small module per
 task: pretrain = itm, mlm, mrfr, mrc (MRC and MRC-kl share it); retrieval = itm (the rank head
 IS the pre-trained ITM head, so fine-tuning starts from it); vqa = vqa. UniterDataset applies
 the masking to examples, collate_fn pads them into batches.
 
-[code] = the official code (ChenRocks/UNITER 1dbfa62).
+[code] = the official code (ChenRocks/UNITER 1dbfa62). `[paper ≠ code]` marks where the two
+differ: the Image Embedder and MRC-kl's scale are switches (region_branch_norms, mrc_kl_scale);
+ITM negatives, MLM's 80/10/10, WRA's negatives and the losses' sums are tagged where they live.
 
 Left out, and why: the four image-text corpora and the Faster R-CNN (the synthetic world's regions
 of shared/world.py instead: boxes, features, detector class probabilities); batches sized in
@@ -59,9 +62,9 @@ from torch.utils.data import Dataset
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (RecentExamples, feature_statistics, flat_targets, model_device,
                          pad_rows, pad_sequences, region_statistics)
-from shared.evaluate import (in_eval_mode, pair_scores, retrieval_metrics, vqa_metrics,
-                             world_examples)
+from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
+from shared.metrics import recall_at_k
 from shared.optim import adamw, fused_for
 from shared.ot import ipot  # the IPOT solver [UNITER §A.7, Alg. 1]; WRA (below) is its use
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
@@ -100,6 +103,8 @@ class Config:
     region_conf_threshold: float = 0.2  # [code]: conf = the detector's best object-class score
     n_region_classes: int = 1601  # C, [code]: 1600 Visual Genome classes + background at 0
     standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
+    region_branch_norms: bool = False  # [paper ≠ code] False: [UNITER §3.1]'s LN(W_f f + W_p p +
+    #   type); True: [code]'s LN(LN(W_f f) + LN(W_p p) + type) (ImageEmbeddings)
     # pre-training tasks [UNITER §3.2; code]
     mask_prob: float = 0.15  # [UNITER §3.2]: each word-piece (MLM) or region (MRM), i.i.d.
     itm_neg_prob: float = 0.5  # [code]: share of ITM pairs whose image is replaced
@@ -108,6 +113,8 @@ class Config:
     mix_mrfr: float = 2.0
     mix_mrc: float = 0.0  # [code]: hard-label MRC is in the code but no released config uses it
     mix_mrc_kl: float = 2.0
+    mrc_kl_scale: str = "region"  # [paper ≠ code] "region": the KL of each masked region, as
+    #   Eq. 4 sums; "element": [code]'s kl_div(...).mean() over regions × C = "region" / C
     wra_weight: float = 0.1  # [code]: ITM batches train CE + 0.1 · L_WRA
     ipot_beta: float = 0.5  # [code]: β of the IPOT proximal step [UNITER §A.7, Eq. 6]
     ipot_iters: int = 50  # [code]: outer IPOT iterations
@@ -121,7 +128,8 @@ class Config:
     #   logit[no match] (OURS), "match_logit" = logit[match] alone ([code])
     vqa_head_lr_mult: float = 10.0  # [code]: the VQA head trains at 10x the learning rate
     zero_regions: bool = False  # OURS: regions zeroed in training and evaluation: text-only
-    eval_pairs: int = 1000  # retrieval among this many test pairs: Flickr30K's 1K [UNITER §A.2]
+    eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
+    #                          (5 each): Flickr30K's 1K test images, 5K captions [UNITER §A.2]
     # pre-training recipe, read by train.py [UNITER §A.2; code pretrain-alldata-base-8gpu.json]
     image_size: int = 224  # OURS: the world's render size (UNITER itself sees only regions)
     batch_size: int = 6144  # OURS: [code] batches by tokens, 8 GPUs × 10,240 × 6 accumulation
@@ -159,6 +167,8 @@ class Config:
              f"{self.ipot_iters}, {self.ipot_inner}"),
             (self.itm_score in ("log_odds", "match_logit"),
              f"itm_score must be log_odds or match_logit, not {self.itm_score!r}"),
+            (self.mrc_kl_scale in ("region", "element"),
+             f"mrc_kl_scale must be region or element, not {self.mrc_kl_scale!r}"),
             (self.hard_negatives >= 1 and self.rank_margin >= 0 and self.vqa_head_lr_mult > 0,
              f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
              f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}")]
@@ -170,19 +180,21 @@ class Config:
 
     @classmethod
     def paper(cls) -> "Config":
-        """UNITER-base [UNITER §4 fn. 12] with the official all-data recipe [code] (8 GPUs)."""
-        return cls()
+        """UNITER-base [UNITER §4, fn. 12] with the official all-data recipe [code] (8 GPUs),
+        the paper's Image Embedder and [code]'s MRC-kl scale (the recipe's lr and clipping were
+        tuned with it)."""
+        return cls(mrc_kl_scale="element")
 
     @classmethod
     def small(cls) -> "Config":
         """OURS: one GPU, hours. A 6-layer, 384-wide UNITER on the world's regions: 10 to 36 an
         image (36: the code's count when the confidence threshold is off), 512-d features,
-        128 px renders."""
+        128 px renders. [code]'s Image Embedder, as tiny()."""
         return cls(hidden_size=384, layers=6, heads=6, intermediate_size=1536, vocab_size=1000,
                    max_text_len=40, feature_dim=512, n_regions=36,
                    n_region_classes=len(DETECTOR_CLASSES), image_size=128, batch_size=256,
                    lr=1e-4, warmup_steps=1000, max_steps=50_000, grad_accum_steps=1,
-                   train_single_object_prob=0.5)
+                   train_single_object_prob=0.5, region_branch_norms=True)
 
     @classmethod
     def tiny(cls) -> "Config":
@@ -192,13 +204,14 @@ class Config:
 
         From scratch (no BERT), ITM leaves chance only with both standardised region features
         and init_std 0.1: at width 128, BERT's 0.02 makes every attention output ~5 % of its
-        residual, too weak a cross-modal signal for ITM (measured: RESULTS.md)."""
+        residual, too weak a cross-modal signal for ITM (measured: RESULTS.md, with [code]'s
+        Image Embedder, region_branch_norms, kept here)."""
         return cls(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
                    init_std=0.1, vocab_size=1000, max_text_len=32, feature_dim=64, n_regions=10,
                    min_regions=10, n_region_classes=len(DETECTOR_CLASSES), image_size=64,
                    batch_size=64, lr=5e-4, warmup_steps=100, max_steps=3500,
                    grad_accum_steps=1, train_single_object_prob=0.5, hard_negatives=3,
-                   eval_pairs=100, standardise_features=True)
+                   eval_pairs=100, standardise_features=True, region_branch_norms=True)
 
 
 # --- 3. Input embeddings: the Image Embedder -----------------------------------------------------
@@ -239,24 +252,27 @@ class ImageEmbeddings(nn.Module):
     """The Image Embedder [UNITER §3.1; code model/model.py]: region feature f (F) and
     7-d location p -> one D-wide input token per region:
 
-        e = Dropout(LN( LN(W_f f) + LN(W_p p) + type[1] ))
+        paper:  e = Dropout(LN( W_f f + W_p p + type[1] ))              branch_norms=False
+        [code]: e = Dropout(LN( LN(W_f f) + LN(W_p p) + type[1] ))      branch_norms=True
 
-    The paper: an FC layer for each of f and p, their sum, one LN [UNITER §3.1], the modality
-    embedding type[1] summed before it [UNITER §3.1, fn. 5] (row 1 of the text embedder's
-    token-type table, passed in); the inner LNs are [code]'s. No position embedding: the 7-d
-    location is where a region is. Names: [code] img_linear, img_layer_norm, pos_linear,
-    pos_layer_norm, mask_embedding row 1.
+    [paper ≠ code]: the paper sums "the two FC outputs and then [passes them] through a layer
+    normalization" [UNITER §3.1], the modality embedding type[1] summed before it [UNITER §3.1,
+    fn. 5] (row 1 of the text embedder's token-type table, passed in); [code] normalises each FC
+    output first. No position embedding: the 7-d location is where a region is. Names: [code]
+    img_linear, img_layer_norm, pos_linear, pos_layer_norm, mask_embedding row 1.
 
     DEVIATION from the paper, as [code]: a masked region's feature is replaced by zeros
     [UNITER §3.1, §3.2] plus a learned vector m, so its input is m; its location is kept.
     """
 
-    def __init__(self, feature_dim: int, d_model: int, dropout: float = 0.1, eps: float = 1e-12):
+    def __init__(self, feature_dim: int, d_model: int, dropout: float = 0.1, eps: float = 1e-12,
+                 branch_norms: bool = False):
         super().__init__()
+        branch_norm = (lambda: nn.LayerNorm(d_model, eps=eps)) if branch_norms else nn.Identity
         self.feature = nn.Linear(feature_dim, d_model)  # W_f; also MRFR's output layer (tied)
-        self.feature_norm = nn.LayerNorm(d_model, eps=eps)
+        self.feature_norm = branch_norm()  # [code] only
         self.location = nn.Linear(LOCATION_DIM, d_model)  # W_p
-        self.location_norm = nn.LayerNorm(d_model, eps=eps)
+        self.location_norm = branch_norm()  # [code] only
         self.mask_vector = nn.Parameter(torch.randn(feature_dim) * 0.02)  # m, BERT's N(0, 0.02)
         self.norm = nn.LayerNorm(d_model, eps=eps)
         self.dropout = nn.Dropout(dropout)
@@ -289,7 +305,8 @@ class UniterEncoder(nn.Module):
         self.config = c
         self.text_embeddings = BertEmbeddings(c.vocab_size, D, max_positions=c.max_text_len,
                                               n_token_types=2, dropout=c.dropout, pad_id=PAD_ID)
-        self.image_embeddings = ImageEmbeddings(c.feature_dim, D, c.dropout)
+        self.image_embeddings = ImageEmbeddings(c.feature_dim, D, c.dropout,
+                                                branch_norms=c.region_branch_norms)
         self.layers = nn.ModuleList(PostLNEncoderBlock(D, c.heads, c.intermediate_size,
                                                        c.dropout) for _ in range(c.layers))
         self.pooler = BertPooler(D)
@@ -314,7 +331,9 @@ class UniterEncoder(nn.Module):
 # --- 5. Pre-training tasks: conditional masking, the task sampler, the objectives ---------------
 # Masking: pure functions of a numpy Generator (each draw of the data is a function of (seed, i)).
 # Objectives: pure functions of tensors; region losses average over the `masked` regions (none
-# masked gives 0, not NaN); logits are cast to fp32.
+# masked gives 0, not NaN); logits are cast to fp32. [paper ≠ code]: Eqs. 1 and 4 sum over a
+# pair's masked words or regions; [code] and we average (no switch: [code]'s recipe was tuned on
+# means; MRC-kl's extra / C is Config.mrc_kl_scale).
 
 def draw_task(config: Config, update: int, seed: int = 0) -> str:
     """The pre-training task of optimizer update `update`: "we randomly sample one task for each
@@ -349,6 +368,9 @@ def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, ma
     uniformly from random_ids = [lo, hi) 10 %, and stays itself 10 %. If nothing was picked, the
     first word-piece becomes [MASK], so every caption has something to predict [code].
 
+    AMBIGUITY: §3.2's text replaces the masked words "with special token [MASK]"; its fn. 7
+    splits them 80/10/10 "following BERT", as [code] (data/data.py random_word) and we do.
+
     Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere.
     """
     inputs, labels = list(tokens), [IGNORE] * len(tokens)
@@ -369,7 +391,7 @@ def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, ma
 
 
 def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarray:
-    """MRM masking of one image's n regions [UNITER §3.2, MRM; code data/mrm.py]: each region
+    """MRM masking of one image's n regions [UNITER §3.2, Eq. 4; code data/mrm.py]: each region
     i.i.d. with probability mask_prob (15 %), and one at random if none was picked [code].
     Returns (n,) bool. The model replaces a masked region's feature by a learned mask vector
     (ImageEmbeddings); its location is never masked."""
@@ -397,8 +419,9 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor
         w_m             labels[b, t] where != ignore_index (B, T)
         M               number of labelled positions       ()
 
-    The expectation is the mean over the masked word-pieces of the batch, as [code]. Its labels
-    use -1 for "not masked"; we use PyTorch's -100. Nothing labelled gives 0.
+    [paper ≠ code]: Eq. 1's log P_θ of a pair's masked words sums over them; [code] and we
+    average over the batch's masked word-pieces. [code]'s labels use -1 for "not masked", ours
+    PyTorch's -100. Nothing labelled gives 0.
     """
     V = logits.shape[-1]
     nll = F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
@@ -479,9 +502,10 @@ def wra_loss(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor, regi
 
     The sign: minimising L_WRA lowers d for matched pairs and raises it for mismatched ones. So
     L_WRA lies in [-2, 2] and can be negative; there is no margin or hinge (d <= 2 bounds the
-    push). AMBIGUITY: Eq. 3 defines L_WRA as the OT distance of one (w, v) pair; how mismatched
-    pairs enter and what divides the sum is unstated. We follow [code]: both signs, divided by
-    the whole batch size n = n_pos + n_neg (not a mean over each group).
+    push). [paper ≠ code]: Eq. 3's L_WRA is the OT distance of a (w, v) pair, minimised, as a
+    task of its own [UNITER §3.1]: nothing pushes mismatched pairs apart; which pairs and what
+    normaliser are unstated (AMBIGUITY, so no switch). We follow [code]: ITM's batch, positives
+    minus negatives, over the whole batch n = n_pos + n_neg.
     """
     d = wra_distance(text_hidden, region_hidden, text_mask, region_mask, beta, iters, k)  # (B,)
     sign = is_match.bool().to(d.dtype) * 2 - 1  # (B,): +1 matched, -1 mismatched
@@ -510,9 +534,9 @@ def mrfr_loss(predicted: Tensor, target: Tensor, masked: Tensor) -> Tensor:
         r(v_i)     target[b, n]: the input feature   (B, N, F), copied before masking
         M          masked.sum()                      ()
 
-    DEVIATION from the paper, as [code]: the paper sums the squared L2 norms over the M masked
-    regions; [code] (and we) average the squared error over the M regions and the F dimensions
-    (an element-wise MSE over the masked rows). h_θ's last layer is the Image Embedder's feature
+    [paper ≠ code]: the paper sums the squared L2 norms over the M masked regions; [code] (and
+    we) average the squared error over the M regions and the F dimensions (an element-wise MSE
+    over the masked rows). h_θ's last layer is the Image Embedder's feature
     Linear (D <- F) used transposed, the same Parameter object, with its own zero bias [code].
     """
     squared_error = (predicted.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
@@ -531,9 +555,9 @@ def mrc_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
         p̃(v_i)     detector_probs[b, n]          (B, N, C): detector softmax, background at 0
         M          masked.sum()                  ()
 
-    The paper sums over the M masked regions; we average, as for MLM. As [code], background
-    (class 0) is left out of the argmax, so it is never a target even where the detector thinks
-    it most likely; the model still has a background logit.
+    [paper ≠ code]: the paper sums over the M masked regions; [code] (and we) average. As
+    [code], background (class 0) is left out of the argmax, so it is never a target even where
+    the detector thinks it most likely; the model still has a background logit.
     """
     C = logits.shape[-1]
     target = detector_probs[..., 1:].argmax(dim=-1) + 1  # (B, N): best object class, never 0
@@ -542,27 +566,29 @@ def mrc_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
     return _masked_mean(nll, masked.reshape(-1))  # ()
 
 
-def mrc_kl_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
+def mrc_kl_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor,
+                scale: str = "region") -> Tensor:
     """Masked region classification with KL-divergence [UNITER §3.2, Eq. 4, MRC-kl]: match the
     detector's whole class distribution instead of its argmax.
 
-        L_MRC-kl = (1/M) Σ_{i masked} KL(p̃(v_i) ‖ softmax(g_θ(v_i)))
+        L_MRC-kl = (1/M) Σ_{i masked} KL(p̃(v_i) ‖ softmax(g_θ(v_i)))          scale "region"
                  = (1/M) Σ_{i masked} Σ_c t_c (log t_c - log p_c),   0 · log 0 := 0
+        L_MRC-kl / C                                                         scale "element"
 
         symbol     variable                                shape
         t_c        detector_probs[b, n, c]                 (B, N, C), background included
         log p_c    log_softmax(logits[b, n])_c             (B, N, C)
-        M          masked.sum()                            ()
+        M, C       masked.sum(), the classes (1601)        ()
 
-    The paper sums over the M masked regions; we average. DEVIATION: [code] takes the
-    element-wise mean over the M × C entries, i.e. this loss divided by C (1601); we keep the
-    per-region KL, which does not shrink with the number of classes. Divide by C to compare
-    loss values with the original.
+    [paper ≠ code]: the paper sums the KL over the M masked regions; [code]'s kl_div(...).mean()
+    averages over the M × C entries ("element", paper()); "region" (tiny, small) does not shrink
+    with C. With one task an update, shared AdamW moments and clipping, the scale sets how hard
+    MRC-kl pulls on the encoder, not only the loss value.
     """
     t = detector_probs.float()  # (B, N, C)
     log_p = logits.float().log_softmax(dim=-1)  # (B, N, C)
     kl = (torch.xlogy(t, t) - t * log_p).sum(dim=-1)  # (B, N): Σ_c t (log t - log p)
-    return _masked_mean(kl, masked)  # ()
+    return _masked_mean(kl, masked) / {"region": 1, "element": t.shape[-1]}[scale]  # ()
 
 
 def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> Tensor:
@@ -675,8 +701,8 @@ class UNITER(nn.Module):
             loss = mrfr_loss(self.heads["mrfr"](hidden, weight), batch["mrfr_targets"], every)
         else:
             logits = self.heads["mrc"](hidden)  # (M, C)
-            objective = mrc_loss if task == "mrc" else mrc_kl_loss
-            loss = objective(logits, batch["mrc_targets"], every)
+            loss = (mrc_loss(logits, batch["mrc_targets"], every) if task == "mrc" else
+                    mrc_kl_loss(logits, batch["mrc_targets"], every, self.config.mrc_kl_scale))
         return {"loss": loss, task: loss}
 
     def forward_itm(self, batch: dict) -> dict:
@@ -802,12 +828,14 @@ class UniterDataset(Dataset):
 
     def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:
         """The world index of item i's replacement image, uniform over the other images of
-        its micro-batch (items i - i % b .. i - i % b + b - 1). DEVIATION: the paper draws "a
-        randomly-selected one from other samples" [UNITER §3.2, ITM], [code] from the whole
-        dataset; the world's examples are i.i.d., so the negatives follow the same distribution
-        (on a corpus, b neighbours in its file order), and each is an image the micro-batch
-        makes anyway. Where the micro-batch has no other image (b = 1, or a dataset shorter
-        than b), one from the whole dataset."""
+        its micro-batch (items i - i % b .. i - i % b + b - 1). [paper ≠ code]: the paper
+        replaces "the image or text in a paired sample" [UNITER §3.2, Eq. 2], in proportions it
+        does not give (AMBIGUITY, so no switch); [code] and we replace the image only.
+        DEVIATION: the paper draws "a randomly-selected one from other samples" [UNITER §3.2,
+        Eq. 2], [code] from the whole dataset; the world's examples are i.i.d., so the negatives
+        follow the same distribution (on a corpus, b neighbours in its file order), and each is
+        an image the micro-batch makes anyway. Where the micro-batch has no other image (b = 1,
+        or a dataset shorter than b), one from the whole dataset."""
         n, start = len(self.world), i - i % self.micro_batch
         others = sorted({(start + k) % n for k in range(self.micro_batch)} - {index})
         if others:
@@ -836,7 +864,7 @@ class UniterDataset(Dataset):
             tokens = self.tokenizer.encode(caption, max_len=c.max_text_len)
         if task == "itm":
             item["is_match"] = bool(rng.random() >= c.itm_neg_prob)
-            if not item["is_match"]:  # [code]: replace the image, never the text
+            if not item["is_match"]:  # the image, never the text: [paper ≠ code] (negative_index)
                 other = self.example(self.negative_index(i, index, rng))
                 item.update(region_inputs(other, c, self.statistics))
         words, regions = masked_modalities(task, c.conditional_masking)
@@ -909,18 +937,22 @@ def region_batch(examples: list[dict], config: Config, device: torch.device,
 
 
 def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[dict],
-                     world_config=None) -> Tensor:
-    """The (n images, n captions) match_score of every pair of n examples' images and first
-    captions: n² forward passes, as [code itm_eval]. On the CPU."""
+                     world_config=None, texts: list[str] | None = None) -> Tensor:
+    """The (n images, G texts) match_score of every pair of n examples' images and `texts`
+    (default: each example's first caption, G = n): n·G forward passes, 1024 a call, as
+    [code inf_itm.py]; the texts go shortest first, each call cut to its longest. On the CPU."""
     device = model_device(model)
-    tokens = tokenizer.encode_batch([ex["captions"][0] for ex in examples],
-                                    config.max_text_len).to(device)  # (n, T)
+    texts = [ex["captions"][0] for ex in examples] if texts is None else texts
+    tokens = tokenizer.encode_batch(texts, config.max_text_len).to(device)  # (G, T)
     features, locations, mask = region_batch(examples, config, device, world_config)
-
-    def score(image: Tensor, text: Tensor) -> Tensor:
-        i, t = image.to(device), text.to(device)  # (p,), (p,)
-        return model.match_score(tokens[t], features[i], locations[i], mask[i])  # (p,)
-    return pair_scores(score, len(examples))  # (n images, n texts)
+    n, lengths = len(examples), (tokens != PAD_ID).sum(1)  # (G,)
+    text = lengths.argsort().repeat_interleave(n)  # (G·n,), text-major, shortest first
+    image = torch.arange(n, device=device).repeat(len(texts))  # (G·n,)
+    scores = torch.zeros(n, len(texts))  # (n images, G texts)
+    for i, t in zip(image.split(1024), text.split(1024)):  # each (≤ 1024,)
+        scores[i.cpu(), t.cpu()] = model.match_score(
+            tokens[t, :int(lengths[t].max())], features[i], locations[i], mask[i]).float().cpu()
+    return scores
 
 
 def answer_logits_fn(model: UNITER, tokenizer, config: Config, examples: list[dict],
@@ -968,15 +1000,20 @@ def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
              n: int) -> dict[str, float]:
     """The downstream metrics on a world split.
 
-    pretrain, retrieval: i2t_r1/5/10, t2i_r1/5/10 among min(n, eval_pairs) (image, first
-        caption) pairs, every pair scored by UNITER.match_score; r1_mean = their R@1 mean.
+    pretrain, retrieval: i2t_r1/5/10, t2i_r1/5/10 among min(n, eval_pairs) images and ALL
+        their captions (5 each), every pair scored by UNITER.match_score: the COCO / Flickr30K
+        protocol [UNITER §A.2; code utils/itm_eval.py], an image found if any of its captions
+        ranks in the top K, a caption if its image does; r1_mean = their R@1 mean.
     vqa: vqa_acc over every question of n images; vqa_acc_<type> per question template;
         vqa_acc_regions_zeroed = the same model with the regions zeroed at test time.
     """
     if config.task != "vqa":
         examples = world_examples(world_config, split, min(n, config.eval_pairs))
-        return retrieval_metrics(retrieval_scores(model, tokenizer, config,
-                                                              examples, world_config))
+        texts = [c for ex in examples for c in ex["captions"]]  # (G,), G = 5n in the world
+        text_image = torch.tensor([k for k, ex in enumerate(examples) for _ in ex["captions"]])
+        metrics = recall_at_k(retrieval_scores(model, tokenizer, config, examples, world_config,
+                                               texts), text_image)
+        return {**metrics, "r1_mean": (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2}
     examples = world_examples(world_config, split, n)
     answers = [answer_logits_fn(model, tokenizer, config, examples, world_config,
                                             zero_regions) for zero_regions in (False, True)]

@@ -10,26 +10,26 @@ per-paper test files.
 Oscar (arXiv 2004.06165, ECCV version; oscar.py)
     | objective | equation (+ citation) | function | oracles | tests |
     |---|---|---|---|---|
-    | Oscar masked token loss L_MTL | L_MTL = −E_{(v,h)~D} log p(h_i \| h_\i, v), h = [w, q], mean over masked tokens [Oscar §3, Eq. 2] | `oscar.masked_token_loss` | by hand (3 rows, one ignored; nothing masked -> 0); loop over the masked tokens from the equation | `test_oscar_masked_token_loss_by_hand`, `test_oscar_masked_token_loss_is_eq_2_looped_over_the_masked_tokens` |
+    | Oscar masked token loss L_MTL | L_MTL = −E_{(v,h)~D} log p(h_i \| h_\i, v), h = [w, q], mean over masked tokens [Oscar §3, Eq. 2] | `oscar.masked_token_loss` | by hand (3 rows, one ignored; nothing masked -> 0); loop over the masked tokens from the equation; the corrupted inputs never a special id | `test_oscar_masked_token_loss_by_hand`, `test_oscar_masked_token_loss_is_eq_2_looped_over_the_masked_tokens`, `test_oscar.py::test_random_replacements_are_never_special_ids` |
     | Oscar contrastive loss L_C | L_C = −E_{(h',w)~D} log p(y \| f(h', w)), h' = [q, v], q polluted with p 0.5 [Oscar §3, Eq. 3] | `oscar.contrastive_loss` | by hand, both labellings; loop over the batch from the equation | `test_oscar_contrastive_loss_by_hand`, `test_oscar_contrastive_loss_is_eq_3_looped_over_the_batch` |
     | Oscar pre-training objective (composite) | L_Pre-training = L_MTL + L_C [Oscar §3, Eq. 4] | `oscar.pretraining_loss` (called by `Oscar.forward`) | by hand (the unweighted sum); the model's loss follows a replaced function | `test_oscar_pretraining_loss_is_eq_4_the_unweighted_sum`, `test_oscar.py::test_the_model_calls_the_composite_objective` |
-    | Oscar retrieval fine-tuning | binary classification of aligned / unaligned pairs on [CLS], cross-entropy [Oscar §4] | `oscar.retrieval_loss` | loop over the batch from the equation | `test_oscar_retrieval_loss_is_binary_cross_entropy_looped_over_the_batch` |
+    | Oscar retrieval fine-tuning | binary classification of aligned / unaligned pairs on [CLS], cross-entropy, one unaligned pair per aligned pair [Oscar §4; code] | `oscar.retrieval_loss` (pairs: `oscar.OscarDataset`) | loop over the batch from the equation; items 2k, 2k + 1 a positive and its negative | `test_oscar_retrieval_loss_is_binary_cross_entropy_looped_over_the_batch`, `test_oscar.py::test_retrieval_items_are_an_aligned_pair_then_its_unaligned_pair` |
     | Oscar captioning fine-tuning | L_MTL at the masked caption positions under the seq2seq mask [Oscar §4; App. A: 15 %, at most 3] | `oscar.masked_token_loss` with `caption_masked_count`, `caption_mask_positions`, `caption_attention_mask` | by hand (the count formula, round half to even); the mask block by block | `test_oscar.py::test_caption_masked_count_formula`, `test_oscar.py::test_caption_mask_positions_never_cls_and_the_final_sep_can_be_chosen`, `test_oscar.py::test_caption_attention_mask_four_blocks_and_padding` |
     | Oscar VQA | multi-label BCE against soft scores, summed over answers [Oscar §4] | `oscar.vqa_loss` (= `shared.losses.vqa_loss`) | by hand, element by element | `test_oscar_vqa_loss_is_bce_summed_over_answers` |
 
 UNITER (arXiv 1909.11740v3; uniter.py)
     | objective | equation (+ citation) | function | oracles | tests |
     |---|---|---|---|---|
-    | UNITER L_MLM | −(1/M) Σ_m log P_θ(w_m \| w_\m, v) [UNITER §3.2, Eq. 1] | `uniter.mlm_loss` | by hand (log-softmax at the labels); logits at unlabelled positions changed | `test_uniter_mlm_loss_is_the_mean_over_labelled_positions_and_ignores_minus_100` |
+    | UNITER L_MLM | −(1/M) Σ_m log P_θ(w_m \| w_\m, v) [UNITER §3.2, Eq. 1] ([paper ≠ code]: the paper sums a pair's masked words; [code] and we average) | `uniter.mlm_loss` | by hand (log-softmax at the labels); logits at unlabelled positions changed | `test_uniter_mlm_loss_is_the_mean_over_labelled_positions_and_ignores_minus_100` |
     | UNITER L_ITM | −(1/B) Σ [y log s + (1 − y) log(1 − s)], s = softmax(z)₁ [UNITER §3.2, Eq. 2] | `uniter.itm_loss` | `F.binary_cross_entropy` on sigmoid(z₁ − z₀) | `test_uniter_itm_loss_is_binary_cross_entropy_on_the_match_probability` |
     | UNITER rank score | z₁ − z₀ (the argument of Eq. 2's sigmoid) or z₁ [UNITER §3.2, Eq. 2; code] | `uniter.rank_score` | by hand; log(p / (1 − p)) | `test_uniter_rank_score_is_the_log_odds_of_match_or_the_match_logit` |
     | UNITER IPOT plan | proximal point steps, K = 1 [UNITER §A.7, Eq. 6, Alg. 1] | `shared.ot.ipot` (= `uniter.ipot`) | marginals; per-example loop; POT `ot.emd2` (exact EMD) | `test_uniter_ipot_marginals_*`, `test_uniter_ipot_gives_an_all_zero_plan_*`, `test_uniter_ipot_with_many_iterations_matches_pot_exact_emd`, `test_uniter_batched_ipot_equals_a_loop_*`, `test_uniter_ipot_keeps_the_dtype_*` |
     | UNITER OT distance d_b | Σ_ij C_ij T_ij, C = 1 − cos [UNITER §3.2, Eq. 3] | `uniter.wra_distance` | by hand per example (cosine cost × IPOT plan) | `test_uniter_wra_distance_is_sum_of_cosine_cost_times_plan_and_lies_in_0_2` |
-    | UNITER L_WRA | (Σ_pos d − Σ_neg d) / B [UNITER §3.2, Eq. 3; code] | `uniter.wra_loss` | by hand from d; the gradient against a loss with a precomputed constant plan; fp32 under bf16 autocast | `test_uniter_wra_loss_sign_convention_*`, `test_uniter_wra_gradient_reaches_the_hidden_states_only_through_the_cost`, `test_uniter_wra_runs_in_fp32_*` |
+    | UNITER L_WRA | (Σ_pos d − Σ_neg d) / B [UNITER §3.2, Eq. 3; code] ([paper ≠ code]: Eq. 3 minimises d of a pair, no negatives) | `uniter.wra_loss` | by hand from d; the gradient against a loss with a precomputed constant plan; fp32 under bf16 autocast | `test_uniter_wra_loss_sign_convention_*`, `test_uniter_wra_gradient_reaches_the_hidden_states_only_through_the_cost`, `test_uniter_wra_runs_in_fp32_*` |
     | UNITER ITM batch (composite) | L_ITM + λ L_WRA, λ = 0.1 [code] | `uniter.itm_wra_loss` (called by `UNITER.forward_itm`) | by hand | `test_uniter_itm_wra_loss_is_itm_plus_the_weighted_wra_and_itm_alone_without_wra`; model: `test_uniter_model.py::test_every_task_loss_is_unchanged_by_extra_padding[itm]`, `test_uniter_model.py::test_a_tiny_model_overfits_one_batch_of_each_task[itm]` |
-    | UNITER L_MRFR | (1/(M·F)) Σ_i ‖h_θ(v_i) − r(v_i)‖² [UNITER §3.2, Eq. 4] | `uniter.mrfr_loss` | loop over the masked regions; unmasked rows changed | `test_uniter_mrfr_loss_is_the_mse_over_masked_regions_only`; tied head: `test_uniter_model.py::test_the_mlm_and_mrfr_output_layers_are_the_embedding_weights_themselves[mrfr]` |
-    | UNITER L_MRC | −(1/M) Σ_i log softmax(g_θ(v_i))[1 + argmax_{c≥1} p̃_c] [UNITER §3.2, Eq. 4] | `uniter.mrc_loss` | by hand (background never a target) | `test_uniter_mrc_loss_targets_the_best_object_class_never_background_and_only_masked_regions` |
-    | UNITER L_MRC-kl | (1/M) Σ_i KL(p̃(v_i) ‖ softmax g_θ(v_i)) [UNITER §3.2, Eq. 4] | `uniter.mrc_kl_loss` | loop Σ t (log t − log p) with 0 log 0 = 0; KL(t ‖ t) = 0 | `test_uniter_mrc_kl_loss_equals_a_hand_written_sum_of_t_log_t_over_p` |
+    | UNITER L_MRFR | (1/(M·F)) Σ_i ‖h_θ(v_i) − r(v_i)‖² [UNITER §3.2, Eq. 4] ([paper ≠ code]: the paper sums) | `uniter.mrfr_loss` | loop over the masked regions; unmasked rows changed | `test_uniter_mrfr_loss_is_the_mse_over_masked_regions_only`; tied head: `test_uniter_model.py::test_the_mlm_and_mrfr_output_layers_are_the_embedding_weights_themselves[mrfr]` |
+    | UNITER L_MRC | −(1/M) Σ_i log softmax(g_θ(v_i))[1 + argmax_{c≥1} p̃_c] [UNITER §3.2, Eq. 4] ([paper ≠ code]: the paper sums) | `uniter.mrc_loss` | by hand (background never a target) | `test_uniter_mrc_loss_targets_the_best_object_class_never_background_and_only_masked_regions` |
+    | UNITER L_MRC-kl | (1/M) Σ_i KL(p̃(v_i) ‖ softmax g_θ(v_i)) [UNITER §3.2, Eq. 4] ("region"); [code]'s kl_div(...).mean() = that / C ("element", `Config.mrc_kl_scale`) [paper ≠ code] | `uniter.mrc_kl_loss` | loop Σ t (log t − log p) with 0 log 0 = 0; KL(t ‖ t) = 0; `F.kl_div(..., reduction="none").mean()` as [code] | `test_uniter_mrc_kl_loss_equals_a_hand_written_sum_of_t_log_t_over_p`, `test_uniter_mrc_kl_loss_element_scale_is_the_codes_kl_div_mean_the_region_kl_over_c`; model: `test_uniter_model.py::test_mrc_kl_scale_element_divides_the_models_mrc_kl_loss_by_the_classes` |
     | UNITER L_rank | mean max(0, m + σ(s⁻) − σ(s⁺)) [UNITER §4.1; code] | `uniter.rank_hinge_loss` (hard negatives: `UNITER.forward_rank`) | loop over the hinge terms; the rank forward against scores computed one image at a time | `test_uniter_rank_hinge_loss_equals_a_loop_over_the_equation`, `test_uniter_model.py::test_forward_rank_trains_on_the_hardest_negatives_of_the_batch` |
     | UNITER L_VQA | (1/B) Σ_b Σ_a BCE(σ(z_ba), s_ba) [UNITER §A.2] | `shared.losses.vqa_loss` (= `uniter.vqa_loss`) | loop over per-answer BCE | `test_uniter_vqa_loss_is_the_per_answer_binary_cross_entropy_summed_then_averaged_over_the_batch` |
 
@@ -208,6 +208,19 @@ def test_uniter_mrc_kl_loss_equals_a_hand_written_sum_of_t_log_t_over_p():
     # KL(t || t) = 0 when the model reproduces the detector (background included)
     assert uniter.mrc_kl_loss(t.clamp(min=1e-30).log(), t, masked).item() == \
         pytest.approx(0.0, abs=1e-6)
+
+
+def test_uniter_mrc_kl_loss_element_scale_is_the_codes_kl_div_mean_the_region_kl_over_c():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    t = torch.softmax(3 * torch.randn(2, 3, 5, dtype=torch.float64), dim=-1)
+    masked = torch.tensor([[True, False, True], [False, True, True]])
+    code = F.kl_div(logits[masked].log_softmax(-1), t[masked], reduction="none").mean()
+    element = uniter.mrc_kl_loss(logits, t, masked, scale="element")
+    assert element.item() == pytest.approx(code.item(), rel=1e-6)  # [code] model/pretrain.py
+    region = uniter.mrc_kl_loss(logits, t, masked, scale="region")
+    assert region.item() == pytest.approx(5 * element.item(), rel=1e-6)  # C = 5 classes
+    assert region.item() == pytest.approx(uniter.mrc_kl_loss(logits, t, masked).item())
 
 
 def test_uniter_itm_loss_is_binary_cross_entropy_on_the_match_probability():

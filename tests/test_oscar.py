@@ -1,7 +1,8 @@
-"""oscar.py: the input layout, the masking (pre-training and captioning), the polluted tags, the
-caption attention mask block by block, the encoder and heads by task (what fine-tuning loads),
-the [CLS] reaching the regions, cached caption decoding against a full recomputation, and a tiny
-model that overfits each task. The loss math (by hand, loops from the equations) is in
+"""oscar.py: the input layout and each task's text length, the masking (pre-training and
+captioning), the polluted tags, the retrieval pairs, the caption attention mask block by block,
+the encoder and heads by task (what fine-tuning loads), the [CLS] reaching the regions, cached
+caption decoding against a full recomputation and its length limit, and a tiny model that
+overfits each task. The loss math (by hand, loops from the equations) is in
 tests/test_losses.py.
 
 In order (STYLE.md §14): shapes and masks, the masking checked over many seeded draws with
@@ -51,7 +52,8 @@ def tokenizer(world) -> Tokenizer:
 
 def small(**overrides) -> oscar.Config:
     base = dict(hidden_size=32, layers=2, heads=2, intermediate_size=64, dropout=0.0,
-                vocab_size=200, max_text_len=36, max_caption_len=24, max_tag_len=12,
+                vocab_size=200, max_text_len=36, max_retrieval_text_len=36,
+                max_vqa_text_len=36, max_caption_len=24, max_tag_len=12,
                 n_regions=10, feature_dim=16, batch_size=8, eval_pairs=8, max_gen_len=8,
                 standardise_features=True, image_size=64, init_std=0.1)  # tiny's init
     return oscar.Config(**{**base, **overrides})
@@ -72,6 +74,51 @@ def test_text_pair_worked_example_and_truncation_from_the_longer():
     assert (tokens[1:3], tokens[4:6]) == ([1, 2], [3, 4])  # are longer, so they shrink
     tokens, segments = oscar.text_pair([7, 8, 9], None, 7, CLS, SEP)  # use_tags False
     assert tokens == [CLS, 7, 8, 9, SEP] and set(segments) == {0}
+
+
+def test_text_pair_ties_drop_from_the_tags_as_the_code():
+    """[code] _truncate_seq_pair pops from the caption only when it is strictly longer."""
+    tokens, segments = oscar.text_pair([7, 8], [5, 6], 6, CLS, SEP)  # 3 fit, a 2-2 tie
+    assert tokens == [CLS, 7, 8, SEP, 5, SEP] and segments == [0, 0, 0, 0, 1, 1]
+    tokens, _ = oscar.text_pair([1, 2, 3], [4, 5, 6], 7, CLS, SEP)  # tie, then caption longer
+    assert tokens == [CLS, 1, 2, SEP, 4, 5, SEP]
+
+
+def test_each_task_cuts_its_text_to_its_own_length(world, tokenizer):
+    """Pre-training 35, retrieval 70, VQA 128 [code]; the dataset and the evaluation pairs cut
+    [CLS] text [SEP] tags [SEP] to the task's length, and one position table covers them all."""
+    paper = oscar.Config.paper()
+    assert {task: dataclasses.replace(paper, task=task).text_len()
+            for task in ("pretrain", "retrieval", "vqa")} == {"pretrain": 35, "retrieval": 70,
+                                                              "vqa": 128}
+    lengths = dict(max_text_len=36, max_retrieval_text_len=36, max_vqa_text_len=36)
+    examples = [world.example(i) for i in range(8)]
+    regions, region_mask = oscar.region_batch(examples, small(), world.config, "cpu")
+    for task, field in [("pretrain", "max_text_len"), ("retrieval", "max_retrieval_text_len"),
+                        ("vqa", "max_vqa_text_len")]:
+        config = small(task=task, **{**lengths, field: 9})
+        assert batch_of(world, tokenizer, config)["tokens"].shape[1] == 9
+        texts = [ex["captions"][0] for ex in examples]
+        pairs = oscar.pair_batch(tokenizer, config, texts, list(range(8)), examples, regions,
+                                 region_mask)
+        assert pairs["tokens"].shape[1] == 9
+        other = small(task=task, **{**lengths, field: 30})
+        assert batch_of(world, tokenizer, other)["tokens"].shape[1] > 9  # the others stay 36
+    model = oscar.build_model(small(max_vqa_text_len=50))
+    assert model.encoder.text_embeddings.position.num_embeddings == 50
+
+
+def test_the_paper_preset_has_oscar_s_own_settings_and_tiny_keeps_its_own():
+    """paper(): [code]'s pre-training defaults (no region LayerNorm, no clipping, no warmup),
+    not the VinVL command's (region LayerNorm, clip 10); tiny and small keep region LayerNorm
+    and clipping at 1 (OURS)."""
+    paper = oscar.Config.paper()
+    assert (paper.region_layer_norm, paper.grad_clip, paper.warmup_steps) == (False, 0.0, 0)
+    for preset in (oscar.Config.tiny(), oscar.Config.small()):
+        assert (preset.region_layer_norm, preset.grad_clip) == (True, 1.0)
+    sizes = dict(hidden_size=32, layers=1, heads=2, intermediate_size=64, vocab_size=200)
+    assert isinstance(oscar.build_model(dataclasses.replace(paper, **sizes)).encoder.region_norm,
+                      torch.nn.Identity)
 
 
 def test_region_vectors_append_the_six_box_numbers():
@@ -99,7 +146,7 @@ def test_mask_tokens_statistics_and_specials_never_masked():
     chosen = masked = randomised = kept = 0
     n_draws = 3000
     for _ in range(n_draws):
-        out, labels = oscar.mask_tokens(tokens, maskable, rng, 0.15, MASK, 200)
+        out, labels = oscar.mask_tokens(tokens, maskable, rng, 0.15, MASK, (5, 200))
         for i, (o, lab) in enumerate(zip(out, labels)):
             if not maskable[i]:
                 assert lab == IGNORE and o == tokens[i]
@@ -113,8 +160,26 @@ def test_mask_tokens_statistics_and_specials_never_masked():
     n = n_draws * sum(maskable)
     assert abs(chosen / n - 0.15) < 4 * math.sqrt(0.15 * 0.85 / n)
     assert abs(masked / chosen - 0.8) < 4 * math.sqrt(0.8 * 0.2 / chosen)
-    # 10 % kept on purpose, plus a random id that happened to equal the token (1/200 of 10 %)
+    # 10 % kept on purpose, plus a random id that happened to equal the token (1/195 of 10 %)
     assert abs(kept / chosen - 0.1005) < 4 * math.sqrt(0.1 * 0.9 / chosen)
+
+
+def test_random_replacements_are_never_special_ids(world, tokenizer):
+    """The 10 % random branch draws past the special ids: a drawn [PAD] would become padding
+    (attention masks are tokens != [PAD]). Masking 90 % makes many draws; no drawn input (a
+    labelled position neither [MASK] nor kept) is [PAD], [UNK], [CLS] or [SEP]."""
+    specials = torch.tensor([PAD, 1, CLS, SEP])
+    for config in (small(mask_prob=0.9), small(task="caption", caption_mask_prob=0.9,
+                                               max_caption_masked=30)):
+        dataset = oscar.OscarDataset(world, tokenizer, config)
+        for i in range(300):
+            item = dataset[i]
+            tokens = item["caption" if config.task == "caption" else "tokens"]
+            labels = item["mlm_labels"]
+            drawn = (labels != IGNORE) & (tokens != MASK) & (tokens != labels)
+            assert not torch.isin(tokens[drawn], specials).any(), (config.task, i)
+            assert (tokens != PAD).all()
+        assert dataset.random_ids == (5, tokenizer.vocab_size)
 
 
 @pytest.mark.parametrize("length, expected", [(2, 1), (4, 1), (7, 1), (10, 2), (12, 2),
@@ -239,6 +304,29 @@ def test_caption_batch_layout(world, tokenizer):
     assert (flat[batch["mlm_positions"]] != CLS).all()
 
 
+def test_retrieval_items_are_an_aligned_pair_then_its_unaligned_pair(world, tokenizer):
+    """[Oscar §4]: "Given an aligned image-text pair, we randomly select a different image or a
+    different caption to form an unaligned pair"; [code] returns both from one item. Items 2k
+    and 2k + 1 are example k's positive and its negative: exactly half are negatives, and a
+    negative keeps the positive's image (another caption) or its caption (another image)."""
+    dataset = oscar.OscarDataset(world, tokenizer, small(task="retrieval"))
+    kinds = {"caption": 0, "image": 0}
+    for k in range(100):
+        positive, negative = dataset[2 * k], dataset[2 * k + 1]
+        assert positive["is_match"] and not negative["is_match"]
+        example = world.example(k)
+        assert torch.allclose(positive["regions"],
+                              oscar.region_inputs(example, small(), dataset.statistics))
+        same_image = torch.equal(positive["regions"], negative["regions"])
+        text = lambda item: item["tokens"][item["segments"] == 0].tolist()  # [CLS] caption [SEP]
+        assert same_image or text(positive) == text(negative)
+        kinds["caption" if same_image else "image"] += 1
+    assert 30 < kinds["caption"] < 70  # each kind with probability 1/2
+    batch = batch_of(world, tokenizer, small(task="retrieval"))
+    assert batch["is_match"].tolist() == [True, False] * 4
+    assert len(dataset) == 2 * len(world) // 8 * 8  # every example's pair once
+
+
 # --- the model: one encoder, one head per task ---------------------------------------------------
 
 def test_the_mlm_head_is_tied_to_the_word_embeddings():
@@ -248,6 +336,18 @@ def test_the_mlm_head_is_tied_to_the_word_embeddings():
     expected = head.transform(hidden) @ model.encoder.text_embeddings.word.weight.T + head.bias
     assert torch.allclose(model.mlm_logits(hidden), expected, atol=1e-6)
     assert not any("word" in k for k in model.heads.state_dict())  # tied, not a copy
+
+
+def test_the_retrieval_head_drops_out_the_pooled_cls_as_the_code():
+    """[code] ImageBertForSequenceClassification: dropout(pooled) -> classifier, for retrieval
+    as for VQA; identical in eval mode."""
+    model = oscar.build_model(small(task="retrieval", dropout=0.5)).train()
+    head, pooled = model.heads["retrieval"], torch.randn(16, 32)
+    torch.manual_seed(0)
+    assert not torch.equal(head(pooled), head(pooled))
+    model.eval()
+    assert torch.equal(head(pooled), head.classifier(pooled))
+    assert head.dropout.p == 0.5
 
 
 def test_the_encoder_is_the_same_for_every_task_and_the_heads_are_named_by_task():
@@ -398,7 +498,7 @@ def test_cached_greedy_decoding_equals_full_recomputation(world, tokenizer):
             + [SEP]) for ex in examples])
         caption = torch.full((4, 1), CLS)
         done = torch.zeros(4, dtype=torch.bool)
-        for _ in range(config.max_gen_len):  # greedy, re-encoding everything every step
+        for _ in range(config.max_gen_len - 1):  # greedy, re-encoding everything every step
             logits = _full_next_logits(model, caption, tags, regions, region_mask, config)
             # and the cached step gives the same logits
             states, real = model.context_states(
@@ -411,6 +511,25 @@ def test_cached_greedy_decoding_equals_full_recomputation(world, tokenizer):
             done |= nxt == SEP
     slow = [t.lower() for t in tokenizer.decode_batch(caption)]
     assert fast == slow
+
+
+@pytest.mark.parametrize("beam_size, cached", [(1, True), (1, False), (2, True)])
+def test_a_caption_is_at_most_max_gen_len_tokens_with_the_cls(tokenizer, beam_size, cached):
+    """[code] max_gen_length 20 counts [CLS]: at most 19 tokens follow it. A model that always
+    writes "circle" (never [SEP]) writes max_gen_len - 1 of them greedily, no more with beams."""
+    torch.manual_seed(0)
+    config = small(task="caption", max_gen_len=8)
+    model = oscar.build_model(config).eval()
+    with torch.no_grad():
+        model.heads["mlm"].bias[tokenizer.token_to_id("circle")] = 1e4
+    examples = [World(WORLD_CONFIG, "test").example(i) for i in range(2)]
+    with torch.no_grad():
+        captions = oscar.caption(model, tokenizer, config, examples, WORLD_CONFIG, beam_size,
+                                 cached)
+    for text in captions:
+        assert set(text.split()) == {"circle"}
+        n_words = len(text.split())
+        assert (n_words == 7) if beam_size == 1 else (1 <= n_words <= 7), (text, beam_size)
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam"])

@@ -35,6 +35,20 @@ def test_presets_are_valid_and_paper_is_uniter_base_with_the_official_recipe():
     assert 2 <= tiny.layers <= 4 and tiny.hidden_size == 128
 
 
+def test_paper_and_code_choices_paper_takes_the_papers_embedder_and_the_codes_mrc_kl_scale():
+    """Where the paper and [code] differ, a switch: the Image Embedder [UNITER §3.1] is the
+    paper's by default and in paper(), [code]'s per-branch LayerNorms in small() and tiny() (the
+    presets measured with them); MRC-kl is the per-region KL by default, [code]'s
+    kl_div(...).mean() (/ C) in paper(), whose recipe (lr, clipping at 5) was tuned with it."""
+    default, paper = uniter.Config(), uniter.Config.paper()
+    assert not default.region_branch_norms and not paper.region_branch_norms
+    assert uniter.Config.tiny().region_branch_norms and uniter.Config.small().region_branch_norms
+    assert (default.mrc_kl_scale, paper.mrc_kl_scale) == ("region", "element")
+    assert uniter.Config.tiny().mrc_kl_scale == uniter.Config.small().mrc_kl_scale == "region"
+    with pytest.raises(ValueError, match="mrc_kl_scale"):
+        dataclasses.replace(uniter.Config.tiny(), mrc_kl_scale="class")
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(hidden_size=129), "hidden_size 129 is not divisible by heads 2"),
     (dict(min_regions=11), "need 1 <= min_regions <= n_regions"),

@@ -1,13 +1,14 @@
-"""uniter.py and uniter.py: the masking, task sampler, data, model, heads and downstream
+"""uniter.py: the masking, task sampler, data, model, heads and downstream
 evaluation, in the order (c) shapes and masks, (b) equivalence, (d) learning (STYLE.md §14; the
 loss maths, (a), is tests/test_losses.py).
 
 (c) masking statistics and the task mix over many seeded draws with binomial tolerances (4
     standard deviations), one task per update, conditional masking, the collate's flat positions,
-    the Image Embedder's mask vector, padding invariance, the optimizer's groups, the contract,
-    the encoder's state the same for every task and fine-tuning from pre-training;
+    the Image Embedder (the paper's one LayerNorm or [code]'s three; its mask vector), padding
+    invariance, the optimizer's groups, the contract, the encoder's state the same for every
+    task and fine-tuning from pre-training;
 (b) the model's losses against the tied heads written out, the rank forward against a loop,
-    evaluate against its by-hand version;
+    evaluate (every image against all captions) against its by-hand version;
 (d) a tiny model that overfits each task, an ITM model that needs the image.
 Every model is tiny (D 32, 2 layers) and the whole file runs in seconds on a laptop CPU.
 """
@@ -26,6 +27,7 @@ import uniter
 
 from shared.checkpoint import load_weights
 from shared.data import feature_statistics
+from shared.metrics import recall_at_k
 from shared.tokenizer import Tokenizer
 from shared.world import ANSWERS, World, WorldConfig, question_type
 
@@ -411,6 +413,26 @@ def test_image_embeddings_replace_a_masked_feature_by_the_mask_vector_and_keep_i
     assert embed.mask_vector.grad is not None and embed.mask_vector.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("branch_norms", [False, True])
+def test_image_embedder_is_the_papers_one_layer_norm_or_the_codes_norm_per_branch(branch_norms):
+    """[UNITER §3.1]: "summing up the two FC outputs and then passing through a layer
+    normalization", the modality embedding summed before it (fn. 5); branch_norms = [code]'s
+    LN(LN(W_f f) + LN(W_p p) + type), whose extra LayerNorms the paper's variant does not have."""
+    torch.manual_seed(0)
+    embed = uniter.ImageEmbeddings(16, 32, dropout=0.0, branch_norms=branch_norms)
+    for p in embed.parameters():
+        nn.init.normal_(p)  # every gain and bias away from 1 and 0
+    features, locations, region_type = torch.randn(2, 3, 16), torch.rand(2, 3, 7), torch.randn(32)
+    v, u = embed.feature(features), embed.location(locations)
+    norm = embed.norm
+    if branch_norms:
+        v, u = embed.feature_norm(v), embed.location_norm(u)
+    expected = norm(v + u + region_type)
+    assert torch.allclose(embed(features, locations, region_type), expected, atol=1e-5)
+    layer_norms = [m for m in embed.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(layer_norms) == (3 if branch_norms else 1)
+
+
 def test_no_output_of_the_model_depends_on_a_masked_regions_feature(world, tokenizer):
     config = small_config(tokenizer, **only("mrfr"))
     batch, _ = dataset_batch(world, tokenizer, config, B=4)
@@ -747,7 +769,7 @@ def test_match_score_is_the_itm_log_odds_which_ignores_what_softmax_cannot_see(w
 
 
 def test_evaluate_pretrain_reports_recall_among_at_most_eval_pairs(tokenizer):
-    config = small_config(tokenizer, eval_pairs=8)
+    config = small_config(tokenizer, eval_pairs=2)
     model = tiny_model(config).train()
     metrics = uniter.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 20)
     assert model.training  # the mode is given back
@@ -755,8 +777,39 @@ def test_evaluate_pretrain_reports_recall_among_at_most_eval_pairs(tokenizer):
                             "r1_mean"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["r1_mean"] == pytest.approx((metrics["i2t_r1"] + metrics["t2i_r1"]) / 2)
-    assert metrics["i2t_r10"] == metrics["t2i_r10"] == 1.0  # 8 candidates (eval_pairs), not 20
+    assert metrics["i2t_r10"] == metrics["t2i_r10"] == 1.0  # 2 images (eval_pairs), 10 captions
     assert metrics[uniter.MAIN_METRIC["pretrain"]] == metrics["r1_mean"]
+
+
+def test_evaluate_ranks_every_caption_of_each_image_with_all_five_as_positives(tokenizer,
+                                                                           monkeypatch):
+    """The COCO / Flickr30K protocol [UNITER §A.2; code utils/itm_eval.py]: eval_pairs images
+    and ALL their captions (5 each), every (image, caption) pair scored; an image retrieves
+    well if any of its captions ranks high, a caption if its own image does."""
+    config = small_config(tokenizer, eval_pairs=4)
+    model = tiny_model(config)
+    val = World(WORLD_CONFIG, "val")
+    examples = [val.example(i) for i in range(4)]
+    scored = []
+    match_score = model.match_score
+    monkeypatch.setattr(model, "match_score", lambda tokens, *args: scored.append(
+        len(tokens)) or match_score(tokens, *args))
+    metrics = uniter.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 20)
+    captions = [c for ex in examples for c in ex["captions"]]
+    assert len(captions) == 20 and sum(scored) == 4 * 20  # n images x 5n captions
+    statistics = feature_statistics(WORLD_CONFIG) if config.standardise_features else None
+    scores = torch.zeros(4, 20)
+    with torch.no_grad():
+        model.eval()
+        for i, image in enumerate(examples):
+            r = uniter.region_inputs(image, config, statistics)
+            for t, caption in enumerate(captions):
+                tokens = torch.tensor([tokenizer.encode(caption, config.max_text_len)])
+                scores[i, t] = match_score(tokens, r["features"][None], r["locations"][None],
+                                           torch.ones(1, len(r["features"]), dtype=torch.bool))
+    expected = recall_at_k(scores, torch.arange(4).repeat_interleave(5))
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value), key
 
 
 def test_evaluate_vqa_reports_accuracy_per_question_type_and_with_regions_zeroed(tokenizer):
@@ -821,6 +874,14 @@ def overfit(model, batch, steps: int, lr: float, key: str) -> tuple[float, float
     model.eval()
     with torch.no_grad():
         return first, model(batch)[key].item()
+
+
+def test_mrc_kl_scale_element_divides_the_models_mrc_kl_loss_by_the_classes(world, tokenizer):
+    config = small_config(tokenizer, **only("mrc_kl"))
+    batch, _ = dataset_batch(world, tokenizer, config, B=4)
+    region = tiny_model(config)(batch)["mrc_kl"]
+    element = tiny_model(dataclasses.replace(config, mrc_kl_scale="element"))(batch)["mrc_kl"]
+    assert element.item() == pytest.approx(region.item() / config.n_region_classes, rel=1e-5)
 
 
 @pytest.mark.parametrize("task", ["mlm", "itm", "mrfr", "mrc_kl", "vqa"])
