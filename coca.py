@@ -580,9 +580,10 @@ class CoCa(nn.Module):
         """The `step_fn` of shared.decoding for images whose caption queries are given.
 
         step_fn(tokens (R, t), rows (R,)) -> (R, V) log-probs of token t+1; rows[r] is the image
-        of hypothesis r. cached: a key/value cache, one new position a step (TextDecoder.step;
-        shared.decoding.PrefixParents follows the decoders' reordering of rows); else the
-        whole prefix is re-encoded at every step (O(T²)). The unimodal half runs without [CLS],
+        of hypothesis r. cached: a key/value cache, filled from the whole prefix at the first
+        call, then one new position a step (TextDecoder.step; shared.decoding.cached_step_fn
+        follows the decoders' reordering of rows); else the whole prefix is re-encoded at every
+        step (O(T²)). The unimodal half runs without [CLS],
         which no text row can see anyway. Both give the same numbers (tests/test_coca.py).
         """
         from shared.decoding import cached_step_fn
@@ -604,22 +605,29 @@ class CoCa(nn.Module):
     def generate(self, images: Tensor, start_id: int, end_id: int, max_len: int | None = None,
                  method: str = "greedy", beam_size: int = 5, length_penalty: float = 0.0,
                  top_p: float = 0.9, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, prompt: Tensor | None = None,
+                 cached: bool = True, return_scores: bool = False):
         """Caption images [CoCa §4.2.3]: greedy, beam search or nucleus sampling (shared.decoding).
 
         Args:
             images: (B, 3, H, W).  start_id / end_id: [CLS] / [SEP] of the tokenizer.
-            max_len: whole-sequence length including the start token (default max_text_len).
+            max_len: whole-sequence length including the start token and the prompt (default
+                and at most max_text_len).
+            prompt: (B, T0) or (T0,) token ids that follow the start token: the caption is
+                continued from them (every one is read before the first prediction).
+            cached: decode with the key/value cache (next_token_logprobs); False re-encodes the
+                whole prefix every step. Both give the same tokens and scores.
+            return_scores: also return the decoder's scores (B,) (shared.decoding).
         Returns:
-            (B, T) token ids starting with start_id, right-padded with 0 after end_id.
+            (B, T) token ids: start_id, the prompt, the generated tokens, 0 after end_id; with
+            return_scores, (tokens, scores).
         """
         from shared import decoding  # imported here: decoding is only needed to generate
 
         max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
         _, image_queries = self.encode_image(images)  # (B, Q, D), encoded once
-        prefix = torch.full((images.shape[0], 1), start_id, dtype=torch.long,
-                            device=images.device)  # (B, 1)
-        step_fn = self.next_token_logprobs(image_queries)
+        prefix = decoding.start_prefix(start_id, prompt, images.shape[0], images.device)
+        step_fn = self.next_token_logprobs(image_queries, cached=cached)
         if method == "greedy":
             out = decoding.greedy(step_fn, prefix, max_len, end_id)
         elif method == "beam":
@@ -630,7 +638,7 @@ class CoCa(nn.Module):
                                           temperature=temperature, generator=generator)
         else:
             raise ValueError(f"method must be 'greedy', 'beam' or 'nucleus', not {method!r}")
-        return out[0] if isinstance(out, tuple) else out  # (B, T)
+        return out if return_scores else out[0]  # (B, T)[, (B,)]
 
 
 # --- 8. Downstream on images and the world; train.py's contract ----------------------------
@@ -647,12 +655,15 @@ def embed_text_strings(model: CoCa, tokenizer, config: Config, texts: list[str])
     return model.embed_texts(tokens.to(model_device(model)))  # (n, E)
 
 
-def caption_images(model: CoCa, tokenizer, config: Config, images: list) -> list[str]:
-    """Decode captions for uint8 images: greedy, or beam search when config.beam_size > 1."""
+def caption_images(model: CoCa, tokenizer, config: Config, images: list,
+                   prompt: str = "") -> list[str]:
+    """Decode captions for uint8 images: greedy, or beam search when config.beam_size > 1; each
+    caption continues `prompt` (and begins with it) when one is given."""
     method = "greedy" if config.beam_size == 1 else "beam"
+    ids = tokenizer.encode(prompt, add_special=False) if prompt else None
     tokens = model.generate(image_batch(images, model_device(model)), tokenizer.cls_id,
                             tokenizer.sep_id, config.max_text_len, method=method,
-                            beam_size=config.beam_size)  # (b, T)
+                            beam_size=config.beam_size, prompt=ids)  # (b, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
 
 

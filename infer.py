@@ -2,12 +2,14 @@
 
     python infer.py caption runs/coca-tiny/best.pt photo1.jpg photo2.png
     python infer.py caption runs/virtex-tiny/best.pt photo.jpg --json
+    python infer.py caption runs/coca-tiny/best.pt photo.jpg --prompt "one object"
     python infer.py caption runs/oscar-tiny-caption/best.pt --regions img1.npz img2.npz
     python infer.py classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
     python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
 
-caption   CoCa and VirTex caption image files; Oscar (a --task caption checkpoint) captions
-          region files (the .npz of shared.folders.RegionFolder; tags are read from them)
+caption   CoCa and VirTex caption image files, continuing --prompt when given (the caption
+          begins with it); Oscar (a --task caption checkpoint) captions region files (the .npz
+          of shared.folders.RegionFolder; tags are read from them)
 classify  CoCa zero-shot: the class whose prompt "a <class>" is most similar to the image
 rank      CoCa: the images of a folder (jpg, jpeg, png, bmp, webp), most similar to the text first
 
@@ -55,10 +57,13 @@ def _images(paths: list[Path], size: int) -> list:
         raise SystemExit(f"error: cannot read an image: {e}") from None
 
 
-def caption(checkpoint: Path, images: list[Path], regions: list[Path]) -> list[dict]:
+def caption(checkpoint: Path, images: list[Path], regions: list[Path],
+            prompt: str = "") -> list[dict]:
     paper, model, tokenizer, config, run = load(checkpoint)
     with torch.no_grad():
         if run["model"] == "oscar":
+            if prompt:
+                raise SystemExit("error: --prompt is for CoCa and VirTex captions")
             if config.task != "caption":
                 raise SystemExit("error: this Oscar checkpoint is not a --task caption one")
             if not regions or images:
@@ -77,7 +82,7 @@ def caption(checkpoint: Path, images: list[Path], regions: list[Path]) -> list[d
         if run["model"] not in ("coca", "virtex"):
             raise SystemExit(f"error: {run['model']} does not write captions")
         arrays = _images(images, config.image_size)
-        captions = paper.caption_images(model, tokenizer, config, arrays)
+        captions = paper.caption_images(model, tokenizer, config, arrays, prompt)
     return [{"file": str(p), "caption": c} for p, c in zip(images, captions)]
 
 
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("checkpoint", type=Path)
     c.add_argument("images", type=Path, nargs="*")
     c.add_argument("--regions", type=Path, nargs="+", default=[])
+    c.add_argument("--prompt", default="", help='text every caption continues, e.g. "one object"')
     z = sub.add_parser("classify", help="CoCa zero-shot classification of one image")
     z.add_argument("checkpoint", type=Path)
     z.add_argument("image", type=Path)
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "caption":
         if not args.images and not args.regions:
             parser.error("give image files, or --regions files for Oscar")
-        results = caption(args.checkpoint, args.images, args.regions)
+        results = caption(args.checkpoint, args.images, args.regions, args.prompt)
         lines = [f"{r['file']}: {r['caption']}" for r in results]
     elif args.command == "classify":
         results = classify(args.checkpoint, args.image, args.classes)

@@ -569,12 +569,10 @@ class VirTex(nn.Module):
 
     def step(self, token: Tensor, position: int, past: list | None, cross_kv: list
              ) -> tuple[Tensor, list]:
-        """One decoding step of the forward direction with a key/value cache: the token at
-        `position` (R,) attends to the cached keys and values of positions 0 .. position - 1
-        (past: [(k, v)] * layers, each (R, heads, position, Dh); None at position 0) and to the
-        visual tokens' (cross_kv, projected once per image). No causal mask is needed: the one
-        query may see every cached position and itself. Returns (next-token logits (R, V),
-        the cache with this position appended)."""
+        """One decoding step of the forward direction: the token at `position` (R,) attends to
+        the cached keys and values of positions 0 .. position - 1 (past: [(k, v)] * layers,
+        (R, heads, position, Dh); None at 0), itself (no causal mask needed) and the visual
+        tokens (cross_kv, projected once per image). -> (logits (R, V), cache + this position)."""
         textual = self.heads["textual"]
         e = textual.embedding
         x = e.dropout(e.norm(e.words(token) + e.positions.weight[position]))[:, None]  # (R, 1, H)
@@ -588,11 +586,10 @@ class VirTex(nn.Module):
         return textual.output(x[:, 0]), cache  # (R, V)
 
     def next_token_logprobs(self, visual: Tensor, cached: bool = True):
-        """The `step_fn` of shared.decoding for the forward direction: (tokens (R, t), rows (R,))
-        -> (R, V) log-probs of token t+1. cached: one position a step against a key/value cache
-        (VirTex.step; shared.decoding.PrefixParents follows the decoders' reordering); else
-        the whole prefix is re-encoded every step (O(T²)). The same numbers either way
-        (tests/test_virtex.py)."""
+        """shared.decoding's step_fn for the forward direction: (tokens (R, t), rows (R,)) ->
+        (R, V) log-probs of token t+1. cached: VirTex.step through decoding.cached_step_fn (the
+        whole prefix at the first call, then one position a step); else the prefix re-encoded
+        every step (O(T²)). Equal, as decoding never generates [PAD] (masked only uncached)."""
         textual = self.heads["textual"]
         if cached:
             cross_kv = [layer.cross_attn.project_kv(visual)
@@ -608,37 +605,39 @@ class VirTex(nn.Module):
     @torch.no_grad()
     def generate(self, images: Tensor, start_id: int, end_id: int, max_len: int | None = None,
                  method: str = "beam", beam_size: int = 5, top_p: float = 0.9,
-                 generator: torch.Generator | None = None) -> Tensor:
-        """Caption images with the forward direction [VirTex §Captioning; code]: beam search
-        (beam 5, no length penalty, the immediately repeated token blocked, as the official
-        code), nucleus sampling (p = 0.9) or greedy, through shared.decoding, with a key/value
-        cache (next_token_logprobs).
+                 generator: torch.Generator | None = None, prompt: Tensor | None = None,
+                 cached: bool = True, return_scores: bool = False):
+        """Caption images with the forward direction [VirTex §Captioning; code] through
+        shared.decoding: beam search (beam 5, no length penalty), nucleus sampling (p = 0.9) or
+        greedy ([code]'s beam 1), each blocking the token just emitted, as [code]. DEVIATION:
+        after its first step, [code]'s beam search feeds the decoder its predictions without
+        [SOS] (every position shifts by one); we keep [SOS], as in training and its sampling.
 
-        Args:
-            images: (B, 3, H, W).  start_id / end_id: [CLS] / [SEP] of the tokenizer ([SOS]/[EOS]).
-            max_len: whole-sequence length including the start token (default max_text_len).
-        Returns:
-            (B, T) token ids starting with start_id, right-padded with 0 after end_id.
-        """
+        images (B, 3, H, W); start_id / end_id: [CLS] / [SEP] ([SOS] / [EOS]). max_len: the
+        whole length, start and prompt included; default and at most max_text_len + 1: [code]
+        decodes up to MAX_CAPTION_LENGTH = 30 tokens after [SOS]. prompt: (B, T0) or (T0,) ids
+        after the start token, all read before the first prediction. cached: key/value cache or
+        re-encoding (equal). Returns (B, T) ids: start_id, prompt, generated tokens, 0 after
+        end_id; with return_scores, (tokens, scores (B,))."""
         if self.config.pretext not in CAPTIONING:
             raise ValueError(f"pretext {self.config.pretext!r} trains no left-to-right decoder; "
                              f"captions need 'bicaptioning' or 'captioning'")
-        max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
+        longest = self.config.max_text_len + 1  # [code]: max_text_len tokens after [SOS]
+        max_len = min(max_len or longest, longest)
         visual = self.visual_tokens(images)  # (B, N, H), encoded once
-        step_fn = self.next_token_logprobs(visual)
-        prefix = torch.full((images.shape[0], 1), start_id, dtype=torch.long,
-                            device=images.device)  # (B, 1)
+        step_fn = self.next_token_logprobs(visual, cached=cached)
+        prefix = decoding.start_prefix(start_id, prompt, images.shape[0], images.device)
         if method == "beam":
             out = decoding.beam_search(step_fn, prefix, max_len, end_id, beam_size=beam_size,
                                        length_penalty=0.0, block_repeat=True)
         elif method == "nucleus":
             out = decoding.nucleus_sample(step_fn, prefix, max_len, end_id, top_p=top_p,
-                                          generator=generator)
+                                          generator=generator, block_repeat=True)
         elif method == "greedy":
-            out = decoding.greedy(step_fn, prefix, max_len, end_id)
+            out = decoding.greedy(step_fn, prefix, max_len, end_id, block_repeat=True)
         else:
             raise ValueError(f"method must be 'beam', 'nucleus' or 'greedy', not {method!r}")
-        return out[0] if isinstance(out, tuple) else out  # (B, T)
+        return out if return_scores else out[0]  # (B, T)[, (B,)]
 
 
 # --- 8. train.py's contract: model, optimizer, data, downstream evaluation on the world -------
@@ -733,12 +732,15 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-def caption_images(model: VirTex, tokenizer, config: Config, images: list) -> list[str]:
-    """Beam-search captions (config.beam_size; 1 = greedy) for uint8 (H, W, 3) images."""
+def caption_images(model: VirTex, tokenizer, config: Config, images: list,
+                   prompt: str = "") -> list[str]:
+    """Beam-search captions (config.beam_size; 1 = greedy) for uint8 (H, W, 3) images, up to
+    max_text_len tokens after [SOS] ([code]); each continues `prompt` when one is given."""
     method = "greedy" if config.beam_size == 1 else "beam"
+    ids = tokenizer.encode(prompt, add_special=False) if prompt else None
     tokens = model.generate(image_batch(images, model_device(model)), tokenizer.cls_id,
-                            tokenizer.sep_id, config.max_text_len, method=method,
-                            beam_size=config.beam_size)  # (B, T)
+                            tokenizer.sep_id, method=method, beam_size=config.beam_size,
+                            prompt=ids)  # (B, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
 
 

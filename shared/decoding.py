@@ -11,25 +11,33 @@ items are dropped from the call. R varies from call to call: only sequences that
 next token are passed.
 
 Conventions shared by the three functions:
-    * `prefix` (B, T0) is given, e.g. [CLS] / [SOS] (T0 = 1), and is copied into the output.
+    * `prefix` (B, T0) is given, e.g. [CLS] / [SOS] (T0 = 1), or the start token and a prompt
+      (T0 > 1), and is copied into the output.
     * `max_len` is the TOTAL length, prefix included: at most max_len - T0 tokens are generated
       and the output has at most max_len columns. max_len == T0 generates nothing.
     * A sequence is finished when it emits `end_id`; the end token is kept in the output and
       every later position holds `pad_id`. The returned length T is that of the longest output
       row (decoding stops as soon as every sequence is finished), so T <= max_len.
+    * `pad_id` is never generated: its log p is set to -inf (unless pad_id is end_id, as in
+      toy vocabularies, or outside the vocabulary). A decoder that masks [PAD] keys (VirTex's
+      uncached step) and one that keeps them in a cache therefore see the same rows.
+    * Forbidden tokens (pad_id; the repeated token under `block_repeat`) get log p = -inf, the
+      others keep the step_fn's values, not renormalised.
     * Scores are sums of the step_fn's log-probs of the generated tokens (end token included;
       the prefix is not scored), accumulated in float32 (float64 if step_fn returns float64).
 
     greedy          argmax at every step
-    beam_search     K hypotheses per item, Σ log p / len^α, optional repeat blocking
-                    [VirTex code]
+    beam_search     K live hypotheses per item, finished ones moved out, Σ log p / len^α,
+                    optional repeat blocking [Oscar code; VirTex code]
     nucleus_sample  top-p sampling with temperature [Holtzman et al. 2020, "The Curious Case of
-                    Neural Text Degeneration", arXiv 1904.09751, §3.1]
+                    Neural Text Degeneration", arXiv 1904.09751, §3.1], optional repeat
+                    blocking [VirTex code]
 
 [VirTex code] = github.com/kdexd/virtex, virtex/utils/beam_search.py (AutoRegressiveBeamSearch,
-adapted from AllenNLP's). It decodes with beam search (plain Σ log p, no token repeated right
-after itself); the decoding settings each paper uses are chosen, with their sources, in its
-paper file.
+adapted from AllenNLP's) and virtex/utils/nucleus_sampling.py. [Oscar code] =
+github.com/microsoft/Oscar, oscar/modeling/modeling_utils.py (_generate_beam_search and
+BeamHypotheses, from HuggingFace transformers 2.x). The decoding settings each paper uses are
+chosen, with their sources, in its paper file.
 
 Shapes: B batch items, K beam size, R rows passed to step_fn, t current length, T output
 length, T0 prefix length, V vocabulary.
@@ -65,66 +73,100 @@ def _call(step_fn: StepFn, tokens: Tensor, rows: Tensor) -> Tensor:
     return logp if logp.dtype == torch.float64 else logp.float()  # sum in >= float32
 
 
-def _length_normalise(sums: Tensor, lengths: Tensor, alpha: float) -> Tensor:
-    """Σ log p / len^α, the score beams are ranked by; α = 0 returns the plain sum.
+def _forbid(logp: Tensor, last: Tensor, end_id: int, pad_id: int, block_repeat: bool) -> Tensor:
+    """logp (R, V) with -inf at pad_id (unless it is end_id or outside the vocabulary) and, with
+    block_repeat, at each row's last token (last (R,))."""
+    V = logp.shape[1]
+    vocab = torch.arange(V, device=logp.device)[None, :]  # (1, V)
+    forbidden = (vocab == pad_id) & (pad_id != end_id)  # (1, V)
+    if block_repeat:
+        forbidden = forbidden | (vocab == last[:, None])  # (R, V)
+    return logp.masked_fill(forbidden, NEG_INF)  # (R, V)
 
-    `lengths` counts generated tokens (end token included, prefix excluded); clamped to >= 1
-    so that a hypothesis with nothing generated yet divides by 1, not 0.
+
+def _length_normalise(sums: Tensor, lengths: Tensor | int, alpha: float) -> Tensor:
+    """Σ log p / len^α, the score hypotheses are ranked by; α = 0 returns the plain sum.
+
+    `lengths` counts generated tokens (end token included, prefix excluded), a tensor or one
+    int for all; clamped to >= 1 so that nothing generated yet divides by 1, not 0.
     """
     if alpha == 0.0:
         return sums
+    if isinstance(lengths, int):
+        return sums / float(max(lengths, 1)) ** alpha
     return sums / lengths.clamp(min=1).to(sums.dtype) ** alpha
+
+
+def start_prefix(start_id: int, prompt: Tensor | list | None, batch: int, device) -> Tensor:
+    """A captioner's prefix (B, 1 + T0): the start token, then the prompt's ids, (B, T0) or
+    (T0,) for the same prompt on every item; just the start token (B, 1) without a prompt."""
+    start = torch.full((batch, 1), start_id, dtype=torch.long, device=device)  # (B, 1)
+    if prompt is None:
+        return start
+    prompt = torch.as_tensor(prompt, dtype=torch.long, device=device)
+    return torch.cat([start, prompt.expand(batch, -1) if prompt.dim() == 1 else prompt], dim=1)
 
 
 # --- greedy and nucleus sampling: one token per row and step --------------------------------------
 
 def _decode_one_per_row(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, pad_id: int,
-                        choose: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+                        choose: Callable[[Tensor, Tensor], Tensor]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """The loop greedy and nucleus sampling share: at every step each unfinished row gets one
-    token from `choose(logp (R, V)) -> (R,)`; finished rows get `pad_id` and score nothing.
+    token from `choose(logp (R, V), last tokens (R,)) -> (R,)`; finished rows get `pad_id` and
+    score nothing.
 
     Returns:
         tokens (B, T) LongTensor, prefix included, T <= max_len;
-        logprob (B,) Σ of step_fn's log-probs of the chosen tokens (end token included).
+        logprob (B,) Σ of step_fn's log-probs of the chosen tokens (end token included);
+        lengths (B,) the number of generated tokens (end token included).
     """
     _check_prefix(prefix, max_len)
     B = prefix.shape[0]
     tokens = prefix  # (B, t), grows by one column per step
     logprob = torch.zeros(B, device=prefix.device)  # (B,), dtype fixed by the first step
+    lengths = torch.zeros(B, dtype=torch.long, device=prefix.device)  # (B,)
     finished = torch.zeros(B, dtype=torch.bool, device=prefix.device)  # (B,)
     for _ in range(prefix.shape[1], max_len):
         alive = (~finished).nonzero().squeeze(1)  # (R,) the rows still decoding, = their item ids
         logp = _call(step_fn, tokens[alive], alive)  # (R, V)
-        chosen = choose(logp)  # (R,)
+        chosen = choose(logp, tokens[alive, -1])  # (R,)
         next_token = torch.full((B,), pad_id, dtype=torch.long, device=prefix.device)  # (B,)
         next_token[alive] = chosen
         logprob = logprob.to(logp.dtype)
         logprob[alive] += logp.gather(1, chosen[:, None]).squeeze(1)  # + log p(chosen)
+        lengths[alive] += 1
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)  # (B, t + 1)
         finished[alive] = chosen == end_id
         if finished.all():  # every row has emitted end_id: no later column can hold a token
             break
-    return tokens, logprob
+    return tokens, logprob, lengths
 
 
 @torch.no_grad()
-def greedy(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
-           pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Greedy decoding: the most likely next token at every step.
+def greedy(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, pad_id: int = 0,
+           block_repeat: bool = False) -> tuple[Tensor, Tensor]:
+    """Greedy decoding: the most likely allowed next token at every step.
 
     Args:
         step_fn: (tokens (R, t), rows (R,)) -> (R, V) next-token log-probs (module docstring).
         prefix: (B, T0) LongTensor, the start of every sequence (e.g. [CLS]).
         max_len: total length limit, prefix included (at most max_len - T0 new tokens).
         end_id: the token that finishes a sequence (kept in the output).
-        pad_id: written after a sequence's end token.
+        pad_id: written after a sequence's end token; never generated.
+        block_repeat: forbid the token equal to the one just before it (beam_search).
     Returns:
         tokens: (B, T) LongTensor, prefix + generated tokens + pad_id padding; T <= max_len is
             the longest row (decoding stops once every row has emitted end_id).
         logprob: (B,) Σ log p of each row's generated tokens, end token included.
     """
     return _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id,
-                               choose=lambda logp: logp.argmax(dim=1))  # (R,)
+                               _argmax(end_id, pad_id, block_repeat))[:2]
+
+
+def _argmax(end_id: int, pad_id: int, block_repeat: bool) -> Callable[[Tensor, Tensor], Tensor]:
+    """greedy's choice for _decode_one_per_row: the most likely allowed token of each row."""
+    return lambda logp, last: _forbid(logp, last, end_id, pad_id, block_repeat).argmax(dim=1)
 
 
 def top_p_filter(logp: Tensor, top_p: float, temperature: float = 1.0) -> Tensor:
@@ -156,17 +198,23 @@ def top_p_filter(logp: Tensor, top_p: float, temperature: float = 1.0) -> Tensor
 def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
                    top_p: float = 0.9, temperature: float = 1.0,
                    generator: torch.Generator | None = None,
-                   pad_id: int = 0) -> tuple[Tensor, Tensor]:
+                   pad_id: int = 0, block_repeat: bool = False) -> tuple[Tensor, Tensor]:
     """Nucleus (top-p) sampling with temperature [Holtzman et al. 2020].
 
     Each step draws the next token from `top_p_filter(logp, top_p, temperature)`. Same length,
     end and padding conventions as `greedy`; top_p → 0 gives greedy's tokens.
+
+    block_repeat [VirTex code]: the nucleus is formed first, then the token just emitted is
+    taken out of it (the rest renormalised), from the first step on (the last prefix token).
+    AMBIGUITY: where the nucleus held only that token, VirTex's code samples uniformly from the
+    whole vocabulary (every logit set to -1e12); we take the nucleus of the other tokens.
 
     Args:
         step_fn, prefix, max_len, end_id, pad_id: as in `greedy`.
         top_p: in (0, 1], the probability mass of the nucleus.
         temperature: > 0, divides the log-probs before the nucleus is taken.
         generator: a torch.Generator on the device of the log-probs, for reproducible samples.
+        block_repeat: never sample the token just emitted (above).
     Returns:
         tokens: (B, T) as in `greedy`.
         logprob: (B,) Σ of the step_fn's (untempered, untruncated) log-probs of the sampled
@@ -177,11 +225,19 @@ def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
     if temperature <= 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy for 0)")
 
-    def choose(logp: Tensor) -> Tensor:
-        q = top_p_filter(logp, top_p, temperature)  # (R, V)
-        return torch.multinomial(q, 1, generator=generator).squeeze(1)  # (R,)
+    def choose(logp: Tensor, last: Tensor) -> Tensor:
+        allowed = _forbid(logp, last, end_id, pad_id, block_repeat=False)  # (R, V), no [PAD]
+        q = top_p_filter(allowed, top_p, temperature)  # (R, V)
+        if block_repeat:
+            repeat = torch.arange(q.shape[1], device=q.device)[None, :] == last[:, None]  # (R, V)
+            q = q.masked_fill(repeat, 0.0)  # (R, V), the previous token out of the nucleus
+            empty = q.sum(dim=1) == 0  # (R,) the nucleus was that token alone
+            if empty.any():
+                q[empty] = top_p_filter(allowed[empty].masked_fill(repeat[empty], NEG_INF),
+                                        top_p, temperature)
+        return torch.multinomial(q, 1, generator=generator).squeeze(1)  # (R,), renormalised
 
-    return _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id, choose)
+    return _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id, choose)[:2]
 
 
 # --- beam search ----------------------------------------------------------------------------------
@@ -190,27 +246,45 @@ def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
 def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam_size: int = 5,
                 length_penalty: float = 0.0, block_repeat: bool = False,
                 pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Beam search: keep the K best hypotheses per item, return the best finished one.
+    """Beam search with K live hypotheses per item; finished ones move to a finished list.
 
-    Every step, each of the K hypotheses of an item is extended by every token; the K best of
-    the K·V extensions, ranked by
+    Every step, each of the K live hypotheses of an item is extended by every allowed token,
+    and the K·V extensions are scored
 
-        score = Σ log p / len^α,    len = generated tokens (end included, prefix excluded),
+        score = Σ log p / len^α,    len = generated tokens (end included, prefix excluded)
 
-    form the next beam (α = `length_penalty`; α = 0 is the plain sum, [VirTex code]; α > 0
-    favours longer captions). A hypothesis that emits `end_id` stays in the beam, frozen: its
-    only extension is `pad_id` at log-prob 0, so it keeps its score and competes with the
-    unfinished ones (as in the AllenNLP search VirTex uses; with K = 1 this is `greedy`).
-    Besides the beam, each item remembers its best finished hypothesis ever, so one pushed out
-    of the beam by then-better unfinished ones is not lost.
+    (α = `length_penalty`; α = 0 is the plain sum; α > 0 favours longer captions). All
+    extensions at a step have the same length, so ranking by score is ranking by Σ log p. The
+    K best unfinished extensions form the next beam, so every step has K live hypotheses: a
+    finished one never costs a live slot [Oscar code]. An extension by `end_id` that ranks with
+    them (its Σ at least the K-th live one's: Oscar's code files the finished extensions it
+    meets while filling the beam from the best down) leaves the beam for the item's finished
+    list, of which only the best is kept (Oscar's `num_keep_best` = 1).
 
     First step: the K beams start identical (the prefix); only beam 0 is live (the others start
     at -inf), so the first beam holds K *different* tokens instead of K copies of the best one.
 
-    Stops when every hypothesis is finished, at max_len, or early for an item once its best
-    finished score is at least what any unfinished hypothesis could still reach (log p <= 0:
-    a sum only falls; its length can grow to max_len - T0, so the bound is Σ / (max_len-T0)^α).
-    The early stop never changes the result; it relies on step_fn returning log-probs (<= 0).
+    Stops for an item once no live hypothesis can beat its best finished one (log p <= 0: a sum
+    only falls, and the length is at most max_len - T0, so a live Σ can reach at most
+    Σ / (max_len - T0)^α) [Oscar code: BeamHypotheses.is_done], for every item at max_len.
+    The stop never changes the result; it relies on step_fn returning log-probs (<= 0).
+
+    K = 1 is `greedy` (with block_repeat, scored Σ log p / len^α), as in Oscar's code, whose
+    num_beams = 1 runs its no-beam search.
+
+    Differences from the official searches:
+        DEVIATION: VirTex's code (AllenNLP's search) keeps a finished hypothesis in the beam,
+            where it holds one of the K slots until the end; here it moves out.
+        DEVIATION: at max_length Oscar's code also files the unfinished hypotheses (writing
+            [SEP] over their last token), to compete with the finished ones; here an unfinished
+            hypothesis is returned only for an item where none finished. (Oscar's code ranks
+            only the top 2K extensions, TOPN_PER_BEAM = 2; at most K of them end, so the K live
+            ones and the filed finished ones are those of all K·V, as here.)
+        DEVIATION: VirTex's code lets each hypothesis propose only its 2 best tokens
+            (`per_node_beam_size`); we rank all K·V extensions, the textbook search.
+        AMBIGUITY (block_repeat): VirTex's code starts blocking at the second generated token,
+            with log p = -10000 rather than -inf; we also block the last prefix token at the
+            first step (which only forbids re-emitting the start token or a prompt's last).
 
     Args:
         step_fn: (tokens (R, t), rows (R,)) -> (R, V) next-token log-probs; R <= B·K and
@@ -220,16 +294,12 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
         beam_size: K >= 1.
         length_penalty: α >= 0 in Σ log p / len^α.
         block_repeat: forbid a token equal to the one just before it (log p set to -inf, not
-            renormalised) [VirTex code]. AMBIGUITY: VirTex's code starts blocking at the second
-            generated token, with log p = -10000 rather than -inf; we also block the last
-            prefix token at the first step (which only forbids re-emitting the start token).
-            DEVIATION: VirTex's code lets each hypothesis propose only its 2 best tokens
-            (`per_node_beam_size`); we rank all K·V extensions, the textbook search.
-        pad_id: written after a hypothesis's end token.
+            renormalised) [VirTex code].
+        pad_id: written after a hypothesis's end token; never generated.
     Returns:
         tokens: (B, T) LongTensor, prefix + the best finished hypothesis + pad_id padding (the
-            best unfinished one, max_len long, for an item where none finished); T <= max_len
-            is the longest row.
+            best live one, max_len long, for an item where none finished); T <= max_len is the
+            longest row.
         score: (B,) its Σ log p / len^α.
     """
     _check_prefix(prefix, max_len)
@@ -238,19 +308,22 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
     if length_penalty < 0.0:
         raise ValueError(f"length_penalty α must be >= 0, got {length_penalty}")
     alpha, K = float(length_penalty), beam_size
+    if K == 1:
+        tokens, logprob, lengths = _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id,
+                                                       _argmax(end_id, pad_id, block_repeat))
+        return tokens, _length_normalise(logprob, lengths, alpha)
     B, T0 = prefix.shape
     device = prefix.device
     max_new = max(max_len - T0, 1)  # the most tokens a hypothesis can generate
 
-    # The beam: K hypotheses per item, flattened to B·K rows when calling step_fn.
+    # The beam: K live hypotheses per item, flattened to B·K rows when calling step_fn.
     tokens = prefix.repeat_interleave(K, dim=0).view(B, K, T0)  # (B, K, t)
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B·K,), item of each flat row
-    sums = torch.full((B, K), NEG_INF, device=device)  # (B, K), Σ log p of each hypothesis
+    sums = torch.full((B, K), NEG_INF, device=device)  # (B, K), Σ log p; -inf = no hypothesis
     sums[:, 0] = 0.0  # only beam 0 is live at the first step (the K beams are identical)
-    lengths = torch.zeros(B, K, dtype=torch.long, device=device)  # (B, K), generated tokens
-    finished = torch.zeros(B, K, dtype=torch.bool, device=device)  # (B, K), frozen hypotheses
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) items whose search stopped
 
-    # The best finished hypothesis of each item so far.
+    # The finished list: the best finished hypothesis of each item so far.
     best_score = torch.full((B,), NEG_INF, device=device)  # (B,)
     best_tokens = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)  # (B, max_len)
     best_tokens[:, :T0] = prefix
@@ -259,64 +332,51 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
     items = torch.arange(B, device=device)  # (B,)
 
     for t in range(T0, max_len):
-        # 1. Log-probs of the next token, asked only for live unfinished hypotheses.
+        # 1. Log-probs of the next token, asked only for the live hypotheses of searching items.
         flat_tokens = tokens.reshape(B * K, t)  # (B·K, t)
-        needs_model = (~finished & torch.isfinite(sums)).view(-1)  # (B·K,)
-        if not needs_model.any():
+        live = (torch.isfinite(sums) & ~done[:, None]).view(-1)  # (B·K,)
+        if not live.any():
             break
-        ask = needs_model.nonzero().squeeze(1)  # (R,)
+        ask = live.nonzero().squeeze(1)  # (R,)
         out = _call(step_fn, flat_tokens[ask], rows[ask])  # (R, V)
         V = out.shape[1]
         sums, best_score = sums.to(out.dtype), best_score.to(out.dtype)
         logp = out.new_full((B * K, V), NEG_INF)  # (B·K, V), -inf for rows not asked
-        logp[ask] = out
-        if block_repeat:  # [VirTex code]: the token just emitted may not come again right away
-            repeat = torch.arange(V, device=device)[None, :] == flat_tokens[:, -1:]  # (B·K, V)
-            logp = logp.masked_fill(repeat, NEG_INF)
-        # A frozen (finished) hypothesis has one extension, at log-prob 0: column 0 holds it
-        # (any column would do; the token it appends is set to pad_id below).
-        frozen = finished.view(-1)  # (B·K,)
-        logp[frozen] = NEG_INF
-        logp[frozen, 0] = 0.0
+        logp[ask] = _forbid(out, flat_tokens[ask, -1], end_id, pad_id, block_repeat)
+        cand = (sums.view(B * K, 1) + logp).view(B, K, V)  # Σ log p after each extension
+        n = t + 1 - T0  # generated tokens of every extension at this step
 
-        # 2. Score all K·V extensions of every item and keep the K best.
-        cand_sums = sums.view(B * K, 1) + logp  # (B·K, V), Σ log p after the extension
-        cand_lengths = lengths.view(B * K, 1) + (~frozen).long()[:, None]  # (B·K, 1)
-        cand_scores = _length_normalise(cand_sums, cand_lengths, alpha)  # (B·K, V)
-        _, top = cand_scores.view(B, K * V).topk(K, dim=1)  # (B, K), index into K·V
-        parent = top // V  # (B, K), the hypothesis each new one extends
-        token = top % V  # (B, K), the token it appends
-        sums = cand_sums.view(B, K * V).gather(1, top)  # (B, K)
-        was_finished = finished.gather(1, parent)  # (B, K)
-        token = token.masked_fill(was_finished, pad_id)  # (B, K), a frozen one appends pad_id
-        lengths = lengths.gather(1, parent) + (~was_finished).long()  # (B, K)
+        # 2. The K best unfinished extensions are the next beam.
+        ended = cand[:, :, end_id].clone() if 0 <= end_id < V else None  # (B, K) finished Σ
+        if ended is not None:
+            cand[:, :, end_id] = NEG_INF  # not a live extension
+        top_sums, top = cand.view(B, K * V).topk(K, dim=1)  # (B, K), index into K·V
+
+        # 3. Finished extensions that rank with the beam (Σ at least the K-th live one's) are
+        # filed; the best of them replaces the item's best finished one if it beats it.
+        if ended is not None:
+            ended = ended.masked_fill(ended < top_sums[:, -1:], NEG_INF)  # (B, K)
+            ended_score, ended_k = _length_normalise(ended, n, alpha).max(dim=1)  # (B,), (B,)
+            better = ended_score > best_score  # (B,)
+            best_score = torch.where(better, ended_score, best_score)  # (B,)
+            best_tokens[:, :t] = torch.where(better[:, None], tokens[items, ended_k],
+                                             best_tokens[:, :t])  # (B, t)
+            best_tokens[better, t] = end_id
+            best_length = torch.where(better, t + 1, best_length)  # (B,)
+            has_best |= better
+        sums, parent, token = top_sums, top // V, top % V  # (B, K): Σ, hypothesis, new token
         tokens = torch.cat([tokens.gather(1, parent[..., None].expand(B, K, t)),
                             token[..., None]], dim=2)  # (B, K, t + 1)
-        just_ended = ~was_finished & (token == end_id) & torch.isfinite(sums)  # (B, K)
-        finished = was_finished | (token == end_id)  # (B, K)
 
-        # 3. Remember the best hypothesis that finished at this step, if it beats the record.
-        scores = _length_normalise(sums, lengths, alpha)  # (B, K)
-        ended_score, ended_k = scores.masked_fill(~just_ended, NEG_INF).max(dim=1)  # (B,), (B,)
-        better = ended_score > best_score  # (B,)
-        best_score = torch.where(better, ended_score, best_score)  # (B,)
-        best_tokens[:, :t + 1] = torch.where(better[:, None], tokens[items, ended_k],
-                                             best_tokens[:, :t + 1])  # (B, t + 1)
-        best_length = torch.where(better, t + 1, best_length)  # (B,)
-        has_best |= better
+        # 4. An item stops once no live hypothesis can beat its best finished one.
+        reachable = _length_normalise(sums.amax(dim=1), max_new, alpha)  # (B,)
+        done |= has_best & (best_score >= reachable)
 
-        # 4. Early stop per item: no unfinished hypothesis can beat the item's best finished one
-        # (Σ log p only falls and the length is at most max_new). Its beams are frozen.
-        live = ~finished & torch.isfinite(sums)  # (B, K)
-        reachable = _length_normalise(sums, torch.full_like(lengths, max_new), alpha)  # (B, K)
-        best_reachable = reachable.masked_fill(~live, NEG_INF).amax(dim=1)  # (B,)
-        finished |= (has_best & (best_score >= best_reachable))[:, None]  # (B, K)
-
-    # Result: the best finished hypothesis; for an item with none, its best unfinished beam.
+    # Result: the best finished hypothesis; for an item with none, its best live one.
     T = tokens.shape[2]
-    beam_score, beam_k = _length_normalise(sums, lengths, alpha).max(dim=1)  # (B,), (B,)
-    out_tokens = torch.where(has_best[:, None], best_tokens[:, :T], tokens[items, beam_k])  # (B, T)
-    out_score = torch.where(has_best, best_score, beam_score)  # (B,)
+    live_sum, live_k = sums.max(dim=1)  # (B,), (B,)
+    out_tokens = torch.where(has_best[:, None], best_tokens[:, :T], tokens[items, live_k])
+    out_score = torch.where(has_best, best_score, _length_normalise(live_sum, T - T0, alpha))
     out_length = torch.where(has_best, best_length, T)  # (B,)
     return out_tokens[:, :int(out_length.max())], out_score  # (B, T'), (B,)
 
@@ -375,16 +435,25 @@ def cached_step_fn(step, context_kv: list) -> StepFn:
 
         step(token (R,), position, past, context_kv_rows, rows) -> (logits (R, V), new past)
 
-    runs the last token of each row (at `position`, 0-based) against `past`, the cache of its
-    parent row (None at the first call), and context_kv_rows, the image's cross-attention (or
+    runs the token of each row at `position` (0-based) against `past`, the cache of positions
+    0 .. position - 1 (None at position 0), and context_kv_rows, the image's cross-attention (or
     context) keys and values at these rows; it returns the cache with this position added.
-    PrefixParents finds each row's parent; take_rows gathers only when the rows changed."""
+    The first call fills the cache from the whole prefix, one position at a time (a prompt of
+    T0 > 1 tokens: every prefix token is seen); later calls run the last token against the
+    cache of the row it extends, found by PrefixParents; take_rows gathers only when the rows
+    changed."""
     parents, cache = PrefixParents(), [None]
 
     def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:
         index = parents(tokens, rows)  # (R,) the row of the last call each row extends
-        past = None if index is None else take_rows(cache[0], index)
-        logits, cache[0] = step(tokens[:, -1], tokens.shape[1] - 1, past,
-                                take_rows(context_kv, rows), rows)
+        context = take_rows(context_kv, rows)
+        if index is None:  # first call: every prefix position into the cache
+            past = None
+            for position in range(tokens.shape[1]):
+                logits, past = step(tokens[:, position], position, past, context, rows)
+        else:
+            logits, past = step(tokens[:, -1], tokens.shape[1] - 1, take_rows(cache[0], index),
+                                context, rows)
+        cache[0] = past
         return logits.float().log_softmax(dim=-1)  # (R, V)
     return step_fn

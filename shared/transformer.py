@@ -24,7 +24,7 @@ class MLP(nn.Module):
     """The position-wise feed-forward sub-layer: Linear -> GELU (-> dropout) -> Linear (-> dropout).
 
     GELU is the exact (erf) form used by BERT, ViT and the CoCa implementations. hidden_dropout
-    acts on the d_hidden activations, as torch's nn.TransformerDecoderLayer does (VirTex's
+    acts on the d_hidden activations, as torch's TransformerDecoderLayer does (VirTex's
     official decoder); BERT has none there (0).
     """
 
@@ -103,7 +103,7 @@ class PostLNDecoderBlock(nn.Module):
 
     VirTex's textual head: causal self-attention, cross-attention to the visual tokens, MLP,
     each followed by dropout, the residual and a LayerNorm; the MLP also drops out its hidden
-    activations, as torch's nn.TransformerDecoderLayer (VirTex's official decoder) does.
+    activations, as torch's TransformerDecoderLayer (VirTex's official decoder) does.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.1,

@@ -229,6 +229,29 @@ def test_the_key_value_cache_gives_the_same_tokens_and_log_probs(method):
     assert torch.allclose(score_a, score_b, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
+def test_decoding_from_a_prompt_reads_every_prompt_token_cached_or_not(method):
+    """generate(prompt=...) with a prompt of 3 tokens after [CLS] and two + two text layers: the
+    cache is filled from the whole prefix, so the first log-probs, and then every token and
+    score (beam search reordering rows), equal those of re-encoding the prefix every step."""
+    config = small_config(unimodal_layers=2, multimodal_layers=2)
+    model = model_for(config)
+    images = torch.randn(3, 3, 16, 16)
+    prompt = torch.tensor([[7, 8, 9], [10, 11, 12], [7, 7, 13]])  # (B, T0 = 3)
+    prefix = torch.cat([torch.full((3, 1), CLS), prompt], dim=1)  # (B, 4)
+    with torch.no_grad():
+        queries = model.encode_image(images)[1]
+        first = [model.next_token_logprobs(queries, cached)(prefix, torch.arange(3))
+                 for cached in (True, False)]
+    assert torch.allclose(first[0], first[1], atol=1e-5)
+    (tokens_a, score_a), (tokens_b, score_b) = [
+        model.generate(images, CLS, SEP, method=method, beam_size=3, prompt=prompt,
+                       cached=cached, return_scores=True,
+                       generator=torch.Generator().manual_seed(0)) for cached in (True, False)]
+    assert torch.equal(tokens_a, tokens_b) and torch.allclose(score_a, score_b, atol=1e-5)
+    assert torch.equal(tokens_a[:, :4], prefix) and tokens_a.shape[1] > 4  # it begins with them
+
+
 # --- (d) learning -------------------------------------------------------------------------------
 
 def test_a_tiny_model_overfits_one_batch():

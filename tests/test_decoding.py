@@ -1,9 +1,11 @@
 """Decoding (shared/decoding.py): greedy, beam search, nucleus sampling over a step_fn.
 
 Kinds: (a) hand-made distributions whose answer is worked out by exhaustive enumeration in the
-test; (b) equivalences: greedy = beam search with K = 1 = nucleus with top_p → 0, beam search =
-exhaustive search, batched = one item at a time; (c) the conventions (length, padding, scores,
-`rows`), and the sampler's empirical distribution.
+test (one where finished hypotheses would crowd a beam that kept them); (b) equivalences: greedy =
+beam search with K = 1 = nucleus with top_p → 0, beam search = exhaustive search = a loop
+reference of the K-live search, batched = one item at a time, a cached step function = the
+uncached one from a prefix of several tokens; (c) the conventions (length, padding, scores,
+`rows`, [PAD] never generated, repeat blocking), and the sampler's empirical distribution.
 """
 
 import itertools
@@ -12,7 +14,7 @@ import math
 import pytest
 import torch
 
-from shared.decoding import beam_search, greedy, nucleus_sample, top_p_filter
+from shared.decoding import beam_search, cached_step_fn, greedy, nucleus_sample, top_p_filter
 
 END = 0  # end token of every toy vocabulary here
 
@@ -64,6 +66,38 @@ def exhaustive(step_fn, prefix: list[int], n_new: int, V: int, alpha: float = 0.
     return best[True] if best[True][0] is not None else best[False]
 
 
+def k_live_reference(step_fn, prefix: list[int], max_len: int, K: int, alpha: float = 0.0,
+                     block_repeat: bool = False, pad_id: int = END, item: int = 0):
+    """The K-live-beams search as a plain loop over Python lists, one item: every step extends
+    the K live hypotheses by every allowed token; the K best extensions not ending with END (by
+    Σ log p) stay live, and those ending with END whose Σ is at least the K-th live one's go to
+    the finished list; stop once no live one can beat the best finished one (its Σ can only
+    fall, its length reach max_len - T0), or at max_len. Returns (generated tokens, score) of
+    the best finished one, else the best live."""
+    max_new = max_len - len(prefix)
+    live, best = [(0.0, [])], None  # (Σ log p, tokens); best: (score, tokens)
+    for n in range(1, max_new + 1):
+        candidates = []
+        for total, seq in live:
+            logp = step_fn(torch.tensor([prefix + seq]), torch.tensor([item]))[0].tolist()
+            for v, lp in enumerate(logp):
+                if (block_repeat and v == (prefix + seq)[-1]) or v == pad_id != END:
+                    continue
+                candidates.append((total + lp, seq + [v]))
+        live = sorted((c for c in candidates if c[1][-1] != END and c[0] > -math.inf),
+                      key=lambda c: c[0], reverse=True)[:K]
+        kth = live[-1][0] if len(live) == K else -math.inf
+        for total, seq in candidates:
+            if (seq[-1] == END and total > -math.inf and total >= kth
+                    and (best is None or total / n ** alpha > best[0])):
+                best = (total / n ** alpha, seq)
+        if not live or (best is not None and best[0] >= live[0][0] / max_new ** alpha):
+            break
+    if best is not None:
+        return best[1], best[0]
+    return live[0][1], live[0][0] / max_new ** alpha
+
+
 def generated(row: torch.Tensor, T0: int) -> list[int]:
     """The generated part of an output row: after the prefix, up to and including END."""
     out = []
@@ -107,6 +141,78 @@ def test_beam_search_equals_exhaustive_search_on_small_problems(seed, alpha):
         assert generated(tokens[b], 1) == best_seq, b
         assert score[b].item() == pytest.approx(best_score, abs=1e-5)
         assert (tokens[b, 1 + len(best_seq):] == 0).all()  # padding after the end token
+
+
+@pytest.mark.parametrize("K,alpha,block_repeat,pad_id", [
+    (2, 0.0, False, END), (3, 0.7, False, END), (2, 0.7, True, END), (3, 0.0, True, 5)])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_beam_search_equals_a_loop_reference_of_the_k_live_search(seed, K, alpha, block_repeat,
+                                                                   pad_id):
+    # Small beams, where the search is approximate: the batched search must make exactly the
+    # choices of the plain loop (some items end early, some run to max_len).
+    B, V, max_len = 4, 6, 8
+    step_fn = table_step_fn(V, B, max_len, seed, end_bias=-0.5)
+    prefix = torch.tensor([[1], [2], [3], [4]])
+    tokens, score = beam_search(step_fn, prefix, max_len, END, beam_size=K, length_penalty=alpha,
+                                block_repeat=block_repeat, pad_id=pad_id)
+    for b in range(B):
+        seq, expected = k_live_reference(step_fn, prefix[b].tolist(), max_len, K, alpha,
+                                         block_repeat, pad_id, item=b)
+        assert generated(tokens[b], 1) == seq, b
+        assert score[b].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_beam_search_with_beam_size_one_is_greedy_with_the_same_options():
+    B, V, max_len = 5, 6, 9
+    step_fn = table_step_fn(V, B, max_len, seed=7, end_bias=-1.0)
+    prefix = torch.arange(B)[:, None] + 1
+    g_tokens, g_logprob = greedy(step_fn, prefix, max_len, END, block_repeat=True)
+    b_tokens, b_score = beam_search(step_fn, prefix, max_len, END, beam_size=1,
+                                    length_penalty=0.5, block_repeat=True)
+    assert torch.equal(g_tokens, b_tokens)
+    lengths = torch.tensor([len(generated(row, 1)) for row in g_tokens])
+    assert torch.allclose(b_score, g_logprob / lengths ** 0.5, atol=1e-5)
+
+
+def toy_cached_decoder(V: int, B: int, seed: int):
+    """A decoder whose next-token logits sum a table over every (token, position) of the row
+    plus a per-item offset: (its one-position `step` with a cache of the row's tokens, the
+    same as an uncached step_fn, the per-item context)."""
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(V, 16, V, generator=gen)  # (token, position, V)
+    offsets = torch.randn(B, V, generator=gen)  # (B, V)
+
+    def step(token, position, past, context, rows):
+        k = token[:, None, None, None].float()  # (R, 1, 1, 1): the cache keeps the tokens
+        v = torch.full_like(k, float(position))  # and their positions
+        if past is not None:
+            k, v = torch.cat([past[0][0], k], dim=2), torch.cat([past[0][1], v], dim=2)
+        history, positions = k[:, 0, :, 0].long(), v[:, 0, :, 0].long()  # (R, position + 1)
+        logits = table[history, positions].sum(dim=1) + context[0][0]  # (R, V)
+        return logits, [(k, v)]
+
+    def uncached(tokens, rows):
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return (table[tokens, positions].sum(dim=1) + offsets[rows]).log_softmax(dim=-1)
+    return step, uncached, [(offsets, offsets)]
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_a_cached_step_function_reads_the_whole_prefix(method):
+    # Prefixes of 3 tokens: the cache must hold all of them before the first prediction.
+    B, V, max_len = 4, 7, 9
+    step, uncached, context = toy_cached_decoder(V, B, seed=3)
+    prefix = torch.tensor([[1, 2, 3], [4, 5, 6], [2, 2, 1], [6, 1, 4]])  # (B, T0 = 3)
+    results = []
+    for step_fn in (cached_step_fn(step, context), uncached):
+        if method == "greedy":
+            results.append(greedy(step_fn, prefix, max_len, END))
+        else:
+            results.append(beam_search(step_fn, prefix, max_len, END, beam_size=3,
+                                       length_penalty=0.5))
+    (tokens_a, score_a), (tokens_b, score_b) = results
+    assert torch.equal(tokens_a, tokens_b) and tokens_a.shape[1] > 4
+    assert torch.allclose(score_a, score_b, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["greedy", "beam", "beam_blocked", "nucleus"])
@@ -176,6 +282,34 @@ def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
     assert b_score.item() == pytest.approx(math.log(.36))
 
 
+def test_finished_hypotheses_leave_the_beam_so_k_live_ones_remain():
+    # Tokens: 0 = END, 1 = a, 2 = b, 3 = c; the start token 4 is outside the vocabulary. α = 1.
+    #   after ()                END e^-0.5 = .607   a .233   b e^-1.83 = .160
+    #   after (a,)              END .1   c .9       then everything is unlikely (the default row)
+    #   after (b,) .. (b c a c a)   c, a, c, a, END, each with probability 1
+    # [END] scores -0.5. [b c a c a END] scores Σ log p / len = -1.83 / 6 = -0.305, the optimum.
+    # With K = 2, a beam that keeps finished hypotheses holds [END] and [a] after one step and
+    # never sees b; moving [END] out of the beam keeps [a] and [b] live.
+    p_end, p_b = math.exp(-0.5), math.exp(-1.83)
+    step_fn = dict_step_fn({(): [p_end, 1 - p_end - p_b, p_b, 0], (1,): [.1, 0, 0, .9],
+                            (2,): [0, 0, 0, 1], (2, 3): [0, 1, 0, 0], (2, 3, 1): [0, 0, 0, 1],
+                            (2, 3, 1, 3): [0, 1, 0, 0], (2, 3, 1, 3, 1): [1, 0, 0, 0]},
+                           default=[.1, .4, .3, .2])
+    rows_asked = []
+
+    def counting(tokens, rows):
+        rows_asked.append(len(rows))
+        return step_fn(tokens, rows)
+
+    prefix, max_len = torch.tensor([[4]]), 7
+    best_seq, best_score = exhaustive(step_fn, [4], max_len - 1, V=4, alpha=1.0)
+    assert best_seq == [2, 3, 1, 3, 1, END] and best_score == pytest.approx(-0.305)
+    tokens, score = beam_search(counting, prefix, max_len, END, beam_size=2, length_penalty=1.0)
+    assert generated(tokens[0], 1) == best_seq
+    assert score.item() == pytest.approx(-0.305)
+    assert rows_asked[1:] == [2] * (len(rows_asked) - 1)  # two live hypotheses every step
+
+
 def test_length_penalty_changes_the_choice():
     # [END, a, b, start]:  after () END .5 a .5;  after (a,) END .2 b .8;  after (a, b) END .8.
     #   [END]        p = .5                 Σ log p = -0.693, len 1
@@ -236,6 +370,41 @@ def test_length_padding_and_logprob_conventions():
         greedy(step_fn, prefix, 1, END)
 
 
+def test_pad_is_never_generated():
+    # [PAD] (5 here) is the model's favourite token; it may only follow the end token.
+    V, PAD = 6, 5
+
+    def step_fn(tokens, rows):
+        return torch.tensor([0.0, 1, 1.5, 1, 1, 4]).expand(len(rows), V).log_softmax(dim=-1)
+
+    prefix = torch.full((3, 1), 1)
+    gen = torch.Generator().manual_seed(0)
+    for tokens, _ in [greedy(step_fn, prefix, 6, END, pad_id=PAD),
+                      beam_search(step_fn, prefix, 6, END, beam_size=3, pad_id=PAD),
+                      nucleus_sample(step_fn, prefix, 6, END, top_p=0.99, generator=gen,
+                                     pad_id=PAD)]:
+        for row in tokens.tolist():
+            body = generated(torch.tensor(row), 1)
+            assert PAD not in body and row[1 + len(body):] == [PAD] * (len(row) - 1 - len(body))
+    assert greedy(step_fn, prefix, 3, END, pad_id=PAD)[0][:, 1:].eq(2).all()  # next best: 2
+
+
+def test_nucleus_block_repeat_takes_the_previous_token_out_of_the_nucleus():
+    # [VirTex code]: the nucleus is formed, then the previous token (0, the prefix) removed.
+    #   p = [.5, .3, .15, .05], top_p = .9: nucleus {0, 1, 2} -> {1, 2}, renormalised 2/3, 1/3.
+    #   p = [.95, .03, .02, 0]: nucleus {0} -> empty; the nucleus of the rest instead: {1, 2}.
+    N = 20000
+    for p, expected in [([.5, .3, .15, .05], [0, 2 / 3, 1 / 3, 0]),
+                        ([.95, .03, .02, 0], [0, .6, .4, 0])]:
+        logp = torch.tensor(p).log()
+        gen = torch.Generator().manual_seed(0)
+        tokens, _ = nucleus_sample(lambda t, r: logp.expand(len(r), 4), torch.zeros(N, 1).long(),
+                                   2, end_id=99, top_p=0.9, block_repeat=True, generator=gen,
+                                   pad_id=99)
+        freq = torch.bincount(tokens[:, 1], minlength=4).double() / N
+        assert torch.allclose(freq, torch.tensor(expected, dtype=torch.double), atol=0.015), freq
+
+
 def test_top_p_filter_keeps_the_smallest_nucleus():
     logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     # mass of the likelier tokens: 0, .5, .8, .95 -> with top_p = .9 keep the first three
@@ -262,7 +431,7 @@ def test_nucleus_samples_follow_the_truncated_distribution(top_p, temperature):
 
     gen = torch.Generator().manual_seed(0)
     tokens, logprob = nucleus_sample(step_fn, torch.full((N, 1), 3), 2, end_id=99, top_p=top_p,
-                                     temperature=temperature, generator=gen)
+                                     temperature=temperature, generator=gen, pad_id=99)
     freq = torch.bincount(tokens[:, 1], minlength=4).double() / N
     for v in range(4):
         if expected[v] == 0:

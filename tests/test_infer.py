@@ -1,6 +1,6 @@
 """infer.py on checkpoints that train.py writes here (2 steps each, tiny sizes): captions
-for image files (CoCa, VirTex) and region files (Oscar), CoCa zero-shot classification and
-text-to-image ranking, as lines and as JSON, and one-line errors for misuse."""
+for image files (CoCa, VirTex; also from a prompt) and region files (Oscar), CoCa zero-shot
+classification and text-to-image ranking, as lines and as JSON, and one-line errors for misuse."""
 
 import json
 
@@ -50,6 +50,19 @@ def test_caption_image_files_with_coca_and_virtex(checkpoints, files, capsys):
     infer.main(["caption", str(checkpoints["coca"]), *map(str, images), "--json"])
     document = json.loads(capsys.readouterr().out)
     assert len(document["caption"]) == 3
+
+
+def test_caption_continues_a_prompt(checkpoints, files, capsys):
+    images = sorted((files / "images").glob("*.png"))[:2]
+    for name in ("coca", "virtex"):
+        results = infer.caption(checkpoints[name], images, [], prompt="one object")
+        assert all(r["caption"].startswith("one object") for r in results), (name, results)
+    infer.main(["caption", str(checkpoints["virtex"]), *map(str, images), "--prompt",
+                "one object"])
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert len(lines) == 2 and lines[0].startswith(f"{images[0]}: one object")
+    with pytest.raises(SystemExit, match="--prompt is for CoCa and VirTex"):
+        infer.caption(checkpoints["oscar"], [], [images[0]], prompt="one object")
 
 
 def test_caption_region_files_with_oscar(checkpoints, files, capsys):

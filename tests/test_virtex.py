@@ -17,7 +17,8 @@ import torch
 
 import virtex
 from shared.checkpoint import load_weights
-from virtex import Config, ResNet, VirTex, captioning_loss, mask_tokens, reverse_captions
+from virtex import (PAD_ID, Config, ResNet, VirTex, captioning_loss, mask_tokens,
+                    reverse_captions)
 
 SOS, EOS, MASK = 2, 3, 4  # shared.tokenizer's [CLS], [SEP], [MASK]; [PAD] = 0, [UNK] = 1
 SPECIAL = {0, 1, 2, 3, 4}
@@ -358,6 +359,46 @@ def test_the_key_value_cache_gives_the_same_tokens_and_log_probs(method):
     (tokens_a, score_a), (tokens_b, score_b) = results
     assert torch.equal(tokens_a, tokens_b) and tokens_a.shape[1] > 2
     assert torch.allclose(score_a, score_b, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
+def test_decoding_from_a_prompt_reads_every_prompt_token_cached_or_not(method):
+    """generate(prompt=...) with a prompt of 3 tokens after [SOS] and two layers: the cache is
+    filled from the whole prefix, so the first log-probs, and then every token and score (beam
+    search reordering rows), equal those of re-encoding the prefix every step."""
+    config = small_config(layers=2)
+    model = model_for(config)
+    images = make_batch(config, B=3)["images"]
+    prompt = torch.tensor([[7, 8, 9], [10, 11, 12], [7, 7, 13]])  # (B, T0 = 3)
+    prefix = torch.cat([torch.full((3, 1), SOS), prompt], dim=1)  # (B, 4)
+    with torch.no_grad():
+        visual = model.visual_tokens(images)
+        first = [model.next_token_logprobs(visual, cached)(prefix, torch.arange(3))
+                 for cached in (True, False)]
+    assert torch.allclose(first[0], first[1], atol=1e-5)
+    (tokens_a, score_a), (tokens_b, score_b) = [
+        model.generate(images, SOS, EOS, method=method, beam_size=3, prompt=prompt,
+                       cached=cached, return_scores=True,
+                       generator=torch.Generator().manual_seed(0)) for cached in (True, False)]
+    assert torch.equal(tokens_a, tokens_b) and torch.allclose(score_a, score_b, atol=1e-5)
+    assert torch.equal(tokens_a[:, :4], prefix) and tokens_a.shape[1] > 4  # it begins with them
+
+
+def test_decoding_as_the_official_code_30_tokens_after_sos_no_repeat_no_pad():
+    """[code]: up to MAX_CAPTION_LENGTH tokens after [SOS] (the limit does not count [SOS]); the
+    token just emitted is blocked in beam search, greedy (its beam 1) and nucleus sampling; and
+    [PAD] is never generated. A decoder that never ends and loves [PAD], then token 7."""
+    config = small_config()
+    model = model_for(config)
+    with torch.no_grad():
+        bias = model.heads["textual"].output.bias
+        bias[EOS], bias[PAD_ID], bias[7] = -1e4, 30.0, 20.0
+    images = make_batch(config, B=2)["images"]
+    for method in ("beam", "greedy", "nucleus"):
+        out = model.generate(images, SOS, EOS, method=method, beam_size=3,
+                             generator=torch.Generator().manual_seed(0))
+        assert out.shape[1] == 1 + config.max_text_len, method  # [SOS] + max_text_len tokens
+        assert (out[:, 1:] != PAD_ID).all() and (out[:, 1:] != out[:, :-1]).all(), method
 
 
 # --- (d) learning, generation, the world -------------------------------------------------------
