@@ -66,7 +66,7 @@ PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets 
 TASKS = ("pretrain",)  # one pretraining serves zero-shot, retrieval and captioning [CoCa §3.3]
 MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks best.pt
 INPUTS = "pixels"  # CoCa reads images, not detector regions
-BERT_INIT = False  # the text decoder is trained from scratch [CoCa §4.1]
+BERT_INIT = None  # the text decoder is trained from scratch [CoCa §4.1]: no --init_bert
 
 
 @dataclass

@@ -76,7 +76,8 @@ TASKS = ("pretrain", "caption", "retrieval", "vqa")  # train.py --task
 MAIN_METRIC = {"pretrain": "r1_mean", "caption": "cider", "retrieval": "r1_mean",
                "vqa": "vqa_acc"}  # what train.py keeps best.pt by, per task
 INPUTS = "regions"  # Oscar reads detector regions (and their tags), not pixels
-BERT_INIT = True  # --init_bert fills model.encoder (DEVIATION: [code] also heads.mlm, contrastive)
+# --init_bert fills model.encoder, and these heads from BERT's pre-training heads [code]
+BERT_INIT = {"mlm": "cls.predictions", "contrastive": "cls.seq_relationship"}
 
 
 # --- 2. Config and presets ------------------------------------------------------------------------

@@ -18,7 +18,8 @@ What a paper file defines, and all train.py uses of it (coca.py, virtex.py, unit
                            vocab_size (and n_regions, feature_dim where INPUTS is "regions")
     TASKS, MAIN_METRIC     the tasks (the first is "pretrain") and, per task, the key of
                            `evaluate` that picks best.pt (higher is better)
-    INPUTS, BERT_INIT      "pixels" or "regions"; whether --init_bert applies
+    INPUTS, BERT_INIT      "pixels" or "regions"; None (no --init_bert) or the heads that start
+                           from BERT's pre-training heads, {head: "cls.predictions", ...}
     build_model(config)    -> model; model(batch) -> dict(loss=scalar, <term>=scalar, ...);
                            task-specific parameters under model.heads (shared/checkpoint.py)
     make_optimizer(model, config), after_optimizer_step(model)
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared.bert import encoder_sizes, load_bert_encoder
+from shared.bert import encoder_sizes, load_bert_encoder, load_bert_heads
 from shared.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_states,
                                save_checkpoint, set_rng_states, write_json_atomic)
 from shared.cli import add_dataclass_flags
@@ -147,7 +148,7 @@ def make_config(paper, preset: str, overrides: dict, base=None):
 
 def bert_sizes(run: RunConfig, paper, config):
     """--init_bert: the Config with the encoder sizes of the BERT checkpoint folder."""
-    if not paper.BERT_INIT:
+    if paper.BERT_INIT is None:
         raise SystemExit(f"error: --init_bert is for Oscar and UNITER (BERT encoders), "
                          f"not {run.model}")
     if run.init:
@@ -246,9 +247,11 @@ def make_model(run: RunConfig, paper, config, device, init: dict | None, log):
     if run.init_bert:
         try:
             n = load_bert_encoder(model.encoder, run.init_bert)
+            heads = load_bert_heads(model.heads, run.init_bert, paper.BERT_INIT)
         except (ValueError, KeyError, ImportError) as e:
             raise SystemExit(f"error: --init_bert: {e}") from None
-        log(f"init from BERT {run.init_bert}: {n} tensors (embeddings, encoder, pooler)")
+        log(f"init from BERT {run.init_bert}: {n} tensors (embeddings, encoder, pooler); "
+            f"heads from its pre-training heads: {', '.join(heads) or 'none'}")
     return model.to(device)
 
 

@@ -78,7 +78,8 @@ TASKS = ("pretrain", "retrieval", "vqa")  # train.py --task
 PRETRAIN_TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc_kl")  # one per update, by Config.mix_*
 MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}  # best.pt
 INPUTS = "regions"  # detector regions, not pixels
-BERT_INIT = True  # train.py --init_bert copies BERT into model.encoder [code: from BERT-base]
+# --init_bert fills model.encoder, and the MLM head from BERT's [code: from BERT-base]
+BERT_INIT = {"mlm": "cls.predictions"}
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------

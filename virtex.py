@@ -82,7 +82,7 @@ PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets 
 TASKS = ("pretrain",)  # train.py --task: VirTex only pretrains; --pretext picks the pretext task
 MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex §Downstream]
 INPUTS = "pixels"  # train.py feeds images, not detector regions
-BERT_INIT = False  # trained from scratch: --init_bert does not apply
+BERT_INIT = None  # trained from scratch: --init_bert does not apply
 PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
 CAPTIONING = ("bicaptioning", "captioning")  # the pretexts that train a left-to-right decoder
 

@@ -174,3 +174,43 @@ def load_bert_encoder(model: nn.Module, folder: str | Path) -> int:
         raise ValueError(f"the model has no {unexpected[0]!r}: it must hold text_embeddings, "
                          f"layers and pooler like Oscar's and UNITER's encoders")
     return len(ours)
+
+
+def load_bert_heads(heads: nn.ModuleDict, folder: str | Path, sources: dict[str, str]) -> list[str]:
+    """Start task heads from a BERT checkpoint's pre-training heads, as the official Oscar and
+    UNITER codes do when they start from BERT. `sources` maps a head's name to the BERT head it
+    starts from:
+
+        "cls.predictions"       the MLM head: `transform` (a HeadTransform) and the output `bias`;
+                                its output weight is tied to the word embeddings, so not copied
+        "cls.seq_relationship"  the next-sentence head: a Linear(D, 2), label 0 = "is next"
+
+    Heads the model has not got (another task) and BERT heads the checkpoint has not got (a plain
+    BertModel save has no cls.*) are skipped. Returns the names of the heads filled; raises
+    ValueError when a head's shapes do not fit."""
+    hf = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                   "LayerNorm.bias"): v
+          for k, v in read_weights(Path(folder)).items()}
+    filled = []
+    for name, source in sources.items():
+        if name not in heads or f"{source}.bias" not in hf:
+            continue
+        if source == "cls.predictions":
+            t = "cls.predictions.transform."
+            state = {"transform.dense.weight": hf[t + "dense.weight"],
+                     "transform.dense.bias": hf[t + "dense.bias"],
+                     "transform.norm.weight": hf[t + "LayerNorm.weight"],
+                     "transform.norm.bias": hf[t + "LayerNorm.bias"],
+                     "bias": hf["cls.predictions.bias"]}
+        elif source == "cls.seq_relationship":
+            state = {"weight": hf[source + ".weight"], "bias": hf[source + ".bias"]}
+        else:
+            raise ValueError(f"unknown BERT head {source!r}: cls.predictions or "
+                             f"cls.seq_relationship")
+        try:
+            heads[name].load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{folder}'s {source} does not fit the head {name!r}: "
+                             f"{str(e).splitlines()[-1].strip()}") from None
+        filled.append(name)
+    return filled

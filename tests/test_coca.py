@@ -276,7 +276,7 @@ def test_a_tiny_model_overfits_one_batch():
 
 def test_the_contract_names_and_an_unknown_task_raises():
     assert coca.TASKS == ("pretrain",) and set(coca.MAIN_METRIC) == set(coca.TASKS)
-    assert (coca.INPUTS, coca.BERT_INIT) == ("pixels", False)
+    assert (coca.INPUTS, coca.BERT_INIT) == ("pixels", None)
     assert Config.tiny().task == "pretrain"
     with pytest.raises(ValueError, match="task must be one of pretrain"):
         small_config(task="caption")

@@ -406,7 +406,7 @@ def test_the_model_calls_the_composite_objective(world, tokenizer, monkeypatch):
 
 def test_the_contract_names():
     assert oscar.TASKS[0] == "pretrain" and set(oscar.MAIN_METRIC) == set(oscar.TASKS)
-    assert oscar.INPUTS == "regions" and oscar.BERT_INIT is True
+    assert oscar.INPUTS == "regions" and set(oscar.BERT_INIT) == {"mlm", "contrastive"}
     for preset in (oscar.Config.paper, oscar.Config.small, oscar.Config.tiny):
         assert preset().task == "pretrain"
     model = oscar.build_model(small())
@@ -630,3 +630,31 @@ def test_a_tiny_model_overfits_one_batch(world, tokenizer, task, term):
         assert losses[term].item() < 0.1 * first, (first, losses[term].item())
     if task == "pretrain":
         assert losses["contrastive"].item() < 0.1
+
+
+def test_init_bert_starts_the_mlm_and_contrastive_heads_from_bert_pretraining_heads(tmp_path):
+    """[code]: starting from BERT, Oscar's MLM head (transform and output bias) is BERT's
+    cls.predictions and its contrastive head BERT's next-sentence head cls.seq_relationship;
+    a task without those heads (VQA) loads none, and a plain BertModel save fills none."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from shared.bert import load_bert_heads
+
+    bert = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "pre")
+    model = oscar.build_model(small())
+    assert load_bert_heads(model.heads, tmp_path / "pre", oscar.BERT_INIT) == ["mlm",
+                                                                               "contrastive"]
+    cls = bert.cls
+    assert torch.equal(model.heads["mlm"].transform.dense.weight,
+                       cls.predictions.transform.dense.weight)
+    assert torch.equal(model.heads["mlm"].transform.norm.weight,
+                       cls.predictions.transform.LayerNorm.weight)
+    assert torch.equal(model.heads["mlm"].bias, cls.predictions.bias)
+    assert torch.equal(model.heads["contrastive"].weight, cls.seq_relationship.weight)
+    assert load_bert_heads(oscar.build_model(small(task="vqa")).heads, tmp_path / "pre",
+                           oscar.BERT_INIT) == []
+    transformers.BertModel(bert.config).save_pretrained(tmp_path / "plain")
+    assert load_bert_heads(model.heads, tmp_path / "plain", oscar.BERT_INIT) == []

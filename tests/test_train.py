@@ -372,7 +372,8 @@ def test_train_py_uses_only_the_contract_and_never_probes_the_paper():
         missing = {c for c in contract if c not in vars(paper)}
         assert not missing, (name, missing)
         assert set(paper.MAIN_METRIC) == set(paper.TASKS) and paper.TASKS[0] == "pretrain"
-        assert paper.INPUTS in ("pixels", "regions") and isinstance(paper.BERT_INIT, bool)
+        assert paper.INPUTS in ("pixels", "regions")
+        assert paper.BERT_INIT is None or isinstance(paper.BERT_INIT, dict)
         for preset in ("paper", "small", "tiny"):
             assert train.preset_config(paper, preset).task == "pretrain"
 

@@ -570,7 +570,7 @@ def test_standardised_features_are_the_raw_ones_minus_the_training_mean_over_the
 
 def test_the_contract_names_of_train_py():
     assert uniter.TASKS[0] == "pretrain" and set(uniter.MAIN_METRIC) == set(uniter.TASKS)
-    assert uniter.INPUTS == "regions" and uniter.BERT_INIT is True
+    assert uniter.INPUTS == "regions" and uniter.BERT_INIT == {"mlm": "cls.predictions"}
     with pytest.raises(ValueError, match="task must be one of pretrain, retrieval, vqa"):
         dataclasses.replace(uniter.Config.tiny(), task="captioning")
     model = uniter.build_model(uniter.Config.tiny())

@@ -118,7 +118,7 @@ def test_load_weights_carries_every_shared_head_across_pretexts(source, target, 
 def test_the_contract_names():
     assert virtex.TASKS == ("pretrain",) and set(virtex.MAIN_METRIC) == set(virtex.TASKS)
     assert virtex.MAIN_METRIC["pretrain"] == "linear_probe_acc"
-    assert virtex.INPUTS == "pixels" and virtex.BERT_INIT is False
+    assert virtex.INPUTS == "pixels" and virtex.BERT_INIT is None
     assert Config.tiny().task == "pretrain"
     model = model_for(small_config())
     before = {k: v.clone() for k, v in model.state_dict().items()}
