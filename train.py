@@ -27,8 +27,10 @@ What a paper file defines, and all train.py uses of it (coca.py, virtex.py, unit
     evaluate(model, tokenizer, config, world_config, split, n) -> dict of metrics
     sample_captions(model, tokenizer, config, world_config, split, n) -> [(generated, truth)]
 
-Outputs in --out DIR: metrics.jsonl (one JSON line per evaluation), final.json, latest.pt and
-best.pt (written atomically), tokenizer.json, config.json.
+Outputs in --out DIR: metrics.jsonl (one JSON line per evaluation), final.json, latest.pt (and
+latest.prev.pt, the one it replaced) and best.pt (plain data, written atomically: see
+shared/checkpoint.py), tokenizer.json, config.json. SIGTERM or Ctrl-C: the step in progress
+finishes, latest.pt is written at it, and the run exits with the command that resumes it.
 """
 
 import argparse
@@ -37,7 +39,9 @@ import itertools
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,8 +49,9 @@ import numpy as np
 import torch
 
 from shared.bert import encoder_sizes, load_bert_encoder, load_bert_heads
-from shared.checkpoint import (CheckpointError, load_checkpoint, load_weights, rng_states,
-                               save_checkpoint, set_rng_states, write_json_atomic)
+from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_origin,
+                               load_checkpoint, load_weights, rng_states, save_checkpoint,
+                               set_rng_states, write_json_atomic)
 from shared.cli import add_dataclass_flags
 from shared.data import train_loader
 from shared.folders import CaptionFolder, RegionFolder, open_corpus, unreadable_files
@@ -121,6 +126,8 @@ def parse_args(argv: list[str] | None = None):
                         f"{run.model}.Config fields ({run.preset} preset defaults)", run_names)
     args = vars(parser.parse_args(argv))
     run = dataclasses.replace(RunConfig(), **{k: v for k, v in args.items() if k in run_names})
+    for problem in run_problems(run):
+        parser.error(problem)
     if run.task not in paper.TASKS:
         parser.error(f"argument --task: invalid choice {run.task!r} for {run.model} "
                      f"(choose from {', '.join(paper.TASKS)})")
@@ -128,6 +135,19 @@ def parse_args(argv: list[str] | None = None):
         run.out = f"runs/{run.model}-{run.preset}" + ("" if run.task == "pretrain"
                                                       else f"-{run.task}")
     return run, paper, {k: v for k, v in args.items() if k not in run_names}
+
+
+def run_problems(run: RunConfig) -> list[str]:
+    """What is wrong with the run options, one line each naming the flag."""
+    values = dataclasses.asdict(run)
+    problems = [f"argument --{name}: must be a finite number >= 0, not {value}"
+                for name, value in values.items()
+                if not isinstance(value, (bool, str)) and not 0 <= value < math.inf]
+    problems += [f"argument --{name}: must be >= 1, not 0"
+                 for name in ("eval_n", "final_n", "tokenizer_texts") if values[name] == 0]
+    if run.seed >= 2**32:  # NumPy's generator takes 32-bit seeds
+        problems.append(f"argument --seed: must be < 2**32, not {run.seed}")
+    return problems
 
 
 def preset_config(paper, preset: str):
@@ -173,11 +193,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path, model: str | None = None, task: str | None = None) -> dict:
+    """load_checkpoint, with any problem as one line; with `model` (and `task`), a checkpoint
+    trained as another model (or task) is refused too."""
     try:
-        return load_checkpoint(path)
+        state = load_checkpoint(path)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+    return state if model is None else checked_origin(state, path, model, task)
+
+
+def checked_origin(state: dict, path: Path, model: str, task: str | None) -> dict:
+    try:
+        check_origin(state, path, model, task)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    return state
+
+
+def read_latest(out: Path, model: str, task: str, log) -> dict:
+    """--resume: <out>/latest.pt, or the copy it replaced (latest.prev.pt) when latest.pt is
+    missing or unreadable (truncated by a crash, a full disk, a bad copy)."""
+    latest, previous = out / "latest.pt", out / "latest.prev.pt"
+    try:
+        state = load_checkpoint(latest)
+    except UnreadableCheckpoint as e:
+        if not previous.exists():
+            raise SystemExit(f"error: {e}") from None
+        state = read_checkpoint(previous, model, task)
+        log(f"warning: {e}; resuming from the checkpoint before it, {previous} "
+            f"(step {state['step']})")
+        return state
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    return checked_origin(state, latest, model, task)
 
 
 # --- 2. Data: the world (or a corpus on disk), the tokenizer, the loader ----------------------
@@ -296,8 +345,11 @@ def progress_line(step: int, config, means: dict, steps: int, tokens: int, secon
 def evaluate(s: "State", split: str, n: int, log) -> dict:
     """The paper's metrics on n examples of a world split, appended to metrics.jsonl."""
     metrics = s.paper.evaluate(s.model, s.tokenizer, s.config, s.world_config, split, n)
-    with open(s.out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": s.step, "split": split, **metrics}) + "\n")
+    try:
+        with open(s.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": s.step, "split": split, **metrics}) + "\n")
+    except OSError as e:  # a full disk: the metrics are still printed below
+        log(f"warning: could not append to {s.out / 'metrics.jsonl'}: {e.strerror or e}")
     head = f"eval step {s.step}" if split == "val" else f"final ({split})"
     log(f"{head}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return metrics
@@ -326,16 +378,13 @@ class State:
 def setup(run: RunConfig, paper, overrides: dict, log) -> State:
     """The run from the command line, or from <out>/latest.pt (--resume)."""
     out, device = Path(run.out), pick_device(run.device)
-    ckpt = read_checkpoint(out / "latest.pt") if run.resume else None
-    if ckpt is not None and ckpt["config"]["task"] != run.task:
-        raise SystemExit(f"error: {out / 'latest.pt'} is a --task {ckpt['config']['task']} "
-                         f"run; resume it with that --task, not {run.task}")
+    ckpt = read_latest(out, run.model, run.task, log) if run.resume else None
     base = None if ckpt is None else make_config(paper, run.preset, ckpt["config"])
     config = make_config(paper, run.preset, {**overrides, "task": run.task}, base)
     if run.init_bert and ckpt is None:
         config = bert_sizes(run, paper, config)
         run = dataclasses.replace(run, vocab=str(Path(run.init_bert) / "vocab.txt"))
-    init = read_checkpoint(Path(run.init)) if run.init and ckpt is None else None
+    init = read_checkpoint(Path(run.init), run.model) if run.init and ckpt is None else None
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
     world_config = make_world_config(paper, config, run.seed)
@@ -367,10 +416,56 @@ def setup(run: RunConfig, paper, overrides: dict, log) -> State:
 
 
 def checkpoint(s: State, name: str) -> None:
-    save_checkpoint(s.out / name, model=s.model.state_dict(), optimizer=s.optimizer.state_dict(),
-                    step=s.step, best=s.best, rng=rng_states(),
-                    config=dataclasses.asdict(s.config), run=dataclasses.asdict(s.run),
-                    tokenizer=s.tokenizer.to_str())
+    """<out>/<name> at the current step; latest.pt first moves the copy it replaces to
+    latest.prev.pt, so a resume has a good checkpoint to fall back on."""
+    previous = s.out / "latest.prev.pt" if name == "latest.pt" else None
+    save_checkpoint(s.out / name, previous, model=s.model.state_dict(),
+                    optimizer=s.optimizer.state_dict(), step=s.step, best=s.best,
+                    rng=rng_states(), config=dataclasses.asdict(s.config),
+                    run=dataclasses.asdict(s.run), tokenizer=s.tokenizer.to_str())
+
+
+def save_latest(s: State, log, last: bool) -> None:
+    """latest.pt. When a periodic write fails (a full disk), the run goes on and the next one
+    tries again: the previous checkpoint is intact, and stopping would lose the steps since it
+    for certain. When the write at the end of the run (or at a signal) fails, the run stops
+    with that line: there is no next write."""
+    try:
+        checkpoint(s, "latest.pt")
+    except CheckpointError as e:
+        if last:
+            raise SystemExit(f"error: {e}") from None
+        log(f"warning: {e}; training goes on and the next checkpoint tries again")
+
+
+def resume_command(s: State) -> str:
+    return (f"python train.py --model {s.run.model} --preset {s.run.preset} --task {s.run.task} "
+            f"--out {s.out} --resume")
+
+
+class StopSignals:
+    """SIGTERM (a cluster preempting the job) and SIGINT (Ctrl-C) while training: the first one
+    lets the step in progress finish, and the loop then writes latest.pt and stops; a second one
+    stops at once (KeyboardInterrupt). Installed only in the main thread (Python's rule)."""
+
+    def __init__(self):
+        self.received = ""  # the name of the first signal, e.g. "SIGTERM"
+        self.before = {}
+
+    def handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.before[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
 
 
 def mfu_per_step(s: State, autocast) -> float | None:
@@ -405,37 +500,50 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     mfu = mfu_per_step(s, autocast)
     t_log = t_ckpt = t_start = time.time()
     start_step, window_steps, window_tokens = s.step, 0, 0
-    while s.step < stop:
-        window_tokens += train_step(model, forward, s.optimizer, paper, config, s.batches,
-                                    s.step, meter, s.device, autocast)
-        s.step += 1
-        window_steps += 1
-        now = time.time()
-        if now - t_log >= run.log_every_s or s.step == stop:
+    saved = s.step
+    with StopSignals() as signals:
+        while s.step < stop and not signals.received:
+            window_tokens += train_step(model, forward, s.optimizer, paper, config, s.batches,
+                                        s.step, meter, s.device, autocast)
+            s.step += 1
+            window_steps += 1
+            now = time.time()
+            if now - t_log >= run.log_every_s or s.step == stop:
+                meter.check(kept)
+                log(progress_line(s.step, config, meter.means(), window_steps, window_tokens,
+                                  now - t_log, stop, mfu))
+                window_steps, window_tokens, t_log = 0, 0, now
+            if run.eval_every and s.step % run.eval_every == 0 and s.step < config.max_steps:
+                meter.check(kept)
+                keep_if_best(s, evaluate(s, "val", run.eval_n, log), log)
+            if now - t_ckpt >= run.ckpt_every_s or s.step == stop:
+                meter.check(kept)
+                save_latest(s, log, last=s.step == stop)
+                t_ckpt, saved = now, s.step
+    if signals.received:  # the step in progress has finished: keep it and stop
+        if saved != s.step:
             meter.check(kept)
-            log(progress_line(s.step, config, meter.means(), window_steps, window_tokens,
-                              now - t_log, stop, mfu))
-            window_steps, window_tokens, t_log = 0, 0, now
-        if run.eval_every and s.step % run.eval_every == 0 and s.step < config.max_steps:
-            meter.check(kept)
-            keep_if_best(s, evaluate(s, "val", run.eval_n, log))
-        if now - t_ckpt >= run.ckpt_every_s or s.step == stop:
-            meter.check(kept)
-            checkpoint(s, "latest.pt")
-            t_ckpt = now
+            save_latest(s, log, last=True)
+        log(f"{signals.received}: stopped at step {s.step} with {s.out / 'latest.pt'} written; "
+            f"continue with: {resume_command(s)}")
+        return {"stopped_at": s.step, "signal": signals.received}
     if s.step < config.max_steps:
-        log(f"stopped at step {s.step}; continue with: python train.py --model {run.model} "
-            f"--preset {run.preset} --task {run.task} --out {s.out} --resume")
+        log(f"stopped at step {s.step}; continue with: {resume_command(s)}")
         return {"stopped_at": s.step}
     return finish(s, time.time() - t_start, s.step - start_step, log)
 
 
-def keep_if_best(s: State, metrics: dict) -> None:
-    """best.pt: the model with the highest MAIN_METRIC of the task so far."""
-    value = metrics[s.paper.MAIN_METRIC[s.config.task]]
+def keep_if_best(s: State, metrics: dict, log) -> None:
+    """best.pt: the model with the highest MAIN_METRIC of the task so far (a failed write is
+    reported and leaves `best` as it was, so the next evaluation tries again)."""
+    value, before = metrics[s.paper.MAIN_METRIC[s.config.task]], s.best
     if value > s.best:
         s.best = value
-        checkpoint(s, "best.pt")
+        try:
+            checkpoint(s, "best.pt")
+        except CheckpointError as e:
+            s.best = before
+            log(f"warning: {e}")
 
 
 def finish(s: State, seconds: float, steps: int, log) -> dict:
@@ -465,9 +573,14 @@ def finish(s: State, seconds: float, steps: int, log) -> dict:
 def main(argv: list[str] | None = None) -> None:
     run, paper, overrides = parse_args(argv)
     try:
-        train(run, paper, overrides)
-    except NonFiniteLoss as e:
+        result = train(run, paper, overrides)
+    except (NonFiniteLoss, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: stopped at once; the last checkpoint written is kept") \
+            from None
+    if "signal" in result:  # the exit status of a process ended by that signal
+        raise SystemExit(128 + signal.Signals[result["signal"]])
 
 
 if __name__ == "__main__":

@@ -1,12 +1,22 @@
-"""Checkpoints: written atomically, read with a one-line error, loaded encoder-strict.
+"""Checkpoints: plain data only, written atomically, read without running code, refused in one line.
 
-    save_checkpoint(path, **state)   torch.save to a temp file, then an atomic rename
+    save_checkpoint(path, previous=None, **state)  torch.save to a temp file, then an atomic
+                                     rename (the file it replaces becomes `previous`, if given)
     write_json_atomic(path, obj)     the same for JSON
-    load_checkpoint(path)            the dict back; a missing, truncated, foreign or old file is
-                                     refused in one line (CheckpointError)
+    load_checkpoint(path)            the dict back, read with torch.load(weights_only=True); a
+                                     missing, truncated, foreign or old file is refused in one
+                                     line (CheckpointError; UnreadableCheckpoint when the bytes
+                                     themselves are bad)
+    check_origin(state, path, model, task)   one line when a checkpoint is another model's
     load_weights(model, state)       fine-tuning: every encoder tensor strictly, each head whose
                                      name the checkpoint also has; returns the heads left fresh
     rng_states / set_rng_states      Python, NumPy, torch (and CUDA) generators, for exact resume
+
+Why plain data: torch.load(weights_only=False) unpickles anything, and a pickle can name any
+Python callable, so a downloaded checkpoint could run a command on load. A checkpoint here holds
+only tensors, numbers, strings, lists, tuples and dicts: the model and optimizer state dicts, the
+config as a dict, the tokenizer as its JSON text, the generators' states as tensors and tuples.
+That is what torch's weights-only unpickler accepts, and it refuses everything else unread.
 
 The model convention (all four paper files): parameters that depend on the task live under
 `heads.<name>.` (an nn.ModuleDict called `heads`); every other tensor is the encoder's and is the
@@ -15,7 +25,9 @@ same for every task.
 
 import json
 import os
+import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,42 +35,119 @@ import torch
 from torch import nn
 
 FORMAT = 2  # checkpoints of the layout before encoder + heads have no "format" key
+KEYS = ("model", "optimizer", "step", "best", "rng", "config", "run", "tokenizer")  # train.py's
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the reason."""
+    """A checkpoint that cannot be used or written; the message names the file and the reason."""
 
 
-def save_checkpoint(path: Path, **state) -> None:
+class UnreadableCheckpoint(CheckpointError):
+    """The file is missing, truncated or not a torch file: an older copy may still be good."""
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    """One line for a failed write: which file, why, and how much room the folder has."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"could not write {path}: {e.strerror or e} ({free}); "
+                           f"the previous copy is intact")
+
+
+def save_checkpoint(path: Path, previous: Path | None = None, **state) -> None:
     """torch.save to a temp file in the same folder, then an atomic rename: a run killed while
-    saving leaves the previous checkpoint intact."""
+    saving leaves the previous checkpoint intact. With `previous`, the file being replaced is
+    first renamed to it, so one older good checkpoint is always on disk. A failed write (a full
+    disk) removes the temp file and raises CheckpointError in one line."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT, **state}, tmp)
+        if previous is not None and path.exists():
+            os.replace(path, previous)  # until the next line, only `previous` exists: a resume
+        os.replace(tmp, path)  # falls back to it (train.py)
+    except OSError as e:
+        _remove(tmp)
+        raise _write_error(path, e) from None
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        raise _write_error(path, e) from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python names a pickle would call, listed without calling them ([] when the file is
+    not a torch file, or with a torch older than 2.5)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return []
 
 
 def load_checkpoint(path: Path) -> dict:
-    """The checkpoint at `path`. Raises CheckpointError, in one line, for a missing or unreadable
-    file and for a checkpoint of the earlier layout (no "format" key)."""
+    """The checkpoint at `path`, read with the weights-only unpickler. Raises CheckpointError, in
+    one line, for a file holding Python objects (not loaded: it could run code), for one that is
+    not train.py's or lacks its keys, and for the earlier layout; UnreadableCheckpoint for a
+    missing, truncated or non-torch file."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}")
+        raise UnreadableCheckpoint(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which file, not a pickle trace
-        raise CheckpointError(f"could not read checkpoint {path}: {e}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path)
+        if not names:  # not a pickle of objects at all: bytes that are no torch file
+            raise UnreadableCheckpoint(f"could not read checkpoint {path}: not a torch file "
+                                       f"({str(e).splitlines()[0][:80]})") from None
+        raise CheckpointError(
+            f"{path} holds Python objects besides tensors and plain data ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); it was not loaded, because unpickling them "
+            f"could run code (this project's checkpoints hold none; its earlier versions' held "
+            f"NumPy arrays: retrain those)") from None
+    except Exception as e:  # truncated, or not a torch file: the first line of torch's reason
+        raise UnreadableCheckpoint(f"could not read checkpoint {path}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                   ) from None
     if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a checkpoint of train.py")
+        raise CheckpointError(f"{path} is not a checkpoint of train.py (no model state in it)")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{path} was written by an earlier layout of this project (format "
                               f"{state.get('format', 1)}, this one reads {FORMAT}); retrain it")
+    missing = [k for k in KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint of train.py: it lacks "
+                              f"{', '.join(missing)}")
     return state
+
+
+def check_origin(state: dict, path: Path, model: str, task: str | None = None) -> None:
+    """One line when `state` (a checkpoint read from `path`) was trained as another model, or
+    (if `task` is given) another task, than the run that wants it."""
+    run = state["run"] if isinstance(state["run"], dict) else {}
+    theirs = (run.get("model"), state["config"].get("task") if isinstance(state["config"], dict)
+              else None)
+    if theirs[0] != model:
+        raise CheckpointError(f"{path} is a {theirs[0]} checkpoint (task {theirs[1]}); "
+                              f"--model {model} needs one of its own")
+    if task is not None and theirs[1] != task:
+        raise CheckpointError(f"{path} is a --task {theirs[1]} run of {model}; resume it with "
+                              f"that --task, not {task}")
 
 
 def _head(name: str) -> str | None:
@@ -100,7 +189,12 @@ def load_weights(model: nn.Module, state: dict) -> list[str]:
 
 
 def rng_states() -> dict:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors and tuples of ints (the weights-only unpickler reads
+    both; NumPy's key array is kept as an int64 tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"python": random.getstate(),
+              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                        float(gauss)),
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -109,7 +203,8 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -21,6 +21,8 @@ so a run resumed at step k sees exactly the batches an uninterrupted run would h
 whatever the number of workers.
 """
 
+import signal
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -104,7 +106,17 @@ def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,
     sampler = _StepRange(start_step * batch_size, len(dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, drop_last=True)
+                      persistent_workers=num_workers > 0, drop_last=True,
+                      worker_init_fn=ignore_stop_signals if num_workers else None)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: leave SIGINT and SIGTERM to the training process. Ctrl-C reaches
+    every process of the terminal's group, and a worker that died of it would take the step in
+    progress down with it; the main process decides when to stop (train.py), and a worker still
+    exits when its parent does (the DataLoader watches for that)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- regions (Oscar, UNITER) ---------------------------------------------------------------------

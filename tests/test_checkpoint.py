@@ -1,11 +1,20 @@
-"""shared/checkpoint.py: atomic writes, one-line refusals, and fine-tuning loads that are strict
-for the encoder and per head for the heads."""
+"""shared/checkpoint.py: atomic writes that keep the previous copy, weights-only reads that refuse
+a pickle that would run code, one-line refusals, and fine-tuning loads that are strict for the
+encoder and per head for the heads."""
 
+import errno
+import os
+import random
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from shared.checkpoint import (CheckpointError, load_checkpoint, load_weights, save_checkpoint)
+from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_origin,
+                               load_checkpoint, load_weights, rng_states, save_checkpoint,
+                               set_rng_states)
 
 
 class Model(nn.Module):
@@ -44,16 +53,99 @@ def test_an_encoder_that_does_not_fit_is_refused_naming_the_tensor():
             "heads.itm.weight": torch.zeros(2, 4)})
 
 
+def full(step: int, **extra) -> dict:
+    """A checkpoint with every key train.py writes."""
+    return dict(model={"w": torch.ones(2) * step}, optimizer={"state": {}, "param_groups": []},
+                step=step, best=-1.0, rng=rng_states(), config={"task": "pretrain"},
+                run={"model": "coca"}, tokenizer="{}", **extra)
+
+
 def test_save_then_load_round_trips_and_old_or_foreign_files_are_refused(tmp_path):
-    save_checkpoint(tmp_path / "a.pt", model={"w": torch.ones(2)}, step=3)
+    save_checkpoint(tmp_path / "a.pt", **full(3))
     state = load_checkpoint(tmp_path / "a.pt")
-    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], 3 * torch.ones(2))
     assert not (tmp_path / "a.pt.tmp").exists()
     torch.save({"model": {}, "step": 1}, tmp_path / "old.pt")  # the layout before "format"
     with pytest.raises(CheckpointError, match="earlier layout"):
         load_checkpoint(tmp_path / "old.pt")
+    save_checkpoint(tmp_path / "part.pt", model={}, step=1)
+    with pytest.raises(CheckpointError, match="not a complete checkpoint .* lacks optimizer, best"):
+        load_checkpoint(tmp_path / "part.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="could not read checkpoint"):
+    with pytest.raises(UnreadableCheckpoint, match="could not read checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
-    with pytest.raises(CheckpointError, match="no checkpoint at"):
+    with pytest.raises(UnreadableCheckpoint, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")
+    good = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[:len(good) // 2])  # a copy cut short
+    with pytest.raises(UnreadableCheckpoint, match="could not read checkpoint .*cut.pt: [^\\n]*$"):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+class Payload:
+    """A pickle that runs a command when it is loaded: what a crafted checkpoint would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"format": 2, **full(1), "extra": Payload(marker)}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)  # the unsafe way runs it...
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError, match="holds Python objects .*posix.system.*not loaded"):
+        load_checkpoint(tmp_path / "evil.pt")  # ...ours refuses it, and nothing ran
+    assert not marker.exists()
+    np_state = {"format": 2, **full(1), "rng": {"numpy": np.random.get_state()}}
+    torch.save(np_state, tmp_path / "numpy.pt")  # the earlier version's RNG state
+    with pytest.raises(CheckpointError, match="numpy"):
+        load_checkpoint(tmp_path / "numpy.pt")
+
+
+def test_latest_keeps_the_copy_it_replaces(tmp_path):
+    latest, previous = tmp_path / "latest.pt", tmp_path / "latest.prev.pt"
+    save_checkpoint(latest, previous, **full(1))
+    assert not previous.exists()
+    save_checkpoint(latest, previous, **full(2))
+    assert load_checkpoint(latest)["step"] == 2 and load_checkpoint(previous)["step"] == 1
+
+
+def test_a_failed_write_leaves_no_temp_file_and_the_previous_copies_intact(tmp_path, monkeypatch):
+    latest, previous = tmp_path / "latest.pt", tmp_path / "latest.prev.pt"
+    save_checkpoint(latest, previous, **full(1))
+    save_checkpoint(latest, previous, **full(2))
+
+    def disk_full(obj, f):
+        Path(f).write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="could not write .*latest.pt: No space left on "
+                                              "device .*MiB free there.*previous copy is intact"):
+        save_checkpoint(latest, previous, **full(3))
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.prev.pt", "latest.pt"]
+    assert load_checkpoint(latest)["step"] == 2 and load_checkpoint(previous)["step"] == 1
+
+
+def test_check_origin_names_the_model_and_task_found_and_wanted(tmp_path):
+    state = full(1)
+    check_origin(state, tmp_path / "c.pt", "coca", "pretrain")  # its own: no complaint
+    with pytest.raises(CheckpointError, match="c.pt is a coca checkpoint .*--model virtex"):
+        check_origin(state, tmp_path / "c.pt", "virtex")
+    with pytest.raises(CheckpointError, match="--task pretrain run of coca; .* not caption"):
+        check_origin(state, tmp_path / "c.pt", "coca", "caption")
+
+
+def test_generator_states_survive_the_weights_only_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint(tmp_path / "r.pt", **full(1))
+    expected = random.random(), np.random.rand(), torch.rand(1).item()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_states(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

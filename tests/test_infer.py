@@ -109,3 +109,17 @@ def test_misuse_gets_one_line(checkpoints, tmp_path):
     (tmp_path / "texts" / "a.txt").write_text("not an image")
     with pytest.raises(SystemExit, match="no image"):
         infer.rank(checkpoints["coca"], "x", tmp_path / "texts", top=1)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(checkpoints, tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    state = torch.load(checkpoints["coca"], weights_only=True)
+    torch.save({**state, "extra": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(SystemExit, match="holds Python objects .*was not loaded"):
+        infer.load(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()

@@ -4,8 +4,11 @@ The exact-resume test is the contract users rely on when a long run is killed: k
 resume, k more steps must give the same losses and bit-identical weights as 2k steps straight.
 """
 
+import errno
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 import torch
 
 import train
-from shared.checkpoint import save_checkpoint
+from shared.checkpoint import CheckpointError, save_checkpoint
 from shared.monitor import peak_flops, step_flops
 from shared.optim import decay_groups, learning_rate
 
@@ -108,12 +111,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     def broken_save(obj, f):
         Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"could not write .*latest.pt: No space left on "
+                                              r"device \(.* MiB free there\)"):
         save_checkpoint(path, step=2)
     assert torch.load(path)["step"] == 1  # the previous checkpoint survived
+    assert not (tmp_path / "latest.pt.tmp").exists()  # and no half-written file is left
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -183,6 +188,12 @@ def test_help_lists_run_options_and_every_config_field():
     (["--resume", "true", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
     (["--resume", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
     (["--model", "coca", "--task", "vqa"], "invalid choice 'vqa' for coca"),
+    (["--lr", "nan"], "invalid config: lr must be a finite number, not nan"),
+    (["--dropout", "1.5"], "invalid config: dropout must be in [0, 1), not 1.5"),
+    (["--weight_decay", "-1"], "invalid config: weight_decay must be >= 0, not -1.0"),
+    (["--image_size", "30"], "image_size 30 is not divisible by patch_size"),
+    (["--eval_n", "0"], "argument --eval_n: must be >= 1, not 0"),
+    (["--ckpt_every_s", "nan"], "argument --ckpt_every_s: must be a finite number >= 0, not nan"),
 ])
 def test_bad_input_gives_one_clear_line_not_a_traceback(args, message):
     result = run_cli(*args)
@@ -403,3 +414,86 @@ def test_a_checkpoint_of_the_earlier_layout_is_refused_in_one_line(tmp_path):
     assert "earlier layout" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run_cli("--init", str(tmp_path / "old" / "latest.pt"), "--out", str(tmp_path / "x"))
     assert result.returncode != 0 and "earlier layout" in result.stderr
+
+
+# --- faults: other models' checkpoints, bad copies, full disks, signals ----------------------
+
+def test_a_checkpoint_of_another_model_is_refused_for_init_and_resume_in_one_line(tmp_path):
+    train_in_process(tmp_path / "coca", "--max_steps", "2", "--stop_at", "1")
+    for args in (["--init", str(tmp_path / "coca" / "latest.pt"), "--out", str(tmp_path / "v")],
+                 ["--out", str(tmp_path / "coca"), "--resume"]):
+        result = run_cli("--model", "virtex", *args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "is a coca checkpoint (task pretrain); --model virtex needs one of its own" in \
+            result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_latest_is_cut_short(tmp_path):
+    """latest.pt at step 2 is truncated; latest.prev.pt (step 1) carries the run on, exactly."""
+    straight, _ = train_in_process(tmp_path / "a", "--max_steps", "4")
+    train_in_process(tmp_path / "b", "--max_steps", "4", "--stop_at", "2", "--ckpt_every_s", "0")
+    latest = tmp_path / "b" / "latest.pt"
+    latest.write_bytes(latest.read_bytes()[:5000])
+    resumed, lines = train_in_process(tmp_path / "b", "--max_steps", "4", "--resume")
+    assert any(line.startswith("warning: could not read checkpoint") and
+               "resuming from the checkpoint before it" in line and "(step 1)" in line
+               for line in lines)
+    assert sorted(step_losses(lines)) == [2, 3, 4]
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(latest, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_warns_at_a_periodic_checkpoint_and_ends_in_one_line_at_the_last(
+        tmp_path, monkeypatch):
+    save, calls = torch.save, []
+
+    def second_write_fails(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", second_write_fails)
+    result, lines = train_in_process(tmp_path / "a", "--max_steps", "3", "--ckpt_every_s", "0")
+    warnings = [line for line in lines if line.startswith("warning: could not write")]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert "the next checkpoint tries again" in warnings[0]
+    assert result["step"] == 3 and torch.load(tmp_path / "a" / "latest.pt")["step"] == 3
+    assert not list((tmp_path / "a").glob("*.tmp"))
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match="error: could not write .*latest.pt: No space left"):
+        train_in_process(tmp_path / "b", "--max_steps", "2", "--stop_at", "1")
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, "0"), (signal.SIGINT, "1")])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact(
+        tmp_path, sig, workers):
+    """The signal goes to the whole process group, as Ctrl-C in a terminal or a scheduler's
+    preemption does (DataLoader workers included); the run writes latest.pt at the step it
+    reached, and resuming it gives the uninterrupted run's weights bit for bit."""
+    steps = ["--max_steps", "200", "--num_workers", workers]
+    proc = subprocess.Popen([sys.executable, "train.py", *SMALL, *steps, "--ckpt_every_s", "1e9",
+                             "--out", str(tmp_path / "b")], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"{sig.name}: stopped at step" in out and out.rstrip().endswith("--resume")
+    stopped = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["step"]
+    assert 3 <= stopped < 200
+
+    train_in_process(tmp_path / "a", *steps)
+    _, lines = train_in_process(tmp_path / "b", *steps, "--resume")
+    assert min(step_losses(lines)) == stopped + 1
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
