@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from shared.attention import MultiHeadAttention
 from shared.config import optimisation_problems
 from shared.data import ImageTextDataset, collate_image_text, model_device
+from shared.distributed import all_mean, gather_with_grad, rank, world_size
 from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
                              in_eval_mode, world_examples)
 from shared.evaluate import sample_captions as world_sample_captions
@@ -402,7 +403,9 @@ class TextDecoder(nn.Module):
 
 # --- 5. Objectives -----------------------------------------------------------------------------
 
-def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
+                     all_image_emb: Tensor | None = None, all_text_emb: Tensor | None = None,
+                     first_row: int = 0) -> Tensor:
     """The dual-encoder contrastive loss  [CoCa §3.1, Eq. 2]:
 
         L_Con = -(1/N) · ( Σ_i log exp(x_i^T y_i / σ) / Σ_j exp(x_i^T y_j / σ)      image -> text
@@ -420,17 +423,25 @@ def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -
     with their code, λ_Con = 1 weighs the contrastive term half as much as here.
     Worked example: x_i = y_i = e_i (orthonormal), σ = 1, N = 2: each of the 2·N log terms is
     log(e / (e + 1)), so L_Con = -(1/2)·4·log(e / (e + 1)) = 2 · 0.3133 = 0.6265.
+
+    Across processes (shared/distributed.py): image_emb and text_emb are this rank's b pairs,
+    all_image_emb and all_text_emb the whole batch's N·b (Σ_j runs over them: every other
+    process's pairs are negatives too), first_row the index of this rank's first pair in it. The
+    result is the mean over this rank's rows i; its mean over ranks is L_Con of the whole batch.
     """
-    x = F.normalize(image_emb, dim=-1)  # (B, E), Eq. 2 uses normalised embeddings
-    y = F.normalize(text_emb, dim=-1)  # (B, E)
-    logits = logit_scale.exp() * x @ y.T  # (B, B), [i, j] = x_i^T y_j / σ
-    targets = torch.arange(logits.shape[0], device=logits.device)  # (B,), row i's positive is i
-    image_to_text = F.cross_entropy(logits, targets)  # -(1/N) Σ_i log softmax_j(x_i^T y_j / σ)[i]
-    text_to_image = F.cross_entropy(logits.T, targets)  # rows are texts: y_i^T x_j / σ
+    x = F.normalize(image_emb, dim=-1)  # (b, E), Eq. 2 uses normalised embeddings
+    y = F.normalize(text_emb, dim=-1)  # (b, E)
+    all_x = x if all_image_emb is None else F.normalize(all_image_emb, dim=-1)  # (B, E)
+    all_y = y if all_text_emb is None else F.normalize(all_text_emb, dim=-1)  # (B, E)
+    scale = logit_scale.exp()  # 1/σ
+    targets = first_row + torch.arange(x.shape[0], device=x.device)  # (b,), row i's positive
+    image_to_text = F.cross_entropy(scale * x @ all_y.T, targets)  # (b, B) logits x_i^T y_j / σ
+    text_to_image = F.cross_entropy(scale * y @ all_x.T, targets)  # (b, B) logits y_i^T x_j / σ
     return image_to_text + text_to_image  # ()
 
 
-def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID,
+                    n_targets: Tensor | None = None) -> Tensor:
     """Autoregressive captioning loss with teacher forcing  [CoCa §3.1, Eq. 3]:
 
         L_Cap = -Σ_t log P_θ(y_t | y_<t, x)
@@ -441,12 +452,18 @@ def captioning_loss(logits: Tensor, tokens: Tensor, pad_id: int = PAD_ID) -> Ten
 
     DEVIATION: the mean over the non-pad targets of the batch instead of the sum over t, as in
     open_clip and VirTex, so that L_Cap does not grow with caption length and λ_Cap keeps its
-    meaning across text lengths.
+    meaning across text lengths. n_targets (across processes): the sum over this rank's
+    targets divided by the mean number of targets per rank, so that the mean over ranks is the
+    mean over the whole batch's targets, however the tokens fall between ranks.
     """
     V = logits.shape[-1]
     predictions = logits[:, :-1]  # (B, T-1, V), position t-1 predicts token t
     targets = tokens[:, 1:]  # (B, T-1), the next tokens
-    return F.cross_entropy(predictions.reshape(-1, V), targets.reshape(-1), ignore_index=pad_id)
+    if n_targets is None:
+        return F.cross_entropy(predictions.reshape(-1, V), targets.reshape(-1),
+                               ignore_index=pad_id)
+    return F.cross_entropy(predictions.reshape(-1, V), targets.reshape(-1), ignore_index=pad_id,
+                           reduction="sum") / n_targets
 
 
 def coca_loss(contrastive: Tensor, captioning: Tensor, lambda_con: float,
@@ -561,8 +578,14 @@ class CoCa(nn.Module):
         image_emb, image_queries = self.encode_image(batch["images"])  # (B, E), (B, Q, D)
         text_emb, text_states = self.encode_text(tokens)  # (B, E), (B, T, D)
         logits = self.text_decoder.multimodal(text_states, image_queries)  # (B, T, V)
-        l_con = contrastive_loss(image_emb, text_emb, self.logit_scale)  # ()
-        l_cap = captioning_loss(logits, tokens)  # ()
+        # across processes: negatives from every rank's pairs, the caption mean over every
+        # rank's targets (shared/distributed.py); one process: the batch itself
+        l_con = contrastive_loss(image_emb, text_emb, self.logit_scale,
+                                 gather_with_grad(image_emb), gather_with_grad(text_emb),
+                                 rank() * image_emb.shape[0])  # ()
+        n_targets = (all_mean((tokens[:, 1:] != PAD_ID).sum().float()) if world_size() > 1
+                     else None)  # () mean targets per rank
+        l_cap = captioning_loss(logits, tokens, n_targets=n_targets)  # ()
         loss = coca_loss(l_con, l_cap, self.config.lambda_con, self.config.lambda_cap)  # ()
         return dict(loss=loss, contrastive=l_con, captioning=l_cap)
 

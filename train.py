@@ -34,6 +34,7 @@ finishes, latest.pt is written at it, and the run exits with the command that re
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -42,11 +43,13 @@ import random
 import signal
 import sys
 import threading
+import contextlib
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from shared.bert import encoder_sizes, load_bert_encoder, load_bert_heads
 from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_origin,
@@ -54,6 +57,8 @@ from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_orig
                                set_rng_states, write_json_atomic)
 from shared.cli import add_dataclass_flags
 from shared.data import train_loader
+from shared.distributed import (Launch, any_rank, gather_objects, start_process_group,
+                                stop_process_group)
 from shared.folders import CaptionFolder, RegionFolder, open_corpus, unreadable_files
 from shared.monitor import LossMeter, NonFiniteLoss, format_duration, peak_flops, step_flops
 from shared.optim import learning_rate
@@ -61,7 +66,7 @@ from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
 
 MODELS = ("coca", "virtex", "uniter", "oscar")
-CHOICES = {"model": MODELS, "preset": ("tiny", "small", "paper")}
+CHOICES = {"model": MODELS, "preset": ("tiny", "small", "paper"), "dtype": ("auto", "bf16", "fp32")}
 
 
 # --- 1. Setup: run options, the CLI generated from the dataclasses, device ---------------------
@@ -74,7 +79,8 @@ class RunConfig:
     task: str = "pretrain"  # pretraining; the paper files list their downstream tasks in TASKS
     out: str = ""  # output folder; default runs/<model>-<preset>[-<task>]
     seed: int = 0  # seeds the world, the initialisation and dropout
-    device: str = "auto"  # auto = cuda if available, else cpu
+    device: str = "auto"  # auto = cuda if available, else cpu (torchrun: one GPU per process)
+    dtype: str = "auto"  # autocast: auto = bf16 on CUDA and fp32 on the CPU; bf16 or fp32 anywhere
     resume: bool = False  # continue from <out>/latest.pt exactly where it stopped
     init: str = ""  # start from the weights of this checkpoint (fine-tuning)
     vocab: str = ""  # a BERT vocab.txt; default: WordPiece trained on the world's captions
@@ -90,6 +96,8 @@ class RunConfig:
     num_workers: int = 1  # DataLoader worker processes making world examples
     compile: bool = False  # torch.compile the training forward (the first steps compile)
     tokenizer_texts: int = 2000  # world examples whose captions train the tokenizer
+    dist_timeout_s: float = 1800.0  # torchrun: how long a collective waits for a rank (the final
+    #                                 evaluation of rank 0 included) before the job ends
 
 
 def import_paper(name: str):
@@ -179,12 +187,24 @@ def bert_sizes(run: RunConfig, paper, config):
         raise SystemExit(f"error: --init_bert: {e}") from None
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, launch: Launch) -> torch.device:
+    """--device; under torchrun on CUDA, the GPU of the process's local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} asked for, but CUDA is not available here")
+    if name == "cuda" and launch.distributed:
+        torch.cuda.set_device(launch.local_rank)
+        return torch.device("cuda", launch.local_rank)
     return torch.device(name)
+
+
+def autocast_for(run: RunConfig, device: torch.device):
+    """The mixed-precision context of the forward: torch.autocast in bf16 (parameters, optimizer
+    and losses' reductions stay fp32; see the papers' notes for what each model keeps in fp32),
+    the same code on CUDA and on the CPU."""
+    bf16 = run.dtype == "bf16" or (run.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def seed_everything(seed: int) -> None:
@@ -266,7 +286,8 @@ def make_tokenizer(run: RunConfig, config, world_config: WorldConfig, corpus=Non
     return Tokenizer.train(texts, vocab_size=config.vocab_size)
 
 
-def make_batches(run: RunConfig, paper, config, source, tokenizer, step: int, device):
+def make_batches(run: RunConfig, paper, config, source, tokenizer, step: int, device,
+                 launch: Launch):
     """The endless iterator of micro-batches, started at `step` (a resumed run continues the
     same stream). The loader draws a worker seed from torch's RNG when it starts."""
     if config.batch_size % config.grad_accum_steps:
@@ -276,9 +297,13 @@ def make_batches(run: RunConfig, paper, config, source, tokenizer, step: int, de
         dataset = paper.train_dataset(source, tokenizer, config)
     except ValueError as e:
         raise SystemExit(f"error: --data: {e}") from None
-    return iter(train_loader(dataset, config.batch_size // config.grad_accum_steps,
-                             step * config.grad_accum_steps, paper.collate_fn,
-                             num_workers=run.num_workers, pin_memory=device.type == "cuda"))
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % launch.world_size:
+        raise SystemExit(f"error: the micro-batch of {micro} examples (batch_size / "
+                         f"grad_accum_steps) cannot be split over {launch.world_size} processes")
+    return iter(train_loader(dataset, micro, step * config.grad_accum_steps, paper.collate_fn,
+                             num_workers=run.num_workers, pin_memory=device.type == "cuda",
+                             rank=launch.rank, world_size=launch.world_size))
 
 
 # --- 3. Model and optimizer: fresh, from our checkpoint (--init) or from BERT (--init_bert) ---
@@ -306,22 +331,27 @@ def make_model(run: RunConfig, paper, config, device, init: dict | None, log):
 
 # --- 4. The loop ------------------------------------------------------------------------------
 
-def train_step(model, forward, optimizer, paper, config, batches, step: int, meter: LossMeter,
-               device, autocast) -> int:
+def train_step(model, forward, ddp, optimizer, paper, config, batches, step: int,
+               meter: LossMeter, device, autocast) -> int:
     """One optimizer update over grad_accum_steps micro-batches; returns the text tokens seen
-    (counted on the CPU batch: no device sync)."""
+    (counted on the CPU batch: no device sync). Across processes (`ddp`, the
+    DistributedDataParallel wrapper), gradients are all-reduced once, in the backward of the
+    last micro-batch (no_sync before it); DDP averages them over ranks as the division by
+    grad_accum_steps averages over micro-batches."""
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     tokens = 0
-    for _ in range(config.grad_accum_steps):
+    for i in range(config.grad_accum_steps):
         batch = next(batches)
         tokens += int((batch["tokens"] != 0).sum())
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
-        with autocast:
-            losses = forward(batch)
-        (losses["loss"] / config.grad_accum_steps).backward()
+        last = i == config.grad_accum_steps - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with autocast:
+                losses = forward(batch)
+            (losses["loss"] / config.grad_accum_steps).backward()
         meter.add(losses, step)
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -370,14 +400,18 @@ class State:
     tokenizer: Tokenizer
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    launch: Launch = Launch()
     batches: object = None
     step: int = 0
     best: float = -math.inf
 
 
-def setup(run: RunConfig, paper, overrides: dict, log) -> State:
-    """The run from the command line, or from <out>/latest.pt (--resume)."""
-    out, device = Path(run.out), pick_device(run.device)
+def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()) -> State:
+    """The run from the command line, or from <out>/latest.pt (--resume). Under torchrun every
+    rank sets up the same run; rank 0 alone writes to --out."""
+    out, device = Path(run.out), pick_device(run.device, launch)
+    if launch.distributed:
+        start_process_group(launch, device, run.dist_timeout_s)
     ckpt = read_latest(out, run.model, run.task, log) if run.resume else None
     base = None if ckpt is None else make_config(paper, run.preset, ckpt["config"])
     config = make_config(paper, run.preset, {**overrides, "task": run.task}, base)
@@ -397,32 +431,42 @@ def setup(run: RunConfig, paper, overrides: dict, log) -> State:
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
-    tokenizer.save(out / "tokenizer.json")
-    write_json_atomic(out / "config.json", {"run": dataclasses.asdict(run),
-                                            "config": dataclasses.asdict(config)})
+    if launch.rank == 0:
+        tokenizer.save(out / "tokenizer.json")
+        write_json_atomic(out / "config.json", {"run": dataclasses.asdict(run),
+                                                "config": dataclasses.asdict(config)})
     model = make_model(run if ckpt is None else dataclasses.replace(run, init="", init_bert=""),
                        paper, config, device, init, log)
     s = State(run, paper, out, device, config, world_config, corpus, tokenizer, model,
-              paper.make_optimizer(model, config))
+              paper.make_optimizer(model, config), launch)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         s.optimizer.load_state_dict(ckpt["optimizer"])
         s.step, s.best = ckpt["step"], ckpt["best"]
     s.batches = make_batches(run, paper, config, corpus or World(world_config, "train"),
-                             tokenizer, s.step, device)
-    if ckpt is not None:  # after the loader took its seed: the same random stream continues
-        set_rng_states(ckpt["rng"])
+                             tokenizer, s.step, device, launch)
+    # after the loader took its seed: the same random stream continues. Across processes each
+    # rank has its own stream (dropout masks differ between ranks), saved in rng_ranks.
+    if ckpt is not None:
+        ranks = ckpt.get("rng_ranks", [])
+        set_rng_states(ranks[launch.rank] if len(ranks) == launch.world_size else ckpt["rng"])
+    elif launch.distributed:
+        seed_everything(run.seed + launch.rank)
     return s
 
 
-def checkpoint(s: State, name: str) -> None:
-    """<out>/<name> at the current step; latest.pt first moves the copy it replaces to
-    latest.prev.pt, so a resume has a good checkpoint to fall back on."""
+def checkpoint(s: State, name: str, rng_ranks: list | None = None) -> None:
+    """<out>/<name> at the current step, written by rank 0; latest.pt first moves the copy it
+    replaces to latest.prev.pt, so a resume has a good checkpoint to fall back on. rng_ranks:
+    every rank's generators (torchrun), for an exact resume."""
+    if s.launch.rank != 0:
+        return
     previous = s.out / "latest.prev.pt" if name == "latest.pt" else None
+    extra = {} if rng_ranks is None else {"rng_ranks": rng_ranks}
     save_checkpoint(s.out / name, previous, model=s.model.state_dict(),
                     optimizer=s.optimizer.state_dict(), step=s.step, best=s.best,
                     rng=rng_states(), config=dataclasses.asdict(s.config),
-                    run=dataclasses.asdict(s.run), tokenizer=s.tokenizer.to_str())
+                    run=dataclasses.asdict(s.run), tokenizer=s.tokenizer.to_str(), **extra)
 
 
 def save_latest(s: State, log, last: bool) -> None:
@@ -430,8 +474,9 @@ def save_latest(s: State, log, last: bool) -> None:
     tries again: the previous checkpoint is intact, and stopping would lose the steps since it
     for certain. When the write at the end of the run (or at a signal) fails, the run stops
     with that line: there is no next write."""
+    rng_ranks = gather_objects(rng_states()) if s.launch.distributed else None  # every rank
     try:
-        checkpoint(s, "latest.pt")
+        checkpoint(s, "latest.pt", rng_ranks)
     except CheckpointError as e:
         if last:
             raise SystemExit(f"error: {e}") from None
@@ -484,27 +529,51 @@ def mfu_per_step(s: State, autocast) -> float | None:
 
 def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     """Set up (or resume) a run and train it to max_steps (or run.stop_at). Returns the final
-    metrics when the run reaches max_steps, else {"stopped_at": step}."""
-    s = setup(run, paper, overrides, log)
-    run, config, model = s.run, s.config, s.model
+    metrics when the run reaches max_steps, else {"stopped_at": step} (and "signal"). Under
+    torchrun (RANK, WORLD_SIZE in the environment) every rank calls it; rank 0 logs, evaluates
+    and writes."""
+    try:
+        launch = Launch.from_env()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    log = log if launch.rank == 0 else (lambda line: None)
+    try:
+        return train_loop(setup(run, paper, overrides, log, launch), log)
+    finally:
+        stop_process_group()
+
+
+AGREE_EVERY = 10  # torchrun: steps between the ranks' shared decisions (checkpoint, stop)
+
+
+def train_loop(s: State, log) -> dict:
+    """The loop of `train`: steps, progress lines, periodic evaluation and checkpoints."""
+    run, config, model, paper = s.run, s.config, s.model, s.paper
     log(f"{run.model} {run.preset} ({config.task}): "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {s.device}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {s.device}"
+        f"{f' x {s.launch.world_size} processes' if s.launch.distributed else ''}, "
         f"{config.max_steps} steps of {config.batch_size} examples -> {s.out}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.type == "cuda")
+    autocast = autocast_for(run, s.device)
+    # torchrun: DDP all-reduces the gradients; some heads sit out some steps (UNITER draws one
+    # task an update), hence find_unused_parameters. Checkpoints and evaluation use `model`.
+    ddp = (DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda"
+                                   else None, find_unused_parameters=True)
+           if s.launch.distributed else None)
     # --compile: the same module through torch.compile (checkpoints and evaluation use `model`);
     # dynamic=True: text lengths change from batch to batch, so sizes are symbolic from the start
-    forward = torch.compile(model, dynamic=True) if run.compile else model
+    forward = ddp or model
+    forward = torch.compile(forward, dynamic=True) if run.compile else forward
     stop = min(run.stop_at or config.max_steps, config.max_steps)
     meter, kept = LossMeter(s.device), f"the last good checkpoint ({s.out / 'latest.pt'}) is kept"
     model.train()
     mfu = mfu_per_step(s, autocast)
     t_log = t_ckpt = t_start = time.time()
     start_step, window_steps, window_tokens = s.step, 0, 0
-    saved = s.step
+    stopping = False
     with StopSignals() as signals:
-        while s.step < stop and not signals.received:
-            window_tokens += train_step(model, forward, s.optimizer, paper, config, s.batches,
-                                        s.step, meter, s.device, autocast)
+        while s.step < stop and not stopping:
+            window_tokens += train_step(model, forward, ddp, s.optimizer, paper, config,
+                                        s.batches, s.step, meter, s.device, autocast)
             s.step += 1
             window_steps += 1
             now = time.time()
@@ -513,23 +582,29 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
                 log(progress_line(s.step, config, meter.means(), window_steps, window_tokens,
                                   now - t_log, stop, mfu))
                 window_steps, window_tokens, t_log = 0, 0, now
-            if run.eval_every and s.step % run.eval_every == 0 and s.step < config.max_steps:
+            if (run.eval_every and s.step % run.eval_every == 0 and s.step < config.max_steps
+                    and s.launch.rank == 0):  # the other ranks wait at the next all-reduce
                 meter.check(kept)
                 keep_if_best(s, evaluate(s, "val", run.eval_n, log), log)
-            if now - t_ckpt >= run.ckpt_every_s or s.step == stop:
+            due, stopping = now - t_ckpt >= run.ckpt_every_s, bool(signals.received)
+            if s.launch.distributed:  # rank 0's clock and any rank's signal, every few steps
+                if s.step % AGREE_EVERY and s.step != stop:
+                    continue
+                due, stopping = any_rank([due and s.launch.rank == 0, stopping], s.device)
+            if due or stopping or s.step == stop:
                 meter.check(kept)
-                save_latest(s, log, last=s.step == stop)
-                t_ckpt, saved = now, s.step
-    if signals.received:  # the step in progress has finished: keep it and stop
-        if saved != s.step:
-            meter.check(kept)
-            save_latest(s, log, last=True)
-        log(f"{signals.received}: stopped at step {s.step} with {s.out / 'latest.pt'} written; "
+                save_latest(s, log, last=stopping or s.step == stop)
+                t_ckpt = now
+    if stopping:  # the step in progress finished and latest.pt holds it
+        name = signals.received or "SIGTERM"  # (a signal that reached another rank)
+        log(f"{name}: stopped at step {s.step} with {s.out / 'latest.pt'} written; "
             f"continue with: {resume_command(s)}")
-        return {"stopped_at": s.step, "signal": signals.received}
+        return {"stopped_at": s.step, "signal": name}
     if s.step < config.max_steps:
         log(f"stopped at step {s.step}; continue with: {resume_command(s)}")
         return {"stopped_at": s.step}
+    if s.launch.rank != 0:
+        return {"step": s.step}
     return finish(s, time.time() - t_start, s.step - start_step, log)
 
 

@@ -62,6 +62,7 @@ from torch.utils.data import Dataset
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (RecentExamples, feature_statistics, flat_targets, model_device,
                          pad_rows, pad_sequences, region_statistics)
+from shared.distributed import world_size
 from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.metrics import recall_at_k
@@ -802,7 +803,7 @@ class UniterDataset(Dataset):
     """Item i: world example i (modulo the world) prepared for one task, every random choice a
     pure function of (seed, i). Pre-training: the task of item i is draw_task(i // batch_size),
     the same for a whole update (train.py's loader gives micro-batch k the items k·b .. k·b+b-1,
-    b = batch_size / grad_accum_steps); then
+    b = batch_size / grad_accum_steps, or the share of one of N processes, b / N); then
 
         mlm      a caption with mask_words, the image whole (masked_modalities)
         mrfr, mrc, mrc_kl   the caption whole, regions masked by mask_regions
@@ -824,7 +825,8 @@ class UniterDataset(Dataset):
         self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
         self.statistics = (region_statistics(world) if config.standardise_features
                            else None)
-        self.micro_batch = max(1, config.batch_size // config.grad_accum_steps)
+        # the examples one process puts in one micro-batch (torchrun: its share of it)
+        self.micro_batch = max(1, config.batch_size // config.grad_accum_steps // world_size())
         self.example = RecentExamples(world, 2 * self.micro_batch)  # index -> world.example
 
     def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:

@@ -27,7 +27,9 @@ Evaluation
 Training
     config.py       checks of the recipe fields every paper's Config shares
     optim.py        AdamW parameter groups, the fused flag, the learning-rate schedule
-    checkpoint.py   atomic checkpoints, encoder-strict fine-tuning loads, RNG states
+    checkpoint.py   plain-data checkpoints (weights-only reads), atomic writes, encoder-strict
+                    fine-tuning loads, RNG states
+    distributed.py  torchrun's launch, the process group, a gather with gradients (DDP)
     monitor.py      loss-term means and the NaN/inf guard without syncs; MFU
     cli.py          the command line generated from dataclasses
 """

@@ -7,6 +7,7 @@ holds the conversions two papers share (VirTex and CoCa read pixels and one capt
     ImageTextDataset     item i = {"image": (3, H, W), "tokens": (T_i,)}, one caption of example i
     collate_image_text   list of items -> {"images": (B, 3, H, W), "tokens": (B, T)} right-padded
     train_loader         the training DataLoader: batch k of the run is a pure function of k
+                         (across N processes, each rank gets its slice of it)
 
 and what the two region-based papers (Oscar, UNITER) share:
 
@@ -87,25 +88,38 @@ def collate_image_text(items: list[dict]) -> dict:
 
 
 class _StepRange(torch.utils.data.Sampler):
-    """Indices start, start + 1, ... wrapping around the dataset length (never ends)."""
+    """Batch k (k = first, first + 1, ...) of size B is indices k·B .. k·B + B - 1, wrapping
+    around the dataset length, of which this sampler yields a rank's share: the b = B / N
+    indices k·B + r·b .. k·B + r·b + b - 1 (never ends)."""
 
-    def __init__(self, start: int, length: int):
-        self.start, self.length = start, length
+    def __init__(self, first: int, batch_size: int, length: int, rank: int = 0,
+                 world_size: int = 1):
+        self.first, self.batch_size, self.length = first, batch_size, length
+        self.share = batch_size // world_size
+        self.offset = rank * self.share
 
     def __iter__(self):
-        i = self.start
+        k = self.first
         while True:
-            yield i % self.length
-            i += 1
+            start = k * self.batch_size + self.offset
+            for i in range(start, start + self.share):
+                yield i % self.length
+            k += 1
 
 
 def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,
-                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
+                 world_size: int = 1) -> DataLoader:
     """An endless DataLoader whose k-th batch (counting from step 0) holds examples
-    k·B .. k·B + B - 1 of `dataset` (modulo its length); it starts at `start_step`."""
-    sampler = _StepRange(start_step * batch_size, len(dataset))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=num_workers, pin_memory=pin_memory,
+    k·B .. k·B + B - 1 of `dataset` (modulo its length); it starts at `start_step`. Across N
+    processes (torchrun), rank r's loader yields its slice of each of those batches, B / N
+    examples (B must be divisible by N): together the ranks see the one-process batches."""
+    if batch_size % world_size:
+        raise ValueError(f"the batch of {batch_size} cannot be split over {world_size} "
+                         f"processes")
+    sampler = _StepRange(start_step, batch_size, len(dataset), rank, world_size)
+    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
+                      collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, drop_last=True,
                       worker_init_fn=ignore_stop_signals if num_workers else None)
 
