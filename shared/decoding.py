@@ -22,7 +22,10 @@ Conventions shared by the three functions:
       toy vocabularies, or outside the vocabulary). A decoder that masks [PAD] keys (VirTex's
       uncached step) and one that keeps them in a cache therefore see the same rows.
     * Forbidden tokens (pad_id; the repeated token under `block_repeat`) get log p = -inf, the
-      others keep the step_fn's values, not renormalised.
+      others keep the step_fn's values, not renormalised. A step where a sequence has no token
+      left (a vocabulary of [PAD] alone; two tokens, [PAD] and the one just emitted, under
+      block_repeat; a step_fn giving -inf to the rest) is a ValueError: the alternative would
+      be generating a forbidden token.
     * Scores are sums of the step_fn's log-probs of the generated tokens (end token included;
       the prefix is not scored), accumulated in float32 (float64 if step_fn returns float64).
 
@@ -43,6 +46,7 @@ Shapes: B batch items, K beam size, R rows passed to step_fn, t current length, 
 length, T0 prefix length, V vocabulary.
 """
 
+import math
 from typing import Callable
 
 import torch
@@ -81,7 +85,18 @@ def _forbid(logp: Tensor, last: Tensor, end_id: int, pad_id: int, block_repeat: 
     forbidden = (vocab == pad_id) & (pad_id != end_id)  # (1, V)
     if block_repeat:
         forbidden = forbidden | (vocab == last[:, None])  # (R, V)
-    return logp.masked_fill(forbidden, NEG_INF)  # (R, V)
+    return _some_allowed(logp.masked_fill(forbidden, NEG_INF), pad_id, block_repeat)  # (R, V)
+
+
+def _some_allowed(logp: Tensor, pad_id: int, block_repeat: bool) -> Tensor:
+    """logp (R, V) itself, once checked that every row leaves a token to generate (argmax would
+    pick a forbidden one, multinomial would fail on NaN). One host-device sync; decoding syncs
+    once a step anyway."""
+    if not bool((logp > NEG_INF).any(dim=1).all()):
+        raise ValueError(f"no token may be generated: every log p of a row is -inf (or NaN) once "
+                         f"[PAD] = {pad_id}{' and the token just emitted' if block_repeat else ''}"
+                         f" are forbidden, with a vocabulary of V = {logp.shape[1]}")
+    return logp
 
 
 def _length_normalise(sums: Tensor, lengths: Tensor | int, alpha: float) -> Tensor:
@@ -179,11 +194,18 @@ def top_p_filter(logp: Tensor, top_p: float, temperature: float = 1.0) -> Tensor
     keeps only the argmax (greedy) and top_p = 1 keeps everything.
 
     Args:
-        logp: (R, V) log-probs.
+        logp: (R, V) log-probs, at least one finite per row.
     Returns:
         (R, V) probabilities, zero outside the nucleus, rows summing to 1.
     """
-    q = (logp / temperature).softmax(dim=1)  # (R, V), the tempered distribution
+    # A temperature the dtype cannot hold (1e-300 is 0 in float32, 1e300 is inf) would make
+    # 0 / 0 or -inf / inf = NaN: it is clamped into the dtype's range, which changes nothing
+    # else. Shifted so the most likely token is at 0: at a tiny temperature the others go to
+    # -inf, never the whole row.
+    info = torch.finfo(logp.dtype)
+    temperature = min(max(temperature, info.tiny), info.max)
+    shifted = logp - logp.amax(dim=1, keepdim=True)  # (R, V), <= 0
+    q = (shifted / temperature).softmax(dim=1)  # (R, V), the tempered distribution
     if top_p >= 1.0:
         return q
     q_sorted, order = q.sort(dim=1, descending=True)  # (R, V), most likely first
@@ -212,7 +234,7 @@ def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
     Args:
         step_fn, prefix, max_len, end_id, pad_id: as in `greedy`.
         top_p: in (0, 1], the probability mass of the nucleus.
-        temperature: > 0, divides the log-probs before the nucleus is taken.
+        temperature: > 0 and finite, divides the log-probs before the nucleus is taken.
         generator: a torch.Generator on the device of the log-probs, for reproducible samples.
         block_repeat: never sample the token just emitted (above).
     Returns:
@@ -222,8 +244,9 @@ def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
     """
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature <= 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (use greedy for 0)")
+    if not 0.0 < temperature < math.inf:  # NaN included
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature} "
+                         f"(use greedy for 0)")
 
     def choose(logp: Tensor, last: Tensor) -> Tensor:
         allowed = _forbid(logp, last, end_id, pad_id, block_repeat=False)  # (R, V), no [PAD]
@@ -233,8 +256,9 @@ def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
             q = q.masked_fill(repeat, 0.0)  # (R, V), the previous token out of the nucleus
             empty = q.sum(dim=1) == 0  # (R,) the nucleus was that token alone
             if empty.any():
-                q[empty] = top_p_filter(allowed[empty].masked_fill(repeat[empty], NEG_INF),
-                                        top_p, temperature)
+                others = _some_allowed(allowed[empty].masked_fill(repeat[empty], NEG_INF),
+                                       pad_id, block_repeat)  # (E, V)
+                q[empty] = top_p_filter(others, top_p, temperature)
         return torch.multinomial(q, 1, generator=generator).squeeze(1)  # (R,), renormalised
 
     return _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id, choose)[:2]
@@ -292,7 +316,7 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
         prefix: (B, T0) LongTensor.  max_len: total length limit, prefix included.
         end_id: the token that finishes a hypothesis.
         beam_size: K >= 1.
-        length_penalty: α >= 0 in Σ log p / len^α.
+        length_penalty: α >= 0 (finite) in Σ log p / len^α.
         block_repeat: forbid a token equal to the one just before it (log p set to -inf, not
             renormalised) [VirTex code].
         pad_id: written after a hypothesis's end token; never generated.
@@ -305,8 +329,8 @@ def beam_search(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int, beam
     _check_prefix(prefix, max_len)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if length_penalty < 0.0:
-        raise ValueError(f"length_penalty α must be >= 0, got {length_penalty}")
+    if not 0.0 <= length_penalty < math.inf:  # NaN included
+        raise ValueError(f"length_penalty α must be >= 0 and finite, got {length_penalty}")
     alpha, K = float(length_penalty), beam_size
     if K == 1:
         tokens, logprob, lengths = _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id,

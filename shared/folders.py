@@ -19,16 +19,23 @@ Formats:
 Images are read with Pillow, converted to RGB whatever their mode (RGBA and LA on black,
 grayscale, palette, CMYK), resized so the shorter side is `image_size` and centre-cropped to a
 square. What is wrong with the corpus is dealt with as follows:
-    * an annotation file without a needed key: ValueError at start, naming the key and file;
-    * an empty caption (after stripping): dropped, counted in `dropped_captions`;
+    * an annotation file that is not UTF-8 JSON (a BOM is allowed), lacks a needed key, or holds
+      a value of the wrong type (a list where an object belongs, a file name that is not a
+      string, an image id that is neither an integer nor a string, the same id twice): ValueError
+      at start, naming the file and the record;
+    * an empty caption (after stripping), or one that is not a string or not valid UTF-8 (a
+      lone surrogate from a "\\ud800" escape): dropped, counted in `dropped_captions`;
     * an image with no caption left, or whose file is missing: dropped, counted in
       `dropped_images`;
     * an image that cannot be decoded when it is read: a warning, and the next readable image
       of the corpus is returned in its place (`example` never raises for a bad file); the
       count is in `unreadable` (per process: DataLoader workers count their own), and the
       path is appended to the file `unreadable_log` if one is set (train.py sets it to
-      <out>/unreadable.txt and reports the number of files in it, from every worker).
-Overlong captions are the tokenizer's business: Tokenizer.encode(max_len) keeps the final [SEP].
+      <out>/unreadable.txt and reports the number of files in it, from every worker);
+    * no image left at all: ValueError naming the annotation file.
+A JSON-lines file is split at "\\n" only, so a caption may hold U+2028 or other characters
+Python's str.splitlines() would break at. Overlong captions are the tokenizer's business:
+Tokenizer.encode(max_len) keeps the final [SEP].
 """
 
 import json
@@ -65,33 +72,93 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.array(image.crop((left, top, left + size, top + size)))  # (S, S, 3), writable
 
 
-def _coco_records(annotation_file: Path) -> list[tuple[str, list[str]]]:
+def _read_text(file: Path) -> str:
+    """A text file that must be UTF-8 (JSON is, RFC 8259), whatever the locale; a leading BOM,
+    which some editors write, is dropped. Bytes that are not UTF-8 are a ValueError naming the
+    file and the offset."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r})"
+                         ) from None
+
+
+def _parse_json(text: str, where: str):
+    """json.loads, with the place named in its errors (the decoder's own name neither the file
+    nor the line, and deep nesting raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+                         ) from None
+    except RecursionError:
+        raise ValueError(f"{where}: not JSON we can read (nested too deeply)") from None
+
+
+def _json_type(value) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: expected a list, got {_json_type(value)}")
+    return value
+
+
+def _coco_records(annotation_file: Path) -> list[tuple[str, list]]:
     """(file_name, captions) of every image of a COCO captions annotation file, in its order;
-    a missing key is a ValueError naming the key and where it is missing."""
+    a missing key or a value of the wrong type is a ValueError naming the file and the record.
+    Captions are returned as found (_keep drops those that are not usable strings)."""
     if not annotation_file.is_file():
         raise FileNotFoundError(f"no annotation file {annotation_file}")
-    data = json.loads(annotation_file.read_text())
     where = str(annotation_file)
+    data = _parse_json(_read_text(annotation_file), where)
     files = {}
-    for k, image in enumerate(_need(data, "images", where)):
-        files[_need(image, "id", f"{where}, images[{k}]")] = _need(
-            image, "file_name", f"{where}, images[{k}]")
+    for k, image in enumerate(_list(_need(data, "images", where), f"{where}, 'images'")):
+        at = f"{where}, images[{k}]"
+        image_id, name = _need(image, "id", at), _need(image, "file_name", at)
+        # bool is an int to Python, and 1.0 == 1: only true integers and strings are ids
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ValueError(f"{at}: 'id' must be an integer or a string, got "
+                             f"{_json_type(image_id)}")
+        if not isinstance(name, str):
+            raise ValueError(f"{at}: 'file_name' must be a string, got {_json_type(name)}")
+        if image_id in files:
+            raise ValueError(f"{at}: id {image_id!r} is used by an earlier image too")
+        files[image_id] = name
     captions = {image_id: [] for image_id in files}
-    for k, note in enumerate(_need(data, "annotations", where)):
-        image_id = _need(note, "image_id", f"{where}, annotations[{k}]")
-        caption = _need(note, "caption", f"{where}, annotations[{k}]")
-        if image_id not in captions:
-            raise ValueError(f"{where}, annotations[{k}]: image_id {image_id} is not in 'images'")
+    for k, note in enumerate(_list(_need(data, "annotations", where), f"{where}, 'annotations'")):
+        at = f"{where}, annotations[{k}]"
+        image_id, caption = _need(note, "image_id", at), _need(note, "caption", at)
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) \
+                or image_id not in captions:
+            raise ValueError(f"{at}: image_id {image_id!r} is not an id of 'images'")
         captions[image_id].append(caption)
     return [(files[i], captions[i]) for i in files]
 
 
+def _usable(caption) -> bool:
+    """A caption worth keeping: a string with something besides whitespace, and valid UTF-8
+    (a JSON "\\ud800" escape gives a lone surrogate, which the tokenizer cannot encode)."""
+    if not isinstance(caption, str) or not caption.strip():
+        return False
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _keep(records: list[tuple[Path, list]]) -> tuple[list[tuple[Path, list[str]]], int, int]:
-    """Drop empty captions, and images left without a caption or whose file is missing.
-    Returns (kept records, dropped captions, dropped images)."""
+    """Drop unusable captions (empty, not strings, not UTF-8), and images left without a
+    caption or whose file is missing. Returns (kept records, dropped captions, dropped images)."""
     kept, dropped_captions, dropped_images = [], 0, 0
     for path, captions in records:
-        good = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+        good = [c.strip() for c in captions if _usable(c)]
         dropped_captions += len(captions) - len(good)
         if good and Path(path).is_file():
             kept.append((Path(path), good))
@@ -116,6 +183,9 @@ def unreadable_files(log: Path) -> int:
 
 
 def _need(record: dict, key: str, where: str):
+    """record[key], where record must be a JSON object: else a ValueError naming `where`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with {key!r}, got {_json_type(record)}")
     if key not in record:
         raise ValueError(f"{where}: missing key {key!r}")
     return record[key]
@@ -124,10 +194,13 @@ def _need(record: dict, key: str, where: str):
 class CaptionFolder:
     """An image-caption corpus: a list of (image path, captions), read lazily."""
 
-    def __init__(self, records: list[tuple[Path, list[str]]], image_size: int):
+    def __init__(self, records: list[tuple[Path, list[str]]], image_size: int,
+                 source: str | Path = "the corpus"):
+        """records: (image path, captions); source: what they were read from, for errors."""
         self.records, self.dropped_captions, self.dropped_images = _keep(records)
         if not self.records:
-            raise ValueError("no image with a caption and a file on disk is left in the corpus")
+            raise ValueError(f"{source}: no image with a caption and a file on disk is left "
+                             f"({self.dropped_images} dropped)")
         self.image_size = image_size
         self.unreadable, self.unreadable_log = 0, None
 
@@ -138,7 +211,8 @@ class CaptionFolder:
         annotation_file = Path(annotation_file)
         image_dir = annotation_file.parent / "images" if image_dir is None else Path(image_dir)
         return cls([(image_dir / name, captions)
-                    for name, captions in _coco_records(annotation_file)], image_size)
+                    for name, captions in _coco_records(annotation_file)], image_size,
+                   annotation_file)
 
     @classmethod
     def jsonl(cls, file: str | Path, image_size: int = 224) -> "CaptionFolder":
@@ -147,19 +221,22 @@ class CaptionFolder:
         if not file.is_file():
             raise FileNotFoundError(f"no JSON-lines file {file}")
         records = []
-        for n, line in enumerate(file.read_text().splitlines(), start=1):
+        # "\n" only: str.splitlines() also breaks at U+2028, U+0085, ..., which JSON strings
+        # may hold unescaped
+        for n, line in enumerate(_read_text(file).split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}, line {n}: not JSON ({e.msg})") from None
-            path = Path(_need(record, "image", f"{file}, line {n}"))
-            captions = _need(record, "captions", f"{file}, line {n}")
-            if isinstance(captions, str):
-                raise ValueError(f"{file}, line {n}: 'captions' must be a list of strings")
+            where = f"{file}, line {n}"
+            record = _parse_json(line, where)
+            image, captions = _need(record, "image", where), _need(record, "captions", where)
+            if not isinstance(image, str):
+                raise ValueError(f"{where}: 'image' must be a path string, got {_json_type(image)}")
+            if not isinstance(captions, list):
+                raise ValueError(f"{where}: 'captions' must be a list of strings, got "
+                                 f"{_json_type(captions)}")
+            path = Path(image)
             records.append((path if path.is_absolute() else file.parent / path, captions))
-        return cls(records, image_size)
+        return cls(records, image_size, file)
 
     @classmethod
     def from_spec(cls, spec: str, image_size: int) -> "CaptionFolder":
@@ -199,6 +276,9 @@ class CaptionFolder:
 # --- region features for Oscar and UNITER -------------------------------------------------------
 
 REGION_KEYS = ("features", "boxes", "conf")  # needed in every npz; cls_prob, tags optional
+# Boxes this far outside [0, 1] are clipped: float rounding, and detectors that let a box run a
+# pixel or two over the edge. Further out they are in another convention (pixels), refused.
+BOX_SLACK = 0.01
 
 
 class RegionFolder:
@@ -213,13 +293,25 @@ class RegionFolder:
     first (the papers' models then keep their own number: UNITER, as its official code
     ChenRocks/UNITER does, conf > threshold within [min, max]; Oscar the first n_regions).
     The npz of image `file_name` is `<region_dir>/<file_name stem>.npz`. Images without an npz
-    are dropped and counted; an npz that cannot be read, or lacks a key of REGION_KEYS, gives the
-    next readable image with a warning (counted in `unreadable`)."""
+    are dropped and counted; an npz that `_read` refuses gives the next readable image with a
+    warning naming the file and the problem (counted in `unreadable`, as unreadable images are).
+    `_read` refuses (ValueError naming the file):
+        * a file numpy cannot read as an .npz without unpickling (empty, truncated, a .npy, a
+          damaged zip, object arrays);
+        * a missing key of REGION_KEYS; an array that is not numbers (strings, complex) or not
+          of its shape above: features (N, F), boxes (N, 4), conf (N,), cls_prob (N, C), tags
+          a 1-D array of str (an empty array of any dtype is no tags); no regions (N = 0);
+        * a NaN or infinite value (float64 values past float32's range included), which would
+          reach training silently; a negative cls_prob;
+        * boxes more than BOX_SLACK outside [0, 1] (pixels, most likely) or with x2 < x1 or
+          y2 < y1; boxes within BOX_SLACK of the image are clipped to [0, 1]."""
 
-    def __init__(self, records: list[tuple[Path, list[str]]]):
+    def __init__(self, records: list[tuple[Path, list[str]]], source: str | Path = "the corpus"):
+        """records: (region .npz path, captions); source: what they were read from, for errors."""
         self.records, self.dropped_captions, self.dropped_images = _keep(records)
         if not self.records:
-            raise ValueError("no image with a caption and a region file is left in the corpus")
+            raise ValueError(f"{source}: no image with a caption and a region file is left "
+                             f"({self.dropped_images} dropped)")
         self.unreadable, self.unreadable_log = 0, None
         self._statistics = None
 
@@ -231,23 +323,39 @@ class RegionFolder:
         region_dir = annotation_file.parent / "regions" if region_dir is None else Path(region_dir)
         records = _coco_records(annotation_file)
         return cls([(region_dir / (Path(name).stem + ".npz"), captions)
-                    for name, captions in records])
+                    for name, captions in records], annotation_file)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _read(self, path: Path) -> dict:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in REGION_KEYS if k not in npz.files]
-            if missing:
-                raise ValueError(f"no {missing[0]!r} in the file")
-            order = np.argsort(-npz["conf"].astype(np.float32), kind="stable")  # by conf, desc
-            out = {"features": npz["features"].astype(np.float32)[order],
-                   "boxes": npz["boxes"].astype(np.float32)[order],
-                   "conf": npz["conf"].astype(np.float32)[order],
-                   "tags": [str(t) for t in npz["tags"]] if "tags" in npz.files else []}
-            if "cls_prob" in npz.files:
-                out["cls_prob"] = npz["cls_prob"].astype(np.float32)[order]
+        """One region file -> features, boxes, conf, cls_prob (if stored) as float32 and tags,
+        rows by conf, highest first; a ValueError naming the file for anything the class
+        docstring lists."""
+        arrays = _load_npz(path, REGION_KEYS + ("cls_prob", "tags"))
+        missing = [k for k in REGION_KEYS if k not in arrays]
+        if missing:
+            raise ValueError(f"{path}: no {missing[0]!r} in the file")
+        features = _numbers(arrays, "features", path, ("N", "F"))  # (N, F)
+        N = len(features)
+        if N == 0 or features.shape[1] == 0:
+            raise ValueError(f"{path}: no regions (features of shape {features.shape})")
+        boxes = _numbers(arrays, "boxes", path, (N, 4))  # (N, 4)
+        conf = _numbers(arrays, "conf", path, (N,))  # (N,)
+        if boxes.min() < -BOX_SLACK or boxes.max() > 1 + BOX_SLACK:
+            raise ValueError(f"{path}: boxes must be fractions of the image side in [0, 1] "
+                             f"(x1/W, y1/H, x2/W, y2/H), found values in "
+                             f"[{boxes.min():g}, {boxes.max():g}]")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise ValueError(f"{path}: a box has x2 < x1 or y2 < y1; boxes are (x1, y1, x2, y2)")
+        order = np.argsort(-conf, kind="stable")  # (N,) by conf, highest first
+        out = {"features": features[order], "boxes": boxes.clip(0, 1)[order],
+               "conf": conf[order], "tags": _tags(arrays, path)}
+        if "cls_prob" in arrays:
+            cls_prob = _numbers(arrays, "cls_prob", path, (N, "C"))  # (N, C)
+            if cls_prob.shape[1] == 0 or (cls_prob < 0).any():
+                raise ValueError(f"{path}: cls_prob must be (N, C >= 1) probabilities >= 0")
+            out["cls_prob"] = cls_prob[order]
         return out
 
     def example(self, i: int, regions: bool = True) -> dict:
@@ -255,8 +363,8 @@ class RegionFolder:
             path, captions = self.records[(i + k) % len(self.records)]
             try:
                 return {"captions": captions, **self._read(path)}
-            except (OSError, ValueError, KeyError) as e:
-                _note_unreadable(self, path, f"region file {path} ({type(e).__name__}: {e})")
+            except ValueError as e:  # _read's messages name the file
+                _note_unreadable(self, path, f"region file {e}")
         raise RuntimeError("no region file of the corpus can be read")
 
     def feature_statistics(self, n: int = 500):
@@ -270,6 +378,64 @@ class RegionFolder:
             self._statistics = (torch.from_numpy(features.mean(0)).float(),
                                 torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
         return self._statistics
+
+
+def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `keys` of an .npz that has them, read now, never unpickled. Anything else is
+    a ValueError naming the file: a file that is no zip archive (numpy would take it for a
+    pickle and suggest loading it unsafely), a .npy (one array), and whatever stops numpy on a
+    damaged archive, which raises many kinds from inside numpy and zipfile (EOFError,
+    BadZipFile, zlib.error, NotImplementedError, ...)."""
+    try:
+        f = open(path, "rb")  # ours: np.load(path) leaves its own open on a bad zip
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be opened ({e.strerror})") from None
+    with f:
+        head = f.read(6)
+        if head.startswith(b"\x93NUMPY"):
+            raise ValueError(f"{path}: one array (.npy), not an .npz of named arrays")
+        if not head.startswith(b"PK"):
+            raise ValueError(f"{path}: not an .npz (a zip archive): "
+                             f"{'empty' if not head else f'starts with {head!r}'}")
+        f.seek(0)
+        what = "the archive"
+        try:
+            with np.load(f, allow_pickle=False) as npz:
+                arrays = {}
+                for key in (k for k in keys if k in npz.files):
+                    what = f"array {key!r}"  # object arrays (pickles), damaged members
+                    arrays[key] = npz[key]
+        except Exception as e:  # see the docstring: any decoder error means "cannot be read"
+            raise ValueError(f"{path}: {what} cannot be read ({type(e).__name__}: {e})"
+                             ) from None
+    return arrays
+
+
+def _numbers(arrays: dict, key: str, path: Path, shape: tuple) -> np.ndarray:
+    """arrays[key] as finite float32 of `shape`, whose entries are sizes or names that allow
+    any size, e.g. (N, "F"); a ValueError naming the file and the key otherwise."""
+    a = arrays[key]
+    if a.dtype.kind not in "iuf":  # not bool, complex, strings or objects
+        raise ValueError(f"{path}: {key!r} must hold numbers, not {a.dtype}")
+    if a.ndim != len(shape) or any(isinstance(s, int) and s != m for s, m in zip(shape, a.shape)):
+        expected = "(" + ", ".join(map(str, shape)) + (",)" if len(shape) == 1 else ")")
+        raise ValueError(f"{path}: {key!r} must be of shape {expected}, got {a.shape}")
+    with np.errstate(over="ignore"):  # float64 past float32's range becomes inf here...
+        a = a.astype(np.float32)
+    if not np.isfinite(a).all():  # ... and is refused here, with NaN
+        raise ValueError(f"{path}: {key!r} has NaN or infinite values")
+    return a
+
+
+def _tags(arrays: dict, path: Path) -> list[str]:
+    """The object tags (Oscar) as a list of str; [] when not stored or empty."""
+    tags = arrays.get("tags")
+    if tags is None or tags.size == 0:  # np.array([]) is float64: no tags, whatever the dtype
+        return []
+    if tags.dtype.kind != "U" or tags.ndim != 1:
+        raise ValueError(f"{path}: 'tags' must be a 1-D array of str, got {tags.dtype} of "
+                         f"shape {tags.shape}")
+    return [str(t) for t in tags]
 
 
 def open_corpus(spec: str, inputs: str, image_size: int) -> CaptionFolder | RegionFolder:

@@ -15,6 +15,10 @@ The helpers below are the only places masks are built, so a reader can print any
 
 A row that allows nothing (e.g. the query is itself a pad and every key is hidden from it)
 is legal: attention returns zeros for it, never NaN (see shared/attention.py).
+
+Arguments of the wrong shape or out of range (tokens that are not (B, Tk), a negative length,
+lengths beyond max_len, a segment id the rule table has no row for) are a ValueError naming
+them, not an indexing error or a mask of another shape further on.
 """
 
 import torch
@@ -30,6 +34,8 @@ def padding_mask(tokens: Tensor, pad_id: int = 0) -> Tensor:
     Returns:
         (B, 1, Tk) bool, broadcasts over every query.
     """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, Tk) token ids, got shape {tuple(tokens.shape)}")
     return (tokens != pad_id)[:, None, :]  # (B, 1, Tk)
 
 
@@ -42,6 +48,11 @@ def lengths_mask(lengths: Tensor, max_len: int) -> Tensor:
     Returns:
         (B, 1, Tk) bool.
     """
+    if lengths.dim() != 1 or max_len < 0:
+        raise ValueError(f"lengths must be (B,) and max_len >= 0, got lengths of shape "
+                         f"{tuple(lengths.shape)} and max_len {max_len}")
+    if bool(((lengths < 0) | (lengths > max_len)).any()):  # a longer one would lose keys unseen
+        raise ValueError(f"lengths must lie in [0, max_len = {max_len}], got {lengths.tolist()}")
     positions = torch.arange(max_len, device=lengths.device)  # (Tk,)
     return (positions[None, :] < lengths[:, None])[:, None, :]  # (B, 1, Tk)
 
@@ -52,6 +63,8 @@ def causal_mask(T: int, device: torch.device | str | None = None) -> Tensor:
     Returns:
         (T, T) bool, lower triangular including the diagonal.
     """
+    if T < 0:
+        raise ValueError(f"causal_mask needs a length T >= 0, got T = {T}")
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
 
 
@@ -69,7 +82,15 @@ def block_mask(segments: Tensor, rules: Tensor) -> Tensor:
     Returns:
         (B, S, S) bool.
     """
-    K = rules.shape[0]
+    K = rules.shape[0] if rules.dim() else 0
+    if rules.dtype != torch.bool or rules.shape != (K, K) or K == 0:
+        raise ValueError(f"rules must be a (K, K) bool table, K >= 1, got {rules.dtype} of "
+                         f"shape {tuple(rules.shape)}")
+    if segments.dim() != 2:
+        raise ValueError(f"segments must be (B, S), got shape {tuple(segments.shape)}")
+    if bool(((segments < -1) | (segments >= K)).any()):  # else clamped to a wrong segment
+        raise ValueError(f"segment ids must be -1 (pad) or 0..{K - 1} (rows of rules), got "
+                         f"{sorted(set(segments.unique().tolist()))}")
     real = segments >= 0  # (B, S)
     seg = segments.clamp(min=0, max=K - 1)  # (B, S), pads mapped anywhere, masked out below
     allowed = rules[seg[:, :, None], seg[:, None, :]]  # (B, S, S), rules[seg_i, seg_j]

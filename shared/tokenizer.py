@@ -37,6 +37,9 @@ Conventions:
       ("left ." not "left."), because the pre-tokenizer split it off and we do not guess where it
       was glued. [UNK] is kept (as the literal "[UNK]") so a reader sees what was lost.
     * A tokenizer is stored as the library's JSON (`to_str` / `save`), e.g. inside a checkpoint.
+    * Input text is any str that is valid UTF-8, as the library needs; a lone surrogate (e.g. from
+      bytes decoded with errors="surrogateescape") is a ValueError naming the text and position,
+      a text that is not a str a TypeError. `decode` skips ids outside 0..V-1, negative or huge.
 
 Training (`Tokenizer.train`) uses the library's `WordPieceTrainer`, which builds the vocabulary by
 BPE-style pair merges (most frequent pair first) and then reads it as a WordPiece vocabulary.
@@ -116,6 +119,18 @@ def _continuation_alphabet(backend: BackendTokenizer, texts: list[str]) -> list[
     return sorted(CONTINUATION_PREFIX + c for c in chars)
 
 
+def _check_text(text, where: str) -> None:
+    """A str the library can take: UTF-8 encodable. Its own errors name neither the text nor the
+    cause (a lone surrogate gives "TextInputSequence must be str")."""
+    if not isinstance(text, str):
+        raise TypeError(f"{where} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid UTF-8: lone surrogate {text[e.start]!r} at "
+                         f"position {e.start} (decode its bytes with errors='replace')") from None
+
+
 # --- 3. The tokenizer ------------------------------------------------------------------------
 
 class Tokenizer:
@@ -161,15 +176,22 @@ class Tokenizer:
 
         Args:
             texts: the training corpus, e.g. every caption of the synthetic world's train split.
-            vocab_size: the most tokens, specials and single characters included.
+            vocab_size: the most tokens, specials and single characters included; but every
+                character of the texts (and its "##" form) is always kept, so texts with a
+                larger alphabet give a larger vocabulary: read the result's `vocab_size`.
             min_frequency: a pair must occur at least this often to be merged into a new piece.
         Returns:
             the trained Tokenizer.
+        Raises:
+            ValueError: vocab_size below the 5 special tokens, or a text that is not valid UTF-8
+                (named, texts[k]); TypeError for a text that is not a str.
         """
         if vocab_size < len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS)} (the special "
                              f"tokens), got {vocab_size}")
         texts = list(texts)  # read twice below (alphabet, then training)
+        for k, text in enumerate(texts):
+            _check_text(text, f"texts[{k}]")
         empty = models.WordPiece(unk_token=UNK, continuing_subword_prefix=CONTINUATION_PREFIX)
         scratch = _bert_pipeline(empty)
         # DEVIATION (see module docstring): "##c" tokens listed after the specials so that their
@@ -298,6 +320,7 @@ class Tokenizer:
 
     def tokens(self, text: str) -> list[str]:
         """The word pieces of a text, without [CLS]/[SEP], e.g. ["a", "lar", "##ge"]."""
+        _check_text(text, "text")
         return self.backend.encode(text, add_special_tokens=False).tokens
 
     def _wrap(self, pieces: list[int], max_len: int | None, add_special: bool) -> list[int]:
@@ -325,8 +348,11 @@ class Tokenizer:
             add_special: False returns the bare pieces (truncated to max_len).
         Returns:
             list of ids, length <= max_len.
+        Raises:
+            ValueError: max_len too small, or text not valid UTF-8 (a lone surrogate).
         """
         self._check_max_len(max_len, add_special)
+        _check_text(text, "text")
         pieces = self.backend.encode(text, add_special_tokens=False).ids
         return self._wrap(pieces, max_len, add_special)
 
@@ -342,9 +368,17 @@ class Tokenizer:
             add_special: as in `encode`.
         Returns:
             (B, T) long.
+        Raises:
+            ValueError: as `encode`, naming the text (texts[b]); TypeError for one str, which
+                would otherwise be read as a batch of its characters.
         """
         self._check_max_len(max_len, add_special)
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a list of strings, got one str (use encode)")
+        texts = list(texts)
+        for k, text in enumerate(texts):
+            _check_text(text, f"texts[{k}]")
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         rows = [self._wrap(e.ids, max_len, add_special) for e in encodings]  # B lists of ids
         T = max((len(r) for r in rows), default=0)
         padded = [r + [self.pad_id] * (T - len(r)) for r in rows]  # right-pad with [PAD] = 0
@@ -353,13 +387,16 @@ class Tokenizer:
     # --- ids -> text ---
 
     def _content_ids(self, ids: list[int], stop_at_sep: bool) -> list[int]:
-        """Drop [PAD]/[CLS]/[MASK] (and [SEP]); with stop_at_sep, nothing after the first [SEP]."""
+        """Drop [PAD]/[CLS]/[MASK] (and [SEP]) and ids outside 0..V-1 (the library takes only
+        unsigned 32-bit ids: a negative one is an OverflowError there); with stop_at_sep,
+        nothing after the first [SEP]."""
         skip = {self.pad_id, self.cls_id, self.mask_id, self.sep_id}
+        V = self.vocab_size
         kept = []
         for i in ids:
             if i == self.sep_id and stop_at_sep:
                 break  # end of sequence
-            if i not in skip:
+            if i not in skip and 0 <= i < V:
                 kept.append(i)
         return kept
 

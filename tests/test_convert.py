@@ -39,6 +39,7 @@ def _oscar_row(rows: np.ndarray) -> str:
 def test_oscar_tsv_to_ours(tmp_path):
     rng = np.random.default_rng(1)
     rows = rng.random((3, 10 + 6)).astype(np.float32)
+    rows[:, 10:14] = np.sort(rows[:, 10:14].reshape(3, 2, 2), axis=1).reshape(3, 4)  # x2 >= x1
     labels = json.dumps([{"class": "dog", "conf": 0.9, "rect": [1, 2, 3, 4]},
                          {"class": "couch", "conf": 0.5, "rect": [0, 0, 5, 5]}])
     (tmp_path / "f.tsv").write_text(f"img7\t{_oscar_row(rows)}\n")
