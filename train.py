@@ -572,8 +572,10 @@ def train_loop(s: State, log) -> dict:
     stopping = False
     with StopSignals() as signals:
         while s.step < stop and not stopping:
-            window_tokens += train_step(model, forward, ddp, s.optimizer, paper, config,
-                                        s.batches, s.step, meter, s.device, autocast)
+            # text tokens of the job: rank 0's count times N (an estimate under torchrun)
+            window_tokens += s.launch.world_size * train_step(
+                model, forward, ddp, s.optimizer, paper, config, s.batches, s.step, meter,
+                s.device, autocast)
             s.step += 1
             window_steps += 1
             now = time.time()

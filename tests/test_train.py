@@ -497,3 +497,44 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_resume_is_exact
     a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- mixed precision on the CPU ----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["coca", "virtex", "uniter", "oscar"])
+def test_one_step_of_every_model_runs_under_bf16_autocast_on_the_cpu(name):
+    """--dtype bf16 is torch.autocast on whatever device runs: on the CPU the linear layers
+    compute in bf16 (checked on their outputs) while every loss term comes out fp32, within 1 %
+    of the fp32 step (bf16 keeps 8 bits of mantissa), and the step's gradients are finite."""
+    import dataclasses
+
+    from shared.data import train_loader
+    from shared.world import World
+
+    run, paper, _ = train.parse_args(["--model", name, "--tokenizer_texts", "50",
+                                      "--dtype", "bf16"])
+    config = train.make_config(paper, "tiny", {"batch_size": 8})
+    world_config = train.make_world_config(paper, config, 0)
+    tokenizer = train.make_tokenizer(run, config, world_config)
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = paper.build_model(config)
+    dataset = paper.train_dataset(World(world_config, "train"), tokenizer, config)
+    batch = next(iter(train_loader(dataset, 8, 0, paper.collate_fn)))
+    linear_dtypes = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
+    losses = {}
+    for dtype in ("fp32", "bf16"):
+        autocast = train.autocast_for(dataclasses.replace(run, dtype=dtype), torch.device("cpu"))
+        torch.manual_seed(1)
+        with autocast:
+            losses[dtype] = model(batch)
+    assert linear_dtypes == {torch.float32, torch.bfloat16}  # fp32 step, then bf16 step
+    for term, value in losses["bf16"].items():
+        assert value.dtype == torch.float32 and torch.isfinite(value), term
+        assert abs(value.item() - losses["fp32"][term].item()) <= 0.01 * max(
+            1.0, abs(losses["fp32"][term].item())), term
+    losses["bf16"]["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
