@@ -57,7 +57,8 @@ from shared.evaluate import sample_captions as world_sample_captions
 from shared.masks import causal_mask, padding_mask
 from shared.optim import adamw, decay_groups, fused_for
 from shared.probe import linear_probe as shared_linear_probe
-from shared.transformer import PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights
+from shared.transformer import (PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights,
+                                run_layer)
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
 
@@ -113,6 +114,7 @@ class Config:
     lr_schedule: str = "linear"  # §4.1: "linearly decay it afterwards"
     grad_clip: float = 1.0  # OURS: not stated for pretraining; Tables 9, 10 clip 1.0 (fine-tuning)
     grad_accum_steps: int = 1  # OURS
+    grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
@@ -234,7 +236,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         Dv = config.vision_width
-        self.image_size = config.image_size
+        self.image_size, self.checkpointed = config.image_size, config.grad_checkpointing
         self.patch_embedding = PatchEmbedding(config)
         N = (config.image_size // config.patch_size) ** 2
         self.positions = nn.Parameter(torch.zeros(1, N, Dv))  # learned, one per patch
@@ -250,7 +252,7 @@ class ImageEncoder(nn.Module):
                              f"{self.image_size}x{self.image_size}")
         x = self.patch_embedding(images) + self.positions  # (B, N, Dv)
         for block in self.blocks:
-            x = block(x)  # (B, N, Dv), every patch sees every patch
+            x = run_layer(block, x, checkpointed=self.checkpointed)  # (B, N, Dv), all to all
         return self.norm(x)  # (B, N, Dv)
 
 
@@ -331,7 +333,7 @@ class TextDecoder(nn.Module):
         super().__init__()
         D, H = config.text_width, config.text_heads
         d_hidden = int(config.mlp_ratio * D)
-        self.max_text_len = config.max_text_len
+        self.max_text_len, self.checkpointed = config.max_text_len, config.grad_checkpointing
         self.token_embedding = nn.Embedding(config.vocab_size, D)
         self.positions = nn.Parameter(torch.zeros(config.max_text_len + 1, D))  # last row: [CLS]
         self.cls_embedding = nn.Parameter(torch.zeros(D))  # learned [CLS], not a vocabulary id
@@ -363,15 +365,17 @@ class TextDecoder(nn.Module):
         x = torch.cat([x, cls], dim=1)  # (B, T+1, D), [CLS] appended after the text
         allowed = unimodal_attention_mask(tokens)  # (B, T+1, T+1)
         for layer in self.unimodal_layers:
-            x = layer(x, allowed=allowed)  # (B, T+1, D)
+            x = run_layer(layer, x, allowed=allowed,
+                          checkpointed=self.checkpointed)  # (B, T+1, D)
         return x[:, :T], self.cls_norm(x[:, -1])  # (B, T, D), (B, D): [CLS] is last
 
     def multimodal(self, text_states: Tensor, image_queries: Tensor) -> Tensor:
         """text_states: (B, T, D) from `unimodal`; image_queries: (B, Q, D) from the captioning
         pooler. Returns next-token logits (B, T, V); logits[:, t] predicts token t+1."""
         x = text_states
-        for layer in self.multimodal_layers:
-            x = layer(x, image_queries, causal=True)  # (B, T, D), pads are handled by the loss
+        for layer in self.multimodal_layers:  # pads are handled by the loss
+            x = run_layer(layer, x, image_queries, causal=True,
+                          checkpointed=self.checkpointed)  # (B, T, D)
         return self.output(self.output_norm(x))  # (B, T, V)
 
     def step(self, token: Tensor, position: int, past: list | None, cross_kv: list

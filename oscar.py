@@ -66,7 +66,7 @@ from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.masks import causal_mask
 from shared.optim import adamw, decay_groups, fused_for
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
-                                init_bert_weights)
+                                init_bert_weights, run_layer)
 from shared.world import ANSWERS, World
 
 PAD_ID = 0  # [PAD] of shared.tokenizer
@@ -130,6 +130,7 @@ class Config:
     lr_schedule: str = "linear"
     grad_clip: float = 0.0  # off: [code] max_grad_norm -1 (the VinVL command: 10)
     grad_accum_steps: int = 1
+    grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
@@ -245,6 +246,7 @@ class OscarEncoder(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         c, D = config, config.hidden_size
+        self.checkpointed = c.grad_checkpointing
         # every task's positions (captioning: the tags after the caption slot): one encoder
         positions = max(c.max_text_len, c.max_retrieval_text_len, c.max_vqa_text_len,
                         c.max_caption_len + c.max_tag_len)
@@ -270,7 +272,7 @@ class OscarEncoder(nn.Module):
         if allowed is None:
             allowed = torch.cat([tokens != PAD_ID, region_mask], dim=1)[:, None, :]  # (B, 1, S)
         for layer in self.layers:
-            x = layer(x, allowed)  # (B, T + N, D)
+            x = run_layer(layer, x, allowed, checkpointed=self.checkpointed)  # (B, T + N, D)
         return x
 
 

@@ -69,7 +69,7 @@ from shared.metrics import recall_at_k
 from shared.optim import adamw, fused_for
 from shared.ot import ipot  # the IPOT solver [UNITER §A.7, Alg. 1]; WRA (below) is its use
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
-                                init_bert_weights)
+                                init_bert_weights, run_layer)
 from shared.world import ANSWERS, DETECTOR_CLASSES
 
 LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §3.1, fn. 3]
@@ -145,6 +145,7 @@ class Config:
     lr_schedule: str = "linear"  # [code]: linear decay to 0 after warmup
     grad_clip: float = 5.0  # [code]
     grad_accum_steps: int = 6  # [code]; gradient accumulation [UNITER §A.2]
+    grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
@@ -325,8 +326,9 @@ class UniterEncoder(nn.Module):
         image = self.image_embeddings(features, locations, region_type, region_masked)  # (B, N, D)
         x = torch.cat([text, image], dim=1)  # (B, T + N, D)
         allowed = torch.cat([tokens != PAD_ID, region_mask], dim=1)[:, None, :]  # (B, 1, T + N)
-        for layer in self.layers:
-            x = layer(x, allowed)  # (B, T + N, D), every token sees every real token
+        for layer in self.layers:  # every token sees every real token
+            x = run_layer(layer, x, allowed,
+                          checkpointed=self.config.grad_checkpointing)  # (B, T + N, D)
         return x
 
 

@@ -76,7 +76,7 @@ from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_
 from shared.masks import padding_mask
 from shared.optim import adamw, fused_for
 from shared.probe import linear_probe
-from shared.transformer import PostLNDecoderBlock
+from shared.transformer import PostLNDecoderBlock, run_layer
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
 TASKS = ("pretrain",)  # train.py --task: VirTex only pretrains; --pretext picks the pretext task
@@ -138,6 +138,7 @@ class Config:
     lr_schedule: str = "cosine"  # cosine decay
     grad_clip: float = 10.0  # official code: global norm 10
     grad_accum_steps: int = 1  # OURS
+    grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
     def __post_init__(self):
@@ -271,6 +272,7 @@ class ResNet(nn.Module):
             blocks += [Bottleneck(in_channels, width) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.checkpointed = config.grad_checkpointing
         self.out_channels = in_channels  # Cv = 8w · 4
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -289,11 +291,34 @@ class ResNet(nn.Module):
         """images: (B, 3, H, W) normalised -> layer4 grid (B, Cv, H/32, W/32) for ResNet-50."""
         images = images.contiguous(memory_format=torch.channels_last)  # same values, NHWC memory
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))  # (B, w, H/4, W/4)
-        x = self.layer2(self.layer1(x))  # (B, 8w, H/8, W/8)
-        return self.layer4(self.layer3(x))  # (B, 32w, H/32, W/32)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = run_stage(stage, x, self.checkpointed)  # (B, 4w, H/4, W/4) .. (B, 32w, H/32, W/32)
+        return x
 
 
 # --- 4. Textual head: embeddings, a post-LN Transformer decoder, the output layer -------------
+
+def run_stage(stage: nn.Module, x: Tensor, checkpointed: bool) -> Tensor:
+    """stage(x), activation-checkpointed if asked (shared.transformer.run_layer). The forward
+    that the backward runs again must not move BatchNorm's running statistics a second time:
+    they are put back as the first forward left them."""
+    if not (checkpointed and torch.is_grad_enabled()):
+        return stage(x)
+    calls = []
+
+    def forward(x: Tensor) -> Tensor:
+        if not calls:  # the forward pass
+            calls.append(1)
+            return stage(x)
+        kept = [b.clone() for b in stage.buffers()]  # the backward's recomputation, which
+        try:  # torch may stop early (by an exception) once it has what the backward needs
+            return stage(x)
+        finally:
+            for b, k in zip(stage.buffers(), kept):
+                b.copy_(k)
+
+    return run_layer(forward, x, checkpointed=True)
+
 
 class WordAndPositionEmbedding(nn.Module):
     """Token + learned position embeddings, LayerNorm, dropout; padded positions set to zero
@@ -325,13 +350,15 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(
             PostLNDecoderBlock(config.hidden_size, config.heads, config.feedforward_size,
                                dropout=config.dropout) for _ in range(config.layers))
+        self.checkpointed = config.grad_checkpointing
 
     def forward(self, x: Tensor, visual: Tensor, tokens: Tensor, causal: bool = True) -> Tensor:
         """x: (B, T, H) embedded tokens; visual: (B, N, H); tokens: (B, T) for the pad mask.
         causal=False gives the bidirectional decoder of the masked-LM ablation. -> (B, T, H)."""
         allowed = padding_mask(tokens, PAD_ID)  # (B, 1, T): no query attends to a pad
         for layer in self.layers:
-            x = layer(x, visual, allowed=allowed, causal=causal)  # (B, T, H)
+            x = run_layer(layer, x, visual, allowed=allowed, causal=causal,
+                          checkpointed=self.checkpointed)  # (B, T, H)
         return x
 
 

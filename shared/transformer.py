@@ -16,8 +16,20 @@ Shapes: B batch, T tokens, N image tokens (context), D width, H heads.
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from shared.attention import MultiHeadAttention
+
+
+def run_layer(layer: nn.Module, *args, checkpointed: bool = False, **kwargs):
+    """layer(*args, **kwargs). checkpointed (activation checkpointing, --grad_checkpointing):
+    while gradients are on, the layer keeps only its inputs, and its forward runs again in the
+    backward to rebuild the activations it needs: less memory for about one more forward of
+    compute. The random state is replayed (torch.utils.checkpoint), so dropout draws the same
+    masks and the gradients equal the plain ones."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
 
 
 class MLP(nn.Module):

@@ -538,3 +538,40 @@ def test_one_step_of_every_model_runs_under_bf16_autocast_on_the_cpu(name):
             1.0, abs(losses["fp32"][term].item())), term
     losses["bf16"]["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["coca", "virtex", "uniter", "oscar"])
+def test_grad_checkpointing_gives_the_plain_gradients_and_batchnorm_statistics(name):
+    """--grad_checkpointing recomputes each transformer layer (and ResNet stage) in the
+    backward: same loss, same gradients (dropout replayed), BatchNorm's running statistics
+    moved once, not twice."""
+    import dataclasses
+
+    from shared.data import train_loader
+    from shared.world import World
+
+    run, paper, _ = train.parse_args(["--model", name, "--tokenizer_texts", "50"])
+    config = train.make_config(paper, "tiny", {"batch_size": 8})
+    world_config = train.make_world_config(paper, config, 0)
+    tokenizer = train.make_tokenizer(run, config, world_config)
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    dataset = paper.train_dataset(World(world_config, "train"), tokenizer, config)
+    batch = next(iter(train_loader(dataset, 8, 0, paper.collate_fn)))
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = paper.build_model(dataclasses.replace(config, grad_checkpointing=checkpointed))
+        model.train()
+        torch.manual_seed(1)
+        loss = model(batch)["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()
+                                         if p.grad is not None},
+                        {n: b.clone() for n, b in model.named_buffers()}))
+    (loss_a, grads_a, buffers_a), (loss_b, grads_b, buffers_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        assert torch.allclose(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4), n
+    for n in buffers_a:
+        assert torch.equal(buffers_a[n], buffers_b[n]), n
