@@ -8,6 +8,8 @@
     python bench.py --coca_cache    # CoCa's cached caption decoding vs uncached
     python bench.py --virtex_cache  # VirTex's cached caption decoding vs uncached
     python bench.py --adamw         # AdamW on the CPU: fused kernel vs torch's loops
+    python bench.py --step_memory   # peak memory of a training step, with and without
+                                    # --grad_checkpointing (Linux: reads /proc/self/status)
 
 Each comparison builds both models at the same shapes, warms them up, then times full training
 steps (forward, loss, backward, AdamW step) alternately, A B A B ..., so that a change in machine
@@ -22,13 +24,14 @@ virtualenv for both:
     /tmp/venv-oc/bin/pip install torch==2.14.1 torchvision==0.29.1 -r requirements-bench.txt
     /tmp/venv-oc/bin/python bench.py --coca --resnet
 
-Results go to reference/benchmarks.md with the device, shapes, command and date.
+Results go to RESULTS.md with the device, shapes, command and date.
 """
 
 import argparse
 import importlib.util
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -355,6 +358,53 @@ def adamw_fused_vs_loops(rounds: int = 20, warmup: int = 5) -> None:
               f"{times['fused'] / times['single']:.2f}")
 
 
+def _resident_mib(key: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("error: --step_memory reads /proc/self/status (Linux only)")
+
+
+def step_memory_child(name: str, checkpointed: bool, batch: int) -> None:
+    """One forward + backward of the `small` preset on one world batch; prints the peak
+    resident memory of the step above the memory held before it (model, batch, tokenizer)."""
+    import dataclasses
+
+    import train
+    from shared.data import train_loader
+    from shared.world import World
+
+    run, paper, _ = train.parse_args(["--model", name, "--tokenizer_texts", "100"])
+    config = train.make_config(paper, "small", {"batch_size": batch, "grad_accum_steps": 1,
+                                                "grad_checkpointing": checkpointed})
+    world_config = train.make_world_config(paper, config, 0)
+    tokenizer = train.make_tokenizer(run, config, world_config)
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    model = paper.build_model(config).train()
+    dataset = paper.train_dataset(World(world_config, "train"), tokenizer, config)
+    batch_ = next(iter(train_loader(dataset, batch, 0, paper.collate_fn)))
+    before = _resident_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+    model(batch_)["loss"].backward()
+    print(f"{name:7s} small, batch {batch}, grad_checkpointing {str(checkpointed):5s}: "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, step peak "
+          f"{_resident_mib('VmHWM') - before:.0f} MiB above {before:.0f} MiB")
+
+
+def step_memory(batch: int = 32) -> None:
+    """step_memory_child for each model, with and without checkpointing, each in a fresh
+    process (a process's allocator keeps what an earlier step freed)."""
+    import subprocess
+    import sys
+
+    for name in ("coca", "virtex", "uniter", "oscar"):
+        for checkpointed in ("0", "1"):
+            subprocess.run([sys.executable, __file__, "--step_memory_child", name, checkpointed,
+                            str(batch)], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coca", action="store_true", help="coca.CoCa vs open_clip's CoCa")
@@ -372,10 +422,18 @@ def main() -> None:
                         help="VirTex's cached caption decoding vs uncached")
     parser.add_argument("--adamw", action="store_true",
                         help="AdamW on the CPU: the fused kernel vs torch's loops")
+    parser.add_argument("--step_memory", action="store_true",
+                        help="peak memory of a training step, with and without checkpointing")
+    parser.add_argument("--step_memory_child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for --ipot")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    if not (args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache
+    if args.step_memory_child:
+        name, checkpointed, batch = args.step_memory_child
+        return step_memory_child(name, checkpointed == "1", int(batch))
+    if args.step_memory:
+        step_memory()
+    if not (args.step_memory or args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache
             or args.coca_cache or args.virtex_cache or args.adamw):
         parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache, "
                      "--coca_cache, --virtex_cache, --adamw")
