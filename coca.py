@@ -69,6 +69,7 @@ TASKS = ("pretrain",)  # one pretraining serves zero-shot, retrieval and caption
 MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks best.pt
 INPUTS = "pixels"  # CoCa reads images, not detector regions
 BERT_INIT = None  # the text decoder is trained from scratch [CoCa §4.1]: no --init_bert
+UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
 
 
 @dataclass

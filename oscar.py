@@ -78,6 +78,7 @@ MAIN_METRIC = {"pretrain": "r1_mean", "caption": "cider", "retrieval": "r1_mean"
 INPUTS = "regions"  # Oscar reads detector regions (and their tags), not pixels
 # --init_bert fills model.encoder, and these heads from BERT's pre-training heads [code]
 BERT_INIT = {"mlm": "cls.predictions", "contrastive": "cls.seq_relationship"}
+UNUSED_PARAMETERS = True  # captioning and VQA leave the pooler without a gradient
 
 
 # --- 2. Config and presets ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ What a paper file defines, and all train.py uses of it (coca.py, virtex.py, unit
                            vocab_size (and n_regions, feature_dim where INPUTS is "regions")
     TASKS, MAIN_METRIC     the tasks (the first is "pretrain") and, per task, the key of
                            `evaluate` that picks best.pt (higher is better)
+    UNUSED_PARAMETERS      True where some parameters get no gradient in some steps (DDP)
     INPUTS, BERT_INIT      "pixels" or "regions"; None (no --init_bert) or the heads that start
                            from BERT's pre-training heads, {head: "cls.predictions", ...}
     build_model(config)    -> model; model(batch) -> dict(loss=scalar, <term>=scalar, ...);
@@ -539,8 +540,21 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     log = log if launch.rank == 0 else (lambda line: None)
     try:
         return train_loop(setup(run, paper, overrides, log, launch), log)
+    except RuntimeError as e:
+        if not (launch.distributed and lost_peer(e)):
+            raise
+        raise SystemExit(f"error: rank {launch.rank}: another process of the job died or stopped "
+                         f"answering ({str(e).splitlines()[0][:160]}); the last checkpoint "
+                         f"written is kept") from None
     finally:
         stop_process_group()
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    """A collective that failed because another rank died or timed out (torch.distributed's
+    own errors, or gloo / NCCL transport errors raised as RuntimeError)."""
+    return (isinstance(e, torch.distributed.DistError)
+            or any(word in str(e) for word in ("gloo", "NCCL", "Connection", "timed out")))
 
 
 AGREE_EVERY = 10  # torchrun: steps between the ranks' shared decisions (checkpoint, stop)
@@ -554,10 +568,11 @@ def train_loop(s: State, log) -> dict:
         f"{f' x {s.launch.world_size} processes' if s.launch.distributed else ''}, "
         f"{config.max_steps} steps of {config.batch_size} examples -> {s.out}")
     autocast = autocast_for(run, s.device)
-    # torchrun: DDP all-reduces the gradients; some heads sit out some steps (UNITER draws one
-    # task an update), hence find_unused_parameters. Checkpoints and evaluation use `model`.
+    # torchrun: DDP all-reduces the gradients; where some parameters sit out some steps
+    # (UNITER draws one task an update) it must look for them. Checkpoints and evaluation use
+    # `model`.
     ddp = (DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda"
-                                   else None, find_unused_parameters=True)
+                                   else None, find_unused_parameters=paper.UNUSED_PARAMETERS)
            if s.launch.distributed else None)
     # --compile: the same module through torch.compile (checkpoints and evaluation use `model`);
     # dynamic=True: text lengths change from batch to batch, so sizes are symbolic from the start

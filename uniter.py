@@ -81,6 +81,7 @@ MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"} 
 INPUTS = "regions"  # detector regions, not pixels
 # --init_bert fills model.encoder, and the MLM head from BERT's [code: from BERT-base]
 BERT_INIT = {"mlm": "cls.predictions"}
+UNUSED_PARAMETERS = True  # one pre-training task an update: the other heads get no gradient
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------

@@ -83,6 +83,7 @@ TASKS = ("pretrain",)  # train.py --task: VirTex only pretrains; --pretext picks
 MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex §Downstream]
 INPUTS = "pixels"  # train.py feeds images, not detector regions
 BERT_INIT = None  # trained from scratch: --init_bert does not apply
+UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
 PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
 CAPTIONING = ("bicaptioning", "captioning")  # the pretexts that train a left-to-right decoder
 

@@ -163,3 +163,38 @@ def test_a_resumed_two_process_run_equals_the_uninterrupted_one(tmp_path):
     assert saved["step"] == 6 and len(saved["rng_ranks"]) == 2
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks in /proc")
+def test_a_rank_that_dies_ends_the_job_with_one_line_from_the_others(tmp_path):
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", *MODELS["coca"], *extra_args("coca"), "--max_steps", "100000",
+         "--out", str(tmp_path)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    ranks = children(proc.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)  # the job ends: no rank waits forever
+    assert proc.returncode != 0
+    assert "error: rank 0: another process of the job died or stopped answering" in err
+    assert "[rank0]: Traceback" not in err

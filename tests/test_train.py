@@ -286,7 +286,8 @@ def test_the_progress_line_reports_text_tokens_per_second(tmp_path):
                                   tokenizer, config)
     batch = next(iter(train_loader(dataset, config.batch_size, 0, paper.collate_fn)))
     per_example = float((batch["tokens"] != 0).sum()) / config.batch_size
-    assert tok / ex == pytest.approx(per_example, rel=0.05)
+    # both rates are printed rounded to units: allow for that (a slow machine prints small ones)
+    assert (tok - 0.5) / (ex + 0.5) * 0.99 <= per_example <= (tok + 0.5) / (ex - 0.5) * 1.01
 
 
 def test_step_flops_counts_forward_and_backward_matmuls():
@@ -374,7 +375,8 @@ def test_train_py_uses_only_the_contract_and_never_probes_the_paper():
             assert node.end_lineno - node.lineno <= 70, node.name
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
             and isinstance(n.value, ast.Name) and n.value.id == "paper"}
-    contract = {"Config", "TASKS", "MAIN_METRIC", "INPUTS", "BERT_INIT", "build_model",
+    contract = {"Config", "TASKS", "MAIN_METRIC", "INPUTS", "BERT_INIT", "UNUSED_PARAMETERS",
+                "build_model",
                 "make_optimizer", "after_optimizer_step", "train_dataset", "collate_fn",
                 "evaluate", "sample_captions"}
     assert used <= contract, used - contract
@@ -385,6 +387,7 @@ def test_train_py_uses_only_the_contract_and_never_probes_the_paper():
         assert set(paper.MAIN_METRIC) == set(paper.TASKS) and paper.TASKS[0] == "pretrain"
         assert paper.INPUTS in ("pixels", "regions")
         assert paper.BERT_INIT is None or isinstance(paper.BERT_INIT, dict)
+        assert isinstance(paper.UNUSED_PARAMETERS, bool)
         for preset in ("paper", "small", "tiny"):
             assert train.preset_config(paper, preset).task == "pretrain"
 
