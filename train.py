@@ -485,7 +485,8 @@ def save_latest(s: State, log, last: bool) -> None:
 
 
 def resume_command(s: State) -> str:
-    return (f"python train.py --model {s.run.model} --preset {s.run.preset} --task {s.run.task} "
+    launcher = "torchrun <the same options> train.py" if s.launch.distributed else "python train.py"
+    return (f"{launcher} --model {s.run.model} --preset {s.run.preset} --task {s.run.task} "
             f"--out {s.out} --resume")
 
 
@@ -603,11 +604,12 @@ def train_loop(s: State, log) -> dict:
                     and s.launch.rank == 0):  # the other ranks wait at the next all-reduce
                 meter.check(kept)
                 keep_if_best(s, evaluate(s, "val", run.eval_n, log), log)
-            due, stopping = now - t_ckpt >= run.ckpt_every_s, bool(signals.received)
+            due, signalled = now - t_ckpt >= run.ckpt_every_s, bool(signals.received)
             if s.launch.distributed:  # rank 0's clock and any rank's signal, every few steps
                 if s.step % AGREE_EVERY and s.step != stop:
                     continue
-                due, stopping = any_rank([due and s.launch.rank == 0, stopping], s.device)
+                due, signalled = any_rank([due and s.launch.rank == 0, signalled], s.device)
+            stopping = signalled
             if due or stopping or s.step == stop:
                 meter.check(kept)
                 save_latest(s, log, last=stopping or s.step == stop)

@@ -198,3 +198,26 @@ def test_a_rank_that_dies_ends_the_job_with_one_line_from_the_others(tmp_path):
     assert proc.returncode != 0
     assert "error: rank 0: another process of the job died or stopped answering" in err
     assert "[rank0]: Traceback" not in err
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
+    """torchrun passes SIGTERM on to the ranks; they agree on the next step that is a multiple of
+    10 and rank 0 writes latest.pt there with both ranks' random states."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", *MODELS["coca"], *extra_args("coca"), "--max_steps", "100000",
+         "--ckpt_every_s", "1e9", "--out", str(tmp_path)], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)
+    assert saved["step"] % 10 == 0 and len(saved["rng_ranks"]) == 2
+    assert f"SIGTERM: stopped at step {saved['step']} with" in out
+    assert "continue with: torchrun" in out
