@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from shared.data import image_to_tensor
-from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, truth_rate,
+from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, rouge_l, truth_rate,
                             vqa_accuracy_by_type)
 from shared.world import World, is_true, question_type
 
@@ -117,7 +117,7 @@ def caption_metrics(captions: list[str], examples: list[dict], tokenizer,
                     max_pieces: int) -> dict[str, float]:
     """Generated captions against each example's references (reference_caption):
 
-    bleu4, cider            BLEU-4 and CIDEr-D (shared.metrics)
+    bleu4, cider, rouge_l   BLEU-4, CIDEr-D and ROUGE-L (shared.metrics)
     caption_truth           the share of captions the world's checker finds true of the scene
     caption_truth_baseline  the same for the single most common generated caption (truth_rate)
     """
@@ -125,7 +125,8 @@ def caption_metrics(captions: list[str], examples: list[dict], tokenizer,
                   for ex in examples]
     truth = truth_rate(captions, [ex["scene"] for ex in examples], is_true)
     return {"bleu4": bleu(captions, references)[3], "cider": cider_d(captions, references),
-            "caption_truth": truth["truth"], "caption_truth_baseline": truth["baseline"]}
+            "rouge_l": rouge_l(captions, references), "caption_truth": truth["truth"],
+            "caption_truth_baseline": truth["baseline"]}
 
 
 def vqa_metrics(answer_logits: Callable[[list[str], list[int]], Tensor], examples: list[dict],

@@ -3,6 +3,8 @@
     bleu            BLEU-1..4, corpus level        captioning  [Oscar Table 1; CoCa Table 7]
     cider_d         CIDEr-D                        captioning  [Oscar Table 1; VirTex §Captioning;
                                                                CoCa Table 7]
+    rouge_l         ROUGE-L (F, β = 1.2)           captioning  [Oscar, VirTex, CoCa: the COCO
+                                                               toolkit's third score]
     recall_at_k     R@1/5/10, both directions      retrieval   [Oscar Table 2(a); UNITER Table 3;
                                                                CoCa Table 3]
     vqa_accuracy    VQA soft accuracy              VQA         [Oscar Table 2(b); UNITER Table 3]
@@ -10,12 +12,12 @@
                                                    [VirTex §Downstream; CoCa Tables 2, 4]
     truth_rate      share of true captions         the synthetic world (OURS, no paper)
 
-BLEU and CIDEr-D are defined here *exactly* as the COCO caption evaluation code computes them
-(pycocoevalcap 1.2: `Bleu(4)` and `Cider()`), because that code, not the original papers, is
+BLEU, CIDEr-D and ROUGE-L are defined here *exactly* as the COCO caption evaluation code computes
+them (pycocoevalcap 1.2: `Bleu(4)`, `Cider()` and `Rouge()`), because that code, not the original papers, is
 what every captioning number in the four papers comes from. The places where that code differs
 from the papers' formulas (BLEU's smoothing constants and per-image "closest" reference length;
 CIDEr-D's length penalty on bigram counts) are reproduced on purpose and marked `QUIRK:`.
-`tests/test_metrics.py` checks both against pycocoevalcap on random corpora.
+`tests/test_metrics.py` checks all three against pycocoevalcap on random corpora.
 
     BLEU:    Papineni, Roukos, Ward, Zhu. "BLEU: a Method for Automatic Evaluation of Machine
              Translation". ACL 2002.
@@ -23,6 +25,8 @@ CIDEr-D's length penalty on bigram counts) are reproduced on purpose and marked 
              CVPR 2015; arXiv 1411.5726v2. CIDEr-D is the variant of its §8 / the COCO server.
     COCO:    Chen, Fang, Lin, Vedantam, Gupta, Dollár, Zitnick. "Microsoft COCO Captions: Data
              Collection and Evaluation Server". arXiv 1504.00325.
+    ROUGE:   Lin. "ROUGE: A Package for Automatic Evaluation of Summaries". ACL workshop 2004
+             (ROUGE-L: its §3, the longest common subsequence).
     VQA:     Antol et al. "VQA: Visual Question Answering". ICCV 2015 (its accuracy metric).
 
 Text conventions: captions arrive lower-cased and tokenised, tokens separated by whitespace
@@ -245,6 +249,52 @@ def cider_d(candidates: list[str], references: list[list[str]]) -> float:
 
 
 # --- retrieval ----------------------------------------------------------------------------------
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    """The length of the longest common subsequence of two token lists (dynamic programming,
+    one row at a time: O(len(a) · len(b)) time, O(len(b)) memory)."""
+    row = [0] * (len(b) + 1)  # row[j] = LCS of a[:i] and b[:j], for the current i
+    for token in a:
+        diagonal = 0  # LCS of a[:i-1] and b[:j-1]
+        for j, other in enumerate(b, start=1):
+            above = row[j]  # LCS of a[:i-1] and b[:j]
+            row[j] = diagonal + 1 if token == other else max(above, row[j - 1])
+            diagonal = above
+    return row[-1]
+
+
+def rouge_l(candidates: list[str], references: list[list[str]]) -> float:
+    """ROUGE-L over a corpus, as the COCO caption evaluation code (`Rouge()`) computes it.
+
+    Per image with candidate c and references r_1..r_m [Lin 2004, §3.1]:
+
+        P = max_j LCS(c, r_j) / len(c)        R = max_j LCS(c, r_j) / len(r_j)
+        ROUGE-L = (1 + β²) · P · R / (R + β² · P),   β = 1.2   (0 when P or R is 0)
+
+    QUIRK of the COCO code: P and R are maximised over the references separately (they may come
+    from two different references), not taken from the best single reference; β = 1.2 weighs
+    recall a little more than precision. The corpus score is the mean over images.
+
+    Args:
+        candidates: N strings (lower-cased, whitespace-tokenised), one per image.
+        references: N lists of >= 1 strings.
+    Returns:
+        The corpus ROUGE-L, a float in [0, 1].
+    Raises:
+        ValueError: on a length mismatch, an image without references, or a non-string.
+    """
+    _check_captions(candidates, references)
+    beta2 = 1.2 ** 2
+    scores = []
+    for candidate, refs in zip(candidates, references):
+        c = candidate.split()
+        lcs = [(_lcs_length(c, r.split()), len(r.split())) for r in refs]  # (LCS, len(r_j))
+        precision = max(n for n, _ in lcs) / len(c) if c else 0.0
+        recall = max(n / length if length else 0.0 for n, length in lcs)
+        scores.append((1 + beta2) * precision * recall / (recall + beta2 * precision)
+                      if precision and recall else 0.0)
+    return sum(scores) / len(scores)
+
 
 def recall_at_k(scores, text_image) -> dict[str, float]:
     """Retrieval recall@K, image→text and text→image, from one score matrix.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, retrieval_ceilings,
-                            top1_accuracy, truth_rate, vqa_accuracy)
+                            rouge_l, top1_accuracy, truth_rate, vqa_accuracy)
 
 WORDS = ["a", "red", "blue", "big", "small", "circle", "square", "left", "of", "above", "the",
          "is"]
@@ -84,6 +84,30 @@ def test_cider_d_equals_pycocoevalcap_on_random_corpora(seed, kinds):
     candidates, references = random_corpus(seed, kinds=kinds)
     expected, _ = Cider().compute_score(*coco_inputs(candidates, references))
     assert cider_d(candidates, references) == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize("kinds", [MIXED, SHORT], ids=["mixed", "short"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_rouge_l_equals_pycocoevalcap_on_random_corpora(seed, kinds):
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    candidates, references = random_corpus(seed, kinds=kinds)
+    expected, _ = Rouge().compute_score(*coco_inputs(candidates, references))
+    assert rouge_l(candidates, references) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_rouge_l_by_hand():
+    """c = "a red circle left", one reference "a circle on the left": LCS "a circle left" = 3,
+    P = 3/4, R = 3/5, F = (1 + 1.44) · 0.75 · 0.6 / (0.6 + 1.44 · 0.75) = 1.098 / 1.68 = 0.65357.
+    With a second reference "a red circle" (LCS 3, R = 1): P = 3/4, R = max(3/5, 1) = 1,
+    F = 2.44 · 0.75 / (1 + 1.08) = 0.87981 (P and R each maximised over the references)."""
+    assert rouge_l(["a red circle left"], [["a circle on the left"]]) == pytest.approx(
+        1.098 / 1.68, abs=1e-9)
+    assert rouge_l(["a red circle left"], [["a circle on the left", "a red circle"]]) == \
+        pytest.approx(2.44 * 0.75 / 2.08, abs=1e-9)
+    assert rouge_l(["", "x"], [["a b"], ["y"]]) == 0.0
+    with pytest.raises(ValueError, match="got 1 candidates but 2 reference lists"):
+        rouge_l(["a"], [["a"], ["b"]])
 
 
 @pytest.mark.parametrize("n_images", [1, 2, 3])

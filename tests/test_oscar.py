@@ -582,7 +582,7 @@ def test_evaluate_reports_each_task_s_keys(tokenizer):
     keys = {"pretrain": {"i2t_r1", "t2i_r1", "r1_mean", "mtl_acc", "contrastive_acc",
                          "own_called_polluted", "foreign_caption_called_polluted"},
             "retrieval": {"i2t_r1", "t2i_r1"},
-            "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4"},
+            "caption": {"caption_truth", "caption_truth_baseline", "cider", "bleu4", "rouge_l"},
             "vqa": {"vqa_acc", "vqa_acc_count"}}
     for task, expected in keys.items():
         config = small(task=task, beam_size=2)

@@ -258,7 +258,7 @@ def test_oscar_pretrains_then_fine_tunes_captioning_from_its_checkpoint(tmp_path
     run.out = str(tmp_path / "caption")
     lines.clear()
     final = train.train(run, paper, overrides, log=lines.append)
-    assert {"caption_truth", "caption_truth_baseline", "cider", "bleu4"} <= set(final)
+    assert {"caption_truth", "caption_truth_baseline", "cider", "bleu4", "rouge_l"} <= set(final)
     assert any(line.startswith(f"init from {init}") and line.endswith("fresh: none")
                for line in lines), lines
     assert any("generated:" in line for line in lines)
