@@ -428,6 +428,8 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
         corpus.unreadable_log = out / "unreadable.txt"  # every worker appends what it skips
         log(f"--data {run.data}: {len(corpus)} images; dropped {corpus.dropped_images} images "
             f"(no caption or no file) and {corpus.dropped_captions} empty captions")
+        for line in corpus.notes:  # e.g. a Karpathy file's split counts
+            log(line)
     saved = ckpt or init  # a fine-tuning run keeps the tokenizer its weights were trained with
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))
@@ -648,7 +650,8 @@ def finish(s: State, seconds: float, steps: int, log) -> dict:
         final.update(data=s.run.data, images=len(s.corpus),
                      dropped_images=s.corpus.dropped_images,
                      dropped_captions=s.corpus.dropped_captions,
-                     unreadable_files=unreadable_files(s.out / "unreadable.txt"))
+                     unreadable_files=unreadable_files(s.out / "unreadable.txt"),
+                     corpus_notes=s.corpus.notes)
         log("no evaluation with --data (the world's metrics do not apply); final.json has the "
             "corpus counts")
     else:

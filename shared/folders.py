@@ -15,6 +15,12 @@ Formats:
             writes)
     jsonl   one JSON object a line: {"image": path, "captions": [str, ...]}; a relative path is
             relative to the JSONL file's folder
+    karpathy  the split file of Karpathy & Fei-Fei (2015), dataset_coco.json / dataset_flickr30k
+            .json: {"images": [{"filepath" (COCO only), "filename", "split", "sentences":
+            [{"raw"}, ...], ...}]}; `split` is train, restval, val or test; images are at
+            IMAGE_ROOT/filepath/filename (IMAGE_ROOT defaults to the JSON's folder). A run trains
+            on train + restval (KARPATHY_TRAIN); `karpathy_split_counts` gives the counts, which
+            the papers' splits fix (KARPATHY_COUNTS)
 
 Images are read with Pillow, converted to RGB whatever their mode (RGBA and LA on black,
 grayscale, palette, CMYK), resized so the shorter side is `image_size` and centre-cropped to a
@@ -141,6 +147,58 @@ def _coco_records(annotation_file: Path) -> list[tuple[str, list]]:
     return [(files[i], captions[i]) for i in files]
 
 
+KARPATHY_TRAIN = ("train", "restval")  # what the papers train on; val and test are held out
+# images per split of the published files [Karpathy & Fei-Fei 2015]: (train + restval, val, test)
+KARPATHY_COUNTS = {"coco": (113_287, 5_000, 5_000), "flickr30k": (29_000, 1_014, 1_000)}
+
+
+def _karpathy_images(file: Path) -> tuple[str, list[dict]]:
+    """(dataset name, the image records) of a Karpathy split file, each checked for the keys
+    the reader needs; a ValueError names the file and the record."""
+    if not file.is_file():
+        raise FileNotFoundError(f"no Karpathy split file {file}")
+    where = str(file)
+    data = _parse_json(_read_text(file), where)
+    images = _list(_need(data, "images", where), f"{where}, 'images'")
+    for k, image in enumerate(images):
+        at = f"{where}, images[{k}]"
+        for key in ("filename", "split"):
+            if not isinstance(_need(image, key, at), str):
+                raise ValueError(f"{at}: {key!r} must be a string, got {_json_type(image[key])}")
+        if not isinstance(image.get("filepath", ""), str):
+            raise ValueError(f"{at}: 'filepath' must be a string")
+        for j, sentence in enumerate(_list(_need(image, "sentences", at), f"{at}, 'sentences'")):
+            _need(sentence, "raw", f"{at}, sentences[{j}]")
+    name = data.get("dataset", "") if isinstance(data, dict) else ""
+    return (name if isinstance(name, str) else ""), images
+
+
+def karpathy_split_counts(file: str | Path) -> dict[str, int]:
+    """{split: images} of a Karpathy split file, as written in it (no image file is opened)."""
+    _, images = _karpathy_images(Path(file))
+    counts: dict[str, int] = {}
+    for image in images:
+        counts[image["split"]] = counts.get(image["split"], 0) + 1
+    return counts
+
+
+def karpathy_count_warning(file: str | Path) -> str | None:
+    """A line when a coco / flickr30k split file does not hold the published counts (a
+    different file version, or a file cut down by hand), else None."""
+    name, _ = _karpathy_images(Path(file))
+    if name not in KARPATHY_COUNTS:
+        return None
+    counts = karpathy_split_counts(file)
+    found = (counts.get("train", 0) + counts.get("restval", 0), counts.get("val", 0),
+             counts.get("test", 0))
+    if found == KARPATHY_COUNTS[name]:
+        return None
+    return (f"warning: {file} holds {found[0]:,} / {found[1]:,} / {found[2]:,} train+restval / "
+            f"val / test images; the published {name} split has "
+            f"{' / '.join(f'{n:,}' for n in KARPATHY_COUNTS[name])}: numbers will not compare "
+            f"with the papers'")
+
+
 def _usable(caption) -> bool:
     """A caption worth keeping: a string with something besides whitespace, and valid UTF-8
     (a JSON "\\ud800" escape gives a lone surrogate, which the tokenizer cannot encode)."""
@@ -203,6 +261,7 @@ class CaptionFolder:
                              f"({self.dropped_images} dropped)")
         self.image_size = image_size
         self.unreadable, self.unreadable_log = 0, None
+        self.notes: list[str] = []  # lines for the run's log (karpathy: the split counts)
 
     @classmethod
     def coco(cls, annotation_file: str | Path, image_dir: str | Path | None = None,
@@ -239,17 +298,46 @@ class CaptionFolder:
         return cls(records, image_size, file)
 
     @classmethod
+    def karpathy(cls, file: str | Path, image_root: str | Path | None = None,
+                 image_size: int = 224, splits: tuple[str, ...] = KARPATHY_TRAIN
+                 ) -> "CaptionFolder":
+        """The images of `splits` of a Karpathy split file (training: train + restval), each
+        with its raw sentences, at image_root/filepath/filename."""
+        file = Path(file)
+        root = file.parent if image_root is None else Path(image_root)
+        _, images = _karpathy_images(file)
+        unknown = sorted({image["split"] for image in images} - {"train", "restval", "val",
+                                                                  "test"})
+        if unknown:
+            raise ValueError(f"{file}: unknown split {unknown[0]!r} (train, restval, val, test)")
+        records = [(root / image.get("filepath", "") / image["filename"],
+                    [sentence["raw"] for sentence in image["sentences"]])
+                   for image in images if image["split"] in splits]
+        if not records:
+            raise ValueError(f"{file}: no image of split {' + '.join(splits)}")
+        folder = cls(records, image_size, file)
+        counts = karpathy_split_counts(file)
+        folder.notes = [f"{file}: " + ", ".join(f"{split} {counts.get(split, 0):,}" for split in
+                                                ("train", "restval", "val", "test"))
+                        + f" images; training on {' + '.join(splits)}"]
+        folder.notes += [line for line in [karpathy_count_warning(file)] if line]
+        return folder
+
+    @classmethod
     def from_spec(cls, spec: str, image_size: int) -> "CaptionFolder":
-        """train.py's --data for CoCa / VirTex: 'coco:ANNOTATION_JSON[,IMAGE_DIR]' or
-        'jsonl:FILE'."""
+        """train.py's --data for CoCa / VirTex: 'coco:ANNOTATION_JSON[,IMAGE_DIR]',
+        'jsonl:FILE' or 'karpathy:SPLIT_JSON[,IMAGE_ROOT]' (its train + restval images)."""
         kind, _, rest = spec.partition(":")
         if kind == "coco" and rest:
             annotation, _, image_dir = rest.partition(",")
             return cls.coco(annotation, image_dir or None, image_size)
         if kind == "jsonl" and rest:
             return cls.jsonl(rest, image_size)
-        raise ValueError(f"--data must be coco:ANNOTATION_JSON[,IMAGE_DIR] or jsonl:FILE, "
-                         f"not {spec!r}")
+        if kind == "karpathy" and rest:
+            split_file, _, image_root = rest.partition(",")
+            return cls.karpathy(split_file, image_root or None, image_size)
+        raise ValueError(f"--data must be coco:ANNOTATION_JSON[,IMAGE_DIR], jsonl:FILE or "
+                         f"karpathy:SPLIT_JSON[,IMAGE_ROOT], not {spec!r}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -313,6 +401,7 @@ class RegionFolder:
             raise ValueError(f"{source}: no image with a caption and a region file is left "
                              f"({self.dropped_images} dropped)")
         self.unreadable, self.unreadable_log = 0, None
+        self.notes: list[str] = []  # lines for the run's log
         self._statistics = None
 
     @classmethod
@@ -440,7 +529,8 @@ def _tags(arrays: dict, path: Path) -> list[str]:
 
 def open_corpus(spec: str, inputs: str, image_size: int) -> CaptionFolder | RegionFolder:
     """train.py's --data: 'regions:ANNOTATION_JSON[,REGION_DIR]' for a model whose INPUTS are
-    "regions", else 'coco:ANNOTATION_JSON[,IMAGE_DIR]' or 'jsonl:FILE' (CaptionFolder.from_spec).
+    "regions", else 'coco:ANNOTATION_JSON[,IMAGE_DIR]', 'jsonl:FILE' or
+    'karpathy:SPLIT_JSON[,IMAGE_ROOT]' (CaptionFolder.from_spec).
     Raises ValueError (or OSError) naming what is wrong."""
     kind, _, rest = spec.partition(":")
     if inputs != "regions":

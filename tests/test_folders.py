@@ -5,6 +5,7 @@ VirTex from the exported folder. Every file is written by the tests."""
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,6 +142,68 @@ def test_train_from_the_exported_folder(exported, tmp_path, model):
     assert final["images"] == 12 and final["step"] == 2 and final["dropped_images"] == 0
     assert any(line.startswith("--data coco:") for line in lines)
     assert (tmp_path / model / "best.pt").exists()
+
+
+def karpathy_file(exported, tmp_path, splits, dataset="world") -> Path:
+    """The exported world as a Karpathy split file: image i gets splits[i]."""
+    _, out = exported
+    coco = json.loads((out / "captions_test.json").read_text())
+    images = [{"filepath": "images", "filename": image["file_name"], "split": split,
+               "imgid": k, "sentences": [{"raw": a["caption"], "tokens": a["caption"].split()}
+                                         for a in coco["annotations"]
+                                         if a["image_id"] == image["id"]]}
+              for k, (image, split) in enumerate(zip(coco["images"], splits))]
+    (tmp_path / "dataset.json").write_text(json.dumps({"dataset": dataset, "images": images}))
+    return tmp_path / "dataset.json"
+
+
+def test_karpathy_trains_on_train_and_restval_and_counts_every_split(exported, tmp_path):
+    from shared.folders import karpathy_count_warning, karpathy_split_counts
+
+    splits = ["train"] * 6 + ["restval"] * 3 + ["val"] * 2 + ["test"]
+    file = karpathy_file(exported, tmp_path, splits)
+    assert karpathy_split_counts(file) == {"train": 6, "restval": 3, "val": 2, "test": 1}
+    folder = CaptionFolder.karpathy(file, exported[1], image_size=32)
+    coco = CaptionFolder.coco(exported[1] / "captions_test.json", image_size=32)
+    assert folder.records == coco.records[:9]  # train + restval, in file order
+    assert folder.notes == [f"{file}: train 6, restval 3, val 2, test 1 images; training on "
+                            f"train + restval"]
+    test = CaptionFolder.karpathy(file, exported[1], image_size=32, splits=("test",))
+    assert test.records == coco.records[11:]
+    assert karpathy_count_warning(file) is None  # not a dataset with published counts
+    coco_named = karpathy_file(exported, tmp_path, splits, dataset="coco")
+    warning = karpathy_count_warning(coco_named)
+    assert "holds 9 / 2 / 1 train+restval / val / test images" in warning
+    assert "113,287 / 5,000 / 5,000" in warning
+
+
+def test_karpathy_bad_input_is_one_line_naming_the_file(exported, tmp_path):
+    file = karpathy_file(exported, tmp_path, ["train"] * 11 + ["dev"])
+    with pytest.raises(ValueError, match="dataset.json: unknown split 'dev'"):
+        CaptionFolder.karpathy(file, exported[1], image_size=32)
+    file = karpathy_file(exported, tmp_path, ["val"] * 12)
+    with pytest.raises(ValueError, match="no image of split train \\+ restval"):
+        CaptionFolder.karpathy(file, exported[1], image_size=32)
+    (tmp_path / "bad.json").write_text(json.dumps({"images": [{"filename": "a.png",
+                                                               "split": "train"}]}))
+    with pytest.raises(ValueError, match="bad.json, images\\[0\\]: missing key 'sentences'"):
+        CaptionFolder.karpathy(tmp_path / "bad.json")
+
+
+def test_train_from_a_karpathy_file_logs_and_keeps_the_split_counts(exported, tmp_path):
+    file = karpathy_file(exported, tmp_path, ["train"] * 8 + ["restval"] * 2 + ["val", "test"])
+    args = ["--model", "virtex", "--data", f"karpathy:{file},{exported[1]}", "--batch_size",
+            "4", "--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0",
+            "--log_every_s", "0", "--image_size", "32", "--resnet_width", "4", "--hidden_size",
+            "32", "--heads", "2", "--feedforward_size", "64", "--out", str(tmp_path / "run"),
+            "--vocab_size", "120"]
+    lines = []
+    run, paper, overrides = train.parse_args(args)
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert final["images"] == 10
+    assert any(line.endswith("train 8, restval 2, val 1, test 1 images; training on train + "
+                             "restval") for line in lines)
+    assert final["corpus_notes"] == [line for line in lines if "training on" in line]
 
 
 def test_data_is_refused_for_region_models_and_bad_specs(tmp_path):
