@@ -96,6 +96,7 @@ class RunConfig:
     ckpt_every_s: float = 120.0  # seconds between latest.pt checkpoints
     num_workers: int = 1  # DataLoader worker processes making world examples
     compile: bool = False  # torch.compile the training forward (the first steps compile)
+    eval_only: bool = False  # evaluate --init's model (all its heads) on the test split, no training
     tokenizer_texts: int = 2000  # world examples whose captions train the tokenizer
     dist_timeout_s: float = 1800.0  # torchrun: how long a collective waits for a rank (the final
     #                                 evaluation of rank 0 included) before the job ends
@@ -140,6 +141,10 @@ def parse_args(argv: list[str] | None = None):
     if run.task not in paper.TASKS:
         parser.error(f"argument --task: invalid choice {run.task!r} for {run.model} "
                      f"(choose from {', '.join(paper.TASKS)})")
+    if run.eval_only and not run.init:
+        parser.error("--eval_only evaluates a checkpoint: give it with --init")
+    if run.eval_only and not run.out:  # beside the checkpoint, never over its run's files
+        run.out = str(Path(run.init).parent / "eval")
     if not run.out:  # a fine-tuning task gets its own folder: it must not overwrite its --init
         run.out = f"runs/{run.model}-{run.preset}" + ("" if run.task == "pretrain"
                                                       else f"-{run.task}")
@@ -262,9 +267,9 @@ def make_world_config(paper, config, seed: int) -> WorldConfig:
 
 def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
     """--data: a corpus on disk (shared/folders.py) of the kind the paper reads (INPUTS)."""
-    if run.eval_every:
-        raise SystemExit("error: --eval_every evaluates on the world; with --data there is no "
-                         "evaluation, so leave it at 0")
+    if run.eval_every or run.eval_only:
+        raise SystemExit("error: --eval_every and --eval_only evaluate on the world; with --data "
+                         "there is no evaluation yet")
     try:
         return open_corpus(run.data, paper.INPUTS, config.image_size)
     except (OSError, ValueError) as e:
@@ -317,6 +322,9 @@ def make_model(run: RunConfig, paper, config, device, init: dict | None, log):
             fresh = load_weights(model, init["model"])
         except CheckpointError as e:
             raise SystemExit(f"error: --init {run.init}: {e}") from None
+        if run.eval_only and fresh:
+            raise SystemExit(f"error: --eval_only: {run.init} has no trained {', '.join(fresh)} "
+                             f"head for --task {config.task}")
         log(f"init from {run.init}: the encoder loaded; heads starting fresh: "
             f"{', '.join(fresh) or 'none'}")
     if run.init_bert:
@@ -583,6 +591,8 @@ def train_loop(s: State, log) -> dict:
     forward = torch.compile(forward, dynamic=True) if run.compile else forward
     stop = min(run.stop_at or config.max_steps, config.max_steps)
     meter, kept = LossMeter(s.device), f"the last good checkpoint ({s.out / 'latest.pt'}) is kept"
+    if run.eval_only:
+        return finish(s, 0.0, 0, log) if s.launch.rank == 0 else {"step": s.step}
     model.train()
     mfu = mfu_per_step(s, autocast)
     t_log = t_ckpt = t_start = time.time()
@@ -661,8 +671,10 @@ def finish(s: State, seconds: float, steps: int, log) -> dict:
                                           "test", 5)
         for generated, truth in samples:
             log(f"  generated: {generated!r:60}  truth: {truth!r}")
+    if s.run.eval_only:
+        final["init"] = s.run.init
     write_json_atomic(s.out / "final.json", final)
-    if s.best == -math.inf:  # no periodic evaluation picked a best model: the final one is it
+    if s.best == -math.inf and not s.run.eval_only:  # no periodic evaluation: the final model
         checkpoint(s, "best.pt")
     return final
 

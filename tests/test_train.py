@@ -193,6 +193,7 @@ def test_help_lists_run_options_and_every_config_field():
     (["--weight_decay", "-1"], "invalid config: weight_decay must be >= 0, not -1.0"),
     (["--image_size", "30"], "image_size 30 is not divisible by patch_size"),
     (["--eval_n", "0"], "argument --eval_n: must be >= 1, not 0"),
+    (["--eval_only"], "--eval_only evaluates a checkpoint: give it with --init"),
     (["--ckpt_every_s", "nan"], "argument --ckpt_every_s: must be a finite number >= 0, not nan"),
 ])
 def test_bad_input_gives_one_clear_line_not_a_traceback(args, message):
@@ -578,3 +579,20 @@ def test_grad_checkpointing_gives_the_plain_gradients_and_batchnorm_statistics(n
         assert torch.allclose(grads_a[n], grads_b[n], atol=1e-5, rtol=1e-4), n
     for n in buffers_a:
         assert torch.equal(buffers_a[n], buffers_b[n]), n
+
+
+def test_eval_only_evaluates_a_checkpoint_as_the_run_that_wrote_it(tmp_path):
+    """--eval_only --init best.pt: the test-split metrics the training run reported for that
+    model, written to <checkpoint folder>/eval/final.json; nothing trained, no checkpoint."""
+    trained, _ = train_in_process(tmp_path, "--max_steps", "2")
+    run, paper, overrides = train.parse_args([*SMALL, "--eval_only", "--init",
+                                              str(tmp_path / "best.pt")])
+    assert run.out == str(tmp_path / "eval")
+    lines = []
+    final = train.train(run, paper, overrides, log=lines.append)
+    assert not any(line.startswith("step ") for line in lines)
+    metrics = {k: v for k, v in trained.items() if k not in ("step", "train_seconds")}
+    assert {k: final[k] for k in metrics} == metrics
+    assert json.loads((tmp_path / "eval" / "final.json").read_text())["init"] == \
+        str(tmp_path / "best.pt")
+    assert not list((tmp_path / "eval").glob("*.pt"))
