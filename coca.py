@@ -702,7 +702,8 @@ def zero_shot_accuracy(model: CoCa, tokenizer, config: Config, world_config, spl
 
     DEVIATION: one prompt per class, because the world's captions have one way of naming an
     object; the paper follows CLIP's setup and averages the embeddings of CLIP's set of prompt
-    templates for each class name [CoCa §4.2.2 "Zero-Shot Image Classification"]."""
+    templates for each class name [CoCa §4.2.2 "Zero-Shot Image Classification"], which
+    `infer.py zeroshot` does on image folders (shared.evaluate.class_embeddings)."""
     from shared.metrics import top1_accuracy
     from shared.world import CLASS_NAMES, ClassificationWorld
 

@@ -6,12 +6,16 @@
     python infer.py caption runs/oscar-tiny-caption/best.pt --regions img1.npz img2.npz
     python infer.py classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
     python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
+    python infer.py zeroshot runs/coca-tiny/best.pt imagenet/val      # root/<class name>/*.jpg
 
 caption   CoCa and VirTex caption image files, continuing --prompt when given (the caption
           begins with it); Oscar (a --task caption checkpoint) captions region files (the .npz
           of shared.folders.RegionFolder; tags are read from them)
 classify  CoCa zero-shot: the class whose prompt "a <class>" is most similar to the image
 rank      CoCa: the images of a folder (jpg, jpeg, png, bmp, webp), most similar to the text first
+zeroshot  CoCa zero-shot top-1 / top-5 on an image folder, root/<class name>/<images> ("_" in a
+          folder name reads as a space), each class embedded as the mean over prompt templates
+          (shared.evaluate.PROMPT_TEMPLATES, or --templates "a {}" ...) [CoCa §4.2.2]
 
 The output is one line per result for people, or one JSON document with --json for scripts.
 Images are read as for training on a corpus (shared.folders.load_image: RGB, shorter side to the
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from shared.folders import RegionFolder, load_image
+from shared.folders import ImageFolder, RegionFolder, load_image
 from shared.tokenizer import Tokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -120,6 +124,30 @@ def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
     return [{"file": str(paths[k]), "similarity": round(float(scores[k]), 4)} for k in order]
 
 
+def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = None,
+             chunk: int = 250) -> dict:
+    """{"images", "classes", "top1", "top5"} of CoCa's zero-shot classification of a folder."""
+    from shared.evaluate import PROMPT_TEMPLATES, class_embeddings, top_k_accuracy
+
+    paper, model, tokenizer, config = _coca(checkpoint)
+    try:
+        folder = ImageFolder(root, config.image_size)
+        with torch.no_grad():
+            class_emb = class_embeddings(
+                lambda texts: paper.embed_text_strings(model, tokenizer, config, texts),
+                folder.classes, tuple(templates or PROMPT_TEMPLATES))  # (C, E)
+            logits, labels = [], []
+            for start in range(0, len(folder), chunk):  # images read a chunk at a time
+                items = [folder.item(i) for i in range(start, min(start + chunk, len(folder)))]
+                image_emb = paper.embed_image_arrays(model, [image for image, _ in items])
+                logits.append(image_emb @ class_emb.T)  # (b, C)
+                labels += [label for _, label in items]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    accuracy = top_k_accuracy(torch.cat(logits), torch.tensor(labels, device=class_emb.device))
+    return {"images": len(folder), "classes": len(folder.classes), **accuracy}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Captions, zero-shot classes and text-to-image "
                                                  "ranking from a trained checkpoint.")
@@ -138,7 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("text")
     r.add_argument("folder", type=Path)
     r.add_argument("--top", type=int, default=5)
-    for p in (c, z, r):
+    e = sub.add_parser("zeroshot", help="CoCa zero-shot top-1 / top-5 on an image folder")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("root", type=Path)
+    e.add_argument("--templates", nargs="+", help='prompt templates, e.g. "a photo of a {}."')
+    for p in (c, z, r, e):
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
     if args.command == "caption":
@@ -149,9 +181,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "classify":
         results = classify(args.checkpoint, args.image, args.classes)
         lines = [f"{r['probability']:.4f}  {r['class']}" for r in results]
-    else:
+    elif args.command == "rank":
         results = rank(args.checkpoint, args.text, args.folder, args.top)
         lines = [f"{r['similarity']:+.4f}  {r['file']}" for r in results]
+    else:
+        results = zeroshot(args.checkpoint, args.root, args.templates)
+        lines = [f"{results['images']} images, {results['classes']} classes: top-1 "
+                 f"{results['top1']:.4f}, top-5 {results['top5']:.4f}"]
     sys.stdout.write(json.dumps({args.command: results}, indent=1) + "\n" if args.json
                      else "\n".join(lines) + "\n")
 

@@ -1,4 +1,4 @@
-"""Downstream evaluation on the synthetic world, shared by the four paper files.
+"""Downstream evaluation on the synthetic world (and image folders), shared by the paper files.
 
 A paper's `evaluate` asks its model for what only the paper knows (an embedding, a pair score, a
 caption, an answer's logits) and maps the pieces below onto its metric keys in a few lines:
@@ -11,9 +11,15 @@ caption, an answer's logits) and maps the pieces below onto its metric keys in a
     grouped_retrieval   the same for a dual encoder, among groups of images and all their captions
     reference_caption   a reference caption as a model could write it (tokenised, cut, decoded)
     caption_examples    captions for many images, `chunk` images per decoding call
-    caption_metrics     BLEU-4, CIDEr-D and the world's caption truth rate against the references
+    caption_metrics     BLEU-4, CIDEr-D, ROUGE-L and the world's caption truth rate
     vqa_metrics         VQA accuracy, overall and per question template
     sample_captions     (generated, reference) pairs to print after training
+
+and, for image folders on disk (infer.py zeroshot):
+
+    PROMPT_TEMPLATES    ways a caption names one object, for the prompt ensemble
+    class_embeddings    per class, the normalised mean of its prompts' text embeddings
+    top_k_accuracy      top-1 / top-5 of a logit table
 
 Shapes: n examples, G captions of a group, E embedding width, A answers.
 """
@@ -23,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from shared.data import image_to_tensor
@@ -144,3 +151,32 @@ def sample_captions(caption: Callable[[list[dict]], list[str]], world_config, sp
     """(generated caption, first reference caption) for the first n images of a world split."""
     examples = world_examples(world_config, split, n, regions)
     return [(g, ex["captions"][0]) for g, ex in zip(caption(examples), examples)]
+
+
+# Prompt templates for zero-shot classification on real images, in the manner of CLIP's
+# ensemble (Radford et al. 2021, §3.1.4): ways a caption names one object.
+PROMPT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.",
+                    "a photo of the {}.", "a close-up photo of a {}.", "a cropped photo of a {}.",
+                    "a blurry photo of a {}.")
+
+
+def class_embeddings(embed_texts: Callable[[list[str]], Tensor], classes: list[str],
+                     templates: tuple[str, ...] = PROMPT_TEMPLATES) -> Tensor:
+    """(C, E): for each class, the L2-normalised mean of the L2-normalised text embeddings of
+    its prompts, template.format(class) for every template [CoCa §4.2.2, after CLIP].
+    embed_texts(strings) -> (n, E)."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every prompt template needs a {} where the class name goes")
+    prompts = [t.format(c) for c in classes for t in templates]  # C·P strings, class-major
+    emb = F.normalize(embed_texts(prompts), dim=-1)  # (C·P, E)
+    emb = emb.reshape(len(classes), len(templates), -1).mean(dim=1)  # (C, E)
+    return F.normalize(emb, dim=-1)  # (C, E)
+
+
+def top_k_accuracy(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
+    """{"top1": ..., "top5": ...}: the share of rows whose label is among the k highest logits
+    (k capped at the number of classes). logits (n, C), labels (n,)."""
+    ranked = logits.argsort(dim=1, descending=True)  # (n, C)
+    hits = ranked == labels[:, None]  # (n, C), one True a row
+    return {f"top{k}": float(hits[:, :min(k, logits.shape[1])].any(dim=1).float().mean())
+            for k in ks}

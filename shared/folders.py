@@ -527,6 +527,45 @@ def _tags(arrays: dict, path: Path) -> list[str]:
     return [str(t) for t in tags]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageFolder:
+    """A classification set laid out as root/<class name>/<image file>, the layout of
+    torchvision's ImageFolder and of ImageNet's validation folders: classes are the sorted
+    subfolder names, read as text with "_" for a space ("red_circle" -> "red circle"). Images
+    are read as everywhere else here (load_image); one that cannot be decoded is an OSError
+    naming it (an evaluation does not skip images: its denominator would change)."""
+
+    def __init__(self, root: str | Path, image_size: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no image folder {root}")
+        folders = sorted(d for d in root.iterdir() if d.is_dir())
+        if not folders:
+            raise ValueError(f"{root}: no class subfolder (root/<class name>/<image>)")
+        self.root, self.image_size = root, image_size
+        self.classes = [d.name.replace("_", " ") for d in folders]
+        self.items = [(f, label) for label, d in enumerate(folders) for f in sorted(d.iterdir())
+                      if f.suffix.lower() in IMAGE_SUFFIXES]
+        empty = [d.name for label, d in enumerate(folders)
+                 if not any(lab == label for _, lab in self.items)]
+        if empty:
+            raise ValueError(f"{root}: class folder {empty[0]!r} holds no image "
+                             f"({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item(self, i: int) -> tuple[np.ndarray, int]:
+        """(uint8 (S, S, 3), class index)."""
+        path, label = self.items[i]
+        try:
+            return load_image(path, self.image_size), label
+        except (OSError, ValueError) as e:
+            raise OSError(f"cannot read {path}: {e}") from None
+
+
 def open_corpus(spec: str, inputs: str, image_size: int) -> CaptionFolder | RegionFolder:
     """train.py's --data: 'regions:ANNOTATION_JSON[,REGION_DIR]' for a model whose INPUTS are
     "regions", else 'coco:ANNOTATION_JSON[,IMAGE_DIR]', 'jsonl:FILE' or

@@ -897,6 +897,18 @@ class ClassificationWorld:
 
 # --- 9. Export to COCO captions + per-image region npz ------------------------------------------
 
+def export_classification(config: WorldConfig, split: str, out_dir, n: int) -> Path:
+    """The first n items of ClassificationWorld(split) as an image folder: out_dir/<class name,
+    "_" for the space>/<i:06d>.png (shared.folders.ImageFolder reads it back). Returns out_dir."""
+    out, world = Path(out_dir), ClassificationWorld(config, split)
+    for i in range(min(n, len(world))):
+        image, label = world.item(i)
+        folder = out / CLASS_NAMES[label].replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:06d}.png", compress_level=1)
+    return out
+
+
 def export_split(world: World, out_dir, n: int | None = None) -> Path:
     """Write the first n examples (all by default) of a split in the real-data formats:
 

@@ -123,3 +123,31 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(checkpoint
     with pytest.raises(SystemExit, match="holds Python objects .*was not loaded"):
         infer.load(tmp_path / "evil.pt")
     assert not (tmp_path / "ran").exists()
+
+
+def test_zeroshot_on_the_exported_classification_view_equals_the_world_evaluation(
+        checkpoints, tmp_path, capsys):
+    """The world's single-object images written as an image folder and read back: with the
+    world's one template "a {}", infer.py zeroshot scores exactly what coca.zero_shot_accuracy
+    scores in memory (PNG is lossless); the default ensemble gives its own top-1 and a top-5."""
+    import coca
+    from shared.world import CLASS_NAMES, export_classification
+
+    paper, model, tokenizer, config, run = infer.load(checkpoints["coca"])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    n = 300  # enough that every one of the 36 classes has an image (checked below)
+    export_classification(world_config, "test", tmp_path / "folder", n)
+    assert len(list((tmp_path / "folder").iterdir())) == len(CLASS_NAMES)
+    ours = infer.zeroshot(checkpoints["coca"], tmp_path / "folder", ("a {}",))
+    expected = coca.zero_shot_accuracy(model, tokenizer, config, world_config, "test", n)
+    assert ours["images"] == n and ours["classes"] == 36
+    assert ours["top1"] == pytest.approx(expected, abs=1e-9)
+    assert ours["top1"] <= ours["top5"] <= 1
+    infer.main(["zeroshot", str(checkpoints["coca"]), str(tmp_path / "folder"), "--json"])
+    ensemble = json.loads(capsys.readouterr().out)["zeroshot"]
+    assert ensemble["images"] == n and 0 <= ensemble["top1"] <= ensemble["top5"] <= 1
+    (tmp_path / "folder" / "empty_class").mkdir()
+    with pytest.raises(SystemExit, match="class folder 'empty_class' holds no image"):
+        infer.zeroshot(checkpoints["coca"], tmp_path / "folder")
+    with pytest.raises(SystemExit, match="needs a CoCa checkpoint"):
+        infer.zeroshot(checkpoints["virtex"], tmp_path / "folder")
