@@ -7,12 +7,20 @@
     python infer.py classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
     python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
     python infer.py zeroshot runs/coca-tiny/best.pt imagenet/val      # root/<class name>/*.jpg
+    python infer.py karpathy runs/coca-tiny/best.pt dataset_coco.json,COCO_ROOT --results r.json
 
 caption   CoCa and VirTex caption image files, continuing --prompt when given (the caption
           begins with it); Oscar (a --task caption checkpoint) captions region files (the .npz
           of shared.folders.RegionFolder; tags are read from them)
 classify  CoCa zero-shot: the class whose prompt "a <class>" is most similar to the image
 rank      CoCa: the images of a folder (jpg, jpeg, png, bmp, webp), most similar to the text first
+karpathy  CoCa and VirTex on the test (or --split val) images of a Karpathy split file:
+          captioning (BLEU-1..4, CIDEr-D, ROUGE-L against the raw sentences, both sides
+          tokenised as the COCO toolkit does: shared.metrics.coco_tokenize), the captions
+          written as COCO results JSON with --results (for METEOR / SPICE with the official
+          toolkit); CoCa also retrieval with the first 5 captions of each image: R@1/5/10 both
+          ways and their sum over the whole split (COCO 5K, Flickr30k 1K) and the mean over
+          folds of 1,000 images (COCO 1K)
 zeroshot  CoCa zero-shot top-1 / top-5 on an image folder, root/<class name>/<images> ("_" in a
           folder name reads as a space), each class embedded as the mean over prompt templates
           (shared.evaluate.PROMPT_TEMPLATES, or --templates "a {}" ...) [CoCa §4.2.2]
@@ -30,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from shared.folders import ImageFolder, RegionFolder, load_image
+from shared.folders import ImageFolder, RegionFolder, karpathy_split, load_image
 from shared.tokenizer import Tokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -148,6 +156,49 @@ def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = N
     return {"images": len(folder), "classes": len(folder.classes), **accuracy}
 
 
+def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
+             results: Path | None = None, chunk: int = 100) -> dict:
+    """The Karpathy-split evaluation of a CoCa or VirTex checkpoint (module docstring): a dict
+    of metrics, with "images" the number evaluated (n > 0: the first n of the split)."""
+    from shared.evaluate import grouped_retrieval
+    from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
+
+    paper, model, tokenizer, config, run = load(checkpoint)
+    if run["model"] not in ("coca", "virtex"):
+        raise SystemExit(f"error: karpathy evaluates CoCa and VirTex (images in, captions out), "
+                         f"not {run['model']}")
+    file, _, root = spec.removeprefix("karpathy:").partition(",")
+    try:
+        items = karpathy_split(file, root or None, split)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    items = items[:n] if n > 0 else items
+    images = _images([item["path"] for item in items], config.image_size)
+    with torch.no_grad():
+        captions = [c for start in range(0, len(images), chunk)
+                    for c in paper.caption_images(model, tokenizer, config,
+                                                  images[start:start + chunk])]
+    candidates = [coco_tokenize(c) for c in captions]
+    references = [[coco_tokenize(c) for c in item["captions"]] for item in items]
+    b = bleu(candidates, references)
+    metrics = {"images": len(items), **{f"bleu{k + 1}": b[k] for k in range(4)},
+               "cider": cider_d(candidates, references), "rouge_l": rouge_l(candidates, references)}
+    if run["model"] == "coca":
+        examples = [{"image": image, "captions": item["captions"][:5]}
+                    for image, item in zip(images, items)]
+        embed = (lambda arrays: paper.embed_image_arrays(model, arrays),
+                 lambda texts: paper.embed_text_strings(model, tokenizer, config, texts))
+        with torch.no_grad():
+            for name, group in (("all", len(examples)), ("1k", 1000)):
+                recalls = grouped_retrieval(*embed, examples, group=group)
+                metrics |= {f"{key}_{name}": value for key, value in recalls.items()}
+                metrics[f"rsum_{name}"] = sum(recalls.values())
+    if results is not None:  # the COCO results format the official toolkit reads
+        results.write_text(json.dumps([{"image_id": item["image_id"], "caption": caption}
+                                       for item, caption in zip(items, captions)]) + "\n")
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Captions, zero-shot classes and text-to-image "
                                                  "ranking from a trained checkpoint.")
@@ -170,7 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("root", type=Path)
     e.add_argument("--templates", nargs="+", help='prompt templates, e.g. "a photo of a {}."')
-    for p in (c, z, r, e):
+    k = sub.add_parser("karpathy", help="CoCa / VirTex on a Karpathy split: captions, retrieval")
+    k.add_argument("checkpoint", type=Path)
+    k.add_argument("data", help="SPLIT_JSON[,IMAGE_ROOT], e.g. dataset_coco.json,/data/coco")
+    k.add_argument("--split", default="test", choices=("test", "val"))
+    k.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
+    k.add_argument("--results", type=Path, help="write the captions as COCO results JSON")
+    for p in (c, z, r, e, k):
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
     if args.command == "caption":
@@ -184,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "rank":
         results = rank(args.checkpoint, args.text, args.folder, args.top)
         lines = [f"{r['similarity']:+.4f}  {r['file']}" for r in results]
+    elif args.command == "karpathy":
+        results = karpathy(args.checkpoint, args.data, args.split, args.n, args.results)
+        lines = [f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                 for key, value in results.items()]
     else:
         results = zeroshot(args.checkpoint, args.root, args.templates)
         lines = [f"{results['images']} images, {results['classes']} classes: top-1 "

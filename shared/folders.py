@@ -199,6 +199,22 @@ def karpathy_count_warning(file: str | Path) -> str | None:
             f"with the papers'")
 
 
+def karpathy_split(file: str | Path, image_root: str | Path | None, split: str) -> list[dict]:
+    """The images of one split of a Karpathy file, for evaluation: [{"image_id", "path",
+    "captions"}], in file order; image_id is `cocoid` (COCO), else `imgid` (Flickr30k), else the
+    position in the file; captions are the raw sentences (COCO has 5-7 an image)."""
+    file = Path(file)
+    root = file.parent if image_root is None else Path(image_root)
+    _, images = _karpathy_images(file)
+    chosen = [(k, image) for k, image in enumerate(images) if image["split"] == split]
+    if not chosen:
+        raise ValueError(f"{file}: no image of split {split!r}")
+    return [{"image_id": image.get("cocoid", image.get("imgid", k)),
+             "path": root / image.get("filepath", "") / image["filename"],
+             "captions": [sentence["raw"] for sentence in image["sentences"]]}
+            for k, image in chosen]
+
+
 def _usable(caption) -> bool:
     """A caption worth keeping: a string with something besides whitespace, and valid UTF-8
     (a JSON "\\ud800" escape gives a lone surrogate, which the tokenizer cannot encode)."""

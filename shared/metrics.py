@@ -3,6 +3,7 @@
     bleu            BLEU-1..4, corpus level        captioning  [Oscar Table 1; CoCa Table 7]
     cider_d         CIDEr-D                        captioning  [Oscar Table 1; VirTex §Captioning;
                                                                CoCa Table 7]
+    coco_tokenize   a caption as the COCO toolkit tokenises it (lower case, no punctuation)
     rouge_l         ROUGE-L (F, β = 1.2)           captioning  [Oscar, VirTex, CoCa: the COCO
                                                                toolkit's third score]
     recall_at_k     R@1/5/10, both directions      retrieval   [Oscar Table 2(a); UNITER Table 3;
@@ -38,6 +39,7 @@ Shapes: N images (or examples), C classes; retrieval: N_img images, N_txt texts.
 """
 
 import math
+import re
 from collections import Counter
 
 import numpy as np
@@ -249,6 +251,19 @@ def cider_d(candidates: list[str], references: list[list[str]]) -> float:
 
 
 # --- retrieval ----------------------------------------------------------------------------------
+
+def coco_tokenize(text: str) -> str:
+    """A caption as the COCO caption toolkit scores it: lower-cased, the punctuation its PTB
+    tokenizer splits off removed (. , ? ! : ; quotes, brackets, dashes, ellipses), clitics split
+    as PTB does ("don't" -> "do n't", "dog's" -> "dog 's"), tokens joined by single spaces.
+    DIFFERENCE from the toolkit's Java Stanford PTB tokenizer, which we do not run: its rarer
+    rules (abbreviations such as "u.s.", numbers with commas, currency) are not reproduced;
+    hyphenated words stay one token, as there."""
+    text = text.lower()
+    text = re.sub(r"(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1 \2", text)  # PTB's clitics
+    text = re.sub(r"\.\.\.|--+|[.,?!:;\"`()\[\]{}]", " ", text)  # the toolkit's PUNCTUATIONS
+    return " ".join(t for t in text.split() if t not in ("'", "''", "-"))
+
 
 def _lcs_length(a: list[str], b: list[str]) -> int:
     """The length of the longest common subsequence of two token lists (dynamic programming,

@@ -914,6 +914,7 @@ def export_split(world: World, out_dir, n: int | None = None) -> Path:
 
         out_dir/images/<image_id:012d>.png        image_id = example index i
         out_dir/captions_<split>.json             COCO captions: images + annotations
+        out_dir/dataset_<split>.json              the same as a Karpathy split file
         out_dir/regions/<image_id:012d>.npz       features f16 (N, F), boxes f32 (N, 4) in [0, 1],
                                                   conf f32 (N,), cls_prob f16 (N, C+1), tags (K,)
                                                   unicode, image_hw int32 (2,); rows by conf desc.
@@ -940,6 +941,13 @@ def export_split(world: World, out_dir, n: int | None = None) -> Path:
     with open(out / f"captions_{world.split}.json", "w") as f:
         json.dump({"info": info, "licenses": [], "images": images,
                    "annotations": annotations}, f)
+    sentences = {image["id"]: [] for image in images}
+    for a in annotations:
+        sentences[a["image_id"]].append({"raw": a["caption"]})
+    karpathy = [{"filepath": "images", "filename": image["file_name"], "imgid": image["id"],
+                 "split": world.split, "sentences": sentences[image["id"]]} for image in images]
+    with open(out / f"dataset_{world.split}.json", "w") as f:  # the Karpathy split layout
+        json.dump({"dataset": "world", "images": karpathy}, f)
     return out
 
 

@@ -151,3 +151,41 @@ def test_zeroshot_on_the_exported_classification_view_equals_the_world_evaluatio
         infer.zeroshot(checkpoints["coca"], tmp_path / "folder")
     with pytest.raises(SystemExit, match="needs a CoCa checkpoint"):
         infer.zeroshot(checkpoints["virtex"], tmp_path / "folder")
+
+
+def test_karpathy_on_the_exported_world_equals_the_world_evaluation(checkpoints, tmp_path):
+    """The world's test split written as a Karpathy file and read back: the same captions and
+    the same BLEU-4 / CIDEr-D / ROUGE-L as shared.evaluate.caption_metrics computes in memory
+    with whole references (the world's captions are lower-case words without punctuation, so
+    the COCO tokenisation leaves them as they are), the same retrieval recalls, and the COCO
+    results JSON."""
+    import coca
+    from shared.evaluate import caption_metrics, grouped_retrieval, world_examples
+
+    paper, model, tokenizer, config, run = infer.load(checkpoints["coca"])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    n = 20
+    export_split(World(world_config, "test"), tmp_path, n=n)
+    ours = infer.karpathy(checkpoints["coca"], f"karpathy:{tmp_path / 'dataset_test.json'}",
+                          results=tmp_path / "results.json")
+    examples = world_examples(world_config, "test", n, regions=False)
+    with torch.no_grad():
+        captions = coca.caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
+        expected = caption_metrics(captions, examples, tokenizer, 10**6)
+        recalls = grouped_retrieval(lambda a: coca.embed_image_arrays(model, a),
+                                    lambda t: coca.embed_text_strings(model, tokenizer, config, t),
+                                    examples, group=n)
+    assert ours["images"] == n
+    for key in ("bleu4", "cider", "rouge_l"):
+        assert ours[key] == pytest.approx(expected[key], abs=1e-9), key
+    for key, value in recalls.items():
+        assert ours[f"{key}_all"] == pytest.approx(value, abs=1e-9) == ours[f"{key}_1k"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["image_id"] for r in saved] == list(range(n))
+    assert [r["caption"] for r in saved] == captions
+    virtex = infer.karpathy(checkpoints["virtex"], str(tmp_path / "dataset_test.json"), n=5)
+    assert virtex["images"] == 5 and "cider" in virtex and "i2t_r1_all" not in virtex
+    with pytest.raises(SystemExit, match="no image of split 'val'"):
+        infer.karpathy(checkpoints["coca"], str(tmp_path / "dataset_test.json"), split="val")
+    with pytest.raises(SystemExit, match="not oscar"):
+        infer.karpathy(checkpoints["oscar"], str(tmp_path / "dataset_test.json"))

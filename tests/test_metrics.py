@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, retrieval_ceilings,
-                            rouge_l, top1_accuracy, truth_rate, vqa_accuracy)
+from shared.metrics import (bleu, cider_d, coco_tokenize, predict_answers, recall_at_k,
+                            retrieval_ceilings, rouge_l, top1_accuracy, truth_rate, vqa_accuracy)
 
 WORDS = ["a", "red", "blue", "big", "small", "circle", "square", "left", "of", "above", "the",
          "is"]
@@ -374,3 +374,14 @@ def test_predict_answers_asks_every_question_in_chunks_with_its_own_image():
     assert qa == [("q0a", "yes", 0), ("q0b", "red", 0), ("q2a", "no", 2)]
     assert predicted == ["red", "red", "no"]
     assert calls == [(["q0a", "q0b"], [0, 0]), (["q2a"], [2])]
+
+
+@pytest.mark.parametrize("raw, tokens", [
+    ("A dog's toy, on the bed.", "a dog 's toy on the bed"),
+    ("Don't run -- now...", "do n't run now"),
+    ('A black-and-white "photo" (old)!', "a black-and-white photo old"),
+    ("  Two   cats; one sleeping?  ", "two cats one sleeping"),
+    ("a red circle left of a blue star", "a red circle left of a blue star"),
+])
+def test_coco_tokenize_lowercases_drops_punctuation_and_splits_clitics(raw, tokens):
+    assert coco_tokenize(raw) == tokens
