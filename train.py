@@ -550,7 +550,10 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
         raise SystemExit(f"error: {e}") from None
     log = log if launch.rank == 0 else (lambda line: None)
     try:
-        return train_loop(setup(run, paper, overrides, log, launch), log)
+        result = train_loop(setup(run, paper, overrides, log, launch), log)
+        if launch.distributed:  # every rank leaves together: none tears down the process
+            torch.distributed.barrier()  # group while another still uses it (rank 0 writing)
+        return result
     except RuntimeError as e:
         if not (launch.distributed and lost_peer(e)):
             raise
