@@ -8,6 +8,7 @@
     python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
     python infer.py zeroshot runs/coca-tiny/best.pt imagenet/val      # root/<class name>/*.jpg
     python infer.py karpathy runs/coca-tiny/best.pt dataset_coco.json,COCO_ROOT --results r.json
+    python infer.py vqa runs/uniter-tiny-vqa/best.pt questions.json,annotations.json,regions/
 
 caption   CoCa and VirTex caption image files, continuing --prompt when given (the caption
           begins with it); Oscar (a --task caption checkpoint) captions region files (the .npz
@@ -21,6 +22,9 @@ karpathy  CoCa and VirTex on the test (or --split val) images of a Karpathy spli
           toolkit); CoCa also retrieval with the first 5 captions of each image: R@1/5/10 both
           ways and their sum over the whole split (COCO 5K, Flickr30k 1K) and the mean over
           folds of 1,000 images (COCO 1K)
+vqa       UNITER and Oscar (--task vqa checkpoints) on VQA v2 questions with their region files
+          (shared.vqa): the evaluation server's accuracy overall and per answer type, the
+          answers written as its results JSON with --results
 zeroshot  CoCa zero-shot top-1 / top-5 on an image folder, root/<class name>/<images> ("_" in a
           folder name reads as a space), each class embedded as the mean over prompt templates
           (shared.evaluate.PROMPT_TEMPLATES, or --templates "a {}" ...) [CoCa §4.2.2]
@@ -199,6 +203,56 @@ def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
     return metrics
 
 
+def _progress(done: int, total: int, what: str) -> None:
+    """A progress line on stderr, rewritten in place."""
+    sys.stderr.write(f"\r{done}/{total} {what}" + ("\n" if done == total else ""))
+    sys.stderr.flush()
+
+
+def vqa(checkpoint: Path, spec: str, results: Path | None = None, n: int = 0,
+        chunk: int = 200) -> dict:
+    """The VQA v2 evaluation of a UNITER or Oscar --task vqa checkpoint on
+    QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]] (shared.vqa.VQAFolder): the evaluation
+    server's accuracy overall and per answer type (with annotations), the predictions written
+    in its results format with --results. n > 0: the questions of the first n images."""
+    from shared.vqa import VQAFolder, accuracy_by_type, results_json
+
+    paper, model, tokenizer, config, run = load(checkpoint)
+    if run["model"] not in ("uniter", "oscar") or config.task != "vqa":
+        raise SystemExit(f"error: vqa needs a --task vqa checkpoint of UNITER or Oscar, not "
+                         f"{run['model']} --task {config.task}")
+    try:
+        folder = VQAFolder.from_spec(spec if spec.startswith("vqa:") else "vqa:" + spec)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if folder.missing:
+        question, path = folder.missing[0]
+        raise SystemExit(f"error: question {question}: its image has no region file {path} "
+                         f"({len(folder.missing)} questions lack one)")
+    world_config = None
+    if config.standardise_features:  # the statistics its training used
+        import train
+
+        world_config = train.make_world_config(paper, config, run["seed"])
+    total = len(folder) if n <= 0 else min(n, len(folder))
+    predicted, records = [], []
+    with torch.no_grad():
+        for start in range(0, total, chunk):  # `chunk` images' regions in memory at a time
+            examples = [folder.example(i) for i in range(start, min(start + chunk, total))]
+            predicted += paper.answer_questions(model, tokenizer, config, examples, world_config)
+            records += [r for ex in examples for r in ex["records"]]
+            _progress(min(start + chunk, total), total, "images")
+    if folder.unreadable:
+        raise SystemExit(f"error: {folder.unreadable} region files could not be read (named "
+                         f"in the warnings above)")
+    metrics = {"images": total, "questions": len(records)}
+    if "answers" in records[0]:
+        metrics |= accuracy_by_type(predicted, records)
+    if results is not None:  # the evaluation server's format
+        results.write_text(results_json(predicted, records))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Captions, zero-shot classes and text-to-image "
                                                  "ranking from a trained checkpoint.")
@@ -227,7 +281,12 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--split", default="test", choices=("test", "val"))
     k.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
     k.add_argument("--results", type=Path, help="write the captions as COCO results JSON")
-    for p in (c, z, r, e, k):
+    v = sub.add_parser("vqa", help="UNITER / Oscar on VQA v2 questions: accuracy, predictions")
+    v.add_argument("checkpoint", type=Path)
+    v.add_argument("data", help="QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]]")
+    v.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
+    v.add_argument("--results", type=Path, help="write the answers in the VQA results format")
+    for p in (c, z, r, e, k, v):
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
     if args.command == "caption":
@@ -241,8 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "rank":
         results = rank(args.checkpoint, args.text, args.folder, args.top)
         lines = [f"{r['similarity']:+.4f}  {r['file']}" for r in results]
-    elif args.command == "karpathy":
-        results = karpathy(args.checkpoint, args.data, args.split, args.n, args.results)
+    elif args.command in ("karpathy", "vqa"):
+        results = (karpathy(args.checkpoint, args.data, args.split, args.n, args.results)
+                   if args.command == "karpathy" else
+                   vqa(args.checkpoint, args.data, args.results, args.n))
         lines = [f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                  for key, value in results.items()]
     else:

@@ -61,12 +61,14 @@ from shared.data import (feature_statistics, flat_targets, model_device, pad_row
 from shared.decoding import beam_search, cached_step_fn, greedy
 from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
                              retrieval_metrics, vqa_metrics, world_examples)
+from shared.metrics import predict_answers
 from shared.evaluate import sample_captions as shared_sample_captions
 from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.masks import causal_mask
 from shared.optim import adamw, decay_groups, fused_for
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights, run_layer)
+from shared.vqa import answer_index, soft_scores
 from shared.world import ANSWERS, World
 
 PAD_ID = 0  # [PAD] of shared.tokenizer
@@ -100,6 +102,8 @@ class Config:
     max_text_len: int = 35  # pre-training [Oscar §3, Implementation Details]
     max_retrieval_text_len: int = 70  # [code] run_retrieval.py and its MODEL_ZOO commands
     max_vqa_text_len: int = 128  # [code] the MODEL_ZOO run_vqa.py commands
+    answers: tuple[str, ...] = ANSWERS  # the VQA head's classes: the world's, or the answer
+    #   vocabulary of a VQA v2 training set (shared.vqa.answer_vocabulary; 3,129 [Oscar §4])
     max_caption_len: int = 40  # captioning: the caption slot, [CLS] .. [SEP] [code]
     max_tag_len: int = 30  # captioning: the tag slot, tags .. [SEP] (70 - 40) [code]
     n_regions: int = 50  # [Oscar §3, Implementation Details]; [code]: the first 50 rows
@@ -437,7 +441,7 @@ class Oscar(nn.Module):
                 "contrastive": lambda: nn.Linear(D, 2),  # f [Oscar §3, Eq. 3]; 1 = polluted
                 # column 1 = "match" [code]; "a task-specific linear classifier" [Oscar §4,
                 # VQA]; both after dropout on the pooled [CLS] [code]
-                "retrieval": lambda: classifier(2), "vqa": lambda: classifier(len(ANSWERS))}
+                "retrieval": lambda: classifier(2), "vqa": lambda: classifier(len(config.answers))}
         self.heads = nn.ModuleDict({name: make[name]() for name in TASK_HEADS[config.task]})
         self.apply(lambda module: init_bert_weights(module, config.init_std))
 
@@ -469,7 +473,7 @@ class Oscar(nn.Module):
         return logits[:, 0] - logits[:, 1]
 
     def answer_logits(self, batch: dict) -> Tensor:
-        """(B, A) logits over ANSWERS from the pooled [CLS] of [question ; tags ; regions]."""
+        """(B, A) logits over config.answers from the pooled [CLS] of [question ; tags ; regions]."""
         return self.heads["vqa"](self.encoder.pooler(self.encode_batch(batch)))  # (B, A)
 
     def forward(self, batch: dict) -> dict:
@@ -587,6 +591,7 @@ class OscarDataset(Dataset):
         per_example = 2 if config.task == "retrieval" else 1  # a positive and its negative
         self.length = max(1, per_example * len(world) // config.batch_size) * config.batch_size
         self.statistics = region_statistics(world) if config.standardise_features else None
+        self.answer_index = answer_index(config.answers)
         t = tokenizer  # corrupt draws its random ids from [lo, hi), past the special ids
         self.random_ids = (max(t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id) + 1, t.vocab_size)
 
@@ -607,8 +612,9 @@ class OscarDataset(Dataset):
         item = {"task": c.task, "regions": region_inputs(example, c, self.statistics)}
         text = example["captions"][rng.integers(len(example["captions"]))]
         if c.task == "vqa":
-            text, answer = example["questions"][rng.integers(len(example["questions"]))]
-            item["answer"] = ANSWERS.index(answer)
+            text, answers = example["questions"][rng.integers(len(example["questions"]))]
+            item["answer_scores"] = torch.from_numpy(soft_scores(  # (A,)
+                [answers] if isinstance(answers, str) else answers, self.answer_index))
         tags = tag_pieces(tok, example, c)
         if c.task == "pretrain":  # with pollute_prob, the tags are another image's
             item["polluted"] = bool(rng.random() < c.pollute_prob)
@@ -668,7 +674,7 @@ def collate_fn(items: list[dict]) -> dict:
     """Items -> a batch: task, regions (B, N, F + 6), region_mask (B, N), tokens, segments,
     positions (B, T) (caption: T = caption slot C + tag slot, caption_len = C); mlm_positions
     (M,) into the flat B·T (B·C) text and mlm_targets (M,), found here on the CPU so the step
-    never syncs; polluted (B,); is_match (B,); answer (B,) and answer_scores (B, A)."""
+    never syncs; polluted (B,); is_match (B,); answer_scores (B, A) (shared.vqa.soft_scores)."""
     batch = {"task": items[0]["task"],
              "regions": pad_rows([it["regions"] for it in items]),  # (B, N, F + 6)
              "region_mask": pad_rows([torch.ones(len(it["regions"]), dtype=torch.bool)
@@ -687,11 +693,11 @@ def collate_fn(items: list[dict]) -> dict:
     if "mlm_labels" in items[0]:
         labels = pad_sequences([it["mlm_labels"] for it in items], IGNORE)  # (B, T) or (B, C)
         batch["mlm_positions"], batch["mlm_targets"] = flat_targets(labels)
-    for key in ("polluted", "is_match", "answer"):
+    for key in ("polluted", "is_match"):
         if key in items[0]:
             batch[key] = torch.tensor([it[key] for it in items])  # (B,)
-    if "answer" in batch:
-        batch["answer_scores"] = F.one_hot(batch["answer"], len(ANSWERS)).float()  # (B, A)
+    if "answer_scores" in items[0]:
+        batch["answer_scores"] = torch.stack([it["answer_scores"] for it in items])  # (B, A)
     return batch
 
 
@@ -717,6 +723,24 @@ def pair_batch(tokenizer, config: Config, texts: list[str], images: list[int],
             "segments": pad_sequences([torch.tensor(r[1]) for r in rows]).to(regions.device),
             "positions": torch.arange(tokens.shape[1]).expand_as(tokens).to(regions.device),
             "regions": regions[images], "region_mask": region_mask[images]}
+
+
+def answer_logits_fn(model: Oscar, tokenizer, config: Config, examples: list[dict],
+                     world_config=None):
+    """answer_logits(questions, image indices into examples) -> (b, A) logits over
+    config.answers (shared.evaluate.vqa_metrics, shared.metrics.predict_answers)."""
+    regions, region_mask = region_batch(examples, config, world_config, model_device(model))
+    return lambda questions, images: model.answer_logits(pair_batch(
+        tokenizer, config, questions, images, examples, regions, region_mask))  # (b, A)
+
+
+@in_eval_mode
+def answer_questions(model: Oscar, tokenizer, config: Config, examples: list[dict],
+                     world_config=None) -> list[str]:
+    """The predicted answer of every question of the examples (their "questions", in order):
+    the highest-scoring of config.answers [Oscar §4, VQA]."""
+    fn = answer_logits_fn(model, tokenizer, config, examples, world_config)
+    return predict_answers(examples, fn, config.answers)[0]
 
 
 def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
@@ -796,10 +820,8 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
         return caption_metrics(captions, examples, tokenizer, config.max_gen_len - 1)
     if config.task == "vqa":
         examples = world_examples(world_config, split, n)
-        regions, region_mask = region_batch(examples, config, world_config, model_device(model))
-        return vqa_metrics(lambda questions, images: model.answer_logits(pair_batch(
-            tokenizer, config, questions, images, examples, regions, region_mask)),
-            examples, ANSWERS)
+        return vqa_metrics(answer_logits_fn(model, tokenizer, config, examples, world_config),
+                           examples, config.answers)
     examples = world_examples(world_config, split, min(n, config.eval_pairs))
     regions, region_mask = region_batch(examples, config, world_config, model_device(model))
     scores = pair_scores(lambda image, text: model.match_logits(pair_batch(  # every image

@@ -61,6 +61,7 @@ from shared.data import train_loader
 from shared.distributed import (Launch, any_rank, gather_objects, start_process_group,
                                 stop_process_group)
 from shared.folders import CaptionFolder, RegionFolder, open_corpus, unreadable_files
+from shared.vqa import MIN_ANSWER_COUNT, VQAFolder
 from shared.monitor import LossMeter, NonFiniteLoss, format_duration, peak_flops, step_flops
 from shared.optim import learning_rate
 from shared.tokenizer import Tokenizer
@@ -87,7 +88,8 @@ class RunConfig:
     vocab: str = ""  # a BERT vocab.txt; default: WordPiece trained on the world's captions
     init_bert: str = ""  # Oscar, UNITER: start the encoder from this BERT checkpoint folder
     data: str = ""  # a corpus on disk: coco:JSON[,IMAGE_DIR] or jsonl:FILE (pixels),
-    #                 regions:JSON[,REGION_DIR] (regions); default: the world
+    #                 regions:JSON[,REGION_DIR] (regions), vqa:QUESTIONS,ANNOTATIONS[,REGION_DIR]
+    #                 (VQA v2, --task vqa); default: the world
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to max_steps
     eval_every: int = 0  # evaluate on the val split every this many steps; 0 = only at the end
     eval_n: int = 200  # val examples per periodic evaluation
@@ -271,6 +273,13 @@ def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
         raise SystemExit("error: --eval_every and --eval_only evaluate on the world; with --data "
                          "there is no evaluation yet")
     try:
+        if run.data.startswith("vqa:"):  # VQA v2 questions, annotations and region files
+            if paper.INPUTS != "regions" or run.task != "vqa":
+                raise ValueError("VQA data trains --task vqa of a region model (uniter, oscar)")
+            corpus = VQAFolder.from_spec(run.data)
+            corpus.notes.append(f"{corpus.n_questions} questions; {len(corpus.missing)} "
+                                f"questions dropped: their image has no region file")
+            return corpus
         return open_corpus(run.data, paper.INPUTS, config.image_size)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --data ({run.model}): {e}") from None
@@ -438,6 +447,16 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
             f"(no caption or no file) and {corpus.dropped_captions} empty captions")
         for line in corpus.notes:  # e.g. a Karpathy file's split counts
             log(line)
+    if isinstance(corpus, VQAFolder) and ckpt is None:  # the VQA head's classes
+        try:
+            config = dataclasses.replace(config, answers=corpus.answers())
+        except ValueError as e:
+            raise SystemExit(f"error: --data: {e}") from None
+        log(f"answer vocabulary: {len(config.answers)} answers (the most common answer of >= "
+            f"{MIN_ANSWER_COUNT} questions)")
+        if not config.answers:
+            raise SystemExit("error: --data: no answer is the most common one of enough "
+                             "questions to train on")
     saved = ckpt or init  # a fine-tuning run keeps the tokenizer its weights were trained with
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))

@@ -65,11 +65,12 @@ from shared.data import (RecentExamples, feature_statistics, flat_targets, model
 from shared.distributed import world_size
 from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
-from shared.metrics import recall_at_k
+from shared.metrics import predict_answers, recall_at_k
 from shared.optim import adamw, fused_for
 from shared.ot import ipot  # the IPOT solver [UNITER §A.7, Alg. 1]; WRA (below) is its use
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
                                 init_bert_weights, run_layer)
+from shared.vqa import answer_index, soft_scores
 from shared.world import ANSWERS, DETECTOR_CLASSES
 
 LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §3.1, fn. 3]
@@ -130,6 +131,8 @@ class Config:
     itm_score: str = "log_odds"  # the retrieval score (rank_score): "log_odds" = logit[match] -
     #   logit[no match] (OURS), "match_logit" = logit[match] alone ([code])
     vqa_head_lr_mult: float = 10.0  # [code]: the VQA head trains at 10x the learning rate
+    answers: tuple[str, ...] = ANSWERS  # the VQA head's classes: the world's, or the answer
+    #   vocabulary of a VQA v2 training set (shared.vqa.answer_vocabulary; 3,129 [UNITER §A.2])
     zero_regions: bool = False  # OURS: regions zeroed in training and evaluation: text-only
     eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
     #                          (5 each): Flickr30K's 1K test images, 5K captions [UNITER §A.2]
@@ -644,7 +647,7 @@ def task_heads(config: Config) -> nn.ModuleDict:
     if c.task == "vqa":  # an MLP on the pooled [CLS] [UNITER §4.1]; [code] model/vqa.py
         heads["vqa"] = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(),
                                      nn.LayerNorm(2 * D, eps=1e-12),
-                                     nn.Linear(2 * D, len(ANSWERS)))  # (B, D) -> (B, A)
+                                     nn.Linear(2 * D, len(c.answers)))  # (B, D) -> (B, A)
     return heads
 
 
@@ -672,7 +675,7 @@ class UNITER(nn.Module):
 
     def answer_logits(self, tokens: Tensor, features: Tensor, locations: Tensor,
                       region_mask: Tensor) -> Tensor:
-        """(B, A) logits over ANSWERS."""
+        """(B, A) logits over config.answers."""
         h = self.encoder(tokens, features, locations, region_mask)  # (B, T + N, D)
         return self.heads["vqa"](self.encoder.pooler(h))  # (B, A)
 
@@ -826,6 +829,7 @@ class UniterDataset(Dataset):
         self.special_ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
                             tokenizer.sep_id, tokenizer.mask_id}
         self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
+        self.answer_index = answer_index(config.answers)
         self.statistics = (region_statistics(world) if config.standardise_features
                            else None)
         # the examples one process puts in one micro-batch (torchrun: its share of it)
@@ -862,9 +866,10 @@ class UniterDataset(Dataset):
         task = draw_task(c, i // c.batch_size, self.seed) if c.task == "pretrain" else c.task
         item = {"task": task, **region_inputs(example, c, self.statistics)}
         if task == "vqa":
-            question, answer = example["questions"][rng.integers(len(example["questions"]))]
+            question, answers = example["questions"][rng.integers(len(example["questions"]))]
             tokens = self.tokenizer.encode(question, max_len=c.max_text_len)
-            item["answer"] = ANSWERS.index(answer)
+            item["answer_scores"] = torch.from_numpy(soft_scores(  # (A,)
+                [answers] if isinstance(answers, str) else answers, self.answer_index))
         else:
             caption = example["captions"][rng.integers(len(example["captions"]))]
             tokens = self.tokenizer.encode(caption, max_len=c.max_text_len)
@@ -893,7 +898,7 @@ def collate_fn(items: list[dict]) -> dict:
         mlm:  mlm_positions (M,) flat indices into the B·T text positions, mlm_targets (M,)
         mrm:  region_masked (B, N), mrm_positions (M,) into the B·N regions, mrfr_targets (M, F)
               (the features before masking), mrc_targets (M, C) (the detector's softmax)
-        itm:  is_match (B,) bool;  vqa: answer (B,) and answer_scores (B, A)
+        itm:  is_match (B,) bool;  vqa: answer_scores (B, A) (shared.vqa.soft_scores)
 
     The positions are computed here, on the CPU, so the model gathers without a device sync."""
     task = items[0]["task"]
@@ -920,9 +925,8 @@ def collate_fn(items: list[dict]) -> dict:
             positions]  # (M, C)
     if "is_match" in items[0]:
         batch["is_match"] = torch.tensor([it["is_match"] for it in items])  # (B,)
-    if "answer" in items[0]:
-        batch["answer"] = torch.tensor([it["answer"] for it in items])  # (B,)
-        batch["answer_scores"] = F.one_hot(batch["answer"], len(ANSWERS)).float()  # (B, A)
+    if "answer_scores" in items[0]:
+        batch["answer_scores"] = torch.stack([it["answer_scores"] for it in items])  # (B, A)
     return batch
 
 
@@ -963,7 +967,7 @@ def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[di
 
 def answer_logits_fn(model: UNITER, tokenizer, config: Config, examples: list[dict],
                      world_config=None, zero_regions: bool = False):
-    """answer_logits(questions, image indices into examples) -> (b, A) logits over ANSWERS, for
+    """answer_logits(questions, image indices into examples) -> (b, A) logits over answers, for
     shared.evaluate.vqa_metrics; zero_regions: every region feature and location zeroed."""
     device = model_device(model)
     features, locations, mask = region_batch(examples, config, device, world_config)
@@ -975,6 +979,15 @@ def answer_logits_fn(model: UNITER, tokenizer, config: Config, examples: list[di
         k = torch.tensor(images, device=device)  # (b,) the image of each question
         return model.answer_logits(tokens, features[k], locations[k], mask[k])  # (b, A)
     return answer_logits
+
+
+@in_eval_mode
+def answer_questions(model: UNITER, tokenizer, config: Config, examples: list[dict],
+                     world_config=None) -> list[str]:
+    """The predicted answer of every question of the examples (their "questions", in order):
+    the highest-scoring of config.answers [UNITER §4.1]."""
+    fn = answer_logits_fn(model, tokenizer, config, examples, world_config)
+    return predict_answers(examples, fn, config.answers)[0]
 
 
 # --- 8. train.py's contract: dataset, optimizer, evaluation ----------------------------------
@@ -1023,8 +1036,9 @@ def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
     examples = world_examples(world_config, split, n)
     answers = [answer_logits_fn(model, tokenizer, config, examples, world_config,
                                             zero_regions) for zero_regions in (False, True)]
-    metrics = vqa_metrics(answers[0], examples, ANSWERS)
-    metrics["vqa_acc_regions_zeroed"] = vqa_metrics(answers[1], examples, ANSWERS)["vqa_acc"]
+    metrics = vqa_metrics(answers[0], examples, config.answers)
+    metrics["vqa_acc_regions_zeroed"] = vqa_metrics(answers[1], examples,
+                                                    config.answers)["vqa_acc"]
     return metrics
 
 

@@ -915,6 +915,8 @@ def export_split(world: World, out_dir, n: int | None = None) -> Path:
         out_dir/images/<image_id:012d>.png        image_id = example index i
         out_dir/captions_<split>.json             COCO captions: images + annotations
         out_dir/dataset_<split>.json              the same as a Karpathy split file
+        out_dir/vqa_questions_<split>.json        VQA v2 questions and annotations (_export_vqa)
+        out_dir/vqa_annotations_<split>.json
         out_dir/regions/<image_id:012d>.npz       features f16 (N, F), boxes f32 (N, 4) in [0, 1],
                                                   conf f32 (N,), cls_prob f16 (N, C+1), tags (K,)
                                                   unicode, image_hw int32 (2,); rows by conf desc.
@@ -948,7 +950,31 @@ def export_split(world: World, out_dir, n: int | None = None) -> Path:
                  "split": world.split, "sentences": sentences[image["id"]]} for image in images]
     with open(out / f"dataset_{world.split}.json", "w") as f:  # the Karpathy split layout
         json.dump({"dataset": "world", "images": karpathy}, f)
+    _export_vqa(world, out, n)
     return out
+
+
+def _export_vqa(world: World, out: Path, n: int) -> None:
+    """The questions of the first n images as VQA v2's two files (shared.vqa reads them):
+    vqa_questions_<split>.json and vqa_annotations_<split>.json, each world answer given by all
+    10 "annotators", answer_type from the answer (yes/no, number, other), question_type the
+    template (question_type)."""
+    questions, annotations = [], []
+    for i in range(n):
+        for question, answer in world.example(i, regions=False)["questions"]:
+            qid = len(questions)
+            kind = ("yes/no" if answer in ("yes", "no") else
+                    "number" if answer in NUMBER_WORDS else "other")
+            questions.append({"image_id": i, "question": question, "question_id": qid})
+            annotations.append({"question_id": qid, "image_id": i, "answer_type": kind,
+                                "question_type": question_type(question),
+                                "multiple_choice_answer": answer,
+                                "answers": [{"answer": answer, "answer_confidence": "yes",
+                                             "answer_id": k + 1} for k in range(10)]})
+    with open(out / f"vqa_questions_{world.split}.json", "w") as f:
+        json.dump({"data_subtype": world.split, "questions": questions}, f)
+    with open(out / f"vqa_annotations_{world.split}.json", "w") as f:
+        json.dump({"data_subtype": world.split, "annotations": annotations}, f)
 
 
 # --- 10. Benchmark and a look at a few examples -------------------------------------------------

@@ -4,12 +4,13 @@ classification and text-to-image ranking, as lines and as JSON, and one-line err
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import train
 import infer
-from shared.world import World, WorldConfig, export_split
+from shared.world import NUMBER_WORDS, World, WorldConfig, export_split
 
 COCA = ["--model", "coca", "--batch_size", "4", "--vision_width", "32", "--vision_heads", "2",
         "--vision_layers", "1", "--text_width", "32", "--text_heads", "2", "--unimodal_layers",
@@ -19,6 +20,8 @@ VIRTEX = ["--model", "virtex", "--batch_size", "4", "--image_size", "32", "--fin
 OSCAR = ["--model", "oscar", "--task", "caption", "--batch_size", "4", "--hidden_size", "32",
          "--layers", "1", "--heads", "2", "--intermediate_size", "64", "--final_n", "8",
          "--max_gen_len", "6", "--beam_size", "2"]
+SMALL_BERT = ["--batch_size", "4", "--hidden_size", "32", "--layers", "1", "--heads", "2",
+              "--intermediate_size", "64", "--final_n", "8", "--task", "vqa"]
 COMMON = ["--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0", "--log_every_s", "0",
           "--tokenizer_texts", "50"]
 
@@ -27,7 +30,9 @@ COMMON = ["--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0", "--lo
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, args in (("coca", COCA), ("virtex", VIRTEX), ("oscar", OSCAR)):
+    for name, args in (("coca", COCA), ("virtex", VIRTEX), ("oscar", OSCAR),
+                       ("uniter_vqa", ["--model", "uniter", *SMALL_BERT]),
+                       ("oscar_vqa", ["--model", "oscar", *SMALL_BERT])):
         run, paper, overrides = train.parse_args(args + COMMON + ["--out", str(root / name)])
         train.train(run, paper, overrides, log=lambda line: None)
         out[name] = root / name / "best.pt"
@@ -189,3 +194,73 @@ def test_karpathy_on_the_exported_world_equals_the_world_evaluation(checkpoints,
         infer.karpathy(checkpoints["coca"], str(tmp_path / "dataset_test.json"), split="val")
     with pytest.raises(SystemExit, match="not oscar"):
         infer.karpathy(checkpoints["oscar"], str(tmp_path / "dataset_test.json"))
+
+
+@pytest.mark.parametrize("name", ["uniter_vqa", "oscar_vqa"])
+def test_vqa_on_the_exported_world_equals_the_world_evaluation(checkpoints, tmp_path, name):
+    """The world's test questions written as VQA v2 files (every answer given by 10
+    annotators) and read back: the same predicted answers as the model gives in memory on the
+    same regions (rounded to the export's float16), the same accuracy as the world evaluation
+    (exact match = the server's accuracy with 10 equal answers), per answer type, and the
+    results JSON."""
+    from shared.evaluate import world_examples
+    from shared.metrics import vqa_accuracy
+
+    paper, model, tokenizer, config, run = infer.load(checkpoints[name])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    n = 12
+    export_split(World(world_config, "test"), tmp_path, n=n)
+    spec = f"{tmp_path / 'vqa_questions_test.json'},{tmp_path / 'vqa_annotations_test.json'}"
+    ours = infer.vqa(checkpoints[name], spec, results=tmp_path / "results.json", chunk=5)
+    examples = world_examples(world_config, "test", n)
+    for ex in examples:
+        ex["features"] = ex["features"].astype(np.float16).astype(np.float32)
+    with torch.no_grad():
+        predicted = paper.answer_questions(model, tokenizer, config, examples, world_config)
+    truth = [a for ex in examples for _, a in ex["questions"]]
+    assert ours["questions"] == len(truth) == len(predicted) and ours["images"] == n
+    assert ours["vqa_acc"] == pytest.approx(vqa_accuracy(predicted, [[a] for a in truth]))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["answer"] for r in saved] == predicted
+    assert [r["question_id"] for r in saved] == list(range(len(truth)))
+    kinds = {"yes/no": ("yes", "no"), "number": NUMBER_WORDS}
+    for key, answers in kinds.items():
+        rows = [k for k, a in enumerate(truth) if a in answers]
+        if rows:
+            assert ours[f"vqa_acc_{key.replace('/', '_')}"] == pytest.approx(
+                vqa_accuracy([predicted[k] for k in rows], [[truth[k]] for k in rows]))
+
+
+def test_vqa_errors_name_the_problem(checkpoints, tmp_path):
+    export_split(World(WorldConfig(image_size=32, n_test=4), "test"), tmp_path, n=4)
+    spec = f"{tmp_path / 'vqa_questions_test.json'},{tmp_path / 'vqa_annotations_test.json'}"
+    (tmp_path / "regions" / f"{2:012d}.npz").unlink()
+    with pytest.raises(SystemExit, match=f"its image has no region file .*{2:012d}.npz"):
+        infer.vqa(checkpoints["uniter_vqa"], spec)
+    with pytest.raises(SystemExit, match="needs a --task vqa checkpoint of UNITER or Oscar"):
+        infer.vqa(checkpoints["oscar"], spec)
+    with pytest.raises(SystemExit, match="no VQA questions file"):
+        infer.vqa(checkpoints["uniter_vqa"], str(tmp_path / "absent.json"))
+
+
+@pytest.mark.parametrize("model", ["uniter", "oscar"])
+def test_train_on_vqa_files_takes_the_answer_vocabulary_from_them(tmp_path, model):
+    """train.py --data vqa:... --task vqa: the head's classes are the training answers (the
+    most common answer of >= 9 questions), and infer.py vqa evaluates the checkpoint."""
+    from shared.vqa import VQAFolder
+
+    export_split(World(WorldConfig(image_size=32, n_test=40), "test"), tmp_path, n=40)
+    spec = f"{tmp_path / 'vqa_questions_test.json'},{tmp_path / 'vqa_annotations_test.json'}"
+    args = ["--model", model, *SMALL_BERT, *COMMON, "--data", f"vqa:{spec}",
+            "--out", str(tmp_path / "run")]
+    run, paper, overrides = train.parse_args(args)
+    lines = []
+    train.train(run, paper, overrides, log=lines.append)
+    expected = VQAFolder.from_spec(f"vqa:{spec}").answers()
+    assert 0 < len(expected) < 25  # fewer than the world's answers: a real cut
+    _, model_, _, config, _ = infer.load(tmp_path / "run" / "best.pt")
+    assert tuple(config.answers) == expected
+    assert model_.heads["vqa"](torch.zeros(1, 32)).shape == (1, len(expected))
+    assert any(f"answer vocabulary: {len(expected)} answers" in line for line in lines)
+    metrics = infer.vqa(tmp_path / "run" / "best.pt", spec, n=5)
+    assert metrics["images"] == 5 and 0 <= metrics["vqa_acc"] <= 1

@@ -1,0 +1,250 @@
+"""VQA v2 on disk: the official question and annotation files, the answer vocabulary, the soft
+scores the models train on and the accuracy the evaluation server computes (Goyal et al., CVPR
+2017; the metric of Antol et al., ICCV 2015). UNITER [§4.1] and Oscar [§4] both fine-tune on it.
+
+    v2_OpenEnded_mscoco_<subtype>_questions.json   {"questions": [{"question_id", "image_id",
+                                                    "question"}], "data_subtype": "train2014"}
+    v2_mscoco_<subtype>_annotations.json           {"annotations": [{"question_id", "image_id",
+                                                    "answers": [{"answer"}] * 10, "answer_type",
+                                                    "question_type", "multiple_choice_answer"}]}
+
+answer_type is "yes/no", "number" or "other"; the server reports accuracy per answer type.
+The region features of an image are one .npz as for --data regions: (shared.folders.RegionFolder),
+found by region_file. Predictions are written as the server reads them:
+[{"question_id": int, "answer": str}] (results_json).
+"""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from shared.folders import (RegionFolder, _json_type, _list, _need, _note_unreadable,
+                            _parse_json, _read_text)
+
+ANSWER_TYPES = ("yes/no", "number", "other")
+# The papers' vocabulary: every answer that is the most common one ("multiple_choice_answer")
+# of at least 9 training questions, 3,129 answers on VQA v2 train + val (UNITER §A.2 and
+# Oscar §4 say 3,129 and give no rule; the count 9 is that of the bottom-up attention
+# preprocessing both codes took their answer list from).
+MIN_ANSWER_COUNT = 9
+
+# --- answer normalisation, as the evaluation server compares answers ----------------------------
+
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:']")
+_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period that is not a decimal point
+
+
+def normalize_answer(answer: str) -> str:
+    """The form in which two answers are compared: lower case; punctuation removed (a period
+    only where it is not a decimal point, "2.5" stays); number words zero..ten as digits; the
+    articles a, an, the dropped; whitespace collapsed. "Two dogs." -> "2 dogs".
+    DEVIATION: the official evaluation script also rewrites ~170 apostrophe-less contractions
+    ("dont" -> "don't") and treats a comma between digits apart ("1,000"); we leave both out, so
+    an answer differing only in those counts as different (rare among VQA v2 answers)."""
+    text = _PUNCTUATION.sub(" ", answer.lower().replace("\n", " ").replace("\t", " "))
+    text = _PERIOD.sub("", text)
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
+
+
+def answer_index(answers: tuple[str, ...]) -> dict[str, int]:
+    """normalised answer -> its class, for soft_scores (answers: a VQA head's classes)."""
+    index = {}
+    for k, answer in enumerate(answers):
+        index.setdefault(normalize_answer(answer), k)
+    return index
+
+
+def soft_scores(answers: list[str], index: dict[str, int]) -> np.ndarray:
+    """(A,) float32 training target: for each answer a of the vocabulary (index: normalised
+    answer -> position),
+
+        s_a = min(#{annotators who gave a} / min(3, #annotators), 1)
+
+    the paper's min(#humans / 3, 1) [Antol et al. 2015]; the divisor is min(3, n) so a question
+    with one reference answer (the synthetic world) has the one-hot target. Answers outside the
+    vocabulary are dropped (such a question may have an all-zero target, as in both codes)."""
+    scores = np.zeros(len(index), dtype=np.float32)  # (A,)
+    counts = Counter(normalize_answer(a) for a in answers)
+    for answer, count in counts.items():
+        if answer in index:
+            scores[index[answer]] = min(count / min(3, len(answers)), 1.0)
+    return scores
+
+
+def vqa_v2_accuracy(predicted: str, answers: list[str]) -> float:
+    """The evaluation server's accuracy of one prediction against the (10) human answers:
+
+        Acc = (1/n) Σ_i min(#{j ≠ i : a_j = predicted} / 3, 1)
+
+    min(#humans / 3, 1) averaged over the n leave-one-annotator-out subsets of n - 1
+    annotators, on normalised answers. With a single reference answer it is exact match."""
+    if len(answers) == 1:
+        return float(normalize_answer(predicted) == normalize_answer(answers[0]))
+    guess = normalize_answer(predicted)
+    same = [normalize_answer(a) == guess for a in answers]  # (n,)
+    total = sum(same)
+    return sum(min((total - s) / 3, 1.0) for s in same) / len(answers)
+
+
+def answer_vocabulary(records: list[dict], min_count: int = MIN_ANSWER_COUNT) -> tuple[str, ...]:
+    """The answers (normalised) that are the most common answer of >= min_count questions,
+    most frequent first, ties alphabetical. records: read_vqa's question records."""
+    counts = Counter(normalize_answer(r["multiple_choice_answer"]) for r in records)
+    return tuple(a for a, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                 if c >= min_count and a)
+
+
+def accuracy_by_type(predicted: list[str], records: list[dict]) -> dict[str, float]:
+    """{"vqa_acc": overall, "vqa_acc_<answer type>": ...} of the predictions (one per record),
+    as the server reports them."""
+    scores = [vqa_v2_accuracy(p, r["answers"]) for p, r in zip(predicted, records, strict=True)]
+    metrics = {"vqa_acc": sum(scores) / len(scores)}
+    for kind in ANSWER_TYPES:
+        rows = [s for s, r in zip(scores, records) if r["answer_type"] == kind]
+        if rows:
+            metrics[f"vqa_acc_{kind.replace('/', '_')}"] = sum(rows) / len(rows)
+    return metrics
+
+
+def results_json(predicted: list[str], records: list[dict]) -> str:
+    """The predictions as the evaluation server reads them: [{"question_id", "answer"}]."""
+    return json.dumps([{"question_id": r["question_id"], "answer": p}
+                       for p, r in zip(predicted, records, strict=True)]) + "\n"
+
+
+# --- the files --------------------------------------------------------------------------------
+
+def _id(value, at: str, key: str):
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{at}: {key!r} must be an integer or a string, got {_json_type(value)}")
+    return value
+
+
+def read_vqa(questions_file: str | Path, annotations_file: str | Path | None = None
+             ) -> tuple[list[dict], str]:
+    """(question records, data_subtype) of a VQA v2 questions file and, if given, its annotations:
+    each record {"question_id", "image_id", "question"} plus, with annotations, "answers" (the
+    human answers), "answer_type", "question_type", "multiple_choice_answer". A missing file,
+    key or annotation is a ValueError (FileNotFoundError) naming the file and the record."""
+    questions_file = Path(questions_file)
+    if not questions_file.is_file():
+        raise FileNotFoundError(f"no VQA questions file {questions_file}")
+    where = str(questions_file)
+    data = _parse_json(_read_text(questions_file), where)
+    records = []
+    for k, q in enumerate(_list(_need(data, "questions", where), f"{where}, 'questions'")):
+        at = f"{where}, questions[{k}]"
+        text = _need(q, "question", at)
+        if not isinstance(text, str):
+            raise ValueError(f"{at}: 'question' must be a string, got {_json_type(text)}")
+        records.append({"question_id": _id(_need(q, "question_id", at), at, "question_id"),
+                        "image_id": _id(_need(q, "image_id", at), at, "image_id"),
+                        "question": text})
+    subtype = data.get("data_subtype", "") if isinstance(data, dict) else ""
+    if annotations_file is None:
+        return records, str(subtype)
+    annotations_file = Path(annotations_file)
+    if not annotations_file.is_file():
+        raise FileNotFoundError(f"no VQA annotations file {annotations_file}")
+    where = str(annotations_file)
+    data = _parse_json(_read_text(annotations_file), where)
+    notes = {}
+    for k, a in enumerate(_list(_need(data, "annotations", where), f"{where}, 'annotations'")):
+        at = f"{where}, annotations[{k}]"
+        answers = [_need(x, "answer", f"{at}, answers") for x in
+                   _list(_need(a, "answers", at), f"{at}, 'answers'")]
+        if not answers or not all(isinstance(x, str) for x in answers):
+            raise ValueError(f"{at}: 'answers' must be a non-empty list of {{\"answer\": str}}")
+        kind = _need(a, "answer_type", at)
+        if kind not in ANSWER_TYPES:
+            raise ValueError(f"{at}: answer_type must be one of {ANSWER_TYPES}, got {kind!r}")
+        notes[_id(_need(a, "question_id", at), at, "question_id")] = {
+            "answers": answers, "answer_type": kind,
+            "question_type": str(a.get("question_type", "")),
+            "multiple_choice_answer": str(_need(a, "multiple_choice_answer", at))}
+    for r in records:
+        if r["question_id"] not in notes:
+            raise ValueError(f"{where}: no annotation for question {r['question_id']} of "
+                             f"{questions_file}")
+        r.update(notes[r["question_id"]])
+    return records, str(subtype)
+
+
+def region_file(region_dir: Path, image_id, subtype: str = "") -> Path:
+    """The .npz of an image: <region_dir>/<image_id:012d>.npz (what shared.world.export_split
+    writes), else COCO_<subtype>_<image_id:012d>.npz (the COCO file name of the image, as
+    shared.convert names it), else <image_id>.npz; the first that exists, or the first name."""
+    names = [f"{image_id:012d}.npz" if isinstance(image_id, int) else f"{image_id}.npz"]
+    if isinstance(image_id, int) and subtype:
+        names.append(f"COCO_{subtype}_{image_id:012d}.npz")
+    names.append(f"{image_id}.npz")
+    for name in names:
+        if (region_dir / name).is_file():
+            return region_dir / name
+    return region_dir / names[0]
+
+
+class VQAFolder(RegionFolder):
+    """VQA v2 questions (and annotations) with one region .npz per image, behind the world's
+    interface: example(i) -> the RegionFolder example of image i with "questions" [(question,
+    answers)] and "records" (read_vqa's, same order). "captions" holds the question texts (what a
+    tokenizer trained on the corpus reads). Images without a region file are dropped and
+    counted (`missing`: the question ids, for evaluation to refuse)."""
+
+    def __init__(self, questions_file: str | Path, annotations_file: str | Path | None = None,
+                 region_dir: str | Path | None = None):
+        questions_file = Path(questions_file)
+        region_dir = questions_file.parent / "regions" if region_dir is None else Path(region_dir)
+        records, subtype = read_vqa(questions_file, annotations_file)
+        by_image: dict = {}
+        for r in records:
+            by_image.setdefault(r["image_id"], []).append(r)
+        paths = {image_id: region_file(region_dir, image_id, subtype) for image_id in by_image}
+        self.missing = [(r["question_id"], paths[r["image_id"]]) for r in records
+                        if not paths[r["image_id"]].is_file()]
+        super().__init__([(paths[i], [r["question"] for r in rs]) for i, rs in by_image.items()],
+                         questions_file)
+        by_path = {paths[i]: rs for i, rs in by_image.items()}
+        self.questions = [by_path[path] for path, _ in self.records]  # per kept image
+        self.n_questions = sum(len(rs) for rs in self.questions)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "VQAFolder":
+        """'vqa:QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]]' (an empty ANNOTATIONS_JSON:
+        questions only, for writing predictions of a test split)."""
+        kind, _, rest = spec.partition(":")
+        if kind != "vqa" or not rest:
+            raise ValueError(f"VQA data is vqa:QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]], "
+                             f"not {spec!r}")
+        questions, _, rest = rest.partition(",")
+        annotations, _, region_dir = rest.partition(",")
+        return cls(questions, annotations or None, region_dir or None)
+
+    def answers(self, min_count: int = MIN_ANSWER_COUNT) -> tuple[str, ...]:
+        """The answer vocabulary of these questions (answer_vocabulary)."""
+        records = [r for rs in self.questions for r in rs]
+        if "multiple_choice_answer" not in records[0]:
+            raise ValueError("training on VQA needs the annotations file: "
+                             "vqa:QUESTIONS_JSON,ANNOTATIONS_JSON[,REGION_DIR]")
+        return answer_vocabulary(records, min_count)
+
+    def example(self, i: int, regions: bool = True) -> dict:
+        for k in range(len(self.records)):
+            j = (i + k) % len(self.records)
+            path, texts = self.records[j]
+            try:
+                arrays = self._read(path)
+            except ValueError as e:  # _read's messages name the file
+                _note_unreadable(self, path, f"region file {e}")
+                continue
+            records = self.questions[j]
+            return {**arrays, "captions": texts, "records": records,
+                    "questions": [(r["question"], r.get("answers", [])) for r in records]}
+        raise RuntimeError("no region file of the corpus can be read")
