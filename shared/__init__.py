@@ -20,6 +20,8 @@ Data
                     (VirTex only; kept here because it is 360 lines of image code)
     folders.py      corpora on disk behind the world's interface (--data)
     convert.py      the official UNITER / Oscar region files -> folders.py's layout (CLI)
+    vqa.py          VQA v2's question / annotation files, answer vocabulary, soft scores and
+                    the evaluation server's accuracy
 Evaluation
     metrics.py      BLEU, CIDEr-D, recall@K, VQA accuracy, top-1, caption truth rate
     evaluate.py     world evaluation pieces each paper's `evaluate` maps onto its keys
