@@ -8,6 +8,7 @@
     python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
     python infer.py zeroshot runs/coca-tiny/best.pt imagenet/val      # root/<class name>/*.jpg
     python infer.py karpathy runs/coca-tiny/best.pt dataset_coco.json,COCO_ROOT --results r.json
+    python infer.py karpathy runs/uniter-tiny-retrieval/best.pt dataset_coco.json,REGIONS --n 1000
     python infer.py vqa runs/uniter-tiny-vqa/best.pt questions.json,annotations.json,regions/
 
 caption   CoCa and VirTex caption image files, continuing --prompt when given (the caption
@@ -15,13 +16,16 @@ caption   CoCa and VirTex caption image files, continuing --prompt when given (t
           of shared.folders.RegionFolder; tags are read from them)
 classify  CoCa zero-shot: the class whose prompt "a <class>" is most similar to the image
 rank      CoCa: the images of a folder (jpg, jpeg, png, bmp, webp), most similar to the text first
-karpathy  CoCa and VirTex on the test (or --split val) images of a Karpathy split file:
-          captioning (BLEU-1..4, CIDEr-D, ROUGE-L against the raw sentences, both sides
-          tokenised as the COCO toolkit does: shared.metrics.coco_tokenize), the captions
-          written as COCO results JSON with --results (for METEOR / SPICE with the official
-          toolkit); CoCa also retrieval with the first 5 captions of each image: R@1/5/10 both
-          ways and their sum over the whole split (COCO 5K, Flickr30k 1K) and the mean over
-          folds of 1,000 images (COCO 1K)
+karpathy  the test (or --split val) images of a Karpathy split file: captioning by CoCa, VirTex
+          and Oscar (--task caption) with BLEU-1..4, CIDEr-D, ROUGE-L against the raw
+          sentences, both sides tokenised as the COCO toolkit does (shared.metrics.coco_tokenize),
+          the captions written as COCO results JSON with --results (for METEOR / SPICE with the
+          official toolkit); retrieval by CoCa (embeddings) and by UNITER and Oscar (--task
+          pretrain or retrieval: a cross-encoder scores every image with every caption) with the
+          first 5 captions of each image: R@1/5/10 both ways and their sum over the whole split
+          (COCO 5K, Flickr30k 1K) and the mean over folds of 1,000 images (COCO 1K); UNITER and
+          Oscar read SPLIT_JSON[,REGION_DIR] (each image's .npz named as its image file) and
+          report pairs_scored, the forward passes it took (5K: 125M; use --n to cap)
 vqa       UNITER and Oscar (--task vqa checkpoints) on VQA v2 questions with their region files
           (shared.vqa): the evaluation server's accuracy overall and per answer type, the
           answers written as its results JSON with --results
@@ -160,46 +164,95 @@ def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = N
     return {"images": len(folder), "classes": len(folder.classes), **accuracy}
 
 
+def _region_examples(items: list[dict], region_dir: Path) -> list[dict]:
+    """The region example (shared.folders.RegionFolder) of each Karpathy item: the .npz named
+    as its image in region_dir; a missing or unreadable file ends the evaluation in one line."""
+    paths = [region_dir / (Path(item["path"]).stem + ".npz") for item in items]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: no region file {missing[0]} ({len(missing)} of the split's "
+                         f"{len(paths)} images lack one)")
+    folder = RegionFolder([(p, item["captions"]) for p, item in zip(paths, items)])
+    try:
+        return [{**folder._read(p), "captions": item["captions"]}
+                for p, item in zip(paths, items)]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
-             results: Path | None = None, chunk: int = 100) -> dict:
-    """The Karpathy-split evaluation of a CoCa or VirTex checkpoint (module docstring): a dict
-    of metrics, with "images" the number evaluated (n > 0: the first n of the split)."""
-    from shared.evaluate import grouped_retrieval
+             results: Path | None = None, chunk: int = 100, group: int = 1000) -> dict:
+    """The Karpathy-split evaluation of a checkpoint (module docstring): a dict of metrics, with
+    "images" the number evaluated (n > 0: the first n of the split). Image models read
+    SPLIT_JSON[,IMAGE_ROOT]; region models (UNITER, Oscar) SPLIT_JSON[,REGION_DIR], the .npz
+    of each image named as its image file (default REGION_DIR: regions/ beside the file)."""
+    from shared.evaluate import grouped_pair_retrieval
     from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
 
     paper, model, tokenizer, config, run = load(checkpoint)
-    if run["model"] not in ("coca", "virtex"):
-        raise SystemExit(f"error: karpathy evaluates CoCa and VirTex (images in, captions out), "
-                         f"not {run['model']}")
+    regions = paper.INPUTS == "regions"
+    captions_too = run["model"] in ("coca", "virtex") or (regions and config.task == "caption")
+    retrieval = run["model"] == "coca" or (regions and config.task in ("pretrain", "retrieval"))
+    if not (captions_too or retrieval):
+        raise SystemExit(f"error: karpathy evaluates captioning and retrieval; this "
+                         f"{run['model']} checkpoint is --task {config.task}")
     file, _, root = spec.removeprefix("karpathy:").partition(",")
     try:
-        items = karpathy_split(file, root or None, split)
+        items = karpathy_split(file, None if regions else (root or None), split)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     items = items[:n] if n > 0 else items
-    images = _images([item["path"] for item in items], config.image_size)
+    world_config = None
+    if regions:
+        examples = _region_examples(items, Path(root) if root else Path(file).parent / "regions")
+        if config.standardise_features:  # the statistics its training used
+            import train
+
+            world_config = train.make_world_config(paper, config, run["seed"])
+    else:
+        examples = [{"image": image, "captions": item["captions"]} for image, item in
+                    zip(_images([item["path"] for item in items], config.image_size), items)]
+    metrics = {"images": len(items)}
     with torch.no_grad():
-        captions = [c for start in range(0, len(images), chunk)
-                    for c in paper.caption_images(model, tokenizer, config,
-                                                  images[start:start + chunk])]
-    candidates = [coco_tokenize(c) for c in captions]
-    references = [[coco_tokenize(c) for c in item["captions"]] for item in items]
-    b = bleu(candidates, references)
-    metrics = {"images": len(items), **{f"bleu{k + 1}": b[k] for k in range(4)},
-               "cider": cider_d(candidates, references), "rouge_l": rouge_l(candidates, references)}
-    if run["model"] == "coca":
-        examples = [{"image": image, "captions": item["captions"][:5]}
-                    for image, item in zip(images, items)]
-        embed = (lambda arrays: paper.embed_image_arrays(model, arrays),
-                 lambda texts: paper.embed_text_strings(model, tokenizer, config, texts))
-        with torch.no_grad():
-            for name, group in (("all", len(examples)), ("1k", 1000)):
-                recalls = grouped_retrieval(*embed, examples, group=group)
+        if captions_too:
+            captions = []
+            for start in range(0, len(examples), chunk):
+                part = examples[start:start + chunk]
+                captions += (paper.caption(model, tokenizer, config, part, world_config)
+                             if regions else
+                             paper.caption_images(model, tokenizer, config,
+                                                  [ex["image"] for ex in part]))
+                _progress(min(start + chunk, len(examples)), len(examples), "images captioned")
+            candidates = [coco_tokenize(c) for c in captions]
+            references = [[coco_tokenize(c) for c in item["captions"]] for item in items]
+            b = bleu(candidates, references)
+            metrics |= {**{f"bleu{k + 1}": b[k] for k in range(4)},
+                        "cider": cider_d(candidates, references),
+                        "rouge_l": rouge_l(candidates, references)}
+            if results is not None:  # the COCO results format the official toolkit reads
+                results.write_text(json.dumps([{"image_id": item["image_id"], "caption": c}
+                                               for item, c in zip(items, captions)]) + "\n")
+        if retrieval:  # the first 5 captions of each image, as the papers' protocol
+            five = [{**ex, "captions": ex["captions"][:5]} for ex in examples]
+            if regions:  # a cross-encoder: every image with every caption of its group
+                score = lambda part, texts: paper.retrieval_scores(
+                    model, tokenizer, config, part, world_config, texts)  # (g, G)
+            else:
+                score = lambda part, texts: paper.embed_image_arrays(  # (g, G)
+                    model, [ex["image"] for ex in part]) @ paper.embed_text_strings(
+                    model, tokenizer, config, texts).T
+            whole = grouped_pair_retrieval(score, five, group=len(five))
+            folds = (whole if len(five) <= group else
+                     grouped_pair_retrieval(score, five, group=group))
+            for name, recalls in (("all", whole), ("1k", folds)):
                 metrics |= {f"{key}_{name}": value for key, value in recalls.items()}
                 metrics[f"rsum_{name}"] = sum(recalls.values())
-    if results is not None:  # the COCO results format the official toolkit reads
-        results.write_text(json.dumps([{"image_id": item["image_id"], "caption": caption}
-                                       for item, caption in zip(items, captions)]) + "\n")
+            if regions:  # the cost of the protocol: g images x G captions, every group
+                pairs = lambda size: sum(len(five[s:s + size]) * sum(
+                    len(ex["captions"]) for ex in five[s:s + size])
+                    for s in range(0, len(five), size))
+                metrics["pairs_scored"] = pairs(len(five)) + (
+                    pairs(group) if len(five) > group else 0)
     return metrics
 
 
@@ -275,9 +328,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("root", type=Path)
     e.add_argument("--templates", nargs="+", help='prompt templates, e.g. "a photo of a {}."')
-    k = sub.add_parser("karpathy", help="CoCa / VirTex on a Karpathy split: captions, retrieval")
+    k = sub.add_parser("karpathy", help="a Karpathy split: captioning and retrieval")
     k.add_argument("checkpoint", type=Path)
-    k.add_argument("data", help="SPLIT_JSON[,IMAGE_ROOT], e.g. dataset_coco.json,/data/coco")
+    k.add_argument("data", help="SPLIT_JSON[,IMAGE_ROOT] (UNITER, Oscar: SPLIT_JSON[,REGION_DIR]),"
+                                " e.g. dataset_coco.json,/data/coco")
     k.add_argument("--split", default="test", choices=("test", "val"))
     k.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
     k.add_argument("--results", type=Path, help="write the captions as COCO results JSON")

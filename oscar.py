@@ -725,6 +725,19 @@ def pair_batch(tokenizer, config: Config, texts: list[str], images: list[int],
             "regions": regions[images], "region_mask": region_mask[images]}
 
 
+def retrieval_scores(model: Oscar, tokenizer, config: Config, examples: list[dict],
+                     world_config=None, texts: list[str] | None = None,
+                     chunk: int = 1024) -> Tensor:
+    """The (n images, G texts) match_logits of every pair of n examples' images and `texts`
+    (default: each example's first caption, G = n): n·G forward passes, `chunk` a call, as the
+    official evaluation scores every pair [Oscar §4, Image-Text Retrieval; code]. On the CPU."""
+    texts = [ex["captions"][0] for ex in examples] if texts is None else texts
+    regions, region_mask = region_batch(examples, config, world_config, model_device(model))
+    return pair_scores(lambda image, text: model.match_logits(pair_batch(
+        tokenizer, config, [texts[t] for t in text.tolist()], image.tolist(), examples, regions,
+        region_mask)), len(examples), len(texts), chunk)  # (n, G)
+
+
 def answer_logits_fn(model: Oscar, tokenizer, config: Config, examples: list[dict],
                      world_config=None):
     """answer_logits(questions, image indices into examples) -> (b, A) logits over
@@ -823,10 +836,8 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
         return vqa_metrics(answer_logits_fn(model, tokenizer, config, examples, world_config),
                            examples, config.answers)
     examples = world_examples(world_config, split, min(n, config.eval_pairs))
-    regions, region_mask = region_batch(examples, config, world_config, model_device(model))
-    scores = pair_scores(lambda image, text: model.match_logits(pair_batch(  # every image
-        tokenizer, config, [examples[k]["captions"][0] for k in text.tolist()], image.tolist(),
-        examples, regions, region_mask)), len(examples))  # with every caption, n² as [code]
+    scores = retrieval_scores(model, tokenizer, config, examples, world_config)  # (n, n): every
+    #                         image with every first caption, n² forward passes as [code]
     metrics = retrieval_metrics(scores)
     if config.task == "pretrain":
         world = World(world_config, split)

@@ -9,6 +9,7 @@ caption, an answer's logits) and maps the pieces below onto its metric keys in a
     pair_scores         the (n images, n texts) matrix of a cross-encoder: n² pair scores, chunked
     retrieval_metrics   R@1/5/10 both ways from a scores matrix whose truth is its diagonal
     grouped_retrieval   the same for a dual encoder, among groups of images and all their captions
+    grouped_pair_retrieval  the same for any scorer (a cross-encoder scores g·G pairs a group)
     reference_caption   a reference caption as a model could write it (tokenised, cut, decoded)
     caption_examples    captions for many images, `chunk` images per decoding call
     caption_metrics     BLEU-4, CIDEr-D, ROUGE-L and the world's caption truth rate
@@ -69,16 +70,19 @@ def image_batch(images: list[np.ndarray], device: torch.device) -> Tensor:
     return torch.stack([image_to_tensor(image) for image in images]).to(device)
 
 
-def pair_scores(score: Callable[[Tensor, Tensor], Tensor], n: int, chunk: int = 1024) -> Tensor:
-    """Every (image i, text t) pair of n examples scored by a cross-encoder, `chunk` pairs a call.
+def pair_scores(score: Callable[[Tensor, Tensor], Tensor], n: int, n_texts: int | None = None,
+                chunk: int = 1024) -> Tensor:
+    """Every (image i, text t) pair of n images and n_texts texts (default n) scored by a
+    cross-encoder, `chunk` pairs a call.
 
-    score(image_index (p,), text_index (p,)) -> (p,) scores. Returns (n images, n texts) on the
-    CPU, float32. n² forward passes, as the official UNITER and Oscar evaluations do."""
-    image = torch.arange(n).repeat_interleave(n)  # (n·n,), image-major
-    text = torch.arange(n).repeat(n)  # (n·n,)
+    score(image_index (p,), text_index (p,)) -> (p,) scores. Returns (n images, G texts) on the
+    CPU, float32. n·G forward passes, as the official UNITER and Oscar evaluations do."""
+    G = n if n_texts is None else n_texts
+    image = torch.arange(n).repeat_interleave(G)  # (n·G,), image-major
+    text = torch.arange(G).repeat(n)  # (n·G,)
     out = [score(image[s:s + chunk], text[s:s + chunk]).float().cpu()
-           for s in range(0, n * n, chunk)]
-    return torch.cat(out).view(n, n)  # (n images, n texts)
+           for s in range(0, n * G, chunk)]
+    return torch.cat(out).view(n, G)  # (n images, G texts)
 
 
 def retrieval_metrics(scores: Tensor) -> dict[str, float]:
@@ -97,14 +101,23 @@ def grouped_retrieval(embed_images: Callable[[list], Tensor],
 
     embed_images(uint8 arrays) -> (g, E); embed_texts(strings) -> (G, E); both L2-normalised,
     so that their product is the cosine similarity."""
+    return grouped_pair_retrieval(lambda part, texts: embed_images(
+        [ex["image"] for ex in part]) @ embed_texts(texts).T, examples, group)  # (g, G)
+
+
+def grouped_pair_retrieval(score: Callable[[list[dict], list[str]], Tensor],
+                           examples: list[dict], group: int = 1000) -> dict[str, float]:
+    """Retrieval among groups of `group` images and all their captions, the recalls averaged
+    over groups (COCO 1K: the mean over five folds of 1,000 images of the 5K test; a group as
+    large as the split: COCO 5K, Flickr30k 1K). score(examples, texts) -> (g images, G texts):
+    for a cross-encoder g·G forward passes a group (UNITER and Oscar), for a dual encoder a
+    product of embeddings."""
     recalls = []
     for start in range(0, len(examples), group):
         part = examples[start:start + group]
-        image_emb = embed_images([ex["image"] for ex in part])  # (g, E)
         texts = [c for ex in part for c in ex["captions"]]
         text_image = torch.tensor([k for k, ex in enumerate(part) for _ in ex["captions"]])  # (G,)
-        scores = image_emb @ embed_texts(texts).T  # (g, G)
-        recalls.append(recall_at_k(scores.float().cpu(), text_image))
+        recalls.append(recall_at_k(score(part, texts).float().cpu(), text_image))
     return {key: sum(float(r[key]) for r in recalls) / len(recalls) for key in recalls[0]}
 
 

@@ -32,7 +32,9 @@ def checkpoints(tmp_path_factory):
     out = {}
     for name, args in (("coca", COCA), ("virtex", VIRTEX), ("oscar", OSCAR),
                        ("uniter_vqa", ["--model", "uniter", *SMALL_BERT]),
-                       ("oscar_vqa", ["--model", "oscar", *SMALL_BERT])):
+                       ("oscar_vqa", ["--model", "oscar", *SMALL_BERT]),
+                       ("uniter", ["--model", "uniter", *SMALL_BERT[:-1], "retrieval",
+                                   "--eval_pairs", "8"])):
         run, paper, overrides = train.parse_args(args + COMMON + ["--out", str(root / name)])
         train.train(run, paper, overrides, log=lambda line: None)
         out[name] = root / name / "best.pt"
@@ -192,8 +194,8 @@ def test_karpathy_on_the_exported_world_equals_the_world_evaluation(checkpoints,
     assert virtex["images"] == 5 and "cider" in virtex and "i2t_r1_all" not in virtex
     with pytest.raises(SystemExit, match="no image of split 'val'"):
         infer.karpathy(checkpoints["coca"], str(tmp_path / "dataset_test.json"), split="val")
-    with pytest.raises(SystemExit, match="not oscar"):
-        infer.karpathy(checkpoints["oscar"], str(tmp_path / "dataset_test.json"))
+    with pytest.raises(SystemExit, match="this oscar checkpoint is --task vqa"):
+        infer.karpathy(checkpoints["oscar_vqa"], str(tmp_path / "dataset_test.json"))
 
 
 @pytest.mark.parametrize("name", ["uniter_vqa", "oscar_vqa"])
@@ -264,3 +266,49 @@ def test_train_on_vqa_files_takes_the_answer_vocabulary_from_them(tmp_path, mode
     assert any(f"answer vocabulary: {len(expected)} answers" in line for line in lines)
     metrics = infer.vqa(tmp_path / "run" / "best.pt", spec, n=5)
     assert metrics["images"] == 5 and 0 <= metrics["vqa_acc"] <= 1
+
+
+def test_karpathy_with_region_models_equals_the_world_evaluation(checkpoints, tmp_path):
+    """Oscar captions and UNITER cross-encoder retrieval on the exported world read back as a
+    Karpathy file with its region files: the same captions and scores as in memory on the same
+    regions (rounded to the export's float16); folds of 1,000 (COCO 1K) as the mean over groups;
+    a missing region file named in one line."""
+    import oscar
+    import uniter
+    from shared.evaluate import caption_metrics, world_examples
+    from shared.metrics import recall_at_k
+
+    n = 10
+    _, _, _, config, run = infer.load(checkpoints["oscar"])
+    world_config = train.make_world_config(oscar, config, run["seed"])
+    export_split(World(world_config, "test"), tmp_path, n=n)
+    examples = world_examples(world_config, "test", n)
+    for ex in examples:
+        ex["features"] = ex["features"].astype(np.float16).astype(np.float32)
+    split = str(tmp_path / "dataset_test.json")
+    ours = infer.karpathy(checkpoints["oscar"], split, results=tmp_path / "r.json")
+    paper, model, tokenizer, config, _ = infer.load(checkpoints["oscar"])
+    with torch.no_grad():
+        captions = oscar.caption(model, tokenizer, config, examples, world_config)
+    expected = caption_metrics(captions, examples, tokenizer, 10**6)
+    for key in ("bleu4", "cider", "rouge_l"):
+        assert ours[key] == pytest.approx(expected[key], abs=1e-9), key
+    assert [r["caption"] for r in json.loads((tmp_path / "r.json").read_text())] == captions
+    assert "i2t_r1_all" not in ours  # a caption checkpoint: no retrieval head
+    ours = infer.karpathy(checkpoints["uniter"], split, group=4)
+    paper, model, tokenizer, config, run = infer.load(checkpoints["uniter"])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    texts = [c for ex in examples for c in ex["captions"][:5]]
+    text_image = torch.tensor([k for k, ex in enumerate(examples) for _ in ex["captions"][:5]])
+    with torch.no_grad():
+        scores = uniter.retrieval_scores(model, tokenizer, config, examples, world_config, texts)
+        folds = [recall_at_k(uniter.retrieval_scores(
+            model, tokenizer, config, examples[s:s + 4], world_config, texts[5 * s:5 * s + 20]),
+            torch.arange(min(4, n - s)).repeat_interleave(5)) for s in range(0, n, 4)]
+    for key, value in recall_at_k(scores, text_image).items():
+        assert ours[f"{key}_all"] == pytest.approx(value, abs=1e-9), key
+        assert ours[f"{key}_1k"] == pytest.approx(sum(f[key] for f in folds) / 3, abs=1e-9)
+    assert ours["pairs_scored"] == n * 5 * n + (4 * 20 + 4 * 20 + 2 * 10)
+    (tmp_path / "regions" / f"{3:012d}.npz").unlink()
+    with pytest.raises(SystemExit, match=f"no region file .*{3:012d}.npz"):
+        infer.karpathy(checkpoints["uniter"], split)
