@@ -7,6 +7,7 @@
     python infer.py classify runs/coca-tiny/best.pt photo.jpg --classes "red circle" "blue star"
     python infer.py rank runs/coca-tiny/best.pt "a red circle" photos/ --top 5
     python infer.py zeroshot runs/coca-tiny/best.pt imagenet/val      # root/<class name>/*.jpg
+    python infer.py probe runs/virtex-tiny/best.pt imagenet/train imagenet/val --n_train 50000
     python infer.py karpathy runs/coca-tiny/best.pt dataset_coco.json,COCO_ROOT --results r.json
     python infer.py karpathy runs/uniter-tiny-retrieval/best.pt dataset_coco.json,REGIONS --n 1000
     python infer.py vqa runs/uniter-tiny-vqa/best.pt questions.json,annotations.json,regions/
@@ -29,6 +30,9 @@ karpathy  the test (or --split val) images of a Karpathy split file: captioning 
 vqa       UNITER and Oscar (--task vqa checkpoints) on VQA v2 questions with their region files
           (shared.vqa): the evaluation server's accuracy overall and per answer type, the
           answers written as its results JSON with --results
+probe     CoCa and VirTex: a linear classifier on the frozen image features of a training image
+          folder, top-1 on a validation folder with the same classes (shared.probe: the
+          evaluation of VirTex §Downstream and, with a linear head, CoCa §4.2.1)
 zeroshot  CoCa zero-shot top-1 / top-5 on an image folder, root/<class name>/<images> ("_" in a
           folder name reads as a space), each class embedded as the mean over prompt templates
           (shared.evaluate.PROMPT_TEMPLATES, or --templates "a {}" ...) [CoCa §4.2.2]
@@ -44,6 +48,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.folders import ImageFolder, RegionFolder, karpathy_split, load_image
@@ -178,6 +183,50 @@ def _region_examples(items: list[dict], region_dir: Path) -> list[dict]:
                 for p, item in zip(paths, items)]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, n: int = 0,
+          chunk: int = 250) -> dict:
+    """The linear probe of a CoCa or VirTex checkpoint's frozen image features on an image
+    folder pair, root/<class name>/<images> (shared.probe.probe_accuracy: multinomial logistic
+    regression, weight decay chosen on held-out training images): {"train_images",
+    "val_images", "classes", "top1"}. n_train, n > 0: that many images of each folder, spread
+    evenly over it (so over its classes)."""
+    from shared.evaluate import image_batch
+    from shared.probe import probe_accuracy
+
+    paper, model, tokenizer, config, run = load(checkpoint)
+    if run["model"] not in ("coca", "virtex"):
+        raise SystemExit(f"error: probe reads image features of CoCa or VirTex, not "
+                         f"{run['model']}")
+    device = next(model.parameters()).device
+    embed = ((lambda images: paper.embed_image_arrays(model, images)) if run["model"] == "coca"
+             else (lambda images: model.pooled_features(image_batch(images, device))))
+    try:
+        folders = [ImageFolder(root, config.image_size) for root in (train_root, val_root)]
+        unknown = sorted(set(folders[1].classes) - set(folders[0].classes))
+        if unknown:
+            raise ValueError(f"{val_root}: class folder {unknown[0]!r} is not a class of "
+                             f"{train_root}")
+        features = []
+        for folder, count in zip(folders, (n_train, n)):
+            count = len(folder) if count <= 0 else min(count, len(folder))
+            index = np.linspace(0, len(folder) - 1, count).round().astype(int)  # evenly spread
+            x, y = [], []
+            with torch.no_grad():
+                for start in range(0, count, chunk):
+                    items = [folder.item(int(i)) for i in index[start:start + chunk]]
+                    x.append(embed([image for image, _ in items]).float().cpu())
+                    y += [folders[0].classes.index(folder.classes[label]) for _, label in items]
+                    _progress(min(start + chunk, count), count, f"images of {folder.root}")
+            features += [torch.cat(x), torch.tensor(y)]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    order = torch.randperm(len(features[1]), generator=torch.Generator().manual_seed(0))
+    x_train, y_train = features[0][order], features[1][order]  # random order: see probe_accuracy
+    top1 = probe_accuracy(x_train, y_train, features[2], features[3], len(folders[0].classes))
+    return {"train_images": len(x_train), "val_images": len(features[2]),
+            "classes": len(folders[0].classes), "top1": top1}
 
 
 def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
@@ -340,7 +389,13 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("data", help="QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]]")
     v.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
     v.add_argument("--results", type=Path, help="write the answers in the VQA results format")
-    for p in (c, z, r, e, k, v):
+    b = sub.add_parser("probe", help="CoCa / VirTex: linear probe on image folders")
+    b.add_argument("checkpoint", type=Path)
+    b.add_argument("train_root", type=Path, help="train_root/<class name>/<images>")
+    b.add_argument("val_root", type=Path, help="the same classes, held-out images")
+    b.add_argument("--n_train", type=int, default=0, help="training images (0 = all)")
+    b.add_argument("--n", type=int, default=0, help="validation images (0 = all)")
+    for p in (c, z, r, e, k, v, b):
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
     if args.command == "caption":
@@ -360,6 +415,10 @@ def main(argv: list[str] | None = None) -> None:
                    vqa(args.checkpoint, args.data, args.results, args.n))
         lines = [f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                  for key, value in results.items()]
+    elif args.command == "probe":
+        results = probe(args.checkpoint, args.train_root, args.val_root, args.n_train, args.n)
+        lines = [f"{results['train_images']} training and {results['val_images']} validation "
+                 f"images, {results['classes']} classes: top-1 {results['top1']:.4f}"]
     else:
         results = zeroshot(args.checkpoint, args.root, args.templates)
         lines = [f"{results['images']} images, {results['classes']} classes: top-1 "

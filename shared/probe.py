@@ -54,6 +54,16 @@ def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, spli
     n_train = n_train or min(1000, max(100, 2 * n))
     x_train, y_train = _features(embed, ClassificationWorld(world_config, "train"), n_train, chunk)
     x_test, y_test = _features(embed, ClassificationWorld(world_config, split), n, chunk)
+    return probe_accuracy(x_train, y_train, x_test, y_test, len(CLASS_NAMES), steps, l2s)
+
+
+def probe_accuracy(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
+                   n_classes: int, steps: int = 200,
+                   l2s: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)) -> float:
+    """Top-1 accuracy on (x_test (n, D), y_test (n,)) of the linear classifier over n_classes
+    fitted on (x_train (m, D), y_train (m,)): the fit of linear_probe, for features of any
+    source (the world, or image folders on disk: infer.py probe). The weight decay is chosen on
+    the last fifth of the training rows, so they must be in random order (not class by class)."""
     # OURS: standardise each feature with the training set's mean and std. L2-normalised features
     # of a random or young network differ between images by tiny amounts; without this the fit
     # depends on their scale (a weight-decayed classifier cannot reach large enough weights).
@@ -64,15 +74,15 @@ def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, spli
     n_fit = len(x_train) * 4 // 5
     held_out = {}
     for l2 in l2s:
-        params = _fit(x_train[:n_fit], y_train[:n_fit], l2, steps)
+        params = _fit(x_train[:n_fit], y_train[:n_fit], l2, steps, n_classes)
         held_out[l2] = float(top1_accuracy(_predict(params, x_train[n_fit:]), y_train[n_fit:]))
     best = max(l2s, key=lambda l2: (held_out[l2], l2))  # ties: the stronger decay
-    return float(top1_accuracy(_predict(_fit(x_train, y_train, best, steps), x_test), y_test))
+    params = _fit(x_train, y_train, best, steps, n_classes)
+    return float(top1_accuracy(_predict(params, x_test), y_test))
 
 
-def _fit(x: Tensor, y: Tensor, l2: float, steps: int) -> tuple[Tensor, Tensor]:
+def _fit(x: Tensor, y: Tensor, l2: float, steps: int, C: int) -> tuple[Tensor, Tensor]:
     """Multinomial logistic regression, full-batch L-BFGS: x (m, D), y (m,) -> W (D, C), b (C,)."""
-    C = len(CLASS_NAMES)
     W = torch.zeros(x.shape[1], C, device=x.device, requires_grad=True)  # (D, C)
     b = torch.zeros(C, device=x.device, requires_grad=True)  # (C,)
     with torch.enable_grad():  # the caller runs under no_grad; the probe itself is trained

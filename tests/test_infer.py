@@ -3,6 +3,7 @@ for image files (CoCa, VirTex; also from a prompt) and region files (Oscar), CoC
 classification and text-to-image ranking, as lines and as JSON, and one-line errors for misuse."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -312,3 +313,37 @@ def test_karpathy_with_region_models_equals_the_world_evaluation(checkpoints, tm
     (tmp_path / "regions" / f"{3:012d}.npz").unlink()
     with pytest.raises(SystemExit, match=f"no region file .*{3:012d}.npz"):
         infer.karpathy(checkpoints["uniter"], split)
+
+
+@pytest.mark.parametrize("name", ["coca", "virtex"])
+def test_probe_on_image_folders_fits_the_frozen_features(checkpoints, tmp_path, name):
+    """infer.py probe = shared.probe.probe_accuracy on the checkpoint's features of the folders'
+    images (training rows in the seeded random order); images spread over the folder with
+    --n_train; a validation class the training folder lacks is named in one line."""
+    from shared.evaluate import image_batch
+    from shared.folders import ImageFolder
+    from shared.probe import probe_accuracy
+    from shared.world import export_classification
+
+    paper, model, tokenizer, config, run = infer.load(checkpoints[name])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    export_classification(world_config, "train", tmp_path / "train", 400)
+    export_classification(world_config, "test", tmp_path / "val", 30)
+    ours = infer.probe(checkpoints[name], tmp_path / "train", tmp_path / "val")
+    folders = [ImageFolder(tmp_path / s, config.image_size) for s in ("train", "val")]
+    with torch.no_grad():
+        embed = ((lambda ims: paper.embed_image_arrays(model, ims)) if name == "coca"
+                 else (lambda ims: model.pooled_features(image_batch(ims, "cpu"))))
+        x = [embed([f.item(i)[0] for i in range(len(f))]) for f in folders]
+    y = [torch.tensor([folders[0].classes.index(f.classes[f.item(i)[1]]) for i in range(len(f))])
+         for f in folders]
+    order = torch.randperm(len(y[0]), generator=torch.Generator().manual_seed(0))
+    expected = probe_accuracy(x[0][order], y[0][order], x[1], y[1], len(folders[0].classes))
+    assert ours == {"train_images": 400, "val_images": 30, "classes": len(folders[0].classes),
+                    "top1": pytest.approx(expected, abs=1e-12)}
+    assert infer.probe(checkpoints[name], tmp_path / "train", tmp_path / "val",
+                       n_train=20, n=10)["train_images"] == 20
+    (tmp_path / "val" / "purple_moon").mkdir()
+    shutil.copy(next((tmp_path / "val").glob("*/*.png")), tmp_path / "val" / "purple_moon")
+    with pytest.raises(SystemExit, match="class folder 'purple moon' is not a class of"):
+        infer.probe(checkpoints[name], tmp_path / "train", tmp_path / "val")
