@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.evaluate import in_eval_mode
 from shared.folders import ImageFolder, RegionFolder, karpathy_split, load_image
 from shared.tokenizer import Tokenizer
 
@@ -169,20 +170,156 @@ def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = N
     return {"images": len(folder), "classes": len(folder.classes), **accuracy}
 
 
-def _region_examples(items: list[dict], region_dir: Path) -> list[dict]:
-    """The region example (shared.folders.RegionFolder) of each Karpathy item: the .npz named
-    as its image in region_dir; a missing or unreadable file ends the evaluation in one line."""
-    paths = [region_dir / (Path(item["path"]).stem + ".npz") for item in items]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise SystemExit(f"error: no region file {missing[0]} ({len(missing)} of the split's "
-                         f"{len(paths)} images lack one)")
-    folder = RegionFolder([(p, item["captions"]) for p, item in zip(paths, items)])
-    try:
-        return [{**folder._read(p), "captions": item["captions"]}
-                for p, item in zip(paths, items)]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+def _progress(done: int, total: int, what: str) -> None:
+    """A progress line on stderr, rewritten in place."""
+    sys.stderr.write(f"\r{done}/{total} {what}" + ("\n" if done == total else ""))
+    sys.stderr.flush()
+
+
+def _caption_items(spec: str, inputs: str, image_size: int, split: str) -> list[dict]:
+    """The evaluation images of a spec: [{"image_id", "path" (the image, or for a region model
+    its .npz), "captions"}]. karpathy:SPLIT_JSON[,ROOT] (the prefix may be left out): the images
+    of `split`, ROOT the image root or, for a region model, the folder of .npz files named as the
+    images (default: regions/ beside the file); coco:, jsonl:, regions: (shared.folders): every
+    image of that held-out corpus (split does not apply), image_id its position."""
+    from shared.folders import open_corpus
+
+    kind, _, rest = spec.partition(":")
+    regions = inputs == "regions"
+    if kind in ("coco", "jsonl", "regions"):
+        corpus = open_corpus(spec, inputs, image_size)
+        if corpus.dropped_images:
+            raise ValueError(f"{spec}: {corpus.dropped_images} images have no file or no "
+                             f"caption; an evaluation set must be complete")
+        return [{"image_id": k, "path": path, "captions": captions}
+                for k, (path, captions) in enumerate(corpus.records)]
+    file, _, root = (rest if kind == "karpathy" else spec).partition(",")
+    items = karpathy_split(file, None if regions else (root or None), split)
+    if regions:
+        region_dir = Path(root) if root else Path(file).parent / "regions"
+        items = [{**item, "path": region_dir / (Path(item["path"]).stem + ".npz")}
+                 for item in items]
+        missing = [item["path"] for item in items if not item["path"].is_file()]
+        if missing:
+            raise ValueError(f"no region file {missing[0]} ({len(missing)} of the split's "
+                             f"{len(items)} images lack one)")
+    return items
+
+
+def _read_examples(items: list[dict], regions: bool, image_size: int) -> list[dict]:
+    """{"image" or the region arrays, "captions"} of each item; ValueError on an unreadable
+    file (its message names it)."""
+    if not regions:
+        missing = [str(item["path"]) for item in items if not Path(item["path"]).is_file()]
+        if missing:
+            raise ValueError(f"no image file {missing[0]}")
+        return [{"image": load_image(item["path"], image_size), "captions": item["captions"]}
+                for item in items]
+    folder = RegionFolder([(item["path"], item["captions"]) for item in items])
+    return [{**folder._read(item["path"]), "captions": item["captions"]} for item in items]
+
+
+@in_eval_mode
+def evaluate_corpus(model, paper, tokenizer, config, name: str, seed: int, spec: str,
+                    split: str = "test", n: int = 0, results: Path | None = None,
+                    chunk: int = 100, group: int = 1000) -> dict:
+    """The metrics of a model on evaluation data on disk (train.py --val_data and --eval_only
+    use it too): vqa: specs go to VQA (_vqa_metrics); the others (_caption_items) to
+    captioning (CoCa, VirTex, Oscar --task caption) and retrieval (CoCa by embeddings, UNITER
+    and Oscar --task pretrain / retrieval as cross-encoders), as the module docstring says.
+    n > 0: the first n images. results: the captions (VQA: answers) in the official format."""
+    from shared.evaluate import grouped_pair_retrieval
+    from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
+
+    regions = paper.INPUTS == "regions"
+    world_config = None
+    if regions and config.standardise_features:  # the statistics its training used
+        import train
+
+        world_config = train.make_world_config(paper, config, seed)
+    if spec.startswith("vqa:"):
+        return _vqa_metrics(model, paper, tokenizer, config, name, world_config, spec, n,
+                            results, 2 * chunk)
+    captions_too = name in ("coca", "virtex") or (regions and config.task == "caption")
+    retrieval = name == "coca" or (regions and config.task in ("pretrain", "retrieval"))
+    if not (captions_too or retrieval):
+        raise ValueError(f"captioning and retrieval data; this {name} checkpoint is --task "
+                         f"{config.task}")
+    items = _caption_items(spec, paper.INPUTS, config.image_size, split)
+    items = items[:n] if n > 0 else items
+    examples = _read_examples(items, regions, config.image_size)
+    metrics = {"images": len(items)}
+    if captions_too:
+        captions = []
+        for start in range(0, len(examples), chunk):
+            part = examples[start:start + chunk]
+            captions += (paper.caption(model, tokenizer, config, part, world_config) if regions
+                         else paper.caption_images(model, tokenizer, config,
+                                                   [ex["image"] for ex in part]))
+            _progress(min(start + chunk, len(examples)), len(examples), "images captioned")
+        candidates = [coco_tokenize(c) for c in captions]
+        references = [[coco_tokenize(c) for c in item["captions"]] for item in items]
+        b = bleu(candidates, references)
+        metrics |= {**{f"bleu{k + 1}": b[k] for k in range(4)},
+                    "cider": cider_d(candidates, references),
+                    "rouge_l": rouge_l(candidates, references)}
+        if results is not None:  # the COCO results format the official toolkit reads
+            results.write_text(json.dumps([{"image_id": item["image_id"], "caption": c}
+                                           for item, c in zip(items, captions)]) + "\n")
+    if retrieval:  # the first 5 captions of each image, as the papers' protocol
+        five = [{**ex, "captions": ex["captions"][:5]} for ex in examples]
+        if regions:  # a cross-encoder: every image with every caption of its group
+            score = lambda part, texts: paper.retrieval_scores(
+                model, tokenizer, config, part, world_config, texts)  # (g, G)
+        else:
+            score = lambda part, texts: paper.embed_image_arrays(  # (g, G)
+                model, [ex["image"] for ex in part]) @ paper.embed_text_strings(
+                model, tokenizer, config, texts).T
+        whole = grouped_pair_retrieval(score, five, group=len(five))
+        folds = whole if len(five) <= group else grouped_pair_retrieval(score, five, group)
+        for key, recalls in (("all", whole), ("1k", folds)):
+            metrics |= {f"{k}_{key}": value for k, value in recalls.items()}
+            metrics[f"rsum_{key}"] = sum(recalls.values())
+        metrics["r1_mean"] = (whole["i2t_r1"] + whole["t2i_r1"]) / 2  # what best.pt keeps
+        if regions:  # the cost of the protocol: g images x G captions, every group
+            pairs = lambda size: sum(len(five[s:s + size]) * sum(
+                len(ex["captions"]) for ex in five[s:s + size])
+                for s in range(0, len(five), size))
+            metrics["pairs_scored"] = pairs(len(five)) + (
+                pairs(group) if len(five) > group else 0)
+    return metrics
+
+
+def _vqa_metrics(model, paper, tokenizer, config, name: str, world_config, spec: str, n: int,
+                 results: Path | None, chunk: int) -> dict:
+    """VQA v2 (shared.vqa.VQAFolder) of a UNITER or Oscar --task vqa model: the evaluation
+    server's accuracy overall and per answer type (when the annotations are given)."""
+    from shared.vqa import VQAFolder, accuracy_by_type, results_json
+
+    if name not in ("uniter", "oscar") or config.task != "vqa":
+        raise ValueError(f"VQA needs a --task vqa checkpoint of UNITER or Oscar, not {name} "
+                         f"--task {config.task}")
+    folder = VQAFolder.from_spec(spec)
+    if folder.missing:
+        question, path = folder.missing[0]
+        raise ValueError(f"question {question}: its image has no region file {path} "
+                         f"({len(folder.missing)} questions lack one)")
+    total = len(folder) if n <= 0 else min(n, len(folder))
+    predicted, records = [], []
+    for start in range(0, total, chunk):  # `chunk` images' regions in memory at a time
+        examples = [folder.example(i) for i in range(start, min(start + chunk, total))]
+        predicted += paper.answer_questions(model, tokenizer, config, examples, world_config)
+        records += [r for ex in examples for r in ex["records"]]
+        _progress(min(start + chunk, total), total, "images")
+    if folder.unreadable:
+        raise ValueError(f"{folder.unreadable} region files could not be read (named in the "
+                         f"warnings above)")
+    metrics = {"images": total, "questions": len(records)}
+    if "answers" in records[0]:
+        metrics |= accuracy_by_type(predicted, records)
+    if results is not None:  # the evaluation server's format
+        results.write_text(results_json(predicted, records))
+    return metrics
 
 
 def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, n: int = 0,
@@ -231,128 +368,29 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
 
 def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
              results: Path | None = None, chunk: int = 100, group: int = 1000) -> dict:
-    """The Karpathy-split evaluation of a checkpoint (module docstring): a dict of metrics, with
-    "images" the number evaluated (n > 0: the first n of the split). Image models read
-    SPLIT_JSON[,IMAGE_ROOT]; region models (UNITER, Oscar) SPLIT_JSON[,REGION_DIR], the .npz
-    of each image named as its image file (default REGION_DIR: regions/ beside the file)."""
-    from shared.evaluate import grouped_pair_retrieval
-    from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
-
+    """The Karpathy-split evaluation of a checkpoint (module docstring, evaluate_corpus): a dict
+    of metrics, with "images" the number evaluated (n > 0: the first n of the split)."""
     paper, model, tokenizer, config, run = load(checkpoint)
-    regions = paper.INPUTS == "regions"
-    captions_too = run["model"] in ("coca", "virtex") or (regions and config.task == "caption")
-    retrieval = run["model"] == "coca" or (regions and config.task in ("pretrain", "retrieval"))
-    if not (captions_too or retrieval):
-        raise SystemExit(f"error: karpathy evaluates captioning and retrieval; this "
-                         f"{run['model']} checkpoint is --task {config.task}")
-    file, _, root = spec.removeprefix("karpathy:").partition(",")
+    spec = spec if spec.startswith("karpathy:") else "karpathy:" + spec
     try:
-        items = karpathy_split(file, None if regions else (root or None), split)
+        return evaluate_corpus(model, paper, tokenizer, config, run["model"], run["seed"], spec,
+                               split, n, results, chunk, group)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    items = items[:n] if n > 0 else items
-    world_config = None
-    if regions:
-        examples = _region_examples(items, Path(root) if root else Path(file).parent / "regions")
-        if config.standardise_features:  # the statistics its training used
-            import train
-
-            world_config = train.make_world_config(paper, config, run["seed"])
-    else:
-        examples = [{"image": image, "captions": item["captions"]} for image, item in
-                    zip(_images([item["path"] for item in items], config.image_size), items)]
-    metrics = {"images": len(items)}
-    with torch.no_grad():
-        if captions_too:
-            captions = []
-            for start in range(0, len(examples), chunk):
-                part = examples[start:start + chunk]
-                captions += (paper.caption(model, tokenizer, config, part, world_config)
-                             if regions else
-                             paper.caption_images(model, tokenizer, config,
-                                                  [ex["image"] for ex in part]))
-                _progress(min(start + chunk, len(examples)), len(examples), "images captioned")
-            candidates = [coco_tokenize(c) for c in captions]
-            references = [[coco_tokenize(c) for c in item["captions"]] for item in items]
-            b = bleu(candidates, references)
-            metrics |= {**{f"bleu{k + 1}": b[k] for k in range(4)},
-                        "cider": cider_d(candidates, references),
-                        "rouge_l": rouge_l(candidates, references)}
-            if results is not None:  # the COCO results format the official toolkit reads
-                results.write_text(json.dumps([{"image_id": item["image_id"], "caption": c}
-                                               for item, c in zip(items, captions)]) + "\n")
-        if retrieval:  # the first 5 captions of each image, as the papers' protocol
-            five = [{**ex, "captions": ex["captions"][:5]} for ex in examples]
-            if regions:  # a cross-encoder: every image with every caption of its group
-                score = lambda part, texts: paper.retrieval_scores(
-                    model, tokenizer, config, part, world_config, texts)  # (g, G)
-            else:
-                score = lambda part, texts: paper.embed_image_arrays(  # (g, G)
-                    model, [ex["image"] for ex in part]) @ paper.embed_text_strings(
-                    model, tokenizer, config, texts).T
-            whole = grouped_pair_retrieval(score, five, group=len(five))
-            folds = (whole if len(five) <= group else
-                     grouped_pair_retrieval(score, five, group=group))
-            for name, recalls in (("all", whole), ("1k", folds)):
-                metrics |= {f"{key}_{name}": value for key, value in recalls.items()}
-                metrics[f"rsum_{name}"] = sum(recalls.values())
-            if regions:  # the cost of the protocol: g images x G captions, every group
-                pairs = lambda size: sum(len(five[s:s + size]) * sum(
-                    len(ex["captions"]) for ex in five[s:s + size])
-                    for s in range(0, len(five), size))
-                metrics["pairs_scored"] = pairs(len(five)) + (
-                    pairs(group) if len(five) > group else 0)
-    return metrics
-
-
-def _progress(done: int, total: int, what: str) -> None:
-    """A progress line on stderr, rewritten in place."""
-    sys.stderr.write(f"\r{done}/{total} {what}" + ("\n" if done == total else ""))
-    sys.stderr.flush()
 
 
 def vqa(checkpoint: Path, spec: str, results: Path | None = None, n: int = 0,
         chunk: int = 200) -> dict:
     """The VQA v2 evaluation of a UNITER or Oscar --task vqa checkpoint on
-    QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]] (shared.vqa.VQAFolder): the evaluation
-    server's accuracy overall and per answer type (with annotations), the predictions written
-    in its results format with --results. n > 0: the questions of the first n images."""
-    from shared.vqa import VQAFolder, accuracy_by_type, results_json
-
+    QUESTIONS_JSON[,ANNOTATIONS_JSON[,REGION_DIR]] (evaluate_corpus, shared.vqa.VQAFolder); n >
+    0: the questions of the first n images."""
     paper, model, tokenizer, config, run = load(checkpoint)
-    if run["model"] not in ("uniter", "oscar") or config.task != "vqa":
-        raise SystemExit(f"error: vqa needs a --task vqa checkpoint of UNITER or Oscar, not "
-                         f"{run['model']} --task {config.task}")
+    spec = spec if spec.startswith("vqa:") else "vqa:" + spec
     try:
-        folder = VQAFolder.from_spec(spec if spec.startswith("vqa:") else "vqa:" + spec)
+        return evaluate_corpus(model, paper, tokenizer, config, run["model"], run["seed"], spec,
+                               n=n, results=results, chunk=chunk // 2)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if folder.missing:
-        question, path = folder.missing[0]
-        raise SystemExit(f"error: question {question}: its image has no region file {path} "
-                         f"({len(folder.missing)} questions lack one)")
-    world_config = None
-    if config.standardise_features:  # the statistics its training used
-        import train
-
-        world_config = train.make_world_config(paper, config, run["seed"])
-    total = len(folder) if n <= 0 else min(n, len(folder))
-    predicted, records = [], []
-    with torch.no_grad():
-        for start in range(0, total, chunk):  # `chunk` images' regions in memory at a time
-            examples = [folder.example(i) for i in range(start, min(start + chunk, total))]
-            predicted += paper.answer_questions(model, tokenizer, config, examples, world_config)
-            records += [r for ex in examples for r in ex["records"]]
-            _progress(min(start + chunk, total), total, "images")
-    if folder.unreadable:
-        raise SystemExit(f"error: {folder.unreadable} region files could not be read (named "
-                         f"in the warnings above)")
-    metrics = {"images": total, "questions": len(records)}
-    if "answers" in records[0]:
-        metrics |= accuracy_by_type(predicted, records)
-    if results is not None:  # the evaluation server's format
-        results.write_text(results_json(predicted, records))
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,6 +90,9 @@ class RunConfig:
     data: str = ""  # a corpus on disk: coco:JSON[,IMAGE_DIR] or jsonl:FILE (pixels),
     #                 regions:JSON[,REGION_DIR] (regions), vqa:QUESTIONS,ANNOTATIONS[,REGION_DIR]
     #                 (VQA v2, --task vqa); default: the world
+    val_data: str = ""  # what --eval_every and the final evaluation read, on disk: karpathy:
+    #                     SPLIT_JSON[,ROOT] (its val split, then test; the default when --data
+    #                     is karpathy:), coco:, jsonl:, regions: (a held-out corpus), vqa:
     stop_at: int = 0  # stop (with a checkpoint) after this step; 0 = run to max_steps
     eval_every: int = 0  # evaluate on the val split every this many steps; 0 = only at the end
     eval_n: int = 200  # val examples per periodic evaluation
@@ -147,6 +150,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error("--eval_only evaluates a checkpoint: give it with --init")
     if run.eval_only and not run.out:  # beside the checkpoint, never over its run's files
         run.out = str(Path(run.init).parent / "eval")
+    if run.data.startswith("karpathy:") and not run.val_data:  # its val and test splits
+        run.val_data = run.data
     if not run.out:  # a fine-tuning task gets its own folder: it must not overwrite its --init
         run.out = f"runs/{run.model}-{run.preset}" + ("" if run.task == "pretrain"
                                                       else f"-{run.task}")
@@ -269,9 +274,6 @@ def make_world_config(paper, config, seed: int) -> WorldConfig:
 
 def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
     """--data: a corpus on disk (shared/folders.py) of the kind the paper reads (INPUTS)."""
-    if run.eval_every or run.eval_only:
-        raise SystemExit("error: --eval_every and --eval_only evaluate on the world; with --data "
-                         "there is no evaluation yet")
     try:
         if run.data.startswith("vqa:"):  # VQA v2 questions, annotations and region files
             if paper.INPUTS != "regions" or run.task != "vqa":
@@ -391,8 +393,19 @@ def progress_line(step: int, config, means: dict, steps: int, tokens: int, secon
 
 
 def evaluate(s: "State", split: str, n: int, log) -> dict:
-    """The paper's metrics on n examples of a world split, appended to metrics.jsonl."""
-    metrics = s.paper.evaluate(s.model, s.tokenizer, s.config, s.world_config, split, n)
+    """The paper's metrics on n examples of a world split, or of --val_data on disk (the
+    protocols of infer.evaluate_corpus; n = 0 there: all of it), appended to metrics.jsonl."""
+    if s.run.val_data:
+        import infer
+
+        try:
+            metrics = infer.evaluate_corpus(s.model, s.paper, s.tokenizer, s.config,
+                                            s.run.model, s.run.seed, s.run.val_data, split, n)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --val_data: {e}") from None
+        metrics.pop("images", None)
+    else:
+        metrics = s.paper.evaluate(s.model, s.tokenizer, s.config, s.world_config, split, n)
     try:
         with open(s.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": s.step, "split": split, **metrics}) + "\n")
@@ -447,6 +460,8 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
             f"(no caption or no file) and {corpus.dropped_captions} empty captions")
         for line in corpus.notes:  # e.g. a Karpathy file's split counts
             log(line)
+    if init is not None and "answers" in init["config"] and run.task == "vqa":  # its head's
+        config = dataclasses.replace(config, answers=tuple(init["config"]["answers"]))  # classes
     if isinstance(corpus, VQAFolder) and ckpt is None:  # the VQA head's classes
         try:
             config = dataclasses.replace(config, answers=corpus.answers())
@@ -664,7 +679,10 @@ def train_loop(s: State, log) -> dict:
 def keep_if_best(s: State, metrics: dict, log) -> None:
     """best.pt: the model with the highest MAIN_METRIC of the task so far (a failed write is
     reported and leaves `best` as it was, so the next evaluation tries again)."""
-    value, before = metrics[s.paper.MAIN_METRIC[s.config.task]], s.best
+    key = s.paper.MAIN_METRIC[s.config.task]
+    if key not in metrics:  # on data on disk: VQA accuracy, mean R@1, or CIDEr-D
+        key = next(k for k in ("vqa_acc", "r1_mean", "cider") if k in metrics)
+    value, before = metrics[key], s.best
     if value > s.best:
         s.best = value
         try:
@@ -678,14 +696,17 @@ def finish(s: State, seconds: float, steps: int, log) -> dict:
     """final.json and best.pt: the test-split metrics (on the world) or the corpus counts."""
     log(f"trained {steps} steps in {format_duration(seconds)}")
     final = {"step": s.step, "train_seconds": round(seconds, 1)}
-    if s.corpus is not None:  # no labels to evaluate against: report the run and the corpus
+    if s.corpus is not None:  # the training corpus's counts
         final.update(data=s.run.data, images=len(s.corpus),
                      dropped_images=s.corpus.dropped_images,
                      dropped_captions=s.corpus.dropped_captions,
                      unreadable_files=unreadable_files(s.out / "unreadable.txt"),
                      corpus_notes=s.corpus.notes)
-        log("no evaluation with --data (the world's metrics do not apply); final.json has the "
-            "corpus counts")
+    if s.run.val_data:  # the test split (karpathy:) or the held-out data, all of it
+        final.update(split="test", val_data=s.run.val_data, **evaluate(s, "test", 0, log))
+    elif s.corpus is not None:
+        log("no evaluation: give --val_data (the world's metrics do not apply to --data); "
+            "final.json has the corpus counts")
     else:
         final["split"] = "test"
         final.update(evaluate(s, "test", s.run.final_n, log))

@@ -41,7 +41,8 @@ from shared.world import World, is_true, question_type
 
 def in_eval_mode(fn: Callable) -> Callable:
     """fn(model, ...) runs with model.eval() and torch.no_grad(); the model's training mode is
-    restored afterwards, also when fn raises. A dict of metrics comes back with float values."""
+    restored afterwards, also when fn raises. A dict of metrics comes back with float values
+    (tensors and numpy numbers converted; Python ints, such as counts, kept)."""
 
     @functools.wraps(fn)
     def wrapper(model: torch.nn.Module, *args, **kwargs):
@@ -53,7 +54,7 @@ def in_eval_mode(fn: Callable) -> Callable:
         finally:
             model.train(was_training)
         if isinstance(out, dict):
-            return {k: float(v) for k, v in out.items()}
+            return {k: v if isinstance(v, int) else float(v) for k, v in out.items()}
         return out
     return wrapper
 

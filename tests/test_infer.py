@@ -347,3 +347,64 @@ def test_probe_on_image_folders_fits_the_frozen_features(checkpoints, tmp_path, 
     shutil.copy(next((tmp_path / "val").glob("*/*.png")), tmp_path / "val" / "purple_moon")
     with pytest.raises(SystemExit, match="class folder 'purple moon' is not a class of"):
         infer.probe(checkpoints[name], tmp_path / "train", tmp_path / "val")
+
+
+def karpathy_file(tmp_path, world_config) -> str:
+    """A Karpathy split file over two exports of the world: 12 train, 4 val, 6 test images."""
+    images = []
+    for part, n in (("train", 12), ("test", 10)):
+        export_split(World(world_config, part), tmp_path / part, n=n)
+        for k, image in enumerate(json.loads(
+                (tmp_path / part / f"dataset_{part}.json").read_text())["images"]):
+            image["filepath"] = f"{part}/images"
+            image["split"] = "train" if part == "train" else ("val" if k < 4 else "test")
+            images.append(image)
+    (tmp_path / "dataset.json").write_text(json.dumps({"dataset": "world", "images": images}))
+    return str(tmp_path / "dataset.json")
+
+
+def test_train_on_a_karpathy_file_evaluates_on_val_then_test_and_eval_only_agrees(tmp_path):
+    """--data karpathy: trains on train + restval, --eval_every evaluates on the val split, the
+    final evaluation on the whole test split (captions and retrieval, as infer.py karpathy);
+    --eval_only --init on the same file gives the same test metrics."""
+    split = karpathy_file(tmp_path, WorldConfig(image_size=32))
+    out = tmp_path / "run"
+    run, paper, overrides = train.parse_args(COCA + COMMON + [
+        "--data", f"karpathy:{split}", "--eval_every", "1", "--eval_n", "3", "--out", str(out)])
+    train.train(run, paper, overrides, log=lambda line: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "val"), (2, "test")]
+    assert {"cider", "bleu4", "rouge_l", "r1_mean", "i2t_r1_all"} <= set(rows[0])
+    final = json.loads((out / "final.json").read_text())
+    assert final["split"] == "test" and final["val_data"] == f"karpathy:{split}"
+    direct = infer.karpathy(out / "latest.pt", split)
+    assert direct["images"] == 6
+    for key in ("cider", "bleu4", "rouge_l", "i2t_r1_all", "t2i_r5_all"):
+        assert final[key] == pytest.approx(direct[key], abs=1e-9), key
+    run, paper, overrides = train.parse_args(COCA + COMMON + [
+        "--eval_only", "--init", str(out / "latest.pt"), "--val_data", f"karpathy:{split}"])
+    train.train(run, paper, overrides, log=lambda line: None)
+    again = json.loads((out / "eval" / "final.json").read_text())
+    assert again["cider"] == pytest.approx(final["cider"], abs=1e-9)
+    assert again["init"] == str(out / "latest.pt")
+
+
+def test_train_on_vqa_files_evaluates_on_held_out_questions(tmp_path):
+    """--data vqa: (training questions) with --val_data vqa: (held-out ones): periodic and final
+    VQA accuracy per answer type, best.pt kept by vqa_acc."""
+    world_config = WorldConfig(image_size=32)
+    for part, n in (("train", 30), ("test", 6)):
+        export_split(World(world_config, part), tmp_path / part, n=n)
+    spec = lambda part: (f"vqa:{tmp_path / part / f'vqa_questions_{part}.json'},"
+                         f"{tmp_path / part / f'vqa_annotations_{part}.json'}")
+    out = tmp_path / "run"
+    run, paper, overrides = train.parse_args(["--model", "oscar", *SMALL_BERT, *COMMON,
+                                              "--data", spec("train"), "--val_data",
+                                              spec("test"), "--eval_every", "1", "--out",
+                                              str(out)])
+    train.train(run, paper, overrides, log=lambda line: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in rows] == ["val", "test"]
+    assert "vqa_acc" in rows[0] and rows[1]["questions"] == 24
+    assert json.loads((out / "final.json").read_text())["vqa_acc"] == rows[1]["vqa_acc"]
+    assert (out / "best.pt").is_file()
