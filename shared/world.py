@@ -917,6 +917,8 @@ def export_split(world: World, out_dir, n: int | None = None) -> Path:
         out_dir/dataset_<split>.json              the same as a Karpathy split file
         out_dir/vqa_questions_<split>.json        VQA v2 questions and annotations (_export_vqa)
         out_dir/vqa_annotations_<split>.json
+        out_dir/instances_<split>.json            COCO instances: each object's box (x, y, w, h in
+                                                  pixels) and shape (the detector's classes)
         out_dir/regions/<image_id:012d>.npz       features f16 (N, F), boxes f32 (N, 4) in [0, 1],
                                                   conf f32 (N,), cls_prob f16 (N, C+1), tags (K,)
                                                   unicode, image_hw int32 (2,); rows by conf desc.
@@ -951,6 +953,16 @@ def export_split(world: World, out_dir, n: int | None = None) -> Path:
     with open(out / f"dataset_{world.split}.json", "w") as f:  # the Karpathy split layout
         json.dump({"dataset": "world", "images": karpathy}, f)
     _export_vqa(world, out, n)
+    objects = []  # ground-truth boxes: the scene's objects, x2 and y2 exclusive
+    for i in range(n):
+        for o in world.scene(i).objects:
+            x1, y1, x2, y2 = o.box
+            objects.append({"id": len(objects), "image_id": i, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                            "category_id": DETECTOR_CLASSES.index(o.shape)})
+    with open(out / f"instances_{world.split}.json", "w") as f:
+        json.dump({"images": images, "annotations": objects, "categories": [
+            {"id": c, "name": DETECTOR_CLASSES[c]} for c in range(1, len(DETECTOR_CLASSES))]}, f)
     return out
 
 

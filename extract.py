@@ -1,0 +1,374 @@
+"""Region features for Oscar and UNITER from images, with no detector framework: a ResNet-50's
+last grid, RoIAligned (shared/roi.py) in boxes from annotations, a grid, or your own detector.
+
+    python extract.py regions IMAGE_DIR OUT_DIR --backbone_weights resnet50.pth
+    python extract.py regions captions_train2017.json regions/ --image_dir train2017 \\
+        --boxes instances:instances_train2017.json --backbone_weights resnet50.pth
+    python extract.py regions images/ regions/ --boxes json:detections.json --virtex best.pt
+
+writes OUT_DIR/<image file stem>.npz, the layout `train.py --data regions:` and `vqa:` read
+(shared.folders.RegionFolder):
+
+    features  float16 (N, C)  each box RoIAligned 7 x 7 on the backbone's last grid (aligned,
+                              adaptive sampling) and averaged: C = 2048 for ResNet-50
+    boxes     float32 (N, 4)  x1/W, y1/H, x2/W, y2/H of the original image
+    conf      float32 (N,)    see --boxes
+    cls_prob  float32 (N, K+1) (instances only) one-hot over [background] + the categories
+    tags      str (T,)        (instances: category names; json: the labels given)
+    image_hw  int32 (2,)      the original height and width
+
+--boxes says where the boxes come from and what `conf` means:
+    grid:S           (default grid:3) the whole image, then an S x S grid of cells, row by row;
+                     conf = 1 for every box (no detector: every box is kept by UNITER's conf
+                     threshold and, in this order, by Oscar's first-n rule); no tags, no cls_prob.
+                     Grid features from an ImageNet ResNet are a strong substitute for detector
+                     features [Jiang et al. 2020, "In Defense of Grid Features for VQA"].
+    instances:FILE   a COCO instances file (bbox = x, y, w, h in pixels): every annotated box of
+                     the image with conf = 1 (ground truth is certain), its category name as tag
+                     and a one-hot cls_prob (UNITER's MRC targets; column 0 is background, as a
+                     detector's softmax), then the whole image with conf = 0 and a background
+                     cls_prob, so an image with no annotation still has a region
+    json:FILE        your detector's boxes: {"<image file, as in SOURCE>": [{"box": [x1, y1, x2,
+                     y2] in pixels, "score": s (default 1), "label": "dog" (optional)}, ...]};
+                     conf = score, tags = the labels in conf order; an image absent from the file
+                     (or with no box) is skipped and counted
+
+SOURCE is a folder (every jpg, jpeg, png, bmp, webp under it) or a COCO JSON (`images[*]
+.file_name`, relative to --image_dir, default images/ beside the JSON). Each image is read as RGB
+and resized to --image_size x --image_size without a crop (the aspect ratio is not kept; boxes
+are fractions of the image, so they are unaffected) and normalised with the ImageNet mean/std.
+
+The backbone is the ResNet of virtex.py (torchvision's parameter names), from one of:
+    --backbone_weights FILE   a torchvision resnet50 state dict you have (resnet50-*.pth; `fc.*`
+                              is dropped, a DataParallel `module.` prefix stripped)
+    --virtex CKPT             the visual backbone of one of our VirTex checkpoints
+    --random_weights          a randomly initialised ResNet-50 (a baseline, or a smoke test)
+Nothing is downloaded: with none of them the command stops and says so.
+
+Files are written atomically (a temporary file, then a rename) and a file already in OUT_DIR is
+skipped, so an interrupted run picks up where it stopped. An image that cannot be decoded is
+skipped, counted, and listed in OUT_DIR/unreadable.txt. OUT_DIR/extract.json records the
+settings and the counts.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import virtex
+from shared.checkpoint import write_json_atomic
+from shared.data import IMAGE_MEAN, IMAGE_STD
+from shared.folders import IMAGE_SUFFIXES, to_rgb
+from shared.roi import box_features
+
+
+# --- 1. Backbone: torchvision weights, a VirTex checkpoint, or random --------------------------
+
+def resnet_from_torchvision(state: dict) -> virtex.ResNet:
+    """A ResNet-50 holding a torchvision `resnet50().state_dict()`. The name map: the names are
+    torchvision's already (virtex.Bottleneck), `fc.weight` / `fc.bias` are dropped (no classifier
+    here) and a `module.` prefix (nn.DataParallel) is stripped. Anything else that does not fit
+    is a ValueError naming the first missing or unexpected key."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a state dict of tensors (torchvision's resnet50 weights file is "
+                         "one: torch.save(resnet50().state_dict(), FILE))")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    resnet = virtex.ResNet(virtex.Config.paper())
+    ours = resnet.state_dict()
+    missing = [k for k in ours if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    if missing or unexpected:
+        raise ValueError(f"not a torchvision ResNet-50: {len(missing)} keys missing (e.g. "
+                         f"{missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    wrong = [k for k in ours if ours[k].shape != state[k].shape]
+    if wrong:
+        raise ValueError(f"not a ResNet-50: {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+                         f"expected {tuple(ours[wrong[0]].shape)}")
+    resnet.load_state_dict(state)
+    return resnet
+
+
+def load_backbone(backbone_weights: str, virtex_checkpoint: str, random_weights: bool
+                  ) -> tuple[virtex.ResNet, int, str]:
+    """(ResNet in eval mode, its training image size, a description) from exactly one source."""
+    given = [bool(backbone_weights), bool(virtex_checkpoint), random_weights]
+    if sum(given) != 1:
+        raise SystemExit("error: give the backbone's weights, one of --backbone_weights FILE (a "
+                         "torchvision resnet50 state dict), --virtex CKPT (our VirTex "
+                         "checkpoint) or --random_weights; nothing is downloaded"
+                         if not any(given) else
+                         "error: give only one of --backbone_weights, --virtex, --random_weights")
+    if random_weights:
+        return virtex.ResNet(virtex.Config.paper()).eval(), 224, "random ResNet-50"
+    if backbone_weights:
+        path = Path(backbone_weights)
+        if not path.is_file():
+            raise SystemExit(f"error: --backbone_weights {path}: no such file")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return resnet_from_torchvision(state).eval(), 224, f"torchvision ResNet-50 {path}"
+        except Exception as e:  # unreadable file, or not ResNet-50 weights: one line
+            raise SystemExit(f"error: --backbone_weights {path}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    import infer  # a checkpoint of train.py: its model, config and run options
+
+    try:
+        paper, model, _, config, run = infer.load(Path(virtex_checkpoint))
+    except Exception as e:
+        raise SystemExit(f"error: --virtex {virtex_checkpoint}: {e}") from None
+    if run["model"] != "virtex":
+        raise SystemExit(f"error: --virtex {virtex_checkpoint} is a {run['model']} checkpoint, "
+                         f"not a VirTex one")
+    return model.visual.eval(), config.image_size, f"VirTex {virtex_checkpoint}"
+
+
+# --- 2. Images and boxes -----------------------------------------------------------------------
+
+def list_images(source: Path, image_dir: str) -> tuple[Path, list[str]]:
+    """(image folder, image names relative to it) of a folder or of a COCO JSON's images."""
+    if source.is_dir():
+        names = sorted(str(p.relative_to(source)) for p in source.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        root = source
+    elif source.is_file():
+        try:
+            data = json.loads(source.read_text(encoding="utf-8-sig"))
+            names = [image["file_name"] for image in data["images"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {source}: not a COCO file with images[*].file_name "
+                             f"({type(e).__name__}: {e})") from None
+        root = Path(image_dir) if image_dir else source.parent / "images"
+    else:
+        raise SystemExit(f"error: {source}: no such folder or file")
+    if not names:
+        raise SystemExit(f"error: {source}: no image ({', '.join(IMAGE_SUFFIXES)})")
+    stems = {}
+    for name in names:  # one .npz per image stem: two images may not share one
+        stem = Path(name).stem
+        if stem in stems:
+            raise SystemExit(f"error: {stems[stem]} and {name} would both write {stem}.npz")
+        stems[stem] = name
+    return root, names
+
+
+def grid_boxes(S: int) -> np.ndarray:
+    """The whole image, then S x S cells row by row: (1 + S², 4) fractions."""
+    edges = np.linspace(0, 1, S + 1)
+    cells = [(edges[c], edges[r], edges[c + 1], edges[r + 1]) for r in range(S) for c in range(S)]
+    return np.array([(0.0, 0.0, 1.0, 1.0)] + cells, np.float32)
+
+
+def read_instances(file: Path) -> tuple[dict, list[str]]:
+    """A COCO instances file -> ({file_name: [(box in pixels x1 y1 x2 y2, category index)]},
+    category names); category index 1.. follows the file's category order (0 = background)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+        categories = {c["id"]: k + 1 for k, c in enumerate(data["categories"])}
+        names = [c["name"] for c in data["categories"]]
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        boxes = {name: [] for name in files.values()}
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            boxes[files[a["image_id"]]].append(((x, y, x + w, y + h), categories[a["category_id"]]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: --boxes instances:{file}: not a COCO instances file "
+                         f"({type(e).__name__}: {e})") from None
+    return boxes, names
+
+
+def read_detections(file: Path) -> dict:
+    """--boxes json:FILE -> {image name: [(box in pixels, score, label or None)]}."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+        return {name: [(tuple(float(v) for v in d["box"]), float(d.get("score", 1.0)),
+                        d.get("label")) for d in found] for name, found in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"error: --boxes json:{file}: expected {{image: [{{\"box\": [x1, y1, "
+                         f"x2, y2], \"score\", \"label\"}}, ...]}} ({type(e).__name__}: {e})"
+                         ) from None
+
+
+def image_regions(boxes_spec: tuple[str, object], name: str, H: int, W: int) -> dict | None:
+    """The boxes (fractions), conf and, where known, cls_prob and tags of one image (the module
+    docstring), rows by conf, highest first; None when the source has no box for it."""
+    kind, source = boxes_spec
+    scale = np.array([W, H, W, H], np.float32)
+    if kind == "grid":
+        boxes = grid_boxes(source)
+        return {"boxes": boxes, "conf": np.ones(len(boxes), np.float32)}
+    if kind == "instances":
+        found, categories = source[0].get(name, []), source[1]
+        boxes = np.array([b for b, _ in found] + [(0, 0, W, H)], np.float32) / scale
+        labels = [c for _, c in found]
+        cls_prob = np.zeros((len(boxes), len(categories) + 1), np.float32)  # (N, K+1)
+        cls_prob[np.arange(len(labels)), labels] = 1.0
+        cls_prob[-1, 0] = 1.0  # the whole image: background, not an object
+        conf = np.array([1.0] * len(labels) + [0.0], np.float32)
+        return {"boxes": boxes.clip(0, 1), "conf": conf, "cls_prob": cls_prob,
+                "tags": np.array([categories[c - 1] for c in labels], dtype=np.str_)}
+    found = sorted(source.get(name, []), key=lambda d: -d[1])  # json: by score, highest first
+    if not found:
+        return None
+    boxes = (np.array([b for b, _, _ in found], np.float32) / scale).clip(0, 1)
+    out = {"boxes": boxes, "conf": np.array([s for _, s, _ in found], np.float32)}
+    tags = [str(label) for _, _, label in found if label is not None]
+    if tags:
+        out["tags"] = np.array(tags, dtype=np.str_)
+    return out
+
+
+def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file -> (normalised float (3, size, size), original (H, W)); OSError or
+    ValueError when it cannot be decoded."""
+    with Image.open(path) as image:
+        image.load()
+        image = to_rgb(image)
+    W, H = image.size
+    x = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255.0  # (S, S, 3)
+    x = (x - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1).contiguous(), (H, W)
+
+
+def write_npz_atomic(path: Path, arrays: dict) -> None:
+    """np.savez to a temporary file beside `path`, then a rename: a file in OUT_DIR is complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- 3. The command ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Counts:
+    images: int = 0  # in SOURCE (or the first --n)
+    written: int = 0
+    already_written: int = 0  # found in OUT_DIR (an earlier run)
+    unreadable: int = 0  # could not be decoded
+    no_boxes: int = 0  # --boxes json: the file has no box for the image
+
+
+def parse_boxes(spec: str) -> tuple[str, object]:
+    kind, _, arg = spec.partition(":")
+    if kind == "grid":
+        if not arg.isdigit() or int(arg) < 1:
+            raise SystemExit(f"error: --boxes grid:S takes a grid side S >= 1, got {spec!r}")
+        return "grid", int(arg)
+    if kind == "instances" and arg:
+        return "instances", read_instances(Path(arg))
+    if kind == "json" and arg:
+        return "json", read_detections(Path(arg))
+    raise SystemExit(f"error: --boxes is grid:S, instances:FILE or json:FILE, not {spec!r}")
+
+
+@torch.no_grad()
+def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_dir: str = "",
+                    backbone_weights: str = "", virtex_checkpoint: str = "",
+                    random_weights: bool = False, image_size: int = 0, batch_size: int = 16,
+                    n: int = 0, device: str = "auto", log_every_s: float = 5.0) -> dict:
+    """The `regions` command (module docstring); returns extract.json's content."""
+    boxes_spec = parse_boxes(boxes)
+    root, names = list_images(Path(source), image_dir)
+    names = names[:n] if n > 0 else names
+    resnet, trained_size, backbone = load_backbone(backbone_weights, virtex_checkpoint,
+                                                   random_weights)
+    size = image_size or trained_size
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if device == "auto" else device)
+    resnet = resnet.to(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = Counts(images=len(names))
+    todo = []
+    for name in names:
+        if (out_dir / (Path(name).stem + ".npz")).exists():
+            counts.already_written += 1
+        else:
+            todo.append(name)
+    start = last = time.perf_counter()
+    feature_dim = None
+    for at in range(0, len(todo), batch_size):
+        pixels, metas = [], []
+        for name in todo[at:at + batch_size]:
+            try:
+                x, (H, W) = read_image(root / name, size)
+            except (OSError, ValueError) as e:
+                counts.unreadable += 1
+                with open(out_dir / "unreadable.txt", "a") as f:
+                    f.write(f"{root / name}\t{str(e).splitlines()[0] if str(e) else ''}\n")
+                continue
+            regions = image_regions(boxes_spec, name, H, W)
+            if regions is None:
+                counts.no_boxes += 1
+                continue
+            pixels.append(x)
+            metas.append((name, (H, W), regions))
+        if pixels:
+            grid = resnet(torch.stack(pixels).to(device))  # (B, C, S/32, S/32)
+            feats = box_features(grid, [torch.from_numpy(r["boxes"]) for _, _, r in metas],
+                                 size)  # B x (N, C)
+            feature_dim = grid.shape[1]
+            for (name, hw, regions), f in zip(metas, feats):
+                write_npz_atomic(out_dir / (Path(name).stem + ".npz"),
+                                 {"features": f.cpu().numpy().astype(np.float16), **regions,
+                                  "image_hw": np.array(hw, np.int32)})
+                counts.written += 1
+        now = time.perf_counter()
+        if now - last >= log_every_s or at + batch_size >= len(todo):
+            last = now
+            done = counts.written + counts.unreadable + counts.no_boxes
+            print(f"extract: {done}/{len(todo)} images, {counts.written / (now - start):.1f} "
+                  f"images/s, {counts.unreadable} unreadable, {counts.no_boxes} without boxes, "
+                  f"{counts.already_written} already written", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    summary = {"source": str(source), "boxes": boxes, "backbone": backbone, "image_size": size,
+               "batch_size": batch_size, "device": str(device), "feature_dim": feature_dim,
+               **dataclasses.asdict(counts), "seconds": round(seconds, 2),
+               "images_per_s": round(counts.written / seconds, 2) if counts.written else None}
+    write_json_atomic(out_dir / "extract.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Region features (.npz per image) for Oscar "
+                                                 "and UNITER from images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("regions", help="one region .npz per image (train.py --data regions:)")
+    r.add_argument("source", type=Path, help="an image folder or a COCO JSON (images[*].file_name)")
+    r.add_argument("out_dir", type=Path)
+    r.add_argument("--boxes", default="grid:3", help="grid:S, instances:FILE or json:FILE")
+    r.add_argument("--image_dir", default="", help="a COCO JSON's images (default: images/ "
+                                                   "beside it)")
+    r.add_argument("--backbone_weights", default="", help="a torchvision resnet50 state dict")
+    r.add_argument("--virtex", default="", help="one of our VirTex checkpoints")
+    r.add_argument("--random_weights", action="store_true", help="a random ResNet-50")
+    r.add_argument("--image_size", type=int, default=0,
+                   help="side the images are resized to (0: 224, or the VirTex checkpoint's)")
+    r.add_argument("--batch_size", type=int, default=16)
+    r.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
+    r.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    summary = extract_regions(args.source, args.out_dir, args.boxes, args.image_dir,
+                              args.backbone_weights, args.virtex, args.random_weights,
+                              args.image_size, args.batch_size, args.n, args.device)
+    print(f"{summary['written']} region files written to {args.out_dir} ({summary['feature_dim']}"
+          f"-d features, {summary['images_per_s']} images/s), {summary['already_written']} "
+          f"already there, {summary['unreadable']} unreadable, {summary['no_boxes']} without "
+          f"boxes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""shared/roi.py and extract.py: RoIAlign against a one-sample-at-a-time loop of its definition,
+hand-worked values and (where it imports) torchvision.ops.roi_align; the torchvision ResNet-50
+name map; region files from the exported world read back by RegionFolder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import extract
+import virtex
+from shared.folders import RegionFolder
+from shared.roi import box_features, roi_align, roi_align_loop
+from shared.world import World, WorldConfig, export_split
+
+
+def _torchvision():
+    """torchvision if it imports beside this torch (a wheel built for another torch fails to
+    import with a RuntimeError, not an ImportError), else None."""
+    try:
+        import torchvision
+        return torchvision
+    except Exception:
+        return None
+
+
+def random_boxes(K: int, n_images: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """(K, 5) boxes in pixels, some beyond the image, some tiny, one empty."""
+    g = torch.Generator().manual_seed(seed)
+    corners = torch.rand(K, 4, generator=g) * torch.tensor([W, H, W, H]) * 1.4 - 0.2 * torch.tensor(
+        [W, H, W, H])
+    x1, x2 = corners[:, 0].minimum(corners[:, 2]), corners[:, 0].maximum(corners[:, 2])
+    y1, y2 = corners[:, 1].minimum(corners[:, 3]), corners[:, 1].maximum(corners[:, 3])
+    boxes = torch.stack([torch.randint(0, n_images, (K,), generator=g).float(), x1, y1, x2, y2], 1)
+    boxes[0, 3:] = boxes[0, 1:3]  # an empty box
+    boxes[1, 3:] = boxes[1, 1:3] + 0.3  # a tiny one
+    return boxes
+
+
+# --- RoIAlign ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 1, 2, 3])
+def test_roi_align_equals_the_loop_of_its_definition(aligned, sampling_ratio):
+    x = torch.randn(3, 4, 9, 13, dtype=torch.float64)
+    boxes = random_boxes(30, 3, 9 * 4, 13 * 4).double()  # pixels of a 4x larger image
+    out = roi_align(x, boxes, (3, 5), 0.25, sampling_ratio, aligned)
+    assert out.shape == (30, 4, 3, 5) and out.dtype == torch.float64
+    torch.testing.assert_close(out, roi_align_loop(x, boxes, (3, 5), 0.25, sampling_ratio,
+                                                   aligned), rtol=0, atol=1e-12)
+
+
+def test_roi_align_by_hand():
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # (1, 1, 2, 2)
+    box = torch.tensor([[0.0, 0.0, 0.0, 2.0, 2.0]])  # the whole 2x2 image
+    # aligned: the box spans -0.5 .. 1.5 in cell coordinates; one sample at its centre (0.5, 0.5)
+    # is the mean of the four cells
+    assert roi_align(x, box, 1, 1.0, 1, aligned=True).item() == pytest.approx(1.5)
+    # 2x2 bins, one sample each at the cell centres 0 and 1: the map itself
+    torch.testing.assert_close(roi_align(x, box, 2, 1.0, 1, aligned=True), x)
+    # not aligned: the box spans 0 .. 2; bin centres 0.5 and 1.5; 1.5 is past the last cell,
+    # which then counts alone: rows (0.5 -> 1, 1.5 -> 2) columns likewise
+    expected = torch.tensor([[[[1.5, 2.0], [2.5, 3.0]]]])
+    torch.testing.assert_close(roi_align(x, box, 2, 1.0, 1, aligned=False), expected)
+    # a sample more than one cell outside the map is 0
+    far = torch.tensor([[0.0, -10.0, -10.0, -8.0, -8.0]])
+    assert roi_align(x, far, 1, 1.0, 1, aligned=True).item() == 0.0
+
+
+def test_roi_align_refuses_boxes_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"\(K, 5\) rows of \(batch index"):
+        roi_align(torch.zeros(1, 1, 4, 4), torch.zeros(3, 4), 2)
+
+
+@pytest.mark.skipif(_torchvision() is None, reason="torchvision does not import beside this torch")
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+def test_roi_align_equals_torchvision(aligned, sampling_ratio):
+    tv = _torchvision()
+    x = torch.randn(2, 8, 14, 11)
+    boxes = random_boxes(50, 2, 14 * 16, 11 * 16, seed=1)
+    ours = roi_align(x, boxes, 7, 1 / 16, sampling_ratio, aligned)
+    theirs = tv.ops.roi_align(x, boxes, 7, 1 / 16, sampling_ratio, aligned)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_box_features_average_the_roi_aligned_bins():
+    grid = torch.randn(2, 6, 4, 4)
+    boxes = [torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.25, 0.5, 0.75, 1.0]]),
+             torch.tensor([[0.1, 0.1, 0.4, 0.3]])]
+    feats = box_features(grid, boxes, image_size=128)
+    assert [f.shape for f in feats] == [(2, 6), (1, 6)]
+    rows = torch.tensor([[1, 0.1 * 128, 0.1 * 128, 0.4 * 128, 0.3 * 128]])
+    expected = roi_align_loop(grid, rows, 7, 4 / 128, -1, True).mean((2, 3)).float()
+    torch.testing.assert_close(feats[1], expected, rtol=0, atol=1e-5)
+
+
+# --- The backbone ------------------------------------------------------------------------------
+
+def test_torchvision_names_load_with_fc_dropped_and_module_prefix_stripped():
+    source = virtex.ResNet(virtex.Config.paper())
+    for p in source.parameters():
+        torch.nn.init.normal_(p)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    state["module.fc.weight"], state["module.fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    loaded = extract.resnet_from_torchvision(state)
+    for (k, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_state_dict_of_another_network_is_named_in_one_line():
+    state = virtex.ResNet(virtex.Config.paper()).state_dict()
+    del state["layer4.2.conv3.weight"]
+    with pytest.raises(ValueError, match=r"1 keys missing \(e.g. \['layer4.2.conv3.weight'\]\)"):
+        extract.resnet_from_torchvision(state)
+    state = virtex.ResNet(virtex.Config.paper()).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)  # a 3x3 stem: same names, another shape
+    with pytest.raises(ValueError, match="not a ResNet-50: conv1.weight is"):
+        extract.resnet_from_torchvision(state)
+
+
+@pytest.mark.skipif(_torchvision() is None, reason="torchvision does not import beside this torch")
+def test_torchvision_resnet50_weights_give_torchvision_layer4():
+    tv = _torchvision()
+    torch.manual_seed(0)
+    reference = tv.models.resnet50().eval()
+    for m in reference.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            torch.nn.init.normal_(m.weight, 1, 0.1)
+    ours = extract.resnet_from_torchvision(reference.state_dict()).eval().double()
+    x = torch.randn(2, 3, 96, 96, dtype=torch.float64)
+    body = torch.nn.Sequential(*list(reference.children())[:-2]).double()  # up to layer4
+    with torch.no_grad():  # in float64, so that only a wrong weight could differ
+        torch.testing.assert_close(ours(x), body(x), rtol=1e-9, atol=1e-9)
+
+
+def test_no_weights_stops_and_says_nothing_is_downloaded(tmp_path):
+    with pytest.raises(SystemExit, match="nothing is downloaded"):
+        extract.load_backbone("", "", False)
+    with pytest.raises(SystemExit, match="only one of"):
+        extract.load_backbone("w.pth", "", True)
+    (tmp_path / "bad.pth").write_bytes(b"not torch")
+    with pytest.raises(SystemExit, match="--backbone_weights .*bad.pth"):
+        extract.load_backbone(str(tmp_path / "bad.pth"), "", False)
+
+
+# --- The command on the exported world ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    export_split(World(WorldConfig(image_size=64), "test"), out, 12)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    """A torchvision-format weights file of a random ResNet-50 (the tests never download)."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50.pth"
+    torch.manual_seed(0)
+    torch.save(virtex.ResNet(virtex.Config.paper()).state_dict(), path)
+    return path
+
+
+def test_grid_regions_are_read_back_and_equal_the_backbone_features(exported, tiny_backbone,
+                                                                     tmp_path):
+    out = tmp_path / "grid"
+    summary = extract.extract_regions(exported / "captions_test.json", out, "grid:2",
+                                      backbone_weights=str(tiny_backbone), image_size=64,
+                                      batch_size=5)
+    assert (summary["written"], summary["feature_dim"], summary["unreadable"]) == (12, 2048, 0)
+    assert json.loads((out / "extract.json").read_text())["written"] == 12
+    corpus = RegionFolder.coco(exported / "captions_test.json", out)
+    assert len(corpus) == 12
+    ex = corpus.example(3)
+    assert ex["features"].shape == (5, 2048) and ex["tags"] == [] and "cls_prob" not in ex
+    np.testing.assert_allclose(ex["boxes"][:2], [[0, 0, 1, 1], [0, 0, 0.5, 0.5]])
+    # the stored features are the ResNet's grid RoIAligned in those boxes (to float16)
+    resnet = extract.resnet_from_torchvision(torch.load(tiny_backbone)).eval()
+    x, hw = extract.read_image(exported / "images" / "000000000003.png", 64)
+    assert hw == (64, 64)
+    with torch.no_grad():
+        expected = box_features(resnet(x[None]), [torch.from_numpy(ex["boxes"])], 64)[0]
+    np.testing.assert_allclose(ex["features"], expected.numpy(), rtol=2e-3, atol=2e-3)
+    assert not list(out.glob("*.tmp"))
+
+
+def test_instance_boxes_give_tags_and_one_hot_classes(exported, tiny_backbone, tmp_path):
+    out = tmp_path / "gt"
+    extract.extract_regions(exported / "captions_test.json", out,
+                            f"instances:{exported / 'instances_test.json'}",
+                            backbone_weights=str(tiny_backbone), image_size=64)
+    world = World(WorldConfig(image_size=64), "test")
+    for i in range(12):
+        z = np.load(out / f"{i:012d}.npz")
+        objects = world.scene(i).objects
+        assert list(z["tags"]) == [o.shape for o in objects]
+        np.testing.assert_allclose(z["boxes"][:-1] * 64, [o.box for o in objects])
+        assert z["conf"].tolist() == [1.0] * len(objects) + [0.0]
+        categories = [c["name"] for c in json.loads(
+            (exported / "instances_test.json").read_text())["categories"]]
+        assert [categories[c - 1] for c in z["cls_prob"].argmax(1)[:-1]] == list(z["tags"])
+        assert z["cls_prob"][-1].tolist() == [1.0] + [0.0] * len(categories)
+
+
+def test_json_boxes_resume_and_unreadable_images(exported, tiny_backbone, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes((exported / "images" / f"{i:012d}.png").read_bytes())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    detections = {"0.png": [{"box": [0, 0, 32, 32], "score": 0.4, "label": "circle"},
+                            {"box": [16, 16, 64, 70], "score": 0.9, "label": "star"}],
+                  "1.png": [{"box": [8, 8, 40, 40]}], "2.png": []}
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    out = tmp_path / "regions"
+    summary = extract.extract_regions(images, out, f"json:{tmp_path / 'det.json'}",
+                                      backbone_weights=str(tiny_backbone), image_size=64)
+    assert (summary["written"], summary["no_boxes"], summary["unreadable"]) == (2, 2, 1)
+    assert "broken.jpg" in (out / "unreadable.txt").read_text()
+    z = np.load(out / "0.npz")
+    assert z["conf"].tolist() == pytest.approx([0.9, 0.4]) and list(z["tags"]) == ["star", "circle"]
+    np.testing.assert_allclose(z["boxes"][0], [0.25, 0.25, 1.0, 1.0])  # clipped to the image
+    assert np.load(out / "1.npz")["conf"].tolist() == [1.0]
+    before = (out / "0.npz").stat().st_mtime_ns
+    again = extract.extract_regions(images, out, f"json:{tmp_path / 'det.json'}",
+                                    backbone_weights=str(tiny_backbone), image_size=64)
+    assert (again["written"], again["already_written"]) == (0, 2)
+    assert (out / "0.npz").stat().st_mtime_ns == before
+
+
+def test_bad_command_lines_are_one_line_errors(exported, tmp_path):
+    for boxes, message in [("grid:0", "grid side S >= 1"), ("boxes", "grid:S, instances:FILE"),
+                           (f"instances:{exported / 'captions_test.json'}", "not a COCO instances"),
+                           (f"json:{tmp_path / 'none.json'}", "--boxes json:")]:
+        with pytest.raises(SystemExit, match=message):
+            extract.extract_regions(exported / "captions_test.json", tmp_path / "o", boxes,
+                                    random_weights=True)
+    with pytest.raises(SystemExit, match="no such folder or file"):
+        extract.extract_regions(tmp_path / "nowhere", tmp_path / "o", random_weights=True)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").mkdir()
+    for name in ("a/x.png", "a/x/x.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(SystemExit, match="would both write x.npz"):
+        extract.extract_regions(tmp_path / "a", tmp_path / "o", random_weights=True)
