@@ -20,6 +20,7 @@ Data
                     (VirTex only; kept here because it is 360 lines of image code)
     folders.py      corpora on disk behind the world's interface (--data)
     convert.py      the official UNITER / Oscar region files -> folders.py's layout (CLI)
+    roi.py          RoIAlign from primitives and pooled box features (extract.py regions)
     vqa.py          VQA v2's question / annotation files, answer vocabulary, soft scores and
                     the evaluation server's accuracy
 Evaluation
