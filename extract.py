@@ -65,7 +65,7 @@ from PIL import Image
 
 import virtex
 from shared.checkpoint import write_json_atomic
-from shared.data import IMAGE_MEAN, IMAGE_STD
+from shared.data import image_to_tensor
 from shared.folders import IMAGE_SUFFIXES, to_rgb
 from shared.roi import box_features
 
@@ -230,12 +230,10 @@ def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file -> (normalised float (3, size, size), original (H, W)); OSError or
     ValueError when it cannot be decoded."""
     with Image.open(path) as image:
-        image.load()
+        image.load()  # decode now: a truncated file fails here
         image = to_rgb(image)
     W, H = image.size
-    x = np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255.0  # (S, S, 3)
-    x = (x - np.array(IMAGE_MEAN, np.float32)) / np.array(IMAGE_STD, np.float32)
-    return torch.from_numpy(x).permute(2, 0, 1).contiguous(), (H, W)
+    return image_to_tensor(np.asarray(image.resize((size, size), Image.BICUBIC))), (H, W)
 
 
 def write_npz_atomic(path: Path, arrays: dict) -> None:
