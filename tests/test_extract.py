@@ -247,3 +247,25 @@ def test_bad_command_lines_are_one_line_errors(exported, tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(SystemExit, match="would both write x.npz"):
         extract.extract_regions(tmp_path / "a", tmp_path / "o", random_weights=True)
+
+
+def test_a_virtex_checkpoint_gives_its_backbone_and_image_size(exported, tmp_path):
+    import infer
+    import train
+
+    args = ["--model", "virtex", "--batch_size", "4", "--image_size", "32", "--final_n", "4",
+            "--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0", "--log_every_s", "0",
+            "--tokenizer_texts", "50", "--out", str(tmp_path / "run")]
+    train.train(*train.parse_args(args), log=lambda line: None)
+    checkpoint = tmp_path / "run" / "best.pt"
+    summary = extract.extract_regions(exported / "captions_test.json", tmp_path / "r", "grid:2",
+                                      virtex_checkpoint=str(checkpoint), n=3)
+    _, model, _, config, _ = infer.load(checkpoint)
+    assert (summary["image_size"], summary["feature_dim"]) == (32, config.visual_dim)
+    z = np.load(tmp_path / "r" / "000000000001.npz")
+    x, _ = extract.read_image(exported / "images" / "000000000001.png", 32)
+    with torch.no_grad():
+        expected = box_features(model.visual(x[None]), [torch.from_numpy(z["boxes"])], 32)[0]
+    np.testing.assert_allclose(z["features"], expected.numpy(), rtol=2e-3, atol=2e-3)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        extract.load_backbone("", str(tmp_path / "none.pt"), False)
