@@ -47,6 +47,8 @@ def normalise_image(x: Tensor) -> Tensor:
 
 def image_to_tensor(image: np.ndarray) -> Tensor:
     """uint8 (H, W, 3) in [0, 255] -> float32 (3, H, W), normalised per channel."""
+    if not image.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on those
+        image = image.copy()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
     return normalise_image(x)  # (3, H, W)
 

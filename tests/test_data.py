@@ -1,5 +1,9 @@
 """shared/data.py: batches are a pure function of the step (what makes resume exact)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +11,9 @@ from torch.utils.data import Dataset
 
 from shared.data import (IMAGE_MEAN, IMAGE_STD, RecentExamples, collate_image_text,
                          image_to_tensor, pad_sequences, train_loader)
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Squares(Dataset):
@@ -46,6 +53,17 @@ def test_image_to_tensor_normalises_each_channel():
     assert x.shape == (3, 2, 3) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.full((2, 3), (1 - IMAGE_MEAN[0]) / IMAGE_STD[0]))
     assert torch.allclose(x[1], torch.full((2, 3), -IMAGE_MEAN[1] / IMAGE_STD[1]))
+
+
+def test_image_to_tensor_takes_a_read_only_array_without_a_warning():
+    # np.asarray of a PIL image is read-only; torch.from_numpy warns once per process on such
+    # an array, so the check runs in a fresh interpreter with warnings as errors.
+    code = ("import numpy as np; from shared.data import image_to_tensor; "
+            "a = np.zeros((4, 5, 3), np.uint8); a.flags.writeable = False; "
+            "x = image_to_tensor(a); assert x.shape == (3, 4, 5)")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_recent_examples_makes_each_kept_example_once_and_forgets_the_oldest():
