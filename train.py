@@ -57,7 +57,7 @@ from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_orig
                                load_checkpoint, load_weights, rng_states, save_checkpoint,
                                set_rng_states, write_json_atomic)
 from shared.cli import add_dataclass_flags
-from shared.data import train_loader
+from shared.data import close_loader, train_loader, worker_message
 from shared.distributed import (Launch, any_rank, gather_objects, start_process_group,
                                 stop_process_group)
 from shared.folders import CaptionFolder, RegionFolder, open_corpus, unreadable_files
@@ -363,7 +363,10 @@ def train_step(model, forward, ddp, optimizer, paper, config, batches, step: int
         group["lr"] = lr * group.get("lr_scale", 1.0)
     tokens = 0
     for i in range(config.grad_accum_steps):
-        batch = next(batches)
+        try:
+            batch = next(batches)
+        except ValueError as e:  # an example that does not fit (a region file of another size)
+            raise SystemExit(f"error: a training batch: {worker_message(e)}") from None
         tokens += int((batch["tokens"] != 0).sum())
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
@@ -583,8 +586,10 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     log = log if launch.rank == 0 else (lambda line: None)
+    s = None
     try:
-        result = train_loop(setup(run, paper, overrides, log, launch), log)
+        s = setup(run, paper, overrides, log, launch)
+        result = train_loop(s, log)
         if launch.distributed:  # every rank leaves together: none tears down the process
             torch.distributed.barrier()  # group while another still uses it (rank 0 writing)
         return result
@@ -595,6 +600,8 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
                          f"answering ({str(e).splitlines()[0][:160]}); the last checkpoint "
                          f"written is kept") from None
     finally:
+        if s is not None:  # the loader's workers first, also when the run ends in an error
+            close_loader(s.batches)
         stop_process_group()
 
 

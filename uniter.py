@@ -783,26 +783,44 @@ def kept_regions(conf: np.ndarray, config: Config) -> int:
     return int(np.clip(above, config.min_regions, min(config.n_regions, len(conf))))
 
 
-def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> dict:
-    """A world example's kept regions as tensors: features (n, F), standardised with
-    statistics = (mean, std) if given, locations (n, 7), cls_prob (n, C). The world's boxes are
-    fractions of the image side already."""
-    n = kept_regions(example["conf"], config)
+def uses_region_classes(config: Config) -> bool:
+    """Whether training reads the detector's class distribution: MRC and MRC-kl (pre-training
+    with mix_mrc or mix_mrc_kl > 0). Fine-tuning needs no cls_prob in the region files, so grid
+    features or a detector without class scores serve VQA and retrieval."""
+    return config.task == "pretrain" and (config.mix_mrc > 0 or config.mix_mrc_kl > 0)
+
+
+def check_regions(example: dict, config: Config) -> None:
+    """A ValueError naming what does not fit between one example's regions and the config."""
     if example["features"].shape[1] != config.feature_dim:
         raise ValueError(f"the regions have {example['features'].shape[1]}-d features but "
                          f"feature_dim is {config.feature_dim}")
+    if not uses_region_classes(config):
+        return
     if "cls_prob" not in example:
-        raise ValueError("UNITER's region classification needs each region file's cls_prob (the "
-                         "detector's class distribution, background at 0)")
+        raise ValueError("UNITER's region classification (mix_mrc, mix_mrc_kl) needs each region "
+                         "file's cls_prob (the detector's class distribution, background at 0); "
+                         "set both to 0 to pre-train without it")
     if example["cls_prob"].shape[1] != config.n_region_classes:
         raise ValueError(f"the detector has {example['cls_prob'].shape[1]} classes (background "
                          f"included) but n_region_classes is {config.n_region_classes}")
+
+
+def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> dict:
+    """A world example's kept regions as tensors: features (n, F), standardised with
+    statistics = (mean, std) if given, locations (n, 7) and, where training reads it
+    (uses_region_classes), cls_prob (n, C). The world's boxes are fractions of the image side
+    already."""
+    check_regions(example, config)
+    n = kept_regions(example["conf"], config)
     features = torch.from_numpy(example["features"][:n]).float()  # (n, F)
     if statistics is not None:
         features = (features - statistics[0]) / statistics[1]  # (n, F)
-    return {"features": features,
-            "locations": region_locations(torch.from_numpy(example["boxes"][:n]), 1.0, 1.0),
-            "cls_prob": torch.from_numpy(example["cls_prob"][:n]).float()}  # (n, C)
+    out = {"features": features,
+           "locations": region_locations(torch.from_numpy(example["boxes"][:n]), 1.0, 1.0)}
+    if uses_region_classes(config):
+        out["cls_prob"] = torch.from_numpy(example["cls_prob"][:n]).float()  # (n, C)
+    return out
 
 
 class UniterDataset(Dataset):
@@ -835,6 +853,7 @@ class UniterDataset(Dataset):
         # the examples one process puts in one micro-batch (torchrun: its share of it)
         self.micro_batch = max(1, config.batch_size // config.grad_accum_steps // world_size())
         self.example = RecentExamples(world, 2 * self.micro_batch)  # index -> world.example
+        check_regions(self.example(0), config)  # here, in one line, not in a loader worker
 
     def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:
         """The world index of item i's replacement image, uniform over the other images of
@@ -921,8 +940,9 @@ def collate_fn(items: list[dict]) -> dict:
         positions = masked.flatten().nonzero().squeeze(1)  # (M,)
         batch["region_masked"], batch["mrm_positions"] = masked, positions
         batch["mrfr_targets"] = features.flatten(0, 1)[positions]  # (M, F)
-        batch["mrc_targets"] = pad_rows([it["cls_prob"] for it in items]).flatten(0, 1)[
-            positions]  # (M, C)
+        if "cls_prob" in items[0]:  # MRC / MRC-kl targets (uses_region_classes)
+            batch["mrc_targets"] = pad_rows([it["cls_prob"] for it in items]).flatten(0, 1)[
+                positions]  # (M, C)
     if "is_match" in items[0]:
         batch["is_match"] = torch.tensor([it["is_match"] for it in items])  # (B,)
     if "answer_scores" in items[0]:

@@ -135,6 +135,25 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def close_loader(batches) -> None:
+    """Stop the worker processes of a DataLoader iterator now, as its destructor would. The
+    workers ignore SIGTERM (ignore_stop_signals), so when a run ends in an exception, whose
+    traceback keeps the iterator alive, multiprocessing's exit handler would send them SIGTERM in
+    vain and then wait for them forever. A single-process iterator has nothing to stop."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # the multi-process iterator's own
+    if shutdown is not None:
+        shutdown()
+
+
+def worker_message(error: Exception) -> str:
+    """The message of an exception raised in a loader worker (the DataLoader re-raises it with
+    the worker's whole traceback as its text): the last line, without the type name."""
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    return lines[-1].removeprefix(f"{type(error).__name__}: ")
+
+
 # --- regions (Oscar, UNITER) ---------------------------------------------------------------------
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -478,8 +478,13 @@ class RegionFolder:
         import torch
 
         if self._statistics is None:
-            features = np.concatenate([self.example(i)["features"]
-                                       for i in range(min(n, len(self)))])
+            rows = [self.example(i)["features"] for i in range(min(n, len(self)))]  # (N_i, F_i)
+            for i, f in enumerate(rows):
+                if f.shape[1] != rows[0].shape[1]:
+                    raise ValueError(f"{self.records[i][0]} has {f.shape[1]}-d features, the "
+                                     f"files before it {rows[0].shape[1]}-d; one corpus, one "
+                                     f"feature size")
+            features = np.concatenate(rows)  # (Σ N_i, F)
             self._statistics = (torch.from_numpy(features.mean(0)).float(),
                                 torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
         return self._statistics

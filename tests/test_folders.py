@@ -4,6 +4,8 @@ of bad file named in the module docstring is handled as stated; train.py --data 
 VirTex from the exported folder. Every file is written by the tests."""
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -291,6 +293,65 @@ def test_a_run_reports_the_unreadable_images_its_workers_skipped(exported, tmp_p
     assert final["unreadable_files"] == 1
     logged = (tmp_path / "run" / "unreadable.txt").read_text().split()
     assert set(logged) == {str(bad)}  # once per read of it, by the worker
+
+
+def region_copy(out: Path, dest: Path, change) -> Path:
+    """The exported captions and region files in `dest`, each file's arrays through change(i,
+    arrays); returns the captions file."""
+    (dest / "regions").mkdir(parents=True)
+    for i, npz in enumerate(sorted((out / "regions").glob("*.npz"))):
+        with np.load(npz) as f:
+            np.savez(dest / "regions" / npz.name, **change(i, dict(f)))
+    (dest / "captions_test.json").write_text((out / "captions_test.json").read_text())
+    return dest / "captions_test.json"
+
+
+TINY_REGION_MODEL = ["--batch_size", "4", "--warmup_steps", "1", "--log_every_s", "0",
+                     "--hidden_size", "32", "--layers", "1", "--heads", "2",
+                     "--intermediate_size", "64", "--ipot_iters", "2"]
+
+
+def test_uniter_fine_tunes_on_regions_without_class_scores_and_says_what_mrc_needs(exported,
+                                                                                tmp_path):
+    _, out = exported  # grid features or a detector without class scores: no cls_prob
+    captions = region_copy(out, tmp_path / "data", lambda i, a: {k: v for k, v in a.items()
+                                                                 if k != "cls_prob"})
+    common = ["--model", "uniter", "--data", f"regions:{captions}", "--max_steps", "2",
+              "--num_workers", "0", *TINY_REGION_MODEL]
+    for task in ("retrieval", "pretrain"):
+        extra = ["--mix_mrc", "0", "--mix_mrc_kl", "0"] if task == "pretrain" else []
+        run, paper, overrides = train.parse_args(
+            [*common, "--task", task, *extra, "--out", str(tmp_path / task)])
+        assert train.train(run, paper, overrides, log=lambda line: None)["step"] == 2
+    run, paper, overrides = train.parse_args([*common, "--out", str(tmp_path / "mrc")])
+    with pytest.raises(SystemExit, match="needs each region file's cls_prob"):
+        train.train(run, paper, overrides, log=lambda line: None)
+
+
+@pytest.mark.parametrize("standardise", ["true", "false"])
+def test_a_region_file_that_does_not_fit_stops_the_run_in_one_line(exported, tmp_path,
+                                                                  standardise):
+    # file 5 has 16-d features among 64-d ones. With standardise_features the statistics read
+    # it before training; without, a loader worker reads it in step 1, and the run must end
+    # with the worker's message, not its traceback, and not hang at exit waiting for it.
+    _, out = exported
+    captions = region_copy(out, tmp_path / "data", lambda i, a: {
+        **a, "features": a["features"][:, :16]} if i == 5 else a)
+    args = ["--model", "uniter", "--task", "retrieval", "--data", f"regions:{captions}",
+            "--max_steps", "3", "--num_workers", "1", "--standardise_features", standardise,
+            *TINY_REGION_MODEL, "--out", str(tmp_path / "run")]
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=Path(train.__file__).parent,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    if standardise == "true":
+        assert last == (f"error: --data: {tmp_path / 'data' / 'regions' / '000000000005.npz'} "
+                        f"has 16-d features, the files before it 64-d; one corpus, one feature "
+                        f"size")
+    else:
+        assert last == ("error: a training batch: the regions have 16-d features but "
+                        "feature_dim is 64")
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("model", ["oscar", "uniter"])
