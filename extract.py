@@ -38,6 +38,19 @@ SOURCE is a folder (every jpg, jpeg, png, bmp, webp under it) or a COCO JSON (`i
 and resized to --image_size x --image_size without a crop (the aspect ratio is not kept; boxes
 are fractions of the image, so they are unaffected) and normalised with the ImageNet mean/std.
 
+Tags without annotations: --tag_model CKPT --tag_vocab FILE (a CoCa checkpoint and one tag per
+line) classifies every box zero-shot, as CoCa's zero-shot classification does a whole image
+[CoCa §4.2.2]: the box is cropped from the original image and resized to the checkpoint's image
+size, its image embedding is compared with each tag's text embedding (the normalised mean over
+the prompt templates of shared.evaluate), and the softmax of the scaled cosines over the tags is
+its class distribution. They replace the box source's tags and cls_prob:
+    cls_prob  float32 (N, V+1) column 0 (background) is 0: a zero-shot classifier has no
+                              background class; columns 1..V follow the vocabulary file
+    tags      str (T,)        each box's most probable tag where its probability is at least
+                              --tag_threshold (default 0.5), in box order, repeats kept (as a
+                              detector's labels)
+conf stays the box source's.
+
 The backbone is the ResNet of virtex.py (torchvision's parameter names), from one of:
     --backbone_weights FILE   a torchvision resnet50 state dict you have (resnet50-*.pth; `fc.*`
                               is dropped, a DataParallel `module.` prefix stripped)
@@ -129,6 +142,68 @@ def load_backbone(backbone_weights: str, virtex_checkpoint: str, random_weights:
         raise SystemExit(f"error: --virtex {virtex_checkpoint} is a {run['model']} checkpoint, "
                          f"not a VirTex one")
     return model.visual.eval(), config.image_size, f"VirTex {virtex_checkpoint}"
+
+
+class ZeroShotTagger:
+    """Tags and a class distribution for each box from a CoCa checkpoint (module docstring)."""
+
+    def __init__(self, checkpoint: str, vocab_file: str, threshold: float, device):
+        import infer
+        from shared.evaluate import PROMPT_TEMPLATES, class_embeddings
+
+        path = Path(vocab_file)
+        if not path.is_file():
+            raise SystemExit(f"error: --tag_vocab {path}: no such file")
+        tags = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        self.tags = [t for t in tags if t]
+        if not self.tags:
+            raise SystemExit(f"error: --tag_vocab {path}: no tag (one a line)")
+        repeated = sorted({t for t in self.tags if self.tags.count(t) > 1})
+        if repeated:
+            raise SystemExit(f"error: --tag_vocab {path}: {repeated[0]!r} is there twice")
+        if not 0.0 <= threshold <= 1.0:
+            raise SystemExit(f"error: --tag_threshold is a probability, not {threshold}")
+        try:
+            paper, model, tokenizer, config, run = infer.load(Path(checkpoint))
+        except SystemExit:
+            raise
+        except Exception as e:
+            raise SystemExit(f"error: --tag_model {checkpoint}: {e}") from None
+        if run["model"] != "coca":
+            raise SystemExit(f"error: --tag_model {checkpoint} is a {run['model']} checkpoint, "
+                             f"not a CoCa one (zero-shot tags need image and text embeddings)")
+        self.paper, self.model = paper, model.to(device)
+        self.size, self.threshold = config.image_size, threshold
+        self.scale = float(model.logit_scale.exp())  # the learned temperature of its logits
+        self.class_emb = class_embeddings(  # (V, E)
+            lambda texts: paper.embed_text_strings(model, tokenizer, config, texts),
+            self.tags, PROMPT_TEMPLATES)
+
+    def crops(self, image: Image.Image, boxes: np.ndarray) -> list[np.ndarray]:
+        """uint8 (S, S, 3) crops of an RGB image in boxes (N, 4) given as fractions."""
+        W, H = image.size
+        out = []
+        for x1, y1, x2, y2 in (boxes * np.array([W, H, W, H])).tolist():
+            x1, y1 = min(int(x1), W - 1), min(int(y1), H - 1)
+            x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)  # >= 1 px
+            crop = image.crop((x1, y1, x2, y2)).resize((self.size, self.size), Image.BICUBIC)
+            out.append(np.asarray(crop))
+        return out
+
+    def __call__(self, images: list[Image.Image], boxes: list[np.ndarray]) -> list[dict]:
+        """For each image, {"cls_prob" (N_b, V+1), "tags" (T_b,)} of its boxes (N_b, 4)."""
+        crops = [c for image, b in zip(images, boxes) for c in self.crops(image, b)]
+        emb = self.paper.embed_image_arrays(self.model, crops)  # (Σ N_b, E), unit length
+        probs = (self.scale * emb @ self.class_emb.T).softmax(-1).cpu().numpy()  # (Σ N_b, V)
+        out, at = [], 0
+        for b in boxes:
+            p = probs[at:at + len(b)]  # (N_b, V)
+            at += len(b)
+            best = p.argmax(1)  # (N_b,)
+            out.append({"cls_prob": np.concatenate([np.zeros((len(b), 1), np.float32), p], 1),
+                        "tags": np.array([self.tags[k] for k, q in zip(best, p.max(1))
+                                          if q >= self.threshold], dtype=np.str_)})
+        return out
 
 
 # --- 2. Images and boxes -----------------------------------------------------------------------
@@ -226,14 +301,14 @@ def image_regions(boxes_spec: tuple[str, object], name: str, H: int, W: int) -> 
     return out
 
 
-def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """An image file -> (normalised float (3, size, size), original (H, W)); OSError or
-    ValueError when it cannot be decoded."""
+def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int], Image.Image]:
+    """An image file -> (normalised float (3, size, size), original (H, W), the RGB image);
+    OSError or ValueError when it cannot be decoded."""
     with Image.open(path) as image:
         image.load()  # decode now: a truncated file fails here
         image = to_rgb(image)
     W, H = image.size
-    return image_to_tensor(np.asarray(image.resize((size, size), Image.BICUBIC))), (H, W)
+    return image_to_tensor(np.asarray(image.resize((size, size), Image.BICUBIC))), (H, W), image
 
 
 def write_npz_atomic(path: Path, arrays: dict) -> None:
@@ -276,9 +351,13 @@ def parse_boxes(spec: str) -> tuple[str, object]:
 def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_dir: str = "",
                     backbone_weights: str = "", virtex_checkpoint: str = "",
                     random_weights: bool = False, image_size: int = 0, batch_size: int = 16,
-                    n: int = 0, device: str = "auto", log_every_s: float = 5.0) -> dict:
+                    n: int = 0, device: str = "auto", log_every_s: float = 5.0,
+                    tag_model: str = "", tag_vocab: str = "", tag_threshold: float = 0.5
+                    ) -> dict:
     """The `regions` command (module docstring); returns extract.json's content."""
     boxes_spec = parse_boxes(boxes)
+    if bool(tag_model) != bool(tag_vocab):
+        raise SystemExit("error: zero-shot tags need both --tag_model CKPT and --tag_vocab FILE")
     root, names = list_images(Path(source), image_dir)
     names = names[:n] if n > 0 else names
     resnet, trained_size, backbone = load_backbone(backbone_weights, virtex_checkpoint,
@@ -287,6 +366,7 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if device == "auto" else device)
     resnet = resnet.to(device)
+    tagger = ZeroShotTagger(tag_model, tag_vocab, tag_threshold, device) if tag_model else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counts(images=len(names))
@@ -299,10 +379,10 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
     start = last = time.perf_counter()
     feature_dim = None
     for at in range(0, len(todo), batch_size):
-        pixels, metas = [], []
+        pixels, metas, originals = [], [], []
         for name in todo[at:at + batch_size]:
             try:
-                x, (H, W) = read_image(root / name, size)
+                x, (H, W), image = read_image(root / name, size)
             except (OSError, ValueError) as e:
                 counts.unreadable += 1
                 with open(out_dir / "unreadable.txt", "a") as f:
@@ -314,11 +394,16 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
                 continue
             pixels.append(x)
             metas.append((name, (H, W), regions))
+            originals.append(image if tagger is not None else None)
         if pixels:
             grid = resnet(torch.stack(pixels).to(device))  # (B, C, S/32, S/32)
             feats = box_features(grid, [torch.from_numpy(r["boxes"]) for _, _, r in metas],
                                  size)  # B x (N, C)
             feature_dim = grid.shape[1]
+            if tagger is not None:  # its tags and cls_prob replace the box source's
+                for (_, _, regions), tagged in zip(metas, tagger(
+                        originals, [r["boxes"] for _, _, r in metas])):
+                    regions.update(tagged)
             for (name, hw, regions), f in zip(metas, feats):
                 write_npz_atomic(out_dir / (Path(name).stem + ".npz"),
                                  {"features": f.cpu().numpy().astype(np.float16), **regions,
@@ -332,10 +417,13 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
                   f"images/s, {counts.unreadable} unreadable, {counts.no_boxes} without boxes, "
                   f"{counts.already_written} already written", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
+    tags = ({"tag_model": str(tag_model), "tag_vocab": str(tag_vocab), "tags": len(tagger.tags),
+             "tag_threshold": tag_threshold} if tagger is not None else {})
     summary = {"source": str(source), "boxes": boxes, "backbone": backbone, "image_size": size,
                "batch_size": batch_size, "device": str(device), "feature_dim": feature_dim,
                **dataclasses.asdict(counts), "seconds": round(seconds, 2),
-               "images_per_s": round(counts.written / seconds, 2) if counts.written else None}
+               "images_per_s": round(counts.written / seconds, 2) if counts.written else None,
+               **tags}
     write_json_atomic(out_dir / "extract.json", summary)
     return summary
 
@@ -358,10 +446,17 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--batch_size", type=int, default=16)
     r.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
     r.add_argument("--device", default="auto")
+    r.add_argument("--tag_model", default="", help="a CoCa checkpoint: zero-shot tags and "
+                                                   "cls_prob for every box")
+    r.add_argument("--tag_vocab", default="", help="the tags, one a line (with --tag_model)")
+    r.add_argument("--tag_threshold", type=float, default=0.5,
+                   help="a box's best tag is kept at this probability or more")
     args = parser.parse_args(argv)
     summary = extract_regions(args.source, args.out_dir, args.boxes, args.image_dir,
                               args.backbone_weights, args.virtex, args.random_weights,
-                              args.image_size, args.batch_size, args.n, args.device)
+                              args.image_size, args.batch_size, args.n, args.device,
+                              tag_model=args.tag_model, tag_vocab=args.tag_vocab,
+                              tag_threshold=args.tag_threshold)
     print(f"{summary['written']} region files written to {args.out_dir} ({summary['feature_dim']}"
           f"-d features, {summary['images_per_s']} images/s), {summary['already_written']} "
           f"already there, {summary['unreadable']} unreadable, {summary['no_boxes']} without "

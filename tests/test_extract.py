@@ -180,7 +180,7 @@ def test_grid_regions_are_read_back_and_equal_the_backbone_features(exported, ti
     np.testing.assert_allclose(ex["boxes"][:2], [[0, 0, 1, 1], [0, 0, 0.5, 0.5]])
     # the stored features are the ResNet's grid RoIAligned in those boxes (to float16)
     resnet = extract.resnet_from_torchvision(torch.load(tiny_backbone)).eval()
-    x, hw = extract.read_image(exported / "images" / "000000000003.png", 64)
+    x, hw, _ = extract.read_image(exported / "images" / "000000000003.png", 64)
     assert hw == (64, 64)
     with torch.no_grad():
         expected = box_features(resnet(x[None]), [torch.from_numpy(ex["boxes"])], 64)[0]
@@ -263,9 +263,88 @@ def test_a_virtex_checkpoint_gives_its_backbone_and_image_size(exported, tmp_pat
     _, model, _, config, _ = infer.load(checkpoint)
     assert (summary["image_size"], summary["feature_dim"]) == (32, config.visual_dim)
     z = np.load(tmp_path / "r" / "000000000001.npz")
-    x, _ = extract.read_image(exported / "images" / "000000000001.png", 32)
+    x, _, _ = extract.read_image(exported / "images" / "000000000001.png", 32)
     with torch.no_grad():
         expected = box_features(model.visual(x[None]), [torch.from_numpy(z["boxes"])], 32)[0]
     np.testing.assert_allclose(z["features"], expected.numpy(), rtol=2e-3, atol=2e-3)
     with pytest.raises(SystemExit, match="no checkpoint"):
         extract.load_backbone("", str(tmp_path / "none.pt"), False)
+
+
+# --- Zero-shot tags from a CoCa checkpoint -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coca_checkpoint(tmp_path_factory):
+    import train
+
+    out = tmp_path_factory.mktemp("coca")
+    args = ["--model", "coca", "--batch_size", "4", "--image_size", "32", "--final_n", "4",
+            "--max_steps", "2", "--warmup_steps", "1", "--num_workers", "0", "--log_every_s", "0",
+            "--tokenizer_texts", "50", "--vision_width", "32", "--vision_heads", "2",
+            "--vision_layers", "1", "--text_width", "32", "--text_heads", "2",
+            "--unimodal_layers", "1", "--multimodal_layers", "1", "--n_caption_queries", "4",
+            "--embed_dim", "16", "--out", str(out)]
+    train.train(*train.parse_args(args), log=lambda line: None)
+    return out / "best.pt"
+
+
+def test_zero_shot_tags_are_the_softmax_of_crop_and_prompt_embeddings(exported, coca_checkpoint,
+                                                                      tmp_path):
+    import infer
+    from PIL import Image
+
+    from shared.evaluate import PROMPT_TEMPLATES, class_embeddings
+
+    detections = {"000000000000.png": [{"box": [0, 0, 64, 64], "score": 0.9},
+                                       {"box": [8, 16, 40, 32], "score": 0.7}],
+                  "000000000001.png": [{"box": [32, 0, 64, 48], "score": 0.8, "label": "x"}]}
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    vocab = ["circle", "square", "star"]
+    (tmp_path / "tags.txt").write_text("\n".join(vocab) + "\n\n")
+    out = tmp_path / "regions"
+    summary = extract.extract_regions(exported / "captions_test.json", out,
+                                      f"json:{tmp_path / 'det.json'}", random_weights=True,
+                                      image_size=64, n=2, tag_model=str(coca_checkpoint),
+                                      tag_vocab=str(tmp_path / "tags.txt"), tag_threshold=0.0)
+    assert (summary["written"], summary["tags"]) == (2, 3)
+    paper, model, tokenizer, config, _ = infer.load(coca_checkpoint)
+    with torch.no_grad():
+        class_emb = class_embeddings(
+            lambda t: paper.embed_text_strings(model, tokenizer, config, t), vocab,
+            PROMPT_TEMPLATES)  # (3, E)
+    for name, found in detections.items():
+        z = np.load(out / name.replace(".png", ".npz"))
+        assert z["conf"].tolist() == pytest.approx([d["score"] for d in found])
+        image = Image.open(exported / "images" / name).convert("RGB")
+        crops = [np.asarray(image.crop(d["box"]).resize((32, 32), Image.BICUBIC)) for d in found]
+        with torch.no_grad():
+            logits = model.logit_scale.exp() * paper.embed_image_arrays(model, crops) @ class_emb.T
+        expected = logits.softmax(-1).numpy()  # (N, 3)
+        assert z["cls_prob"].shape == (len(found), 4)
+        assert (z["cls_prob"][:, 0] == 0).all()  # no background class in zero-shot
+        np.testing.assert_allclose(z["cls_prob"][:, 1:], expected, rtol=1e-5, atol=1e-6)
+        assert list(z["tags"]) == [vocab[k] for k in expected.argmax(1)]  # threshold 0: all
+    strict = extract.extract_regions(exported / "captions_test.json", tmp_path / "strict",
+                                     "grid:1", random_weights=True, image_size=64, n=1,
+                                     tag_model=str(coca_checkpoint),
+                                     tag_vocab=str(tmp_path / "tags.txt"), tag_threshold=1.0)
+    assert strict["written"] == 1
+    assert len(np.load(tmp_path / "strict" / "000000000000.npz")["tags"]) == 0
+
+
+def test_zero_shot_tag_options_are_checked_in_one_line(exported, coca_checkpoint, tmp_path):
+    vocab = tmp_path / "tags.txt"
+    vocab.write_text("circle\nstar\ncircle\n")
+    good = tmp_path / "good.txt"
+    good.write_text("circle\nstar\n")
+    source = exported / "captions_test.json"
+    for kwargs, message in [
+            (dict(tag_model=str(coca_checkpoint)), "need both --tag_model CKPT and --tag_vocab"),
+            (dict(tag_model=str(coca_checkpoint), tag_vocab=str(tmp_path / "none.txt")),
+             "no such file"),
+            (dict(tag_model=str(coca_checkpoint), tag_vocab=str(vocab)), "'circle' is there twice"),
+            (dict(tag_model=str(tmp_path / "none.pt"), tag_vocab=str(good)), "no checkpoint"),
+            (dict(tag_model=str(coca_checkpoint), tag_vocab=str(good), tag_threshold=1.5),
+             "a probability")]:
+        with pytest.raises(SystemExit, match=message):
+            extract.extract_regions(source, tmp_path / "o", random_weights=True, n=1, **kwargs)
