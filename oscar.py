@@ -56,8 +56,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (feature_statistics, flat_targets, model_device, pad_rows,
-                         pad_sequences, region_statistics)
+from shared.data import flat_targets, model_device, pad_rows, pad_sequences, standardisation
 from shared.decoding import beam_search, cached_step_fn, greedy
 from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
                              retrieval_metrics, vqa_metrics, world_examples)
@@ -110,6 +109,8 @@ class Config:
     feature_dim: int = 2048  # P = 2048 [Oscar §3]; the input is F + 6 = 2054 [code]
     region_layer_norm: bool = False  # [code] use_img_layernorm: 0 by default, 1 in VinVL's
     standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
+    feature_mean: tuple[float, ...] = ()  # OURS: with standardise_features on region files on
+    feature_std: tuple[float, ...] = ()  # disk, their statistics (shared.data.standardisation)
     use_tags: bool = True  # False: the no-tags baseline [Oscar §5.3], no tags anywhere
     # pre-training [Oscar §3]
     mask_prob: float = 0.15  # of caption and tag word-pieces [Oscar §3]; 80/10/10 [code]
@@ -152,7 +153,10 @@ class Config:
             (c.max_caption_masked >= 1 and c.beam_size >= 1 and c.length_penalty >= 0,
              "need max_caption_masked >= 1, beam_size >= 1 and length_penalty >= 0"),
             (c.batch_size >= 2 or c.task not in ("pretrain", "retrieval"),
-             "pre-training and retrieval draw negatives from other examples: batch_size >= 2")]
+             "pre-training and retrieval draw negatives from other examples: batch_size >= 2"),
+            (len(c.feature_mean) == len(c.feature_std) in (0, c.feature_dim),
+             f"feature_mean and feature_std hold feature_dim ({c.feature_dim}) numbers each, or "
+             f"none; got {len(c.feature_mean)} and {len(c.feature_std)}")]
         problems = (encoder_problems(c, TASKS) + [message for ok, message in checks if not ok]
                     + optimisation_problems(c))
         if problems:
@@ -590,7 +594,7 @@ class OscarDataset(Dataset):
         self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
         per_example = 2 if config.task == "retrieval" else 1  # a positive and its negative
         self.length = max(1, per_example * len(world) // config.batch_size) * config.batch_size
-        self.statistics = region_statistics(world) if config.standardise_features else None
+        self.statistics = standardisation(config, world)
         self.answer_index = answer_index(config.answers)
         t = tokenizer  # corrupt draws its random ids from [lo, hi), past the special ids
         self.random_ids = (max(t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id) + 1, t.vocab_size)
@@ -705,7 +709,7 @@ def collate_fn(items: list[dict]) -> dict:
 
 def region_batch(examples: list[dict], config: Config, world_config, device) -> tuple:
     """The examples' region vectors (n, N, F + 6) and region_mask (n, N) on `device`."""
-    statistics = feature_statistics(world_config) if config.standardise_features else None
+    statistics = standardisation(config, world_config)
     rows = [region_inputs(ex, config, statistics) for ex in examples]
     mask = pad_rows([torch.ones(len(r), dtype=torch.bool) for r in rows])
     return pad_rows(rows).to(device), mask.to(device)  # (n, N, F + 6), (n, N)

@@ -287,6 +287,31 @@ def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
         raise SystemExit(f"error: --data ({run.model}): {e}") from None
 
 
+def keep_feature_statistics(config, init: dict | None, corpus):
+    """Oscar / UNITER with standardise_features: the (mean, std) the run standardises its region
+    features with, kept in its config and so in its checkpoints (shared.data.standardisation):
+    --init's where it kept some (fine-tuning goes on with the numbers its encoder learned with),
+    else those of the region files of --data. A run on the world keeps none: the world's config
+    gives them."""
+    if not getattr(config, "standardise_features", False):
+        return config
+    kept = init["config"].get("feature_mean", ()) if init is not None else ()
+    if kept:
+        return dataclasses.replace(config, feature_mean=tuple(kept),
+                                   feature_std=tuple(init["config"]["feature_std"]))
+    if corpus is None:
+        return config
+    try:
+        mean, std = corpus.feature_statistics()  # (F,) each, of its first images
+    except ValueError as e:
+        raise SystemExit(f"error: --data: {e}") from None
+    if len(mean) != config.feature_dim:
+        raise SystemExit(f"error: --data: the region files have {len(mean)}-d features but "
+                         f"feature_dim is {config.feature_dim} (--feature_dim)")
+    return dataclasses.replace(config, feature_mean=tuple(mean.tolist()),
+                               feature_std=tuple(std.tolist()))
+
+
 def make_tokenizer(run: RunConfig, config, world_config: WorldConfig, corpus=None) -> Tokenizer:
     """A BERT vocab.txt when --vocab is given, else WordPiece trained on the captions of the
     first tokenizer_texts images of the corpus (--data) or of the world."""
@@ -475,6 +500,8 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
         if not config.answers:
             raise SystemExit("error: --data: no answer is the most common one of enough "
                              "questions to train on")
+    if ckpt is None:
+        config = keep_feature_statistics(config, init, corpus)
     saved = ckpt or init  # a fine-tuning run keeps the tokenizer its weights were trained with
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))

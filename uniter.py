@@ -60,8 +60,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (RecentExamples, feature_statistics, flat_targets, model_device,
-                         pad_rows, pad_sequences, region_statistics)
+from shared.data import (RecentExamples, flat_targets, model_device, pad_rows, pad_sequences,
+                         standardisation)
 from shared.distributed import world_size
 from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
@@ -107,6 +107,8 @@ class Config:
     region_conf_threshold: float = 0.2  # [code]: conf = the detector's best object-class score
     n_region_classes: int = 1601  # C, [code]: 1600 Visual Genome classes + background at 0
     standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
+    feature_mean: tuple[float, ...] = ()  # OURS: with standardise_features on region files on
+    feature_std: tuple[float, ...] = ()  # disk, their statistics (shared.data.standardisation)
     region_branch_norms: bool = False  # [paper ≠ code] False: [UNITER §3.1]'s LN(W_f f + W_p p +
     #   type); True: [code]'s LN(LN(W_f f) + LN(W_p p) + type) (ImageEmbeddings)
     # pre-training tasks [UNITER §3.2; code]
@@ -178,7 +180,10 @@ class Config:
              f"mrc_kl_scale must be region or element, not {self.mrc_kl_scale!r}"),
             (self.hard_negatives >= 1 and self.rank_margin >= 0 and self.vqa_head_lr_mult > 0,
              f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
-             f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}")]
+             f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}"),
+            (len(self.feature_mean) == len(self.feature_std) in (0, self.feature_dim),
+             f"feature_mean and feature_std hold feature_dim ({self.feature_dim}) numbers each, "
+             f"or none; got {len(self.feature_mean)} and {len(self.feature_std)}")]
         problems = encoder_problems(self, TASKS) + [message for fine, message in checks
                                                     if not fine]
         problems += optimisation_problems(self)
@@ -848,8 +853,7 @@ class UniterDataset(Dataset):
                             tokenizer.sep_id, tokenizer.mask_id}
         self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
         self.answer_index = answer_index(config.answers)
-        self.statistics = (region_statistics(world) if config.standardise_features
-                           else None)
+        self.statistics = standardisation(config, world)
         # the examples one process puts in one micro-batch (torchrun: its share of it)
         self.micro_batch = max(1, config.batch_size // config.grad_accum_steps // world_size())
         self.example = RecentExamples(world, 2 * self.micro_batch)  # index -> world.example
@@ -954,11 +958,7 @@ def region_batch(examples: list[dict], config: Config, device: torch.device,
                  world_config=None) -> tuple:
     """(features (n, N, F), locations (n, N, 7), region_mask (n, N)) on `device`; the world's
     config gives the statistics of standardise_features."""
-    statistics = None
-    if config.standardise_features:
-        if world_config is None:
-            raise ValueError("standardise_features needs the world_config of the examples")
-        statistics = feature_statistics(world_config)
+    statistics = standardisation(config, world_config)
     regions = [region_inputs(ex, config, statistics) for ex in examples]
     features = pad_rows([r["features"] for r in regions]).to(device)
     locations = pad_rows([r["locations"] for r in regions]).to(device)

@@ -14,7 +14,8 @@ and what the two region-based papers (Oscar, UNITER) share:
     pad_rows             [(n_b, ...)] -> (B, max n_b, ...) zero-padded (regions, masks)
     flat_targets         (B, T) labels -> flat positions and targets of the predicted tokens
     feature_statistics   per-dimension mean and std of the world's region features
-    region_statistics    the same for any source of regions: the world or a region folder
+    standardisation      the (mean, std) standardise_features applies: the config's (a run on
+                         region files keeps its corpus's there), else the world's
 
 Determinism is the point of `train_loader`: the batch of step k holds world examples
 k·B .. k·B + B - 1 and the caption of example i is chosen by a generator seeded with (seed, i),
@@ -222,10 +223,23 @@ def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
     return _statistics_cache[key]
 
 
-def region_statistics(source) -> tuple[Tensor, Tensor]:
-    """The standardisation statistics for a source of region examples: for a World, those of
-    its config's training split (feature_statistics), so every split and a fine-tuning run
-    agree; for a region folder (shared.folders.RegionFolder), those of its own first images."""
+def standardisation(config, source) -> tuple[Tensor, Tensor] | None:
+    """The (mean, std) (F,) that Oscar's and UNITER's `standardise_features` subtracts and
+    divides by, or None when it is off. A run on region files on disk keeps its corpus's
+    statistics in the config (feature_mean, feature_std), so its checkpoint is evaluated, and
+    fine-tuned, with the numbers it was trained with; a run on the world computes them from the
+    world's config (feature_statistics). source: a World, a WorldConfig, or a region folder
+    (shared.folders.RegionFolder: the statistics of its own first images)."""
+    if not config.standardise_features:
+        return None
+    if config.feature_mean:
+        return (torch.tensor(config.feature_mean, dtype=torch.float32),
+                torch.tensor(config.feature_std, dtype=torch.float32))
+    if source is None:
+        raise ValueError("standardise_features needs the world_config of the examples (or the "
+                         "feature_mean and feature_std of the config)")
     if isinstance(source, World):
         return feature_statistics(source.config)
-    return source.feature_statistics()
+    if hasattr(source, "feature_statistics"):
+        return source.feature_statistics()
+    return feature_statistics(source)

@@ -328,6 +328,47 @@ def test_uniter_fine_tunes_on_regions_without_class_scores_and_says_what_mrc_nee
         train.train(run, paper, overrides, log=lambda line: None)
 
 
+@pytest.mark.parametrize("model", ["oscar", "uniter"])
+def test_a_run_on_region_files_is_evaluated_with_the_statistics_it_trained_with(exported,
+                                                                                tmp_path, model):
+    # features far from the world's (x 10 + 5): standardise_features must use the corpus's mean
+    # and std in training and in every evaluation of the checkpoint, not the world's
+    import infer
+
+    from shared.folders import RegionFolder
+
+    _, out = exported
+    captions = region_copy(out, tmp_path / "data", lambda i, a: {
+        **a, "features": (a["features"].astype(np.float32) * 10 + 5).astype(np.float16)})
+    extra = ["--ipot_iters", "2"] if model == "uniter" else []
+    args = ["--model", model, "--task", "retrieval", "--data", f"regions:{captions}",
+            "--max_steps", "2", "--num_workers", "0", *TINY_REGION_MODEL[:-2], *extra,
+            "--out", str(tmp_path / "run")]
+    train.train(*train.parse_args(args), log=lambda line: None)
+    paper, _, _, config, run = infer.load(tmp_path / "run" / "latest.pt")
+    corpus = RegionFolder.coco(captions, tmp_path / "data" / "regions")
+    mean, std = corpus.feature_statistics()
+    assert config.standardise_features
+    np.testing.assert_allclose(config.feature_mean, mean.numpy())
+    np.testing.assert_allclose(config.feature_std, std.numpy())
+    examples = [corpus.example(i) for i in range(3)]
+    world_config = train.make_world_config(paper, config, run["seed"])
+    if model == "uniter":
+        got = paper.region_batch(examples, config, torch.device("cpu"), world_config)[0]
+        expected = [paper.region_inputs(ex, config, (mean, std))["features"] for ex in examples]
+    else:
+        got = paper.region_batch(examples, config, world_config, torch.device("cpu"))[0]
+        expected = [paper.region_inputs(ex, config, (mean, std)) for ex in examples]
+    for b, rows in enumerate(expected):
+        torch.testing.assert_close(got[b, :len(rows)], rows)
+    # and a fine-tuning run from it keeps them
+    tuned = ["--model", model, "--task", "retrieval", "--init", str(tmp_path / "run" / "latest.pt"),
+             "--data", f"regions:{out / 'captions_test.json'}", "--max_steps", "1",
+             "--num_workers", "0", *TINY_REGION_MODEL[:-2], *extra, "--out", str(tmp_path / "ft")]
+    train.train(*train.parse_args(tuned), log=lambda line: None)
+    assert infer.load(tmp_path / "ft" / "latest.pt")[3].feature_mean == config.feature_mean
+
+
 @pytest.mark.parametrize("standardise", ["true", "false"])
 def test_a_region_file_that_does_not_fit_stops_the_run_in_one_line(exported, tmp_path,
                                                                   standardise):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import oscar
+from shared.data import feature_statistics
 from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
 
@@ -270,7 +271,7 @@ def test_pollute_with_captions_is_the_code_quirk(world, tokenizer):
 def test_use_tags_false_has_no_tags_and_pollutes_the_image(world, tokenizer):
     config = small(use_tags=False)
     dataset = oscar.OscarDataset(world, tokenizer, config)
-    statistics = oscar.feature_statistics(world.config)
+    statistics = feature_statistics(world.config)
     for i in range(40):
         item = dataset[i]
         assert not (item["segments"] == 1).any()
