@@ -222,12 +222,13 @@ def _read_examples(items: list[dict], regions: bool, image_size: int) -> list[di
 @in_eval_mode
 def evaluate_corpus(model, paper, tokenizer, config, name: str, seed: int, spec: str,
                     split: str = "test", n: int = 0, results: Path | None = None,
-                    chunk: int = 100, group: int = 1000) -> dict:
+                    chunk: int = 100, group: int = 1000, pairs: int = 8192) -> dict:
     """The metrics of a model on evaluation data on disk (train.py --val_data and --eval_only
     use it too): vqa: specs go to VQA (_vqa_metrics); the others (_caption_items) to
     captioning (CoCa, VirTex, Oscar --task caption) and retrieval (CoCa by embeddings, UNITER
     and Oscar --task pretrain / retrieval as cross-encoders), as the module docstring says.
-    n > 0: the first n images. results: the captions (VQA: answers) in the official format."""
+    n > 0: the first n images. results: the captions (VQA: answers) in the official format.
+    pairs: about how many image-caption pairs a cross-encoder scores a call."""
     from shared.evaluate import grouped_pair_retrieval
     from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
 
@@ -269,8 +270,14 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, seed: int, spec:
     if retrieval:  # the first 5 captions of each image, as the papers' protocol
         five = [{**ex, "captions": ex["captions"][:5]} for ex in examples]
         if regions:  # a cross-encoder: every image with every caption of its group
-            score = lambda part, texts: paper.retrieval_scores(
-                model, tokenizer, config, part, world_config, texts)  # (g, G)
+            def score(part, texts):  # (g, G), a few images a call, with a progress line
+                rows, step = [], max(1, pairs // len(texts))
+                for s in range(0, len(part), step):
+                    rows.append(paper.retrieval_scores(model, tokenizer, config,
+                                                       part[s:s + step], world_config, texts))
+                    _progress(min(s + step, len(part)) * len(texts), len(part) * len(texts),
+                              "image-caption pairs scored")
+                return torch.cat(rows)  # (g, G)
         else:
             score = lambda part, texts: paper.embed_image_arrays(  # (g, G)
                 model, [ex["image"] for ex in part]) @ paper.embed_text_strings(
@@ -367,14 +374,15 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
 
 
 def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
-             results: Path | None = None, chunk: int = 100, group: int = 1000) -> dict:
+             results: Path | None = None, chunk: int = 100, group: int = 1000,
+             pairs: int = 8192) -> dict:
     """The Karpathy-split evaluation of a checkpoint (module docstring, evaluate_corpus): a dict
     of metrics, with "images" the number evaluated (n > 0: the first n of the split)."""
     paper, model, tokenizer, config, run = load(checkpoint)
     spec = spec if spec.startswith("karpathy:") else "karpathy:" + spec
     try:
         return evaluate_corpus(model, paper, tokenizer, config, run["model"], run["seed"], spec,
-                               split, n, results, chunk, group)
+                               split, n, results, chunk, group, pairs)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -306,8 +306,10 @@ def test_karpathy_with_region_models_equals_the_world_evaluation(checkpoints, tm
         folds = [recall_at_k(uniter.retrieval_scores(
             model, tokenizer, config, examples[s:s + 4], world_config, texts[5 * s:5 * s + 20]),
             torch.arange(min(4, n - s)).repeat_interleave(5)) for s in range(0, n, 4)]
+    one_by_one = infer.karpathy(checkpoints["uniter"], split, group=4, pairs=1)  # an image a call
     for key, value in recall_at_k(scores, text_image).items():
         assert ours[f"{key}_all"] == pytest.approx(value, abs=1e-9), key
+        assert one_by_one[f"{key}_all"] == pytest.approx(value, abs=1e-9), key
         assert ours[f"{key}_1k"] == pytest.approx(sum(f[key] for f in folds) / 3, abs=1e-9)
     assert ours["pairs_scored"] == n * 5 * n + (4 * 20 + 4 * 20 + 2 * 10)
     (tmp_path / "regions" / f"{3:012d}.npz").unlink()
