@@ -222,13 +222,17 @@ def _read_examples(items: list[dict], regions: bool, image_size: int) -> list[di
 @in_eval_mode
 def evaluate_corpus(model, paper, tokenizer, config, name: str, seed: int, spec: str,
                     split: str = "test", n: int = 0, results: Path | None = None,
-                    chunk: int = 100, group: int = 1000, pairs: int = 8192) -> dict:
+                    chunk: int = 100, group: int = 1000, pairs: int = 8192,
+                    max_retrieval_images: int = 0) -> dict:
     """The metrics of a model on evaluation data on disk (train.py --val_data and --eval_only
     use it too): vqa: specs go to VQA (_vqa_metrics); the others (_caption_items) to
     captioning (CoCa, VirTex, Oscar --task caption) and retrieval (CoCa by embeddings, UNITER
     and Oscar --task pretrain / retrieval as cross-encoders), as the module docstring says.
     n > 0: the first n images. results: the captions (VQA: answers) in the official format.
-    pairs: about how many image-caption pairs a cross-encoder scores a call."""
+    pairs: about how many image-caption pairs a cross-encoder scores a call;
+    max_retrieval_images > 0: a cross-encoder ranks among only the first that many images and
+    their captions (train.py passes the config's eval_pairs: the protocol's n · 5n forward
+    passes are 5M for 1,000 images), said in "retrieval_images"."""
     from shared.evaluate import grouped_pair_retrieval
     from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
 
@@ -269,6 +273,9 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, seed: int, spec:
                                            for item, c in zip(items, captions)]) + "\n")
     if retrieval:  # the first 5 captions of each image, as the papers' protocol
         five = [{**ex, "captions": ex["captions"][:5]} for ex in examples]
+        if regions and max_retrieval_images > 0:
+            five = five[:max_retrieval_images]
+            metrics["retrieval_images"] = len(five)
         if regions:  # a cross-encoder: every image with every caption of its group
             def score(part, texts):  # (g, G), a few images a call, with a progress line
                 rows, step = [], max(1, pairs // len(texts))

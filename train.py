@@ -422,13 +422,16 @@ def progress_line(step: int, config, means: dict, steps: int, tokens: int, secon
 
 def evaluate(s: "State", split: str, n: int, log) -> dict:
     """The paper's metrics on n examples of a world split, or of --val_data on disk (the
-    protocols of infer.evaluate_corpus; n = 0 there: all of it), appended to metrics.jsonl."""
+    protocols of infer.evaluate_corpus; n = 0 there: all of it, but a cross-encoder's retrieval
+    among the first eval_pairs images only), appended to metrics.jsonl."""
     if s.run.val_data:
         import infer
 
         try:
+            cap = s.config.eval_pairs if s.paper.INPUTS == "regions" else 0  # cross-encoders
             metrics = infer.evaluate_corpus(s.model, s.paper, s.tokenizer, s.config,
-                                            s.run.model, s.run.seed, s.run.val_data, split, n)
+                                            s.run.model, s.run.seed, s.run.val_data, split, n,
+                                            max_retrieval_images=cap)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --val_data: {e}") from None
         metrics.pop("images", None)

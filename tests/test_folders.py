@@ -423,3 +423,18 @@ def test_the_same_region_items_from_the_folder_and_the_world(exported, model):
                 assert torch.equal(x[key], y[key]), key
             else:
                 assert x[key] == y[key], key
+
+
+@pytest.mark.parametrize("model", ["oscar", "uniter"])
+def test_cross_encoder_retrieval_on_val_data_is_capped_at_eval_pairs(exported, tmp_path, model):
+    # every image with every caption is n · 5n forward passes (5M for 1,000 images): training
+    # evaluates among the first eval_pairs images, and says so
+    _, out = exported
+    spec = f"regions:{out / 'captions_test.json'}"
+    extra = ["--ipot_iters", "2"] if model == "uniter" else []
+    args = ["--model", model, "--task", "retrieval", "--data", spec, "--val_data", spec,
+            "--eval_pairs", "4", "--max_steps", "1", "--num_workers", "0",
+            *TINY_REGION_MODEL[:-2], *extra, "--out", str(tmp_path / "run")]
+    final = train.train(*train.parse_args(args), log=lambda line: None)
+    assert final["retrieval_images"] == 4
+    assert final["pairs_scored"] == 4 * 4 * 5  # 4 images x their 20 captions
