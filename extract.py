@@ -40,8 +40,9 @@ are fractions of the image, so they are unaffected) and normalised with the Imag
 
 Tags without annotations: --tag_model CKPT --tag_vocab FILE (a CoCa checkpoint and one tag per
 line) classifies every box zero-shot, as CoCa's zero-shot classification does a whole image
-[CoCa §4.2.2]: the box is cropped from the original image and resized to the checkpoint's image
-size, its image embedding is compared with each tag's text embedding (the normalised mean over
+[CoCa §4.2.2]: the box, widened by --tag_context of its width and height on each side (default
+0.5; clipped to the image), is cropped from the original image and resized to the checkpoint's
+image size, its image embedding is compared with each tag's text embedding (the normalised mean over
 the prompt templates of shared.evaluate), and the softmax of the scaled cosines over the tags is
 its class distribution. They replace the box source's tags and cls_prob:
     cls_prob  float32 (N, V+1) column 0 (background) is 0: a zero-shot classifier has no
@@ -147,7 +148,8 @@ def load_backbone(backbone_weights: str, virtex_checkpoint: str, random_weights:
 class ZeroShotTagger:
     """Tags and a class distribution for each box from a CoCa checkpoint (module docstring)."""
 
-    def __init__(self, checkpoint: str, vocab_file: str, threshold: float, device):
+    def __init__(self, checkpoint: str, vocab_file: str, threshold: float, device,
+                 context: float = 0.5):
         import infer
         from shared.evaluate import PROMPT_TEMPLATES, class_embeddings
 
@@ -163,6 +165,8 @@ class ZeroShotTagger:
             raise SystemExit(f"error: --tag_vocab {path}: {repeated[0]!r} is there twice")
         if not 0.0 <= threshold <= 1.0:
             raise SystemExit(f"error: --tag_threshold is a probability, not {threshold}")
+        if context < 0:
+            raise SystemExit(f"error: --tag_context must be >= 0, not {context}")
         try:
             paper, model, tokenizer, config, run = infer.load(Path(checkpoint))
         except SystemExit:
@@ -173,17 +177,23 @@ class ZeroShotTagger:
             raise SystemExit(f"error: --tag_model {checkpoint} is a {run['model']} checkpoint, "
                              f"not a CoCa one (zero-shot tags need image and text embeddings)")
         self.paper, self.model = paper, model.to(device)
-        self.size, self.threshold = config.image_size, threshold
+        self.size, self.threshold, self.context = config.image_size, threshold, context
         self.scale = float(model.logit_scale.exp())  # the learned temperature of its logits
         self.class_emb = class_embeddings(  # (V, E)
             lambda texts: paper.embed_text_strings(model, tokenizer, config, texts),
             self.tags, PROMPT_TEMPLATES)
 
     def crops(self, image: Image.Image, boxes: np.ndarray) -> list[np.ndarray]:
-        """uint8 (S, S, 3) crops of an RGB image in boxes (N, 4) given as fractions."""
+        """uint8 (S, S, 3) crops of an RGB image in boxes (N, 4) given as fractions, each box
+        widened by `context` of its size on every side: an object cropped tight and enlarged to
+        the model's input size looks like no image it was trained on."""
         W, H = image.size
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]  # (N,) each
+        c = self.context
+        wide = np.stack([boxes[:, 0] - c * w, boxes[:, 1] - c * h, boxes[:, 2] + c * w,
+                         boxes[:, 3] + c * h], 1).clip(0, 1)  # (N, 4)
         out = []
-        for x1, y1, x2, y2 in (boxes * np.array([W, H, W, H])).tolist():
+        for x1, y1, x2, y2 in (wide * np.array([W, H, W, H])).tolist():
             x1, y1 = min(int(x1), W - 1), min(int(y1), H - 1)
             x2, y2 = max(int(np.ceil(x2)), x1 + 1), max(int(np.ceil(y2)), y1 + 1)  # >= 1 px
             crop = image.crop((x1, y1, x2, y2)).resize((self.size, self.size), Image.BICUBIC)
@@ -352,8 +362,8 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
                     backbone_weights: str = "", virtex_checkpoint: str = "",
                     random_weights: bool = False, image_size: int = 0, batch_size: int = 16,
                     n: int = 0, device: str = "auto", log_every_s: float = 5.0,
-                    tag_model: str = "", tag_vocab: str = "", tag_threshold: float = 0.5
-                    ) -> dict:
+                    tag_model: str = "", tag_vocab: str = "", tag_threshold: float = 0.5,
+                    tag_context: float = 0.5) -> dict:
     """The `regions` command (module docstring); returns extract.json's content."""
     boxes_spec = parse_boxes(boxes)
     if bool(tag_model) != bool(tag_vocab):
@@ -366,7 +376,8 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if device == "auto" else device)
     resnet = resnet.to(device)
-    tagger = ZeroShotTagger(tag_model, tag_vocab, tag_threshold, device) if tag_model else None
+    tagger = (ZeroShotTagger(tag_model, tag_vocab, tag_threshold, device, tag_context)
+              if tag_model else None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = Counts(images=len(names))
@@ -418,7 +429,8 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
                   f"{counts.already_written} already written", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
     tags = ({"tag_model": str(tag_model), "tag_vocab": str(tag_vocab), "tags": len(tagger.tags),
-             "tag_threshold": tag_threshold} if tagger is not None else {})
+             "tag_threshold": tag_threshold, "tag_context": tag_context}
+            if tagger is not None else {})
     summary = {"source": str(source), "boxes": boxes, "backbone": backbone, "image_size": size,
                "batch_size": batch_size, "device": str(device), "feature_dim": feature_dim,
                **dataclasses.asdict(counts), "seconds": round(seconds, 2),
@@ -451,12 +463,14 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--tag_vocab", default="", help="the tags, one a line (with --tag_model)")
     r.add_argument("--tag_threshold", type=float, default=0.5,
                    help="a box's best tag is kept at this probability or more")
+    r.add_argument("--tag_context", type=float, default=0.5,
+                   help="each box is widened by this much of its size on every side for tagging")
     args = parser.parse_args(argv)
     summary = extract_regions(args.source, args.out_dir, args.boxes, args.image_dir,
                               args.backbone_weights, args.virtex, args.random_weights,
                               args.image_size, args.batch_size, args.n, args.device,
                               tag_model=args.tag_model, tag_vocab=args.tag_vocab,
-                              tag_threshold=args.tag_threshold)
+                              tag_threshold=args.tag_threshold, tag_context=args.tag_context)
     print(f"{summary['written']} region files written to {args.out_dir} ({summary['feature_dim']}"
           f"-d features, {summary['images_per_s']} images/s), {summary['already_written']} "
           f"already there, {summary['unreadable']} unreadable, {summary['no_boxes']} without "

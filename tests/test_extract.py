@@ -298,6 +298,9 @@ def test_zero_shot_tags_are_the_softmax_of_crop_and_prompt_embeddings(exported, 
     detections = {"000000000000.png": [{"box": [0, 0, 64, 64], "score": 0.9},
                                        {"box": [8, 16, 40, 32], "score": 0.7}],
                   "000000000001.png": [{"box": [32, 0, 64, 48], "score": 0.8, "label": "x"}]}
+    # each box widened by half its width / height on every side, clipped to the 64 x 64 image
+    widened = {"000000000000.png": [(0, 0, 64, 64), (0, 8, 56, 40)],
+               "000000000001.png": [(16, 0, 64, 64)]}
     (tmp_path / "det.json").write_text(json.dumps(detections))
     vocab = ["circle", "square", "star"]
     (tmp_path / "tags.txt").write_text("\n".join(vocab) + "\n\n")
@@ -316,7 +319,8 @@ def test_zero_shot_tags_are_the_softmax_of_crop_and_prompt_embeddings(exported, 
         z = np.load(out / name.replace(".png", ".npz"))
         assert z["conf"].tolist() == pytest.approx([d["score"] for d in found])
         image = Image.open(exported / "images" / name).convert("RGB")
-        crops = [np.asarray(image.crop(d["box"]).resize((32, 32), Image.BICUBIC)) for d in found]
+        crops = [np.asarray(image.crop(box).resize((32, 32), Image.BICUBIC))
+                 for box in widened[name]]
         with torch.no_grad():
             logits = model.logit_scale.exp() * paper.embed_image_arrays(model, crops) @ class_emb.T
         expected = logits.softmax(-1).numpy()  # (N, 3)
@@ -345,6 +349,8 @@ def test_zero_shot_tag_options_are_checked_in_one_line(exported, coca_checkpoint
             (dict(tag_model=str(coca_checkpoint), tag_vocab=str(vocab)), "'circle' is there twice"),
             (dict(tag_model=str(tmp_path / "none.pt"), tag_vocab=str(good)), "no checkpoint"),
             (dict(tag_model=str(coca_checkpoint), tag_vocab=str(good), tag_threshold=1.5),
-             "a probability")]:
+             "a probability"),
+            (dict(tag_model=str(coca_checkpoint), tag_vocab=str(good), tag_context=-0.1),
+             "--tag_context must be >= 0")]:
         with pytest.raises(SystemExit, match=message):
             extract.extract_regions(source, tmp_path / "o", random_weights=True, n=1, **kwargs)
