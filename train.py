@@ -287,13 +287,13 @@ def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
         raise SystemExit(f"error: --data ({run.model}): {e}") from None
 
 
-def keep_feature_statistics(config, init: dict | None, corpus):
+def keep_feature_statistics(paper, config, init: dict | None, corpus):
     """Oscar / UNITER with standardise_features: the (mean, std) the run standardises its region
     features with, kept in its config and so in its checkpoints (shared.data.standardisation):
     --init's where it kept some (fine-tuning goes on with the numbers its encoder learned with),
     else those of the region files of --data. A run on the world keeps none: the world's config
     gives them."""
-    if not getattr(config, "standardise_features", False):
+    if paper.INPUTS != "regions" or not config.standardise_features:
         return config
     kept = init["config"].get("feature_mean", ()) if init is not None else ()
     if kept:
@@ -504,7 +504,7 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
             raise SystemExit("error: --data: no answer is the most common one of enough "
                              "questions to train on")
     if ckpt is None:
-        config = keep_feature_statistics(config, init, corpus)
+        config = keep_feature_statistics(paper, config, init, corpus)
     saved = ckpt or init  # a fine-tuning run keeps the tokenizer its weights were trained with
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))
