@@ -56,7 +56,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import flat_targets, model_device, pad_rows, pad_sequences, standardisation
+from shared.data import (check_feature_size, flat_targets, model_device, pad_rows,
+                         pad_sequences, standardisation, statistics_problems)
 from shared.decoding import beam_search, cached_step_fn, greedy
 from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
                              retrieval_metrics, vqa_metrics, world_examples)
@@ -153,12 +154,9 @@ class Config:
             (c.max_caption_masked >= 1 and c.beam_size >= 1 and c.length_penalty >= 0,
              "need max_caption_masked >= 1, beam_size >= 1 and length_penalty >= 0"),
             (c.batch_size >= 2 or c.task not in ("pretrain", "retrieval"),
-             "pre-training and retrieval draw negatives from other examples: batch_size >= 2"),
-            (len(c.feature_mean) == len(c.feature_std) in (0, c.feature_dim),
-             f"feature_mean and feature_std hold feature_dim ({c.feature_dim}) numbers each, or "
-             f"none; got {len(c.feature_mean)} and {len(c.feature_std)}")]
+             "pre-training and retrieval draw negatives from other examples: batch_size >= 2")]
         problems = (encoder_problems(c, TASKS) + [message for ok, message in checks if not ok]
-                    + optimisation_problems(c))
+                    + optimisation_problems(c) + statistics_problems(c))
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -235,9 +233,7 @@ def region_vectors(features: Tensor, boxes: Tensor) -> Tensor:
 def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> Tensor:
     """A world example's first n_regions regions (stored order, [code]) as (n, F + 6) region
     vectors, features standardised with statistics = (mean, std) if given."""
-    if example["features"].shape[1] != config.feature_dim:
-        raise ValueError(f"the regions have {example['features'].shape[1]}-d features but "
-                         f"feature_dim is {config.feature_dim}")
+    check_feature_size(example["features"], config.feature_dim)
     n = min(config.n_regions, len(example["features"]))
     features = torch.from_numpy(example["features"][:n]).float()  # (n, F)
     if statistics is not None:

@@ -60,8 +60,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (RecentExamples, flat_targets, model_device, pad_rows, pad_sequences,
-                         standardisation)
+from shared.data import (RecentExamples, check_feature_size, flat_targets, model_device,
+                         pad_rows, pad_sequences, standardisation, statistics_problems)
 from shared.distributed import world_size
 from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
@@ -180,13 +180,10 @@ class Config:
              f"mrc_kl_scale must be region or element, not {self.mrc_kl_scale!r}"),
             (self.hard_negatives >= 1 and self.rank_margin >= 0 and self.vqa_head_lr_mult > 0,
              f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
-             f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}"),
-            (len(self.feature_mean) == len(self.feature_std) in (0, self.feature_dim),
-             f"feature_mean and feature_std hold feature_dim ({self.feature_dim}) numbers each, "
-             f"or none; got {len(self.feature_mean)} and {len(self.feature_std)}")]
+             f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}")]
         problems = encoder_problems(self, TASKS) + [message for fine, message in checks
                                                     if not fine]
-        problems += optimisation_problems(self)
+        problems += optimisation_problems(self) + statistics_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -797,9 +794,7 @@ def uses_region_classes(config: Config) -> bool:
 
 def check_regions(example: dict, config: Config) -> None:
     """A ValueError naming what does not fit between one example's regions and the config."""
-    if example["features"].shape[1] != config.feature_dim:
-        raise ValueError(f"the regions have {example['features'].shape[1]}-d features but "
-                         f"feature_dim is {config.feature_dim}")
+    check_feature_size(example["features"], config.feature_dim)
     if not uses_region_classes(config):
         return
     if "cls_prob" not in example:

@@ -223,6 +223,23 @@ def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
     return _statistics_cache[key]
 
 
+def check_feature_size(features, feature_dim: int) -> None:
+    """A ValueError when an example's region features (N, F) are not feature_dim wide."""
+    if features.shape[1] != feature_dim:
+        raise ValueError(f"the regions have {features.shape[1]}-d features but feature_dim is "
+                         f"{feature_dim}")
+
+
+def statistics_problems(config) -> list[str]:
+    """Config checks shared by Oscar and UNITER: feature_mean and feature_std (standardisation)
+    hold feature_dim numbers each, or none."""
+    m, s = len(config.feature_mean), len(config.feature_std)
+    if m == s and m in (0, config.feature_dim):
+        return []
+    return [f"feature_mean and feature_std hold feature_dim ({config.feature_dim}) numbers each, "
+            f"or none; got {m} and {s}"]
+
+
 def standardisation(config, source) -> tuple[Tensor, Tensor] | None:
     """The (mean, std) (F,) that Oscar's and UNITER's `standardise_features` subtracts and
     divides by, or None when it is off. A run on region files on disk keeps its corpus's

@@ -84,3 +84,13 @@ def test_recent_examples_makes_each_kept_example_once_and_forgets_the_oldest():
     assert source.made == [3, 4, 5, 3]
     with pytest.raises(ValueError, match="size must be >= 1"):
         RecentExamples(source, size=0)
+
+
+def test_oscar_and_uniter_refuse_feature_statistics_of_another_size():
+    import oscar
+    import uniter
+
+    for paper in (oscar, uniter):
+        paper.Config(feature_dim=2, feature_mean=(0.0, 1.0), feature_std=(1.0, 2.0))  # fine
+        with pytest.raises(ValueError, match=r"feature_dim \(2\) numbers each, or none; got 1 "):
+            paper.Config(feature_dim=2, feature_mean=(0.0,), feature_std=(1.0,))
