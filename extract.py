@@ -33,10 +33,12 @@ writes OUT_DIR/<image file stem>.npz, the layout `train.py --data regions:` and 
                      conf = score, tags = the labels in conf order; an image absent from the file
                      (or with no box) is skipped and counted
 
-SOURCE is a folder (every jpg, jpeg, png, bmp, webp under it) or a COCO JSON (`images[*]
-.file_name`, relative to --image_dir, default images/ beside the JSON). Each image is read as RGB
-and resized to --image_size x --image_size without a crop (the aspect ratio is not kept; boxes
-are fractions of the image, so they are unaffected) and normalised with the ImageNet mean/std.
+SOURCE is a folder (every jpg, jpeg, png, bmp, webp under it, in natural order: img2 before
+img10, so --n N takes the first N as one counts them) or a COCO JSON (`images[*].file_name`,
+relative to --image_dir, default images/ beside the JSON; in the file's order). Each image is
+read as RGB and resized to --image_size x --image_size without a crop (the aspect ratio is not
+kept; boxes are fractions of the image, so they are unaffected) and normalised with the
+ImageNet mean/std.
 
 Tags without annotations: --tag_model CKPT --tag_vocab FILE (a CoCa checkpoint and one tag per
 line) classifies every box zero-shot, as CoCa's zero-shot classification does a whole image
@@ -56,19 +58,30 @@ The backbone is the ResNet of virtex.py (torchvision's parameter names), from on
     --backbone_weights FILE   a torchvision resnet50 state dict you have (resnet50-*.pth; `fc.*`
                               is dropped, a DataParallel `module.` prefix stripped)
     --virtex CKPT             the visual backbone of one of our VirTex checkpoints
-    --random_weights          a randomly initialised ResNet-50 (a baseline, or a smoke test)
+    --random_weights [SEED]   a randomly initialised ResNet-50 (a baseline, or a smoke test),
+                              drawn with SEED (default 0): two runs with one seed (the train
+                              and the test split) extract with one network
 Nothing is downloaded: with none of them the command stops and says so.
 
-Files are written atomically (a temporary file, then a rename) and a file already in OUT_DIR is
-skipped, so an interrupted run picks up where it stopped. An image that cannot be decoded is
-skipped, counted, and listed in OUT_DIR/unreadable.txt. OUT_DIR/extract.json records the
-settings and the counts.
+OUT_DIR/extract.json records the settings when the run starts and adds the counts at its end:
+the weights' identity (weights_sha256: sha256 over the state dict's names and bytes, 16 hex
+digits; random_weights: the seed), the box source (boxes: grid:S, or instances: / json: and the
+file's absolute path), image_size, and with zero-shot tags the CoCa weights' and the
+vocabulary's sha256, tag_threshold and tag_context. Files are written atomically (a temporary
+file, then a rename) and a file already in OUT_DIR is skipped, so an interrupted run picks up
+where it stopped. A run whose settings differ from extract.json's on any of those (the contents
+of a file depend on them) stops before writing anything, naming them, as does a run into a
+folder with .npz files and no extract.json (an older or a foreign folder): one folder never
+mixes two extractions. An image that cannot be decoded is skipped, counted, and listed in
+OUT_DIR/unreadable.txt.
 """
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -111,18 +124,32 @@ def resnet_from_torchvision(state: dict) -> virtex.ResNet:
     return resnet
 
 
-def load_backbone(backbone_weights: str, virtex_checkpoint: str, random_weights: bool
-                  ) -> tuple[virtex.ResNet, int, str]:
-    """(ResNet in eval mode, its training image size, a description) from exactly one source."""
-    given = [bool(backbone_weights), bool(virtex_checkpoint), random_weights]
+def random_seed(random_weights: int | bool | None) -> int | None:
+    """--random_weights [SEED] -> the seed of the random ResNet, or None for none: None and
+    False are none, True is seed 0, an int is its own seed."""
+    if random_weights is None or random_weights is False:
+        return None
+    return 0 if random_weights is True else int(random_weights)
+
+
+def load_backbone(backbone_weights: str, virtex_checkpoint: str,
+                  random_weights: int | bool | None) -> tuple[virtex.ResNet, int, str]:
+    """(ResNet in eval mode, its training image size, a description) from exactly one source.
+    A random ResNet is drawn under its seed in a forked generator (the caller's stream goes on
+    untouched), so two runs with one seed, e.g. the train and the test split, share one network."""
+    seed = random_seed(random_weights)
+    given = [bool(backbone_weights), bool(virtex_checkpoint), seed is not None]
     if sum(given) != 1:
         raise SystemExit("error: give the backbone's weights, one of --backbone_weights FILE (a "
                          "torchvision resnet50 state dict), --virtex CKPT (our VirTex "
                          "checkpoint) or --random_weights; nothing is downloaded"
                          if not any(given) else
                          "error: give only one of --backbone_weights, --virtex, --random_weights")
-    if random_weights:
-        return virtex.ResNet(virtex.Config.paper()).eval(), 224, "random ResNet-50"
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            resnet = virtex.ResNet(virtex.Config.paper())
+        return resnet.eval(), 224, f"random ResNet-50 (seed {seed})"
     if backbone_weights:
         path = Path(backbone_weights)
         if not path.is_file():
@@ -143,6 +170,16 @@ def load_backbone(backbone_weights: str, virtex_checkpoint: str, random_weights:
         raise SystemExit(f"error: --virtex {virtex_checkpoint} is a {run['model']} checkpoint, "
                          f"not a VirTex one")
     return model.visual.eval(), config.image_size, f"VirTex {virtex_checkpoint}"
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """The weights' identity: sha256 over each state-dict entry's name and bytes, in key order;
+    its first 16 hex digits. Equal weights give one hash whatever file they came from."""
+    h = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 class ZeroShotTagger:
@@ -218,11 +255,19 @@ class ZeroShotTagger:
 
 # --- 2. Images and boxes -----------------------------------------------------------------------
 
+def natural_key(name: str) -> tuple[list, str]:
+    """'img10.jpg' -> (['img', 10, '.jpg'], name): runs of digits compare as numbers, so img2
+    comes before img10 (and img02, img2 keep one order by the name itself)."""
+    parts = re.split(r"([0-9]+)", name)  # text, digits, text, ...: the digits at odd places
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)], name
+
+
 def list_images(source: Path, image_dir: str) -> tuple[Path, list[str]]:
-    """(image folder, image names relative to it) of a folder or of a COCO JSON's images."""
+    """(image folder, image names relative to it) of a folder, in natural order (natural_key),
+    or of a COCO JSON's images, in the file's order."""
     if source.is_dir():
-        names = sorted(str(p.relative_to(source)) for p in source.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        names = sorted((str(p.relative_to(source)) for p in source.rglob("*")
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
         root = source
     elif source.is_file():
         try:
@@ -357,10 +402,59 @@ def parse_boxes(spec: str) -> tuple[str, object]:
     raise SystemExit(f"error: --boxes is grid:S, instances:FILE or json:FILE, not {spec!r}")
 
 
+def boxes_identity(spec: str) -> str:
+    """A valid --boxes as extract.json records it: grid:S, or KIND:FILE with FILE absolute."""
+    kind, _, arg = spec.partition(":")
+    return f"grid:{int(arg)}" if kind == "grid" else f"{kind}:{Path(arg).resolve()}"
+
+
+def tag_settings(tagger: ZeroShotTagger | None, tag_model: str, tag_vocab: str) -> dict:
+    """The zero-shot tagger's part of extract.json ({} without one): its weights' and its
+    vocabulary's identity, threshold and context."""
+    if tagger is None:
+        return {}
+    vocab = hashlib.sha256("\n".join(tagger.tags).encode()).hexdigest()[:16]
+    return {"tag_model": str(tag_model), "tag_weights_sha256": weights_sha256(tagger.model),
+            "tag_vocab": str(tag_vocab), "tag_vocab_sha256": vocab, "tags": len(tagger.tags),
+            "tag_threshold": tagger.threshold, "tag_context": tagger.context}
+
+
+# What a region file's contents depend on: a run adding files to OUT_DIR must agree on each with
+# the run that wrote the files there (its extract.json), or one folder would mix two extractions.
+IDENTITY = ("weights_sha256", "boxes", "image_size", "tag_weights_sha256", "tag_vocab_sha256",
+            "tag_threshold", "tag_context")
+
+
+def check_out_dir(out_dir: Path, settings: dict) -> None:
+    """A one-line SystemExit, before anything is written, when OUT_DIR holds region files of
+    another extraction: its extract.json differs from `settings` on IDENTITY, or is missing (a
+    folder of an older extract.py or of another tool: what its files hold is unknown). A folder
+    without .npz files takes any run."""
+    if not any(out_dir.glob("*.npz")):
+        return
+    record = out_dir / "extract.json"
+    if not record.is_file():
+        raise SystemExit(f"error: {out_dir} holds .npz files but no extract.json (an older or "
+                         f"another tool's folder), so what they were extracted with is unknown: "
+                         f"use another folder or delete it")
+    try:
+        earlier = json.loads(record.read_text())
+        differ = [k for k in IDENTITY if earlier.get(k) != settings.get(k)]
+    except (OSError, ValueError, AttributeError) as e:
+        raise SystemExit(f"error: {record} cannot be read ({type(e).__name__}: {e}): use another "
+                         f"folder or delete it") from None
+    if differ:  # a key absent from one of them (no tagger, an older extract.py) is "none"
+        then, now = (", ".join(f"{k} {values.get(k, 'none')}" for k in differ)
+                     for values in (earlier, settings))
+        raise SystemExit(f"error: {out_dir} was extracted with {then}; this run uses {now}: use "
+                         f"another folder or delete it")
+
+
 @torch.no_grad()
 def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_dir: str = "",
                     backbone_weights: str = "", virtex_checkpoint: str = "",
-                    random_weights: bool = False, image_size: int = 0, batch_size: int = 16,
+                    random_weights: int | bool | None = None, image_size: int = 0,
+                    batch_size: int = 16,
                     n: int = 0, device: str = "auto", log_every_s: float = 5.0,
                     tag_model: str = "", tag_vocab: str = "", tag_threshold: float = 0.5,
                     tag_context: float = 0.5) -> dict:
@@ -375,11 +469,17 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
     size = image_size or trained_size
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if device == "auto" else device)
-    resnet = resnet.to(device)
     tagger = (ZeroShotTagger(tag_model, tag_vocab, tag_threshold, device, tag_context)
               if tag_model else None)
+    settings = {"source": str(source), "boxes": boxes_identity(boxes), "backbone": backbone,
+                "random_weights": random_seed(random_weights),
+                "weights_sha256": weights_sha256(resnet), "image_size": size,
+                **tag_settings(tagger, tag_model, tag_vocab)}
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, settings)  # refuses a folder of another extraction
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "extract.json", settings)  # the counts follow at the end
+    resnet = resnet.to(device)
     counts = Counts(images=len(names))
     todo = []
     for name in names:
@@ -428,14 +528,10 @@ def extract_regions(source: Path, out_dir: Path, boxes: str = "grid:3", image_di
                   f"images/s, {counts.unreadable} unreadable, {counts.no_boxes} without boxes, "
                   f"{counts.already_written} already written", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
-    tags = ({"tag_model": str(tag_model), "tag_vocab": str(tag_vocab), "tags": len(tagger.tags),
-             "tag_threshold": tag_threshold, "tag_context": tag_context}
-            if tagger is not None else {})
-    summary = {"source": str(source), "boxes": boxes, "backbone": backbone, "image_size": size,
-               "batch_size": batch_size, "device": str(device), "feature_dim": feature_dim,
-               **dataclasses.asdict(counts), "seconds": round(seconds, 2),
-               "images_per_s": round(counts.written / seconds, 2) if counts.written else None,
-               **tags}
+    summary = {**settings, "batch_size": batch_size, "device": str(device),
+               "feature_dim": feature_dim, **dataclasses.asdict(counts),
+               "seconds": round(seconds, 2),
+               "images_per_s": round(counts.written / seconds, 2) if counts.written else None}
     write_json_atomic(out_dir / "extract.json", summary)
     return summary
 
@@ -452,11 +548,15 @@ def main(argv: list[str] | None = None) -> None:
                                                    "beside it)")
     r.add_argument("--backbone_weights", default="", help="a torchvision resnet50 state dict")
     r.add_argument("--virtex", default="", help="one of our VirTex checkpoints")
-    r.add_argument("--random_weights", action="store_true", help="a random ResNet-50")
+    r.add_argument("--random_weights", nargs="?", type=int, const=0, default=None,
+                   metavar="SEED", help="a random ResNet-50 drawn with this seed (default 0): "
+                                        "one seed, one network, in every run")
     r.add_argument("--image_size", type=int, default=0,
                    help="side the images are resized to (0: 224, or the VirTex checkpoint's)")
     r.add_argument("--batch_size", type=int, default=16)
-    r.add_argument("--n", type=int, default=0, help="only the first n images (0 = all)")
+    r.add_argument("--n", type=int, default=0,
+                   help="only the first n images (0 = all): a folder's in natural order "
+                        "(img2 before img10), a COCO JSON's in the file's order")
     r.add_argument("--device", default="auto")
     r.add_argument("--tag_model", default="", help="a CoCa checkpoint: zero-shot tags and "
                                                    "cls_prob for every box")

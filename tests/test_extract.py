@@ -249,6 +249,87 @@ def test_bad_command_lines_are_one_line_errors(exported, tmp_path):
         extract.extract_regions(tmp_path / "a", tmp_path / "o", random_weights=True)
 
 
+def test_random_weights_take_a_seed_and_leave_the_callers_generator_alone(exported, tmp_path):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    seed3 = extract.weights_sha256(extract.load_backbone("", "", 3)[0])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert extract.weights_sha256(extract.load_backbone("", "", 3)[0]) == seed3  # one network
+    seed0 = extract.weights_sha256(extract.load_backbone("", "", True)[0])
+    assert seed0 != seed3 and len(seed0) == 16
+    assert extract.random_seed(0) == extract.random_seed(True) == 0
+    assert extract.random_seed(False) is extract.random_seed(None) is None
+    source = str(exported / "captions_test.json")
+    for flags, seed, weights in [(["--random_weights"], 0, seed0),
+                                 (["--random_weights", "3"], 3, seed3)]:
+        out = tmp_path / f"seed{seed}"
+        extract.main(["regions", source, str(out), *flags, "--boxes", "grid:1", "--image_size",
+                      "32", "--n", "1"])
+        record = json.loads((out / "extract.json").read_text())
+        assert (record["random_weights"], record["weights_sha256"]) == (seed, weights)
+        assert (record["boxes"], record["image_size"], record["written"]) == ("grid:1", 32, 1)
+
+
+def test_a_folder_of_another_extraction_is_refused_before_anything_is_written(
+        exported, tmp_path, monkeypatch):
+    source, out = exported / "captions_test.json", tmp_path / "regions"
+
+    def run(n=2, **kwargs):
+        return extract.extract_regions(source, out, **{"boxes": "grid:1", "random_weights": 0,
+                                                       "image_size": 32, "n": n, **kwargs})
+
+    def snapshot():
+        return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+
+    first = run()
+    assert first["written"] == 2 and first["boxes"] == "grid:1"
+    before = snapshot()
+    for kwargs, differ in [(dict(random_weights=1), "weights_sha256"), (dict(boxes="grid:2"),
+                           "boxes grid:1; this run uses boxes grid:2"),
+                           (dict(image_size=64), "image_size 32; this run uses image_size 64")]:
+        with pytest.raises(SystemExit, match=f"^error: {out} was extracted with {differ}.*: use "
+                                             f"another folder or delete it$"):
+            run(n=4, **kwargs)
+        assert snapshot() == before
+    again = run(n=3)  # the same settings: resumes
+    assert (again["written"], again["already_written"]) == (1, 2)
+    # an interrupted run left its settings: a resume with other weights is refused
+    calls = []
+
+    def interrupted(path, arrays):
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract, "write_npz_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract.extract_regions(source, tmp_path / "cut", "grid:1", random_weights=5,
+                                image_size=32, n=2)
+    monkeypatch.undo()
+    (tmp_path / "cut" / "000000000000.npz").write_bytes((out / "000000000000.npz").read_bytes())
+    with pytest.raises(SystemExit, match="weights_sha256"):
+        extract.extract_regions(source, tmp_path / "cut", "grid:1", random_weights=6,
+                                image_size=32, n=2)
+    # .npz files with no extract.json: unknown settings, refused; a folder without any: free
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.npz").write_bytes((out / "000000000000.npz").read_bytes())
+    with pytest.raises(SystemExit, match=r"holds \.npz files but no extract\.json"):
+        extract.extract_regions(source, foreign, "grid:1", random_weights=0, image_size=32, n=1)
+    assert sorted(p.name for p in foreign.iterdir()) == ["x.npz"]
+    (foreign / "x.npz").unlink()
+    assert extract.extract_regions(source, foreign, "grid:1", random_weights=0, image_size=32,
+                                   n=1)["written"] == 1
+
+
+def test_a_folder_is_listed_in_natural_order(tmp_path):
+    for name in ("img10.png", "img2.png", "img1.png", "img02.png", "a/img3.png", "a/img20.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    _, names = extract.list_images(tmp_path, "")
+    assert names == ["a/img3.png", "a/img20.png", "img1.png", "img02.png", "img2.png",
+                     "img10.png"]
+
+
 def test_a_virtex_checkpoint_gives_its_backbone_and_image_size(exported, tmp_path):
     import infer
     import train
@@ -354,3 +435,23 @@ def test_zero_shot_tag_options_are_checked_in_one_line(exported, coca_checkpoint
              "--tag_context must be >= 0")]:
         with pytest.raises(SystemExit, match=message):
             extract.extract_regions(source, tmp_path / "o", random_weights=True, n=1, **kwargs)
+
+
+def test_a_folder_tagged_with_other_settings_is_refused(exported, coca_checkpoint, tmp_path):
+    (tmp_path / "tags.txt").write_text("circle\nstar\n")
+    (tmp_path / "more.txt").write_text("circle\nstar\nsquare\n")
+    tags = dict(tag_model=str(coca_checkpoint), tag_vocab=str(tmp_path / "tags.txt"))
+    source, out = exported / "captions_test.json", tmp_path / "o"
+    first = extract.extract_regions(source, out, "grid:1", random_weights=True, image_size=32,
+                                    n=1, **tags)
+    assert len(first["tag_weights_sha256"]) == len(first["tag_vocab_sha256"]) == 16
+    for kwargs, differ in [({}, "tag_weights_sha256 [0-9a-f]+, tag_vocab_sha256"),
+                           ({**tags, "tag_vocab": str(tmp_path / "more.txt")}, "tag_vocab_sha256"),
+                           ({**tags, "tag_threshold": 0.3}, "tag_threshold 0.5; this run uses "
+                                                            "tag_threshold 0.3"),
+                           ({**tags, "tag_context": 0.0}, "tag_context 0.5; this run uses")]:
+        with pytest.raises(SystemExit, match=f"was extracted with {differ}"):
+            extract.extract_regions(source, out, "grid:1", random_weights=True, image_size=32,
+                                    n=2, **kwargs)
+    assert extract.extract_regions(source, out, "grid:1", random_weights=True, image_size=32,
+                                   n=2, **tags)["written"] == 1
