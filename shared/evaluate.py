@@ -41,8 +41,8 @@ from shared.world import World, is_true, question_type
 
 def in_eval_mode(fn: Callable) -> Callable:
     """fn(model, ...) runs with model.eval() and torch.no_grad(); the model's training mode is
-    restored afterwards, also when fn raises. A dict of metrics comes back with float values
-    (tensors and numpy numbers converted; Python ints, such as counts, kept)."""
+    restored afterwards, also when fn raises. A dict of metrics comes back with Python numbers:
+    counts (ints, integer numpy or tensor scalars) as int, everything else as float."""
 
     @functools.wraps(fn)
     def wrapper(model: torch.nn.Module, *args, **kwargs):
@@ -54,9 +54,17 @@ def in_eval_mode(fn: Callable) -> Callable:
         finally:
             model.train(was_training)
         if isinstance(out, dict):
-            return {k: v if isinstance(v, int) else float(v) for k, v in out.items()}
+            return {k: _plain_number(v) for k, v in out.items()}
         return out
     return wrapper
+
+
+def _plain_number(value) -> int | float:
+    """A metric as a Python int (a count) or float, whatever it was computed as."""
+    if isinstance(value, (int, np.integer)) or (torch.is_tensor(value)
+                                                and not value.is_floating_point()):
+        return int(value)
+    return float(value)
 
 
 def world_examples(world_config, split: str, n: int, regions: bool = True) -> list[dict]:

@@ -34,6 +34,20 @@ def test_in_eval_mode_evaluates_without_gradients_and_restores_the_mode_even_on_
     assert not model.training  # an eval-mode model stays in eval mode
 
 
+def test_in_eval_mode_returns_counts_as_ints_and_the_rest_as_floats():
+    import numpy as np
+
+    @in_eval_mode
+    def evaluate(m):
+        return {"questions": 190, "images": np.int64(12), "pairs": torch.tensor(40),
+                "acc": torch.tensor(0.5), "cider": np.float32(1.25), "r1": 1}
+
+    metrics = evaluate(torch.nn.Linear(1, 1))
+    assert metrics == {"questions": 190, "images": 12, "pairs": 40, "acc": 0.5, "cider": 1.25,
+                       "r1": 1}
+    assert [type(v) for v in metrics.values()] == [int, int, int, float, float, int]
+
+
 def test_pair_scores_is_the_loop_over_every_image_text_pair():
     table = torch.randn(7, 7)
     calls = []
