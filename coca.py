@@ -114,7 +114,7 @@ class Config:
     max_steps: int = 500_000  # §4.1: 500k steps
     lr_schedule: str = "linear"  # §4.1: "linearly decay it afterwards"
     grad_clip: float = 1.0  # OURS: not stated for pretraining; Tables 9, 10 clip 1.0 (fine-tuning)
-    grad_accum_steps: int = 1  # OURS
+    grad_accum_steps: int = 1  # OURS: micro-batches an update (batch_size is split in this many)
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
@@ -748,10 +748,12 @@ def after_optimizer_step(model: CoCa) -> None:
     model.logit_scale.clamp_(max=math.log(model.config.max_logit_scale))
 
 
-def train_dataset(source, tokenizer, config: Config):
-    """Item i: the image of example i of `source` (a World or a CaptionFolder) and one of its
-    captions as (T_i,) token ids."""
-    return ImageTextDataset(source, tokenizer, config.max_text_len)
+def train_dataset(source, tokenizer, config: Config, seed: int = 0):
+    """Item p: the p-th visit of `source` (a World or a CaptionFolder; shared.data.Epochs, one
+    unit an image: the paper's data hold one text an image [CoCa §4.1], and a contrastive batch
+    then never holds one image twice) and one of its captions, drawn at each visit, as (T_i,)
+    token ids."""
+    return ImageTextDataset(source, tokenizer, config.max_text_len, seed)
 
 
 collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}

@@ -56,8 +56,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (check_feature_size, flat_targets, model_device, pad_rows,
-                         pad_sequences, standardisation, statistics_problems)
+from shared.data import (Epochs, check_feature_size, flat_targets, model_device, pad_rows,
+                         pad_sequences, pick_text, standardisation, statistics_problems)
 from shared.decoding import beam_search, cached_step_fn, greedy
 from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
                              retrieval_metrics, vqa_metrics, world_examples)
@@ -91,10 +91,10 @@ class Config:
     region LayerNorm, clipping or warmup: [code]'s pre-training defaults have none of the three;
     the VinVL (Oscar+) command sets region_layer_norm=True, grad_clip=10 (warmup 0)."""
     # the encoder: BERT-base [Oscar §3, Implementation Details]
-    hidden_size: int = 768
-    layers: int = 12
-    heads: int = 12
-    intermediate_size: int = 3072
+    hidden_size: int = 768  # D: the encoder's width
+    layers: int = 12  # Transformer layers
+    heads: int = 12  # attention heads, D / 64
+    intermediate_size: int = 3072  # feed-forward width, 4·D
     dropout: float = 0.1  # [code]; the VQA script raises it to 0.3 for the whole model
     init_std: float = 0.02  # BERT's N(0, 0.02); [Oscar §3] starts from BERT-base weights
     vocab_size: int = 30522  # bert-base-uncased [code]
@@ -127,16 +127,16 @@ class Config:
     eval_pairs: int = 1000  # retrieval among this many (image, caption) pairs: COCO 1K
     image_size: int = 224  # OURS: the world's render size (Oscar itself sees only regions)
     # optimisation [Oscar §3: AdamW, batch 768, lr 5e-5, >= 1.0M steps; code: linear decay]
-    batch_size: int = 768
-    lr: float = 5e-5
+    batch_size: int = 768  # [Oscar §3]
+    lr: float = 5e-5  # [Oscar §3]: AdamW's peak learning rate
     weight_decay: float = 0.01  # [code]
-    beta1: float = 0.9
-    beta2: float = 0.999
+    beta1: float = 0.9  # AdamW's β1
+    beta2: float = 0.999  # AdamW's β2
     warmup_steps: int = 0  # [code] (and the VinVL command)
-    max_steps: int = 1_000_000
-    lr_schedule: str = "linear"
+    max_steps: int = 1_000_000  # [Oscar §3]: at least 1.0M steps
+    lr_schedule: str = "linear"  # [code]: linear decay
     grad_clip: float = 0.0  # off: [code] max_grad_norm -1 (the VinVL command: 10)
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = 1  # OURS: micro-batches an update (batch_size is split in this many)
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
@@ -576,9 +576,12 @@ def after_optimizer_step(model: Oscar) -> None:
 # --- 7. Data: the world's examples as triples -----------------------------------------------------
 
 class OscarDataset(Dataset):
-    """Item i: example i (modulo the source) for config.task ([CLS] caption or question [SEP]
-    tags [SEP] + regions; caption: two slots), every random choice a pure function of (seed, i);
-    retrieval: items 2k, 2k + 1 = example k's aligned pair, its unaligned one [Oscar §4; code].
+    """Item p: the p-th visit of the stream (shared.data.Epochs; one unit per (image, text)
+    pair: [code]'s corpora hold one line per caption or question) for config.task ([CLS]
+    caption or question [SEP] tags [SEP] + regions; caption: two slots), every random choice a
+    pure function of (seed, p), so the next epoch's visit of a pair draws its masks, polluted
+    tags and negatives afresh; retrieval: items 2k, 2k + 1 = the k-th visit's aligned pair and
+    its unaligned one [Oscar §4; code].
 
     Polluted tags [Oscar §3]: q replaced "with probability 50% with a different tag sequence
     randomly sampled from the dataset". [code] (vanilla settings, textb_sample_mode 0) takes a
@@ -586,33 +589,33 @@ class OscarDataset(Dataset):
     DEVIATION: use_tags = False (the no-tags baseline) leaves nothing to pollute, so the
     contrastive item replaces the regions by another image's (image-text matching, same head)."""
 
-    def __init__(self, world, tokenizer, config: Config, seed: int = 0):
-        self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
-        per_example = 2 if config.task == "retrieval" else 1  # a positive and its negative
-        self.length = max(1, per_example * len(world) // config.batch_size) * config.batch_size
-        self.statistics = standardisation(config, world)
+    def __init__(self, source, tokenizer, config: Config, seed: int = 0):
+        self.source, self.tokenizer, self.config, self.seed = source, tokenizer, config, seed
+        self.epochs = Epochs(source, seed, per_text=True)
+        self.per_visit = 2 if config.task == "retrieval" else 1  # a positive and its negative
+        self.statistics = standardisation(config, source)
         self.answer_index = answer_index(config.answers)
         t = tokenizer  # corrupt draws its random ids from [lo, hi), past the special ids
         self.random_ids = (max(t.pad_id, t.unk_id, t.cls_id, t.sep_id, t.mask_id) + 1, t.vocab_size)
 
     def __len__(self) -> int:
-        return self.length
+        return self.per_visit * len(self.epochs)
 
     def _pieces(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=False)
 
     def _other(self, index: int, rng: np.random.Generator) -> int:  # another image, uniformly
-        return (index + 1 + int(rng.integers(len(self.world) - 1))) % len(self.world)
+        return (index + 1 + int(rng.integers(len(self.source) - 1))) % len(self.source)
 
-    def __getitem__(self, i: int) -> dict:
-        c, world, tok = self.config, self.world, self.tokenizer
-        k, negative = divmod(i, 2) if c.task == "retrieval" else (i, 0)
-        index, rng = k % len(world), np.random.default_rng([self.seed, 17, k])
-        example = world.example(index)
+    def __getitem__(self, p: int) -> dict:
+        c, source, tok = self.config, self.source, self.tokenizer
+        k, negative = divmod(p, self.per_visit)  # retrieval: the k-th visit, which of its two
+        (index, j), rng = self.epochs(k), np.random.default_rng([self.seed, 17, k])
+        example = source.example(index)
         item = {"task": c.task, "regions": region_inputs(example, c, self.statistics)}
-        text = example["captions"][rng.integers(len(example["captions"]))]
-        if c.task == "vqa":
-            text, answers = example["questions"][rng.integers(len(example["questions"]))]
+        text = pick_text(example["captions"], j, rng)
+        if c.task == "vqa":  # the question takes the caption's place
+            text, answers = pick_text(example["questions"], j, rng)
             item["answer_scores"] = torch.from_numpy(soft_scores(  # (A,)
                 [answers] if isinstance(answers, str) else answers, self.answer_index))
         tags = tag_pieces(tok, example, c)
@@ -620,7 +623,7 @@ class OscarDataset(Dataset):
             item["polluted"] = bool(rng.random() < c.pollute_prob)
             item["source"] = self._other(index, rng) if item["polluted"] else index  # q's (v's)
             if item["polluted"]:
-                donor = world.example(item["source"])
+                donor = source.example(item["source"])
                 if not c.use_tags:
                     item["regions"] = region_inputs(donor, c, self.statistics)
                 elif c.pollute_with_captions and rng.random() < 0.5:
@@ -630,7 +633,7 @@ class OscarDataset(Dataset):
         if c.task == "retrieval":  # "we randomly select a different image or a different
             item["is_match"] = not negative  # caption to form an unaligned pair" [Oscar §4]
             if negative:
-                donor = world.example(self._other(index, rng))
+                donor = source.example(self._other(index, rng))
                 if rng.random() < 0.5:  # another caption, the image and its tags kept
                     text = donor["captions"][rng.integers(len(donor["captions"]))]
                 else:  # another image, with its own tags
@@ -665,9 +668,9 @@ def tag_slot(tags: list[int] | None, config: Config, sep_id: int) -> Tensor:
                         dtype=torch.long)
 
 
-def train_dataset(source, tokenizer, config: Config) -> OscarDataset:
+def train_dataset(source, tokenizer, config: Config, seed: int = 0) -> OscarDataset:
     """The training items of config.task from a World or a shared.folders.RegionFolder."""
-    return OscarDataset(source, tokenizer, config)
+    return OscarDataset(source, tokenizer, config, seed)
 
 
 def collate_fn(items: list[dict]) -> dict:

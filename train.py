@@ -61,7 +61,7 @@ from shared.data import close_loader, train_loader, worker_message
 from shared.distributed import (Launch, any_rank, gather_objects, start_process_group,
                                 stop_process_group)
 from shared.folders import CaptionFolder, RegionFolder, open_corpus, unreadable_files
-from shared.vqa import MIN_ANSWER_COUNT, VQAFolder
+from shared.vqa import MIN_ANSWER_COUNT, VQAFolder, count_unanswerable
 from shared.monitor import LossMeter, NonFiniteLoss, format_duration, peak_flops, step_flops
 from shared.optim import learning_rate
 from shared.tokenizer import Tokenizer
@@ -90,6 +90,10 @@ class RunConfig:
     data: str = ""  # a corpus on disk: coco:JSON[,IMAGE_DIR] or jsonl:FILE (pixels),
     #                 regions:JSON[,REGION_DIR] (regions), vqa:QUESTIONS,ANNOTATIONS[,REGION_DIR]
     #                 (VQA v2, --task vqa); default: the world
+    min_answer_count: int = MIN_ANSWER_COUNT  # --data vqa: the answer vocabulary is every
+    #                                           answer that is the most common one of at least
+    #                                           this many training questions (9: 3,129 answers
+    #                                           on VQA v2 train + val)
     val_data: str = ""  # what --eval_every and the final evaluation read, on disk: karpathy:
     #                     SPLIT_JSON[,ROOT] (its val split, then test; the default when --data
     #                     is karpathy:), coco:, jsonl:, regions: (a held-out corpus), vqa:
@@ -131,14 +135,8 @@ def parse_args(argv: list[str] | None = None):
     known, _ = first.parse_known_args(argv)
     run = dataclasses.replace(RunConfig(), **vars(known))
     paper = import_paper(run.model)
-
-    parser = argparse.ArgumentParser(
-        description="Train Oscar, UNITER, VirTex or CoCa on the synthetic world.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = build_parser(run, paper)
     run_names = {f.name for f in dataclasses.fields(RunConfig)}
-    add_dataclass_flags(parser, RunConfig, RunConfig(), "run options", choices=CHOICES)
-    add_dataclass_flags(parser, paper.Config, preset_config(paper, run.preset),
-                        f"{run.model}.Config fields ({run.preset} preset defaults)", run_names)
     args = vars(parser.parse_args(argv))
     run = dataclasses.replace(RunConfig(), **{k: v for k, v in args.items() if k in run_names})
     for problem in run_problems(run):
@@ -158,6 +156,19 @@ def parse_args(argv: list[str] | None = None):
     return run, paper, {k: v for k, v in args.items() if k not in run_names}
 
 
+def build_parser(run: RunConfig, paper) -> argparse.ArgumentParser:
+    """Every flag: RunConfig's, then the paper's Config fields with the preset's defaults, each
+    with its field's comment as help."""
+    parser = argparse.ArgumentParser(
+        description="Train Oscar, UNITER, VirTex or CoCa on the synthetic world.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run_names = {f.name for f in dataclasses.fields(RunConfig)}
+    add_dataclass_flags(parser, RunConfig, RunConfig(), "run options", choices=CHOICES)
+    add_dataclass_flags(parser, paper.Config, preset_config(paper, run.preset),
+                        f"{run.model}.Config fields ({run.preset} preset defaults)", run_names)
+    return parser
+
+
 def run_problems(run: RunConfig) -> list[str]:
     """What is wrong with the run options, one line each naming the flag."""
     values = dataclasses.asdict(run)
@@ -165,7 +176,8 @@ def run_problems(run: RunConfig) -> list[str]:
                 for name, value in values.items()
                 if not isinstance(value, (bool, str)) and not 0 <= value < math.inf]
     problems += [f"argument --{name}: must be >= 1, not 0"
-                 for name in ("eval_n", "final_n", "tokenizer_texts") if values[name] == 0]
+                 for name in ("eval_n", "final_n", "tokenizer_texts", "min_answer_count")
+                 if values[name] == 0]
     if run.seed >= 2**32:  # NumPy's generator takes 32-bit seeds
         problems.append(f"argument --seed: must be < 2**32, not {run.seed}")
     return problems
@@ -287,11 +299,31 @@ def open_data(run: RunConfig, paper, config) -> CaptionFolder | RegionFolder:
         raise SystemExit(f"error: --data ({run.model}): {e}") from None
 
 
-def keep_feature_statistics(paper, config, init: dict | None, corpus):
+def vqa_answers(corpus: VQAFolder, min_count: int, log) -> tuple[str, ...]:
+    """The VQA head's classes: every answer that is the most common one of >= min_count
+    training questions (--min_answer_count). The log also counts the questions none of whose
+    human answers is a class: their soft-score target is all zero."""
+    try:
+        answers = corpus.answers(min_count)
+    except ValueError as e:
+        raise SystemExit(f"error: --data: {e}") from None
+    if not answers:
+        raise SystemExit(f"error: --data: no answer is the most common one of >= {min_count} "
+                         f"questions (--min_answer_count)")
+    records = [r for rs in corpus.questions for r in rs]
+    missed = count_unanswerable(records, answers)
+    log(f"answer vocabulary: {len(answers):,} answers (the most common answer of >= {min_count} "
+        f"questions); {missed:,} of {len(records):,} training questions "
+        f"({100 * missed / len(records):.1f} %) have no answer in it")
+    return answers
+
+
+def keep_feature_statistics(paper, config, init: dict | None, corpus, log=print):
     """Oscar / UNITER with standardise_features: the (mean, std) the run standardises its region
     features with, kept in its config and so in its checkpoints (shared.data.standardisation):
     --init's where it kept some (fine-tuning goes on with the numbers its encoder learned with),
-    else those of the region files of --data. A run on the world keeps none: the world's config
+    else those of the region files of --data, whose near-constant dimensions it logs (their std
+    is floored, shared.folders.floored_std). A run on the world keeps none: the world's config
     gives them."""
     if paper.INPUTS != "regions" or not config.standardise_features:
         return config
@@ -308,6 +340,10 @@ def keep_feature_statistics(paper, config, init: dict | None, corpus):
     if len(mean) != config.feature_dim:
         raise SystemExit(f"error: --data: the region files have {len(mean)}-d features but "
                          f"feature_dim is {config.feature_dim} (--feature_dim)")
+    floored, floor = corpus.near_constant
+    log(f"feature standardisation: {floored} of {len(std)} dimensions near-constant (std < "
+        f"{floor:.3g}) on the first {min(500, len(corpus))} images; their std is floored at "
+        f"{floor:.3g}")
     return dataclasses.replace(config, feature_mean=tuple(mean.tolist()),
                                feature_std=tuple(std.tolist()))
 
@@ -329,16 +365,20 @@ def make_tokenizer(run: RunConfig, config, world_config: WorldConfig, corpus=Non
 
 
 def make_batches(run: RunConfig, paper, config, source, tokenizer, step: int, device,
-                 launch: Launch):
+                 launch: Launch, log=print):
     """The endless iterator of micro-batches, started at `step` (a resumed run continues the
-    same stream). The loader draws a worker seed from torch's RNG when it starts."""
+    same stream), whose epochs (the dataset's shared.data.Epochs) are logged. The loader draws
+    a worker seed from torch's RNG when it starts."""
     if config.batch_size % config.grad_accum_steps:
         raise SystemExit(f"error: batch_size {config.batch_size} is not divisible by "
                          f"grad_accum_steps {config.grad_accum_steps}")
     try:
-        dataset = paper.train_dataset(source, tokenizer, config)
+        dataset = paper.train_dataset(source, tokenizer, config, seed=run.seed)
     except ValueError as e:
         raise SystemExit(f"error: --data: {e}") from None
+    epochs = config.max_steps * config.batch_size / len(dataset)
+    log(f"training data: {dataset.epochs.describe()}; {config.max_steps:,} steps of "
+        f"{config.batch_size} items make {epochs:.2f} epochs")
     micro = config.batch_size // config.grad_accum_steps
     if micro % launch.world_size:
         raise SystemExit(f"error: the micro-batch of {micro} examples (batch_size / "
@@ -420,6 +460,12 @@ def progress_line(step: int, config, means: dict, steps: int, tokens: int, secon
             f"| eta {format_duration((stop - step) / max(rate, 1e-9))}")
 
 
+def metrics_text(metrics: dict) -> str:
+    """'key value ...': counts (ints) as integers, everything else to 4 decimals."""
+    return " ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
+                    for k, v in metrics.items())
+
+
 def evaluate(s: "State", split: str, n: int, log) -> dict:
     """The paper's metrics on n examples of a world split, or of --val_data on disk (the
     protocols of infer.evaluate_corpus; n = 0 there: all of it, but a cross-encoder's retrieval
@@ -443,7 +489,7 @@ def evaluate(s: "State", split: str, n: int, log) -> dict:
     except OSError as e:  # a full disk: the metrics are still printed below
         log(f"warning: could not append to {s.out / 'metrics.jsonl'}: {e.strerror or e}")
     head = f"eval step {s.step}" if split == "val" else f"final ({split})"
-    log(f"{head}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    log(f"{head}: {metrics_text(metrics)}")
     return metrics
 
 
@@ -494,17 +540,14 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
     if init is not None and "answers" in init["config"] and run.task == "vqa":  # its head's
         config = dataclasses.replace(config, answers=tuple(init["config"]["answers"]))  # classes
     if isinstance(corpus, VQAFolder) and ckpt is None:  # the VQA head's classes
-        try:
-            config = dataclasses.replace(config, answers=corpus.answers())
-        except ValueError as e:
-            raise SystemExit(f"error: --data: {e}") from None
-        log(f"answer vocabulary: {len(config.answers)} answers (the most common answer of >= "
-            f"{MIN_ANSWER_COUNT} questions)")
-        if not config.answers:
-            raise SystemExit("error: --data: no answer is the most common one of enough "
-                             "questions to train on")
+        config = dataclasses.replace(config, answers=vqa_answers(corpus, run.min_answer_count,
+                                                                 log))
     if ckpt is None:
-        config = keep_feature_statistics(paper, config, init, corpus)
+        config = keep_feature_statistics(paper, config, init, corpus, log)
+    if isinstance(corpus, RegionFolder) and corpus.most_regions() > config.n_regions:
+        log(f"the region files hold up to {corpus.most_regions()} regions (first "
+            f"{min(500, len(corpus))} files); the model keeps n_regions = {config.n_regions}: "
+            f"raise --n_regions to use them all")
     saved = ckpt or init  # a fine-tuning run keeps the tokenizer its weights were trained with
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))
@@ -522,7 +565,7 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
         s.optimizer.load_state_dict(ckpt["optimizer"])
         s.step, s.best = ckpt["step"], ckpt["best"]
     s.batches = make_batches(run, paper, config, corpus or World(world_config, "train"),
-                             tokenizer, s.step, device, launch)
+                             tokenizer, s.step, device, launch, log)
     # after the loader took its seed: the same random stream continues. Across processes each
     # rank has its own stream (dropout masks differ between ranks), saved in rng_ranks.
     if ckpt is not None:

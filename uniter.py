@@ -60,8 +60,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from shared.config import encoder_problems, optimisation_problems
-from shared.data import (RecentExamples, check_feature_size, flat_targets, model_device,
-                         pad_rows, pad_sequences, standardisation, statistics_problems)
+from shared.data import (Epochs, RecentExamples, check_feature_size, flat_targets, model_device,
+                         pad_rows, pad_sequences, pick_text, standardisation,
+                         statistics_problems)
 from shared.distributed import world_size
 from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
@@ -92,9 +93,9 @@ class Config:
     """UNITER-base with the official all-data pre-training recipe. `[code]` = the official code,
     `OURS:` = not given by the paper or the code. Every field is a flag of train.py."""
     # the single-stream Transformer: BERT-base sizes [UNITER §4 fn. 12; code: uniter-base.json]
-    hidden_size: int = 768  # D
-    layers: int = 12
-    heads: int = 12
+    hidden_size: int = 768  # D: the encoder's width
+    layers: int = 12  # Transformer layers
+    heads: int = 12  # attention heads, D / 64
     intermediate_size: int = 3072  # feed-forward width, 4·D
     dropout: float = 0.1  # [code]: every dropout, hidden and attention
     init_std: float = 0.02  # [code]: BERT's N(0, 0.02) for every Linear and Embedding weight
@@ -103,7 +104,8 @@ class Config:
     # the Image Embedder's input: detector regions [UNITER §3.1; code]
     feature_dim: int = 2048  # F: Faster R-CNN (BUTD, ResNet-101) pooled ROI features
     n_regions: int = 100  # [code]: an image keeps its clip(#(conf > region_conf_threshold),
-    min_regions: int = 10  #   min_regions, n_regions) most confident regions
+    #                       min_regions, n_regions) most confident regions
+    min_regions: int = 10  # [code]: the fewest regions an image keeps (see n_regions)
     region_conf_threshold: float = 0.2  # [code]: conf = the detector's best object-class score
     n_region_classes: int = 1601  # C, [code]: 1600 Visual Genome classes + background at 0
     standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
@@ -116,9 +118,9 @@ class Config:
     itm_neg_prob: float = 0.5  # [code]: share of ITM pairs whose image is replaced
     mix_mlm: float = 4.0  # [code] all-data mix ITM 30 : MLM 40 : MRFR 20 : MRC-kl 20 of 110
     mix_itm: float = 3.0  # P(task of a mini-batch) = mix_task / Σ mix
-    mix_mrfr: float = 2.0
+    mix_mrfr: float = 2.0  # MRFR's share of that mix
     mix_mrc: float = 0.0  # [code]: hard-label MRC is in the code but no released config uses it
-    mix_mrc_kl: float = 2.0
+    mix_mrc_kl: float = 2.0  # MRC-kl's share of that mix
     mrc_kl_scale: str = "region"  # [paper ≠ code] "region": the KL of each masked region, as
     #   Eq. 4 sums; "element": [code]'s kl_div(...).mean() over regions × C = "region" / C
     wra_weight: float = 0.1  # [code]: ITM batches train CE + 0.1 · L_WRA
@@ -601,7 +603,8 @@ def mrc_kl_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor,
     return _masked_mean(kl, masked) / {"region": 1, "element": t.shape[-1]}[scale]  # ()
 
 
-def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> Tensor:
+def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2,
+                    valid: Tensor | None = None) -> Tensor:
     """Retrieval fine-tuning [UNITER §4.1: "maximize the margin ... through triplet loss";
     code model/itm.py]: a hinge on sigmoid scores, so that each true pair beats each of its
     negatives by the margin:
@@ -612,10 +615,14 @@ def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2) -> 
         s_pos[b]   positive[b]        (B,): the score of query b's true pair
         s_neg      negative[b, k]     (B, K): its K negatives (other images or captions)
 
-    The sigmoid bounds every score to (0, 1), so a margin of 0.2 is on a fixed scale.
+    The sigmoid bounds every score to (0, 1), so a margin of 0.2 is on a fixed scale. valid
+    (B, K) bool, if given, keeps only those terms in the mean (a batch with too few other
+    images to fill K negatives).
     """
     gap = margin + torch.sigmoid(negative.float()) - torch.sigmoid(positive.float())[:, None]
-    return gap.clamp(min=0).mean()  # ()
+    if valid is None:
+        return gap.clamp(min=0).mean()  # ()
+    return (gap.clamp(min=0) * valid).sum() / valid.sum().clamp(min=1)  # ()
 
 
 # --- 6. The model: the encoder and one head per task -------------------------------------------
@@ -733,7 +740,9 @@ class UNITER(nn.Module):
         train_itm_hard_negatives.py]: [code] scores each query against 399 random candidates
         (eval mode, no gradient) and trains the hinge on the 31 best-scoring wrong ones.
         DEVIATION: the candidates are the batch's other B - 1 examples; the hard_negatives
-        best-scoring of them, in each direction, are trained on."""
+        best-scoring of them, in each direction, are trained on. A candidate of the query's own
+        image (another of its captions: a corpus is read one (image, caption) pair at a time)
+        is a true pair, never a negative."""
         tokens, features = batch["tokens"], batch["features"]
         locations, region_mask = batch["locations"], batch["region_mask"]
         B = tokens.shape[0]
@@ -751,9 +760,13 @@ class UNITER(nn.Module):
             grid = torch.arange(B, device=tokens.device)
             scores = score_pairs(grid.repeat(B), grid.repeat_interleave(B)).view(B, B)
             #   (B images, B texts): pair p = (text p % B, image p // B)
-            scores.fill_diagonal_(-torch.inf)  # the true pairs are not negatives
+            same = batch["image_ids"][:, None] == batch["image_ids"][None, :]  # (B, B)
+            scores.masked_fill_(same, -torch.inf)  # the true pairs are not negatives
             hard_images = scores.topk(k, dim=0).indices.T  # (B texts, k): best wrong images
             hard_texts = scores.topk(k, dim=1).indices  # (B images, k): best wrong texts
+            # False where a row had fewer than k other images and topk took a true pair
+            wrong = torch.cat([~same[hard_images, grid[:, None]], ~same.gather(1, hard_texts)],
+                              dim=1)  # (B, 2k)
         self.train(was_training)
         positive = self.match_score(tokens, features, locations, region_mask)  # (B,)
         texts = grid.repeat_interleave(k)  # (B·k,): text b, k times
@@ -761,7 +774,7 @@ class UNITER(nn.Module):
         negative_images = score_pairs(texts, images).view(B, k)  # (B, k)
         negative_texts = score_pairs(hard_texts.reshape(-1), texts).view(B, k)  # (B, k)
         loss = rank_hinge_loss(positive, torch.cat([negative_images, negative_texts], dim=1),
-                               self.config.rank_margin)
+                               self.config.rank_margin, wrong)
         return {"loss": loss, "rank": loss}
 
     def forward_vqa(self, batch: dict) -> dict:
@@ -824,48 +837,52 @@ def region_inputs(example: dict, config: Config, statistics: tuple | None = None
 
 
 class UniterDataset(Dataset):
-    """Item i: world example i (modulo the world) prepared for one task, every random choice a
-    pure function of (seed, i). Pre-training: the task of item i is draw_task(i // batch_size),
-    the same for a whole update (train.py's loader gives micro-batch k the items k·b .. k·b+b-1,
-    b = batch_size / grad_accum_steps, or the share of one of N processes, b / N); then
+    """Item p: the p-th visit of the stream (shared.data.Epochs; one unit per (image, text)
+    pair: [code]'s datasets hold one entry per caption or question) prepared for one task,
+    every random choice a pure function of (seed, p), so a second visit of a pair (the next
+    epoch) draws its masks, task and negative afresh. Pre-training: the task of item p is
+    draw_task(p // batch_size), the same for a whole update (train.py's loader gives
+    micro-batch k the items k·b .. k·b+b-1, b = batch_size / grad_accum_steps, or the share of
+    one of N processes, b / N); then
 
-        mlm      a caption with mask_words, the image whole (masked_modalities)
+        mlm      the caption with mask_words, the image whole (masked_modalities)
         mrfr, mrc, mrc_kl   the caption whole, regions masked by mask_regions
-        itm      a caption with its own image, or (itm_neg_prob) the regions of another
-                 example of the same micro-batch (see negative_index)
+        itm      the caption with its own image, or (itm_neg_prob) the regions of another
+                 image of the same micro-batch (see negative_index)
 
-    The last 2·b world examples are kept (`shared.data.RecentExamples`), so an ITM negative
-    costs no second rendering: its image is made for its own item and reused as a negative.
+    The last 2·b examples are kept (`shared.data.RecentExamples`), so an ITM negative costs no
+    second reading: its image is read for its own item and reused as a negative.
 
-    retrieval: a caption and its image (the negatives come from the batch); vqa: one of the
-    image's questions and its answer."""
+    retrieval: a caption and its image (the negatives come from the batch); vqa: a question
+    and its answers."""
 
-    def __init__(self, world, tokenizer, config: Config, seed: int = 0):
-        self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
-        # a length that is a whole number of updates, so no update straddles the wrap-around
-        self.length = max(1, len(world) // config.batch_size) * config.batch_size
+    def __init__(self, source, tokenizer, config: Config, seed: int = 0):
+        self.source, self.tokenizer, self.config, self.seed = source, tokenizer, config, seed
+        self.epochs = Epochs(source, seed, per_text=True)
         self.special_ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
                             tokenizer.sep_id, tokenizer.mask_id}
         self.random_ids = (max(self.special_ids) + 1, tokenizer.vocab_size)  # ordinary pieces
         self.answer_index = answer_index(config.answers)
-        self.statistics = standardisation(config, world)
+        self.statistics = standardisation(config, source)
         # the examples one process puts in one micro-batch (torchrun: its share of it)
         self.micro_batch = max(1, config.batch_size // config.grad_accum_steps // world_size())
-        self.example = RecentExamples(world, 2 * self.micro_batch)  # index -> world.example
+        self.example = RecentExamples(source, 2 * self.micro_batch)  # index -> source.example
         check_regions(self.example(0), config)  # here, in one line, not in a loader worker
 
-    def negative_index(self, i: int, index: int, rng: np.random.Generator) -> int:
-        """The world index of item i's replacement image, uniform over the other images of
-        its micro-batch (items i - i % b .. i - i % b + b - 1). [paper ≠ code]: the paper
-        replaces "the image or text in a paired sample" [UNITER §3.2, Eq. 2], in proportions it
-        does not give (AMBIGUITY, so no switch); [code] and we replace the image only.
+    def negative_index(self, p: int, index: int, rng: np.random.Generator) -> int:
+        """The image of item p's replacement, uniform over the other images of its micro-batch
+        (items p - p % b .. p - p % b + b - 1; an image with two captions there counts once).
+        [paper ≠ code]: the paper replaces "the image or text in a paired sample"
+        [UNITER §3.2, Eq. 2], in proportions it does not give (AMBIGUITY, so no switch); [code]
+        and we replace the image only.
         DEVIATION: the paper draws "a randomly-selected one from other samples" [UNITER §3.2,
-        Eq. 2], [code] from the whole dataset; the world's examples are i.i.d., so the negatives
-        follow the same distribution (on a corpus, b neighbours in its file order), and each is
-        an image the micro-batch makes anyway. Where the micro-batch has no other image (b = 1,
-        or a dataset shorter than b), one from the whole dataset."""
-        n, start = len(self.world), i - i % self.micro_batch
-        others = sorted({(start + k) % n for k in range(self.micro_batch)} - {index})
+        Eq. 2], [code] from the whole dataset; our micro-batches are uniform draws (the
+        world's examples are i.i.d., a corpus is read in a new permutation every epoch), so
+        the negatives follow the same distribution, and each is an image the micro-batch reads
+        anyway. Where the micro-batch has no other image (b = 1, or every item one image's),
+        one from the whole dataset."""
+        start, n = p - p % self.micro_batch, len(self.source)
+        others = sorted({self.epochs(start + k)[0] for k in range(self.micro_batch)} - {index})
         if others:
             return others[int(rng.integers(len(others)))]
         if n < 2:
@@ -874,27 +891,27 @@ class UniterDataset(Dataset):
         return (index + 1 + int(rng.integers(n - 1))) % n
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.epochs)
 
-    def __getitem__(self, i: int) -> dict:
-        c, world = self.config, self.world
-        index = i % len(world)
-        rng = np.random.default_rng([self.seed, 13, i])
+    def __getitem__(self, p: int) -> dict:
+        c = self.config
+        index, text = self.epochs(p)
+        rng = np.random.default_rng([self.seed, 13, p])
         example = self.example(index)
-        task = draw_task(c, i // c.batch_size, self.seed) if c.task == "pretrain" else c.task
-        item = {"task": task, **region_inputs(example, c, self.statistics)}
+        task = draw_task(c, p // c.batch_size, self.seed) if c.task == "pretrain" else c.task
+        item = {"task": task, "image": index, **region_inputs(example, c, self.statistics)}
         if task == "vqa":
-            question, answers = example["questions"][rng.integers(len(example["questions"]))]
+            question, answers = pick_text(example["questions"], text, rng)
             tokens = self.tokenizer.encode(question, max_len=c.max_text_len)
             item["answer_scores"] = torch.from_numpy(soft_scores(  # (A,)
                 [answers] if isinstance(answers, str) else answers, self.answer_index))
         else:
-            caption = example["captions"][rng.integers(len(example["captions"]))]
+            caption = pick_text(example["captions"], text, rng)
             tokens = self.tokenizer.encode(caption, max_len=c.max_text_len)
         if task == "itm":
             item["is_match"] = bool(rng.random() >= c.itm_neg_prob)
             if not item["is_match"]:  # the image, never the text: [paper ≠ code] (negative_index)
-                other = self.example(self.negative_index(i, index, rng))
+                other = self.example(self.negative_index(p, index, rng))
                 item.update(region_inputs(other, c, self.statistics))
         words, regions = masked_modalities(task, c.conditional_masking)
         if words:
@@ -912,7 +929,8 @@ def collate_fn(items: list[dict]) -> dict:
     """Items of ONE task -> a padded batch:
 
         tokens (B, T) [PAD]-padded; features (B, N, F), locations (B, N, 7) zero-padded;
-        region_mask (B, N) True = real region; task (str)
+        region_mask (B, N) True = real region; task (str); image_ids (B,) the image each
+        pair was read from (two captions of one image may share a batch)
         mlm:  mlm_positions (M,) flat indices into the B·T text positions, mlm_targets (M,)
         mrm:  region_masked (B, N), mrm_positions (M,) into the B·N regions, mrfr_targets (M, F)
               (the features before masking), mrc_targets (M, C) (the detector's softmax)
@@ -929,6 +947,8 @@ def collate_fn(items: list[dict]) -> dict:
     batch = {"task": task, "tokens": tokens, "features": features,
              "locations": pad_rows([it["locations"] for it in items]),
              "region_mask": region_mask}
+    if "image" in items[0]:
+        batch["image_ids"] = torch.tensor([it["image"] for it in items])  # (B,)
     if "mlm_labels" in items[0]:
         labels = torch.full(tokens.shape, IGNORE)  # (B, T)
         for b, it in enumerate(items):
@@ -1007,9 +1027,10 @@ def answer_questions(model: UNITER, tokenizer, config: Config, examples: list[di
 
 # --- 8. train.py's contract: dataset, optimizer, evaluation ----------------------------------
 
-def train_dataset(source, tokenizer, config: Config) -> UniterDataset:
-    """Item i = example i prepared for the task of its update (UniterDataset)."""
-    return UniterDataset(source, tokenizer, config)
+def train_dataset(source, tokenizer, config: Config, seed: int = 0) -> UniterDataset:
+    """Item p = the p-th (image, text) visit prepared for the task of its update
+    (UniterDataset)."""
+    return UniterDataset(source, tokenizer, config, seed)
 
 
 def make_optimizer(model: UNITER, config: Config) -> torch.optim.Optimizer:

@@ -70,7 +70,7 @@ import shared.evaluate
 from shared import decoding
 from shared.augment import virtex_augment
 from shared.config import optimisation_problems
-from shared.data import model_device, normalise_image, pad_sequences
+from shared.data import Epochs, model_device, normalise_image, pad_sequences, pick_text
 from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_eval_mode,
                              world_examples)
 from shared.masks import padding_mask
@@ -101,15 +101,15 @@ class Config:
     resnet_blocks: tuple = (3, 4, 6, 3)  # ResNet-50 [He et al. 2016, Table 1]; not a CLI flag
     resnet_width: int = 64  # channels of the stem and of layer1's 3×3 convs; layer4 gives 32×
     stem_kernel: int = 7  # ResNet's 7×7 stride-2 stem and 3×3 max-pool
-    stem_stride: int = 2
-    stem_pool: bool = True
+    stem_stride: int = 2  # the stem convolution's stride
+    stem_pool: bool = True  # the 3×3 stride-2 max-pool after the stem
     zero_init_residual: bool = True  # [code]: the last BN γ of each block starts at 0
     # textual head: L1 H2048 A32 F8192, the best model of the width ablation [code]
     # (the base model is H1024 A16 F4096)
-    hidden_size: int = 2048  # H
-    layers: int = 1  # L
-    heads: int = 32  # A = H / 64
-    feedforward_size: int = 8192  # F = 4H
+    hidden_size: int = 2048  # H: the textual head's width
+    layers: int = 1  # L: the textual head's layers
+    heads: int = 32  # A: attention heads, H / 64
+    feedforward_size: int = 8192  # F: feed-forward width, 4H
     dropout: float = 0.1  # [code]: in embeddings, attention, MLP and residuals
     vocab_size: int = 10_000  # [VirTex §Implementation]: SentencePiece BPE of 10K tokens
     # (train.py sets it to the tokenizer's)
@@ -120,9 +120,9 @@ class Config:
     crop_scale_min: float = 0.2  # random resized crop, area in [0.2, 1]
     flip_prob: float = 0.5  # horizontal flip, swapping "left" <-> "right" in the caption
     jitter_prob: float = 0.8  # colour jitter, official code: p = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
+    brightness: float = 0.4  # colour jitter: brightness factor in [1 - 0.4, 1 + 0.4]
+    contrast: float = 0.4  # colour jitter: contrast factor, likewise
+    saturation: float = 0.4  # colour jitter: saturation factor, likewise
     hue: float = 0.1  # kept small: captions name colours
     # decoding [VirTex §Captioning; code]
     beam_size: int = 5  # beam search, no length penalty, the repeated token blocked
@@ -131,14 +131,14 @@ class Config:
     batch_size: int = 256  # 256 across 8 GPUs
     lr: float = 1e-3  # the textual head (and visual projection)
     cnn_lr: float = 0.2  # the visual backbone
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # SGD's L2 weight decay (see make_optimizer for what it skips)
     beta1: float = 0.9  # SGD momentum; AdamW's β1 when optimizer = "adamw"
     beta2: float = 0.999  # AdamW only
     warmup_steps: int = 10_000  # linear warmup
     max_steps: int = 500_000  # 500K iterations
     lr_schedule: str = "cosine"  # cosine decay
     grad_clip: float = 10.0  # official code: global norm 10
-    grad_accum_steps: int = 1  # OURS
+    grad_accum_steps: int = 1  # OURS: micro-batches an update (batch_size is split in this many)
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
@@ -708,23 +708,27 @@ def after_optimizer_step(model: VirTex) -> None:
 
 
 class VirTexDataset(Dataset):
-    """Item i: world example i, augmented as [VirTex §Implementation; code] (crop -> flip with
-    the caption's left/right swapped -> colour jitter -> normalise), one of its captions, and the
-    pretext's targets. Every random choice is a pure function of (seed, i)."""
+    """Item p: the p-th visit of the stream (shared.data.Epochs, one unit an image: [code]
+    draws one of an image's captions each time it reads the image), augmented as
+    [VirTex §Implementation; code] (crop -> flip with the caption's left/right swapped -> colour
+    jitter -> normalise), one of its captions, and the pretext's targets. Every random choice is
+    a pure function of (seed, p): each visit of an image draws its caption, crop and flip afresh."""
 
-    def __init__(self, world, tokenizer, config: Config, seed: int = 0):
-        self.world, self.tokenizer, self.config, self.seed = world, tokenizer, config, seed
+    def __init__(self, source, tokenizer, config: Config, seed: int = 0):
+        self.source, self.tokenizer, self.config, self.seed = source, tokenizer, config, seed
+        self.epochs = Epochs(source, seed)
         self.special_ids = {tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
                             tokenizer.sep_id, tokenizer.mask_id}
 
     def __len__(self) -> int:
-        return len(self.world)
+        return len(self.epochs)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, p: int) -> dict:
         c = self.config
-        example = self.world.example(i, regions=False)
-        rng = np.random.default_rng([self.seed, 11, i])
-        caption = example["captions"][rng.integers(len(example["captions"]))]
+        index, text = self.epochs(p)
+        example = self.source.example(index, regions=False)
+        rng = np.random.default_rng([self.seed, 11, p])
+        caption = pick_text(example["captions"], text, rng)
         image, caption = virtex_augment(
             example["image"], caption, rng, size=c.image_size, crop_scale=(c.crop_scale_min, 1.0),
             flip_prob=c.flip_prob, jitter_prob=c.jitter_prob, brightness=c.brightness,
@@ -743,9 +747,9 @@ class VirTexDataset(Dataset):
         return item
 
 
-def train_dataset(source, tokenizer, config: Config) -> VirTexDataset:
+def train_dataset(source, tokenizer, config: Config, seed: int = 0) -> VirTexDataset:
     """source: a shared.world.World, or a shared.folders.CaptionFolder (--data)."""
-    return VirTexDataset(source, tokenizer, config)
+    return VirTexDataset(source, tokenizer, config, seed)
 
 
 def collate_fn(items: list[dict]) -> dict:

@@ -17,10 +17,18 @@ and what the two region-based papers (Oscar, UNITER) share:
     standardisation      the (mean, std) standardise_features applies: the config's (a run on
                          region files keeps its corpus's there), else the world's
 
-Determinism is the point of `train_loader`: the batch of step k holds world examples
-k·B .. k·B + B - 1 and the caption of example i is chosen by a generator seeded with (seed, i),
-so a run resumed at step k sees exactly the batches an uninterrupted run would have seen,
-whatever the number of workers.
+and the order in which a run reads its data:
+
+    Epochs               stream position p -> (example, text): a corpus on disk is read epoch
+                         after epoch, each a fresh permutation of its images or of its (image,
+                         text) pairs; the world in order (its examples are i.i.d. already)
+    pick_text            the text a visit reads: the unit's own, or one drawn afresh
+
+Determinism is the point of `train_loader`: batch k holds stream positions p = k·B .. k·B + B - 1,
+Epochs maps p to an example, and every random choice of item p (which caption, the crop, the
+masks, the negatives) comes from a generator seeded with (seed, p). So a run resumed at step k
+sees exactly the batches an uninterrupted run would have seen, whatever the number of workers or
+processes, and a second visit of an example (the next epoch) draws afresh.
 """
 
 import signal
@@ -54,23 +62,96 @@ def image_to_tensor(image: np.ndarray) -> Tensor:
     return normalise_image(x)  # (3, H, W)
 
 
-class ImageTextDataset(Dataset):
-    """Item i: the image of world example i and one of its captions, tokenised.
+class Epochs:
+    """Which example the p-th item of a training stream reads (p = 0, 1, 2, ...; train_loader's
+    batch k of B holds p = k·B .. k·B + B - 1): epochs(p) -> (example index, text index or None).
 
-    Which caption is a pure function of (seed, i), so the data order never depends on workers
-    or on where a run was resumed.
-    """
+    A corpus on disk is a few thousand images read many times over, so the stream is cut into
+    epochs of U units, and epoch e = p // U visits every unit once, in a permutation seeded by
+    (seed, e): a new order, new batch neighbours (contrastive and ITM negatives) every epoch.
+    A unit is an image (per_text False: the visit draws one of its captions afresh, text None)
+    or one (image, text) pair (per_text True: each caption, or each VQA question, is a unit, as
+    UNITER and Oscar count their data). A corpus is a source with text_counts() (shared.folders,
+    shared.vqa); any other source is the world (shared.world), whose train split is a million
+    i.i.d. examples: it is read in order, example p mod its length, per image.
 
-    def __init__(self, world, tokenizer, max_len: int, seed: int = 0):
-        self.world, self.tokenizer, self.max_len, self.seed = world, tokenizer, max_len, seed
+    A pure function of (seed, p), in every process: resume, DataLoader workers and torchrun's
+    slices all read the same stream."""
+
+    def __init__(self, source, seed: int = 0, per_text: bool = False):
+        self.seed, self.shuffle = seed, hasattr(source, "text_counts")
+        self.images = len(source)
+        self.image_of = self.text_of = None  # (U,) each, per_text on a corpus
+        if per_text and self.shuffle:
+            counts = np.asarray(source.text_counts())  # (images,) texts of each image
+            self.image_of = np.repeat(np.arange(len(counts)), counts)  # (U,)
+            self.text_of = np.arange(len(self.image_of)) - np.repeat(np.cumsum(counts) - counts,
+                                                                     counts)  # (U,)
+        self.units = self.images if self.image_of is None else len(self.image_of)
+        if self.units == 0:
+            raise ValueError("the training data holds no example")
+        self._orders: dict[int, np.ndarray] = {}  # the last two epochs' permutations
 
     def __len__(self) -> int:
-        return len(self.world)
+        """Units an epoch."""
+        return self.units
 
-    def __getitem__(self, i: int) -> dict:
-        example = self.world.example(i, regions=False)
-        pick = np.random.default_rng([self.seed, 7, i]).integers(len(example["captions"]))
-        tokens = self.tokenizer.encode(example["captions"][pick], max_len=self.max_len)
+    def order(self, epoch: int) -> np.ndarray:
+        """(U,) the units in the order epoch `epoch` visits them."""
+        if epoch not in self._orders:
+            if len(self._orders) >= 2:  # a batch straddles at most two epochs
+                del self._orders[min(self._orders)]
+            self._orders[epoch] = np.random.default_rng([self.seed, 29, epoch]).permutation(
+                self.units)
+        return self._orders[epoch]
+
+    def __call__(self, p: int) -> tuple[int, int | None]:
+        epoch, r = divmod(p, self.units)
+        unit = int(self.order(epoch)[r]) if self.shuffle else r
+        if self.image_of is None:
+            return unit, None
+        return int(self.image_of[unit]), int(self.text_of[unit])
+
+    def describe(self) -> str:
+        """What one epoch is, for the run's log."""
+        if not self.shuffle:
+            return f"{self.units:,} examples of the world, in order"
+        if self.image_of is None:
+            return (f"{self.units:,} images an epoch, in a new order each epoch (a caption drawn "
+                    f"at each visit)")
+        return (f"{self.units:,} (image, text) pairs of {self.images:,} images an epoch, in a "
+                f"new order each epoch")
+
+
+def pick_text(texts: list, text: int | None, rng: np.random.Generator):
+    """texts[text], the text of the visited unit; one drawn with `rng` when the unit is a whole
+    image (text None), or when the example read is not the one asked for (a corpus replaces an
+    unreadable file by the next readable one, which may have fewer texts)."""
+    if text is not None and text < len(texts):
+        return texts[text]
+    return texts[rng.integers(len(texts))]
+
+
+class ImageTextDataset(Dataset):
+    """Item p: the p-th visit of the stream (Epochs, per image): the image and one of its
+    captions, drawn afresh at every visit, tokenised.
+
+    Which example and which caption are pure functions of (seed, p), so the data order never
+    depends on workers or on where a run was resumed.
+    """
+
+    def __init__(self, source, tokenizer, max_len: int, seed: int = 0):
+        self.source, self.tokenizer, self.max_len, self.seed = source, tokenizer, max_len, seed
+        self.epochs = Epochs(source, seed)
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __getitem__(self, p: int) -> dict:
+        index, text = self.epochs(p)
+        example = self.source.example(index, regions=False)
+        caption = pick_text(example["captions"], text, np.random.default_rng([self.seed, 7, p]))
+        tokens = self.tokenizer.encode(caption, max_len=self.max_len)
         return {"image": image_to_tensor(example["image"]),  # (3, H, W)
                 "tokens": torch.tensor(tokens, dtype=torch.long)}  # (T_i,)
 
@@ -91,13 +172,12 @@ def collate_image_text(items: list[dict]) -> dict:
 
 
 class _StepRange(torch.utils.data.Sampler):
-    """Batch k (k = first, first + 1, ...) of size B is indices k·B .. k·B + B - 1, wrapping
-    around the dataset length, of which this sampler yields a rank's share: the b = B / N
-    indices k·B + r·b .. k·B + r·b + b - 1 (never ends)."""
+    """Batch k (k = first, first + 1, ...) of size B is stream positions k·B .. k·B + B - 1, of
+    which this sampler yields a rank's share: the b = B / N positions k·B + r·b .. k·B + r·b +
+    b - 1 (never ends; the dataset maps a position to its example, see Epochs)."""
 
-    def __init__(self, first: int, batch_size: int, length: int, rank: int = 0,
-                 world_size: int = 1):
-        self.first, self.batch_size, self.length = first, batch_size, length
+    def __init__(self, first: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.first, self.batch_size = first, batch_size
         self.share = batch_size // world_size
         self.offset = rank * self.share
 
@@ -105,22 +185,22 @@ class _StepRange(torch.utils.data.Sampler):
         k = self.first
         while True:
             start = k * self.batch_size + self.offset
-            for i in range(start, start + self.share):
-                yield i % self.length
+            yield from range(start, start + self.share)
             k += 1
 
 
 def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,
                  num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
                  world_size: int = 1) -> DataLoader:
-    """An endless DataLoader whose k-th batch (counting from step 0) holds examples
-    k·B .. k·B + B - 1 of `dataset` (modulo its length); it starts at `start_step`. Across N
+    """An endless DataLoader whose k-th batch (counting from step 0) holds items
+    k·B .. k·B + B - 1 of `dataset`, stream positions that grow without end (the papers'
+    datasets map them to examples epoch by epoch: Epochs); it starts at `start_step`. Across N
     processes (torchrun), rank r's loader yields its slice of each of those batches, B / N
     examples (B must be divisible by N): together the ranks see the one-process batches."""
     if batch_size % world_size:
         raise ValueError(f"the batch of {batch_size} cannot be split over {world_size} "
                          f"processes")
-    sampler = _StepRange(start_step, batch_size, len(dataset), rank, world_size)
+    sampler = _StepRange(start_step, batch_size, rank, world_size)
     return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler,
                       collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, drop_last=True,
@@ -203,7 +283,8 @@ _statistics_cache: dict = {}
 
 
 def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and std (F,) of the regions of the first 500 training examples: the
+    """Per-dimension mean and std (F,) of the regions of the first 500 training examples (the
+    std floored, shared.folders.floored_std; the world's dimensions are all above it): the
     statistics of the `standardise_features` switch of Oscar's and UNITER's tiny presets. A pure
     function of the world's config, so training and evaluation (and a fine-tuning run) compute
     the same numbers without storing them.
@@ -213,13 +294,15 @@ def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
     regions apart starts small; trained from scratch, a model can then learn to ignore the image
     for hundreds of updates, and standardising removes that start-up delay (see RESULTS.md).
     The papers read raw detector features, from a BERT initialisation."""
+    from shared.folders import floored_std  # near-constant dimensions: floored there
+
     key = tuple(sorted(vars(world_config).items()))
     if key not in _statistics_cache:
         world = World(world_config, "train")
         features = np.concatenate([world.example(i)["features"]
                                    for i in range(min(_STATISTICS_EXAMPLES, len(world)))])
         _statistics_cache[key] = (torch.from_numpy(features.mean(0)).float(),
-                                  torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
+                                  torch.from_numpy(floored_std(features.std(0))[0]).float())
     return _statistics_cache[key]
 
 

@@ -362,6 +362,10 @@ class CaptionFolder:
         """Every caption, for training a tokenizer on the corpus."""
         return [c for _, captions in self.records for c in captions]
 
+    def text_counts(self) -> list[int]:
+        """The captions of each image (shared.data.Epochs counts (image, caption) pairs)."""
+        return [len(captions) for _, captions in self.records]
+
     def example(self, i: int, regions: bool = False) -> dict:
         """{"image": uint8 (S, S, 3), "captions": [...]} of image i; an unreadable file gives
         the next readable image instead (with a warning)."""
@@ -378,6 +382,23 @@ class CaptionFolder:
 
 
 # --- region features for Oscar and UNITER -------------------------------------------------------
+
+# Standardisation divides each feature dimension by its std over the first images. A dimension
+# that is (nearly) constant there, e.g. a ReLU channel that stays 0 on those images, has std ~0,
+# so a value it takes later would get a z-score of value / std ~ 1e4 (ResNet features). Its std
+# is floored at STD_FLOOR times the median std over dimensions, the scale of a typical
+# dimension: a near-constant dimension's z then stays within 1 / STD_FLOOR (10) times a typical
+# dimension's for the same change, and every other dimension is unchanged.
+STD_FLOOR = 0.1
+
+
+def floored_std(std: np.ndarray) -> tuple[np.ndarray, float]:
+    """(std (F,) with each entry below the floor raised to it, the floor): STD_FLOOR x the
+    median std over dimensions (its mean when over half are constant, 1 when all are)."""
+    typical = float(np.median(std)) or float(std.mean()) or 1.0
+    floor = STD_FLOOR * typical
+    return np.maximum(std, floor), floor
+
 
 REGION_KEYS = ("features", "boxes", "conf")  # needed in every npz; cls_prob, tags optional
 # Boxes this far outside [0, 1] are clipped: float rounding, and detectors that let a box run a
@@ -418,7 +439,8 @@ class RegionFolder:
                              f"({self.dropped_images} dropped)")
         self.unreadable, self.unreadable_log = 0, None
         self.notes: list[str] = []  # lines for the run's log
-        self._statistics = None
+        self._statistics, self._most_regions = None, None
+        self.near_constant = None  # (dimensions, floor) once feature_statistics ran
 
     @classmethod
     def coco(cls, annotation_file: str | Path, region_dir: str | Path | None = None
@@ -426,12 +448,18 @@ class RegionFolder:
         """A COCO captions file and the region folder (default: regions/ beside it)."""
         annotation_file = Path(annotation_file)
         region_dir = annotation_file.parent / "regions" if region_dir is None else Path(region_dir)
-        records = _coco_records(annotation_file)
-        return cls([(region_dir / (Path(name).stem + ".npz"), captions)
-                    for name, captions in records], annotation_file)
+        records = [(region_dir / (Path(name).stem + ".npz"), captions)
+                   for name, captions in _coco_records(annotation_file)]
+        need_region_files(annotation_file, region_dir, [path for path, _ in records],
+                          f"{region_dir}/<file_name stem>.npz")
+        return cls(records, annotation_file)
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def text_counts(self) -> list[int]:
+        """The captions of each image (shared.data.Epochs counts (image, caption) pairs)."""
+        return [len(captions) for _, captions in self.records]
 
     def _read(self, path: Path) -> dict:
         """One region file -> features, boxes, conf, cls_prob (if stored) as float32 and tags,
@@ -474,7 +502,8 @@ class RegionFolder:
 
     def feature_statistics(self, n: int = 500):
         """Per-dimension mean and std of the region features of the first n images (the
-        statistics of the tiny presets' standardise_features, computed on this corpus)."""
+        statistics of the tiny presets' standardise_features, computed on this corpus), the std
+        floored (floored_std). Also sets `near_constant`: (dimensions floored, the floor)."""
         import torch
 
         if self._statistics is None:
@@ -484,10 +513,33 @@ class RegionFolder:
                     raise ValueError(f"{self.records[i][0]} has {f.shape[1]}-d features, the "
                                      f"files before it {rows[0].shape[1]}-d; one corpus, one "
                                      f"feature size")
+            self._most_regions = max(len(f) for f in rows)
             features = np.concatenate(rows)  # (Σ N_i, F)
+            raw = features.std(0)  # (F,)
+            std, floor = floored_std(raw)
+            self.near_constant = (int((raw < floor).sum()), floor)
             self._statistics = (torch.from_numpy(features.mean(0)).float(),
-                                torch.from_numpy(features.std(0)).float().clamp(min=1e-6))
+                                torch.from_numpy(std).float())
         return self._statistics
+
+    def most_regions(self, n: int = 500) -> int:
+        """The most regions one of the first n region files holds (those feature_statistics
+        reads), against which a model's n_regions is checked."""
+        if self._most_regions is None:
+            self._most_regions = max(len(self.example(i)["features"])
+                                     for i in range(min(n, len(self))))
+        return self._most_regions
+
+
+def need_region_files(source, region_dir: Path, paths: list[Path], expected: str) -> None:
+    """A ValueError naming the folder when not one of the images has its region file in it (a
+    wrong or missing REGION_DIR), rather than every image dropped. expected: the names looked
+    for, e.g. "regions/<file_name stem>.npz"."""
+    if not paths or any(path.is_file() for path in paths):
+        return
+    absent = "" if region_dir.is_dir() else f"; there is no folder {region_dir}"
+    raise ValueError(f"{source}: no region file in {region_dir}/ for any of its {len(paths):,} "
+                     f"images (expected {expected}){absent}")
 
 
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

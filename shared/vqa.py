@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from shared.folders import (RegionFolder, _json_type, _list, _need, _note_unreadable,
-                            _parse_json, _read_text)
+                            _parse_json, _read_text, need_region_files)
 
 ANSWER_TYPES = ("yes/no", "number", "other")
 # The papers' vocabulary: every answer that is the most common one ("multiple_choice_answer")
 # of at least 9 training questions, 3,129 answers on VQA v2 train + val (UNITER §A.2 and
 # Oscar §4 say 3,129 and give no rule; the count 9 is that of the bottom-up attention
-# preprocessing both codes took their answer list from).
+# preprocessing both codes took their answer list from). train.py --min_answer_count sets it.
 MIN_ANSWER_COUNT = 9
 
 # --- answer normalisation, as the evaluation server compares answers ----------------------------
@@ -99,6 +99,14 @@ def answer_vocabulary(records: list[dict], min_count: int = MIN_ANSWER_COUNT) ->
     counts = Counter(normalize_answer(r["multiple_choice_answer"]) for r in records)
     return tuple(a for a, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                  if c >= min_count and a)
+
+
+def count_unanswerable(records: list[dict], answers: tuple[str, ...]) -> int:
+    """How many questions have none of their human answers in `answers`, normalised as
+    soft_scores compares them: their training target is all zero. records: read_vqa's, with
+    the annotations."""
+    index = answer_index(answers)
+    return sum(not any(normalize_answer(a) in index for a in r["answers"]) for r in records)
 
 
 def accuracy_by_type(predicted: list[str], records: list[dict]) -> dict[str, float]:
@@ -207,6 +215,9 @@ class VQAFolder(RegionFolder):
         for r in records:
             by_image.setdefault(r["image_id"], []).append(r)
         paths = {image_id: region_file(region_dir, image_id, subtype) for image_id in by_image}
+        coco = f", COCO_{subtype}_<image_id:012d>.npz" if subtype else ""
+        need_region_files(questions_file, region_dir, list(paths.values()),
+                          f"{region_dir}/<image_id:012d>.npz{coco} or <image_id>.npz")
         self.missing = [(r["question_id"], paths[r["image_id"]]) for r in records
                         if not paths[r["image_id"]].is_file()]
         super().__init__([(paths[i], [r["question"] for r in rs]) for i, rs in by_image.items()],
@@ -234,6 +245,11 @@ class VQAFolder(RegionFolder):
             raise ValueError("training on VQA needs the annotations file: "
                              "vqa:QUESTIONS_JSON,ANNOTATIONS_JSON[,REGION_DIR]")
         return answer_vocabulary(records, min_count)
+
+    def text_counts(self) -> list[int]:
+        """The questions of each image: VQA trains on (image, question) pairs, one unit of
+        shared.data.Epochs each, in the order of example(i)["questions"]."""
+        return [len(records) for records in self.questions]
 
     def example(self, i: int, regions: bool = True) -> dict:
         for k in range(len(self.records)):

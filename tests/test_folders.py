@@ -46,6 +46,7 @@ def test_the_same_training_items_from_the_folder_and_the_world(exported):
     folder = CaptionFolder.coco(out / "captions_test.json", image_size=32)
     tokenizer = Tokenizer.train(folder.texts(), vocab_size=120)
     a, b = ImageTextDataset(folder, tokenizer, 16), ImageTextDataset(world, tokenizer, 16)
+    b.epochs = a.epochs  # the folder's epoch order, read from the world
     for i in range(12):
         assert torch.equal(a[i]["image"], b[i]["image"])
         assert torch.equal(a[i]["tokens"], b[i]["tokens"])
@@ -253,6 +254,26 @@ def test_region_rows_are_sorted_by_confidence_and_bad_files_skipped(tmp_path):
     assert folder.unreadable == 2
 
 
+def test_a_region_folder_without_any_of_the_images_is_named(exported, tmp_path):
+    from shared.folders import RegionFolder
+
+    _, out = exported
+    captions = out / "captions_test.json"
+    absent = tmp_path / "absent"
+    with pytest.raises(ValueError) as e:
+        RegionFolder.coco(captions, absent)
+    assert str(e.value) == (f"{captions}: no region file in {absent}/ for any of its 12 images "
+                            f"(expected {absent}/<file_name stem>.npz); there is no folder "
+                            f"{absent}")
+    with pytest.raises(ValueError, match="for any of its 12 images") as e:
+        RegionFolder.coco(captions, out / "images")  # a folder, but of images
+    assert "there is no folder" not in str(e.value)
+    run, paper, _ = train.parse_args(["--model", "uniter", "--data",
+                                      f"regions:{captions},{absent}"])
+    with pytest.raises(SystemExit, match="no region file in .*absent/ for any of its 12"):
+        train.open_data(run, paper, paper.Config.tiny())
+
+
 @pytest.mark.parametrize("model", ["oscar", "uniter"])
 def test_train_from_the_exported_regions(exported, tmp_path, model):
     _, out = exported
@@ -369,15 +390,63 @@ def test_a_run_on_region_files_is_evaluated_with_the_statistics_it_trained_with(
     assert infer.load(tmp_path / "ft" / "latest.pt")[3].feature_mean == config.feature_mean
 
 
+def test_a_near_constant_dimension_is_standardised_to_bounded_values(tmp_path):
+    # dimension 7 is 0 on the first 5 images (a ReLU channel they never light up), 2 later: with
+    # std floored at 1e-6 its z-score there was 2e6
+    from shared.folders import STD_FLOOR, RegionFolder, floored_std
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(10):
+        features = rng.normal(size=(3, 8)).astype(np.float32)  # (N, F)
+        features[:, 7] = 0.0 if i < 5 else 2.0
+        np.savez(tmp_path / f"{i}.npz", features=features, boxes=np.zeros((3, 4)),
+                 conf=np.ones(3))
+        records.append((tmp_path / f"{i}.npz", ["x"]))
+    folder = RegionFolder(records)
+    mean, std = folder.feature_statistics(n=5)
+    z = (folder.example(7)["features"] - mean.numpy()) / std.numpy()  # (3, 8)
+    assert np.abs(z).max() < 100
+    raw = np.concatenate([folder.example(i)["features"] for i in range(5)]).std(0)  # (8,)
+    floor = STD_FLOOR * np.median(raw)
+    assert folder.near_constant == (1, pytest.approx(floor))
+    np.testing.assert_allclose(std.numpy(), np.maximum(raw, floor), rtol=1e-6)  # the rest as is
+    assert folder.most_regions(n=5) == 3
+    # over half the dimensions constant: the floor is a tenth of the mean std; all: 0.1
+    assert floored_std(np.array([0.0, 0.0, 0.0, 2.0]))[1] == pytest.approx(0.05)
+    assert floored_std(np.zeros(4))[1] == pytest.approx(0.1)
+
+
+def test_a_run_names_near_constant_dimensions_and_regions_its_model_drops(exported, tmp_path):
+    import re
+
+    _, out = exported
+    captions = region_copy(out, tmp_path / "data", lambda i, a: {  # dimension 63 constant
+        **a, "features": np.concatenate([a["features"][:, :63],
+                                         np.zeros_like(a["features"][:, :1])], 1)})
+    args = ["--model", "oscar", "--task", "retrieval", "--data", f"regions:{captions}",
+            "--n_regions", "6", "--max_steps", "1", "--num_workers", "0",
+            *TINY_REGION_MODEL[:-2], "--out", str(tmp_path / "run")]
+    lines = []
+    train.train(*train.parse_args(args), log=lines.append)
+    assert ("the region files hold up to 10 regions (first 12 files); the model keeps n_regions "
+            "= 6: raise --n_regions to use them all") in lines
+    floored = [line for line in lines if line.startswith("feature standardisation")]
+    assert len(floored) == 1 and re.fullmatch(
+        r"feature standardisation: 1 of 64 dimensions near-constant \(std < (\S+)\) on the first "
+        r"12 images; their std is floored at \1", floored[0]), floored
+
+
 @pytest.mark.parametrize("standardise", ["true", "false"])
 def test_a_region_file_that_does_not_fit_stops_the_run_in_one_line(exported, tmp_path,
                                                                   standardise):
-    # file 5 has 16-d features among 64-d ones. With standardise_features the statistics read
-    # it before training; without, a loader worker reads it in step 1, and the run must end
-    # with the worker's message, not its traceback, and not hang at exit waiting for it.
+    # files 1.. have 16-d features, file 0 64-d ones. With standardise_features the statistics
+    # read them before training; without, a loader worker reads one in step 1 (the dataset
+    # checks file 0 only), and the run must end with the worker's message, not its traceback,
+    # and not hang at exit waiting for it.
     _, out = exported
     captions = region_copy(out, tmp_path / "data", lambda i, a: {
-        **a, "features": a["features"][:, :16]} if i == 5 else a)
+        **a, "features": a["features"][:, :16]} if i >= 1 else a)
     args = ["--model", "uniter", "--task", "retrieval", "--data", f"regions:{captions}",
             "--max_steps", "3", "--num_workers", "1", "--standardise_features", standardise,
             *TINY_REGION_MODEL, "--out", str(tmp_path / "run")]
@@ -386,7 +455,7 @@ def test_a_region_file_that_does_not_fit_stops_the_run_in_one_line(exported, tmp
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     if standardise == "true":
-        assert last == (f"error: --data: {tmp_path / 'data' / 'regions' / '000000000005.npz'} "
+        assert last == (f"error: --data: {tmp_path / 'data' / 'regions' / '000000000001.npz'} "
                         f"has 16-d features, the files before it 64-d; one corpus, one feature "
                         f"size")
     else:
@@ -413,6 +482,7 @@ def test_the_same_region_items_from_the_folder_and_the_world(exported, model):
                                                n_regions=10, batch_size=4, image_size=32)
     a = paper.train_dataset(folder, tokenizer, config)
     b = paper.train_dataset(world, tokenizer, config)
+    b.epochs = a.epochs  # the folder's epoch order, read from the world
     for i in range(8):
         x, y = a[i], b[i]
         assert x.keys() == y.keys()

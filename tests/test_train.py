@@ -179,6 +179,59 @@ def test_help_lists_run_options_and_every_config_field():
         assert flag in result.stdout, flag
 
 
+@pytest.mark.parametrize("name", train.MODELS)
+def test_help_describes_every_flag_of_every_model(name):
+    parser = train.build_parser(train.RunConfig(model=name), train.import_paper(name))
+    flags = [action for action in parser._actions if "--help" not in action.option_strings]
+    assert len(flags) > 30
+    for action in flags:
+        assert action.help.split("(default:")[0].strip(), action.option_strings[0]
+    assert "--min_answer_count" in parser.format_help()  # formats: a "%" in a comment is escaped
+
+
+def test_a_flag_s_help_is_its_field_s_comment():
+    import argparse
+    import dataclasses
+
+    from shared.cli import add_dataclass_flags, field_comments
+
+    @dataclasses.dataclass
+    class Options:
+        # the comment above
+        # spans two lines
+        above: int = 1
+        trailing: str = "#no"  # on its line
+        longer: float = 0.5  # begins here
+        #                      and goes on here
+        bare: bool = False
+
+    assert field_comments(Options) == {"above": "the comment above spans two lines",
+                                       "trailing": "on its line",
+                                       "longer": "begins here and goes on here"}
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Options, Options(), "options")
+    helps = {action.dest: action.help for action in parser._actions}
+    assert helps["longer"] == "begins here and goes on here (default: 0.5)"
+    assert helps["bare"] == "(default: False)"
+
+
+def test_counts_in_the_evaluation_line_print_as_integers(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import infer
+
+    metrics = {"images": 6, "questions": 190, "vqa_acc": 0.8125, "pairs_scored": 2500}
+    monkeypatch.setattr(infer, "evaluate_corpus", lambda *args, **kwargs: dict(metrics))
+    s = SimpleNamespace(run=SimpleNamespace(val_data="vqa:q.json", model="oscar", seed=0),
+                        paper=SimpleNamespace(INPUTS="regions"), model=None, tokenizer=None,
+                        config=SimpleNamespace(eval_pairs=8), out=tmp_path, step=3)
+    lines = []
+    train.evaluate(s, "val", 0, lines.append)
+    assert lines == ["eval step 3: questions 190 vqa_acc 0.8125 pairs_scored 2500"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["questions"] == 190
+    assert train.metrics_text({"top1": 1.0, "images": 40}) == "top1 1.0000 images 40"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "gpt"], "invalid choice: 'gpt'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
@@ -193,6 +246,7 @@ def test_help_lists_run_options_and_every_config_field():
     (["--weight_decay", "-1"], "invalid config: weight_decay must be >= 0, not -1.0"),
     (["--image_size", "30"], "image_size 30 is not divisible by patch_size"),
     (["--eval_n", "0"], "argument --eval_n: must be >= 1, not 0"),
+    (["--min_answer_count", "0"], "argument --min_answer_count: must be >= 1, not 0"),
     (["--eval_only"], "--eval_only evaluates a checkpoint: give it with --init"),
     (["--ckpt_every_s", "nan"], "argument --ckpt_every_s: must be a finite number >= 0, not nan"),
 ])

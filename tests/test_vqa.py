@@ -13,8 +13,8 @@ import pytest
 
 import train
 from shared.vqa import (VQAFolder, accuracy_by_type, answer_index, answer_vocabulary,
-                        normalize_answer, read_vqa, region_file, results_json, soft_scores,
-                        vqa_v2_accuracy)
+                        count_unanswerable, normalize_answer, read_vqa, region_file,
+                        results_json, soft_scores, vqa_v2_accuracy)
 from shared.world import World, WorldConfig, export_split
 
 
@@ -74,6 +74,19 @@ def test_the_vocabulary_keeps_answers_common_enough_most_frequent_first():
     assert answer_vocabulary(records, min_count=4) == ("2", "no", "yes", "cat")
 
 
+def test_questions_without_an_answer_in_the_vocabulary_are_counted():
+    records = [{"answers": ["Two", "3"]},  # "two" -> "2": in it
+               {"answers": ["cat", "dog."]},  # neither: an all-zero target
+               {"answers": ["The cat"]},  # "cat" after normalisation: not in it either
+               {"answers": ["yes"] * 10}]
+    answers = ("2", "yes", "no")
+    assert count_unanswerable(records, answers) == 2
+    index = answer_index(answers)
+    assert count_unanswerable(records, answers) == sum(
+        not soft_scores(r["answers"], index).any() for r in records)
+    assert count_unanswerable(records, ()) == 4
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("vqa")
@@ -130,6 +143,45 @@ def test_region_files_are_found_by_the_coco_name_too(tmp_path):
     (tmp_path / "COCO_val2014_000000000042.npz").write_bytes(b"")
     assert region_file(tmp_path, 42, "val2014").name == "COCO_val2014_000000000042.npz"
     assert region_file(tmp_path, 7, "val2014").name == f"{7:012d}.npz"  # none: the first name
+
+
+def test_a_region_folder_without_any_of_the_images_is_named(exported, tmp_path):
+    _, out = exported
+    files = (out / "vqa_questions_test.json", out / "vqa_annotations_test.json")
+    expected = (f"no region file in {tmp_path / 'absent'}/ for any of its 10 images (expected "
+                f"{tmp_path / 'absent'}/<image_id:012d>.npz, COCO_test_<image_id:012d>.npz or "
+                f"<image_id>.npz); there is no folder {tmp_path / 'absent'}")
+    with pytest.raises(ValueError) as e:
+        VQAFolder(*files, tmp_path / "absent")
+    assert str(e.value) == f"{files[0]}: {expected}"
+    with pytest.raises(ValueError, match="for any of its 10 images") as e:
+        VQAFolder(*files, tmp_path)  # a folder, but not the region folder
+    assert "there is no folder" not in str(e.value)
+    run, paper, _ = train.parse_args(["--model", "uniter", "--task", "vqa", "--data",
+                                      f"vqa:{files[0]},{files[1]},{tmp_path / 'absent'}"])
+    with pytest.raises(SystemExit, match="no region file in .*absent/ for any of its 10"):
+        train.open_data(run, paper, paper.Config.tiny())
+
+
+@pytest.mark.parametrize("min_count", [1, 3])
+def test_train_logs_the_answer_vocabulary_and_the_questions_it_leaves_without_answer(
+        exported, min_count):
+    _, out = exported
+    folder = VQAFolder(out / "vqa_questions_test.json", out / "vqa_annotations_test.json")
+    lines = []
+    answers = train.vqa_answers(folder, min_count, lines.append)
+    assert answers == folder.answers(min_count)
+    records = [r for i in range(len(folder)) for r in folder.example(i)["records"]]
+    missed = sum(normalize_answer(r["answers"][0]) not in answers for r in records)
+    assert (missed == 0) == (min_count == 1)  # the world's 10 answers of a question agree
+    assert lines == [f"answer vocabulary: {len(answers)} answers (the most common answer of "
+                     f">= {min_count} questions); {missed} of 40 training questions "
+                     f"({100 * missed / 40:.1f} %) have no answer in it"]
+    with pytest.raises(SystemExit, match=">= 1000 questions \\(--min_answer_count\\)"):
+        train.vqa_answers(folder, 1000, lines.append)
+    run, _, _ = train.parse_args(["--model", "uniter", "--task", "vqa", "--min_answer_count",
+                                  str(min_count)])
+    assert run.min_answer_count == min_count
 
 
 def test_train_refuses_vqa_data_for_another_task_or_a_pixel_model(exported):
