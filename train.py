@@ -24,7 +24,8 @@ What a paper file defines, and all train.py uses of it (coca.py, virtex.py, unit
     build_model(config)    -> model; model(batch) -> dict(loss=scalar, <term>=scalar, ...);
                            task-specific parameters under model.heads (shared/checkpoint.py)
     make_optimizer(model, config), after_optimizer_step(model)
-    train_dataset(source, tokenizer, config), collate_fn(items) -> batch with "tokens"
+    train_dataset(source, tokenizer, config, seed) -> item p of the stream, its `epochs`
+                           (shared.data.Epochs); collate_fn(items) -> batch with "tokens"
     evaluate(model, tokenizer, config, world_config, split, n) -> dict of metrics
     sample_captions(model, tokenizer, config, world_config, split, n) -> [(generated, truth)]
 

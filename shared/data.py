@@ -4,7 +4,8 @@ The world (shared/world.py) returns numpy arrays and strings; the models want te
 holds the conversions two papers share (VirTex and CoCa read pixels and one caption per image):
 
     image_to_tensor      uint8 (H, W, 3) -> normalised float (3, H, W)
-    ImageTextDataset     item i = {"image": (3, H, W), "tokens": (T_i,)}, one caption of example i
+    ImageTextDataset     item p = {"image": (3, H, W), "tokens": (T_i,)}: the p-th visit's
+                         image and one of its captions
     collate_image_text   list of items -> {"images": (B, 3, H, W), "tokens": (B, T)} right-padded
     train_loader         the training DataLoader: batch k of the run is a pure function of k
                          (across N processes, each rank gets its slice of it)
