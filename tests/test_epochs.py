@@ -206,3 +206,15 @@ def test_uniter_retrieval_never_takes_a_pair_of_the_same_image_for_a_negative():
                   for n in negatives]
     assert len(terms) == 20 and out["loss"].item() == pytest.approx(sum(terms) / len(terms),
                                                                     rel=1e-4)
+
+
+def test_train_logs_the_epoch_and_how_many_the_run_makes(corpus, tmp_path):
+    import train
+
+    args = ["--model", "coca", "--data", f"coco:{corpus / 'captions.json'}", "--max_steps", "3",
+            "--batch_size", "4", "--warmup_steps", "1", "--num_workers", "0", "--log_every_s", "0",
+            "--out", str(tmp_path / "run")]
+    lines = []
+    train.train(*train.parse_args(args), log=lines.append)
+    assert ("training data: 8 images an epoch, in a new order each epoch (a caption drawn at "
+            "each visit); 3 steps of 4 items make 1.50 epochs") in lines
