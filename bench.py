@@ -336,7 +336,8 @@ def cached_vs_uncached(name: str, batch: int = 32, tokens: int = 30, preset: str
 def adamw_fused_vs_loops(rounds: int = 20, warmup: int = 5) -> None:
     """One AdamW update of each paper's `tiny` parameters (random gradients) three ways: torch's
     default on the CPU (a Python loop over the tensors, foreach=False), the multi-tensor
-    foreach path, and the fused kernel that train.make_optimizer picks on CUDA and the CPU."""
+    foreach path, and the fused kernel that each paper's make_optimizer picks on CUDA and the CPU
+    (shared.optim.fused_for)."""
     import importlib
 
     for name in ("coca", "virtex", "oscar", "uniter"):

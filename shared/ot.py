@@ -7,7 +7,7 @@ The solver is another paper's algorithm, so it lives here; uniter.py imports it 
 this function) and writes the WRA distance and loss on top of it. [code] = the official UNITER
 code, github.com/ChenRocks/UNITER, model/ot.py (`ipot`, `optimal_transport_dist`).
 
-Tests: tests/test_uniter.py (marginals, zeros on padding, the batched plan against a loop, and
+Tests: tests/test_losses.py, `test_uniter_ipot_*` (marginals, zeros on padding, the batched plan against a loop, and
 POT's exact EMD). Timing: `python bench.py --ipot`.
 """
 

@@ -2,7 +2,7 @@
 decoupled decoder, fast vs reference paths, a tiny model that learns, and the contract train.py
 uses (heads, fine-tuning, optimizer, temperature clamp, evaluation).
 
-Kinds (STYLE.md §14): (c) shapes, masks, causality; (b) equivalence; (d) learning. The loss math
+Kinds (README, house style): (c) shapes, masks, causality; (b) equivalence; (d) learning. The loss math
 (a) is in tests/test_losses.py. Every model here is a few thousand parameters: the file runs
 in seconds on a laptop CPU.
 """

@@ -5,7 +5,7 @@ caption decoding against a full recomputation and its length limit, and a tiny m
 overfits each task. The loss math (by hand, loops from the equations) is in
 tests/test_losses.py.
 
-In order (STYLE.md §14): shapes and masks, the masking checked over many seeded draws with
+In order (README, house style): shapes and masks, the masking checked over many seeded draws with
 binomial tolerances (4 standard deviations); the model by composition; causality (what the [CLS]
 reaches); equivalence (the cached decoder against the whole sequence re-encoded at every step);
 learning. Every model is tiny (D 32, 2 layers) and the file runs in seconds.

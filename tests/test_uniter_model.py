@@ -1,5 +1,5 @@
 """uniter.py: the masking, task sampler, data, model, heads and downstream
-evaluation, in the order (c) shapes and masks, (b) equivalence, (d) learning (STYLE.md §14; the
+evaluation, in the order (c) shapes and masks, (b) equivalence, (d) learning (README, house style; the
 loss maths, (a), is tests/test_losses.py).
 
 (c) masking statistics and the task mix over many seeded draws with binomial tolerances (4

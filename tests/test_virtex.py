@@ -4,7 +4,7 @@ contract names, caption reversal and masked-LM masks, causality, weight sharing 
 directions, the key/value cache, and a tiny model that learns. The loss math is in
 tests/test_losses.py.
 
-Kinds (STYLE.md §14), in this order: (c) shapes; masks; causality; (b) equivalence; (d) learning
+Kinds (README, house style), in this order: (c) shapes; masks; causality; (b) equivalence; (d) learning
 and the downstream evaluation. The models here are small: the file runs in seconds on a laptop CPU.
 """
 
