@@ -45,7 +45,6 @@ import random
 import signal
 import sys
 import threading
-import contextlib
 import time
 from pathlib import Path
 
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from shared.benchmarks import evaluate_corpus
 from shared.bert import encoder_sizes, load_bert_encoder, load_bert_heads
 from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_origin,
                                load_checkpoint, load_weights, rng_states, save_checkpoint,
@@ -469,16 +469,15 @@ def metrics_text(metrics: dict) -> str:
 
 def evaluate(s: "State", split: str, n: int, log) -> dict:
     """The paper's metrics on n examples of a world split, or of --val_data on disk (the
-    protocols of infer.evaluate_corpus; n = 0 there: all of it, but a cross-encoder's retrieval
-    among the first eval_pairs images only), appended to metrics.jsonl."""
+    protocols of shared.benchmarks.evaluate_corpus; n = 0 there: all of it, but a
+    cross-encoder's retrieval among the first eval_pairs images only), appended to
+    metrics.jsonl."""
     if s.run.val_data:
-        import infer
-
         try:
             cap = s.config.eval_pairs if s.paper.INPUTS == "regions" else 0  # cross-encoders
-            metrics = infer.evaluate_corpus(s.model, s.paper, s.tokenizer, s.config,
-                                            s.run.model, s.run.seed, s.run.val_data, split, n,
-                                            max_retrieval_images=cap)
+            metrics = evaluate_corpus(s.model, s.paper, s.tokenizer, s.config, s.run.model,
+                                      s.world_config, s.run.val_data, split, n,
+                                      max_retrieval_images=cap)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: --val_data: {e}") from None
         metrics.pop("images", None)

@@ -27,6 +27,8 @@ Evaluation
     metrics.py      BLEU, CIDEr-D, recall@K, VQA accuracy, top-1, caption truth rate
     evaluate.py     world evaluation pieces each paper's `evaluate` maps onto its keys
     probe.py        the linear probe of frozen image features (CoCa, VirTex)
+    benchmarks.py   evaluation on data on disk: Karpathy captioning and retrieval, VQA v2
+                    (train.py --val_data, infer.py karpathy / vqa)
 Training
     config.py       checks of the recipe fields every paper's Config shares
     optim.py        AdamW parameter groups, the fused flag, the learning-rate schedule

@@ -51,7 +51,7 @@ def test_shared_imports_no_paper_file_and_not_train():
     command-line tools sit on top. Nothing imports upward (imports inside functions included)."""
     import ast
 
-    top = {"train", "infer", "bench", "oscar", "uniter", "virtex", "coca"}
+    top = {"train", "infer", "extract", "bench", "oscar", "uniter", "virtex", "coca"}
     for path in sorted((ROOT / "shared").glob("*.py")):
         tree = ast.parse(path.read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree)
@@ -72,3 +72,17 @@ def test_shared_init_lists_every_module():
                             re.MULTILINE))
     modules = {p.stem for p in (ROOT / "shared").glob("*.py")} - {"__init__"}
     assert listed == modules, (modules - listed, listed - modules)
+
+
+def test_train_imports_no_other_script():
+    """No cycle: infer.py, extract.py and bench.py import train (to load a checkpoint), never
+    the reverse; what train.py shares with them lives in shared/ (imports inside functions
+    included)."""
+    import ast
+
+    tree = ast.parse((ROOT / "train.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"infer", "extract", "bench"}

@@ -218,13 +218,12 @@ def test_a_flag_s_help_is_its_field_s_comment():
 def test_counts_in_the_evaluation_line_print_as_integers(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import infer
-
     metrics = {"images": 6, "questions": 190, "vqa_acc": 0.8125, "pairs_scored": 2500}
-    monkeypatch.setattr(infer, "evaluate_corpus", lambda *args, **kwargs: dict(metrics))
+    monkeypatch.setattr(train, "evaluate_corpus", lambda *args, **kwargs: dict(metrics))
     s = SimpleNamespace(run=SimpleNamespace(val_data="vqa:q.json", model="oscar", seed=0),
                         paper=SimpleNamespace(INPUTS="regions"), model=None, tokenizer=None,
-                        config=SimpleNamespace(eval_pairs=8), out=tmp_path, step=3)
+                        config=SimpleNamespace(eval_pairs=8), out=tmp_path, step=3,
+                        world_config=None)
     lines = []
     train.evaluate(s, "val", 0, lines.append)
     assert lines == ["eval step 3: questions 190 vqa_acc 0.8125 pairs_scored 2500"]
