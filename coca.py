@@ -70,6 +70,8 @@ MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks 
 INPUTS = "pixels"  # CoCa reads images, not detector regions
 BERT_INIT = None  # the text decoder is trained from scratch [CoCa §4.1]: no --init_bert
 UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
+PROTOCOLS = {"pretrain": ("caption", "retrieval")}  # what data on disk evaluates (benchmarks)
+CROSS_ENCODER = False  # retrieval_scores compares embeddings: one pass per image and per text
 
 
 @dataclass
@@ -693,6 +695,22 @@ def caption_images(model: CoCa, tokenizer, config: Config, images: list,
                             tokenizer.sep_id, config.max_text_len, method=method,
                             beam_size=config.beam_size, prompt=ids)  # (b, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
+
+
+def caption(model: CoCa, tokenizer, config: Config, examples: list[dict],
+            world_config=None) -> list[str]:
+    """Captions of examples {"image": uint8 (H, W, 3), ...} (caption_images), the signature
+    every captioner shares for evaluation on disk (shared.benchmarks)."""
+    return caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
+
+
+def retrieval_scores(model: CoCa, tokenizer, config: Config, examples: list[dict],
+                     world_config=None, texts: list[str] | None = None) -> Tensor:
+    """(n images, G texts) cosine similarities of the examples' images and `texts` (default:
+    each example's first caption) [CoCa §3.3]: one embedding per image and per text."""
+    texts = [ex["captions"][0] for ex in examples] if texts is None else texts
+    return (embed_image_arrays(model, [ex["image"] for ex in examples])
+            @ embed_text_strings(model, tokenizer, config, texts).T)  # (n, G)
 
 
 def zero_shot_accuracy(model: CoCa, tokenizer, config: Config, world_config, split: str,

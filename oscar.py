@@ -81,6 +81,9 @@ INPUTS = "regions"  # Oscar reads detector regions (and their tags), not pixels
 # --init_bert fills model.encoder, and these heads from BERT's pre-training heads [code]
 BERT_INIT = {"mlm": "cls.predictions", "contrastive": "cls.seq_relationship"}
 UNUSED_PARAMETERS = True  # captioning and VQA leave the pooler without a gradient
+PROTOCOLS = {"pretrain": ("retrieval",), "caption": ("caption",), "retrieval": ("retrieval",),
+             "vqa": ("vqa",)}  # what data on disk evaluates, by task (shared.benchmarks)
+CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
 
 
 # --- 2. Config and presets ------------------------------------------------------------------------

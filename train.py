@@ -474,7 +474,7 @@ def evaluate(s: "State", split: str, n: int, log) -> dict:
     metrics.jsonl."""
     if s.run.val_data:
         try:
-            cap = s.config.eval_pairs if s.paper.INPUTS == "regions" else 0  # cross-encoders
+            cap = s.config.eval_pairs if s.paper.CROSS_ENCODER else 0
             metrics = evaluate_corpus(s.model, s.paper, s.tokenizer, s.config, s.run.model,
                                       s.world_config, s.run.val_data, split, n,
                                       max_retrieval_images=cap)

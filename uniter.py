@@ -84,6 +84,9 @@ INPUTS = "regions"  # detector regions, not pixels
 # --init_bert fills model.encoder, and the MLM head from BERT's [code: from BERT-base]
 BERT_INIT = {"mlm": "cls.predictions"}
 UNUSED_PARAMETERS = True  # one pre-training task an update: the other heads get no gradient
+PROTOCOLS = {"pretrain": ("retrieval",), "retrieval": ("retrieval",),  # by task, what data on
+             "vqa": ("vqa",)}  # disk evaluates (shared.benchmarks)
+CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
 
 
 # --- 2. Config and presets ---------------------------------------------------------------------

@@ -84,6 +84,8 @@ MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex Â
 INPUTS = "pixels"  # train.py feeds images, not detector regions
 BERT_INIT = None  # trained from scratch: --init_bert does not apply
 UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
+PROTOCOLS = {"pretrain": ("caption",)}  # what data on disk evaluates (shared.benchmarks)
+CROSS_ENCODER = False  # no retrieval
 PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
 CAPTIONING = ("bicaptioning", "captioning")  # the pretexts that train a left-to-right decoder
 
@@ -774,6 +776,13 @@ def caption_images(model: VirTex, tokenizer, config: Config, images: list,
                             tokenizer.sep_id, method=method, beam_size=config.beam_size,
                             prompt=ids)  # (B, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
+
+
+def caption(model: VirTex, tokenizer, config: Config, examples: list[dict],
+            world_config=None) -> list[str]:
+    """Captions of examples {"image": uint8 (H, W, 3), ...} (caption_images), the signature
+    every captioner shares for evaluation on disk (shared.benchmarks)."""
+    return caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
 
 
 def random_backbone(config: Config, device: torch.device, seed: int = 0) -> ResNet:

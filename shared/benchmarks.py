@@ -86,11 +86,14 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, world_config, sp
     from shared.metrics import bleu, cider_d, coco_tokenize, rouge_l
 
     regions = paper.INPUTS == "regions"
+    protocols = paper.PROTOCOLS.get(config.task, ())  # what this paper's task is judged on
     if spec.startswith("vqa:"):
-        return _vqa_metrics(model, paper, tokenizer, config, name, world_config, spec, n,
-                            results, 2 * chunk)
-    captions_too = name in ("coca", "virtex") or (regions and config.task == "caption")
-    retrieval = name == "coca" or (regions and config.task in ("pretrain", "retrieval"))
+        if "vqa" not in protocols:
+            raise ValueError(f"VQA data needs a checkpoint that answers questions, not {name} "
+                             f"--task {config.task}")
+        return _vqa_metrics(model, paper, tokenizer, config, world_config, spec, n, results,
+                            2 * chunk)
+    captions_too, retrieval = "caption" in protocols, "retrieval" in protocols
     if not (captions_too or retrieval):
         raise ValueError(f"captioning and retrieval data; this {name} checkpoint is --task "
                          f"{config.task}")
@@ -102,9 +105,7 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, world_config, sp
         captions = []
         for start in range(0, len(examples), chunk):
             part = examples[start:start + chunk]
-            captions += (paper.caption(model, tokenizer, config, part, world_config) if regions
-                         else paper.caption_images(model, tokenizer, config,
-                                                   [ex["image"] for ex in part]))
+            captions += paper.caption(model, tokenizer, config, part, world_config)
             _progress(min(start + chunk, len(examples)), len(examples), "images captioned")
         candidates = [coco_tokenize(c) for c in captions]
         references = [[coco_tokenize(c) for c in item["captions"]] for item in items]
@@ -117,10 +118,11 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, world_config, sp
                                            for item, c in zip(items, captions)]) + "\n")
     if retrieval:  # the first 5 captions of each image, as the papers' protocol
         five = [{**ex, "captions": ex["captions"][:5]} for ex in examples]
-        if regions and max_retrieval_images > 0:
+        cross = paper.CROSS_ENCODER  # every image with every caption of its group
+        if cross and max_retrieval_images > 0:
             five = five[:max_retrieval_images]
             metrics["retrieval_images"] = len(five)
-        if regions:  # a cross-encoder: every image with every caption of its group
+        if cross:  # a few images a call, with a progress line
             def score(part, texts):  # (g, G), a few images a call, with a progress line
                 rows, step = [], max(1, pairs // len(texts))
                 for s in range(0, len(part), step):
@@ -129,17 +131,16 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, world_config, sp
                     _progress(min(s + step, len(part)) * len(texts), len(part) * len(texts),
                               "image-caption pairs scored")
                 return torch.cat(rows)  # (g, G)
-        else:
-            score = lambda part, texts: paper.embed_image_arrays(  # (g, G)
-                model, [ex["image"] for ex in part]) @ paper.embed_text_strings(
-                model, tokenizer, config, texts).T
+        else:  # embeddings: the whole group in one call
+            score = lambda part, texts: paper.retrieval_scores(  # (g, G)
+                model, tokenizer, config, part, world_config, texts)
         whole = grouped_pair_retrieval(score, five, group=len(five))
         folds = whole if len(five) <= group else grouped_pair_retrieval(score, five, group)
         for key, recalls in (("all", whole), ("1k", folds)):
             metrics |= {f"{k}_{key}": value for k, value in recalls.items()}
             metrics[f"rsum_{key}"] = sum(recalls.values())
         metrics["r1_mean"] = (whole["i2t_r1"] + whole["t2i_r1"]) / 2  # what best.pt keeps
-        if regions:  # the cost of the protocol: g images x G captions, every group
+        if cross:  # the cost of the protocol: g images x G captions, every group
             pairs = lambda size: sum(len(five[s:s + size]) * sum(
                 len(ex["captions"]) for ex in five[s:s + size])
                 for s in range(0, len(five), size))
@@ -148,15 +149,13 @@ def evaluate_corpus(model, paper, tokenizer, config, name: str, world_config, sp
     return metrics
 
 
-def _vqa_metrics(model, paper, tokenizer, config, name: str, world_config, spec: str, n: int,
+def _vqa_metrics(model, paper, tokenizer, config, world_config, spec: str, n: int,
                  results: Path | None, chunk: int) -> dict:
-    """VQA v2 (shared.vqa.VQAFolder) of a UNITER or Oscar --task vqa model: the evaluation
-    server's accuracy overall and per answer type (when the annotations are given)."""
+    """VQA v2 (shared.vqa.VQAFolder) of a model whose task answers questions (PROTOCOLS): the
+    evaluation server's accuracy overall and per answer type (when the annotations are
+    given)."""
     from shared.vqa import VQAFolder, accuracy_by_type, results_json
 
-    if name not in ("uniter", "oscar") or config.task != "vqa":
-        raise ValueError(f"VQA needs a --task vqa checkpoint of UNITER or Oscar, not {name} "
-                         f"--task {config.task}")
     folder = VQAFolder.from_spec(spec)
     if folder.missing:
         question, path = folder.missing[0]

@@ -240,7 +240,8 @@ def test_vqa_errors_name_the_problem(checkpoints, tmp_path):
     (tmp_path / "regions" / f"{2:012d}.npz").unlink()
     with pytest.raises(SystemExit, match=f"its image has no region file .*{2:012d}.npz"):
         infer.vqa(checkpoints["uniter_vqa"], spec)
-    with pytest.raises(SystemExit, match="needs a --task vqa checkpoint of UNITER or Oscar"):
+    with pytest.raises(SystemExit, match="needs a checkpoint that answers questions, not oscar "
+                                         "--task caption"):
         infer.vqa(checkpoints["oscar"], spec)
     with pytest.raises(SystemExit, match="no VQA questions file"):
         infer.vqa(checkpoints["uniter_vqa"], str(tmp_path / "absent.json"))

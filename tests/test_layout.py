@@ -86,3 +86,17 @@ def test_train_imports_no_other_script():
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & {"infer", "extract", "bench"}
+
+
+def test_shared_never_chooses_by_a_model_name():
+    """shared/ picks what to run by what a paper declares (INPUTS, PROTOCOLS, CROSS_ENCODER),
+    never by its name: a sixth paper file gets everything the four get."""
+    import ast
+
+    names = {"oscar", "uniter", "virtex", "coca"}
+    for path in sorted((ROOT / "shared").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = {c.value for part in [node.left, *node.comparators]
+                             for c in ast.walk(part) if isinstance(c, ast.Constant)}
+                assert not names & constants, (path.name, node.lineno)

@@ -221,7 +221,7 @@ def test_counts_in_the_evaluation_line_print_as_integers(tmp_path, monkeypatch):
     metrics = {"images": 6, "questions": 190, "vqa_acc": 0.8125, "pairs_scored": 2500}
     monkeypatch.setattr(train, "evaluate_corpus", lambda *args, **kwargs: dict(metrics))
     s = SimpleNamespace(run=SimpleNamespace(val_data="vqa:q.json", model="oscar", seed=0),
-                        paper=SimpleNamespace(INPUTS="regions"), model=None, tokenizer=None,
+                        paper=SimpleNamespace(CROSS_ENCODER=True), model=None, tokenizer=None,
                         config=SimpleNamespace(eval_pairs=8), out=tmp_path, step=3,
                         world_config=None)
     lines = []
@@ -430,7 +430,7 @@ def test_train_py_uses_only_the_contract_and_never_probes_the_paper():
     used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
             and isinstance(n.value, ast.Name) and n.value.id == "paper"}
     contract = {"Config", "TASKS", "MAIN_METRIC", "INPUTS", "BERT_INIT", "UNUSED_PARAMETERS",
-                "build_model",
+                "PROTOCOLS", "CROSS_ENCODER", "build_model",
                 "make_optimizer", "after_optimizer_step", "train_dataset", "collate_fn",
                 "evaluate", "sample_captions"}
     assert used <= contract, used - contract
