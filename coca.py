@@ -70,7 +70,7 @@ MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks 
 INPUTS = "pixels"  # CoCa reads images, not detector regions
 BERT_INIT = None  # the text decoder is trained from scratch [CoCa §4.1]: no --init_bert
 UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
-PROTOCOLS = {"pretrain": ("caption", "retrieval")}  # what data on disk evaluates (benchmarks)
+PROTOCOLS = {"pretrain": ("caption", "retrieval", "zeroshot", "probe")}  # what evaluates it
 CROSS_ENCODER = False  # retrieval_scores compares embeddings: one pass per image and per text
 
 
@@ -698,10 +698,15 @@ def caption_images(model: CoCa, tokenizer, config: Config, images: list,
 
 
 def caption(model: CoCa, tokenizer, config: Config, examples: list[dict],
-            world_config=None) -> list[str]:
+            world_config=None, prompt: str = "") -> list[str]:
     """Captions of examples {"image": uint8 (H, W, 3), ...} (caption_images), the signature
-    every captioner shares for evaluation on disk (shared.benchmarks)."""
-    return caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
+    every captioner shares (shared.benchmarks, infer.py)."""
+    return caption_images(model, tokenizer, config, [ex["image"] for ex in examples], prompt)
+
+
+def image_features(model: CoCa, images: list) -> Tensor:
+    """(n, E) what a linear probe reads of uint8 images: the contrastive embeddings."""
+    return embed_image_arrays(model, images)
 
 
 def retrieval_scores(model: CoCa, tokenizer, config: Config, examples: list[dict],

@@ -166,9 +166,9 @@ def load_backbone(backbone_weights: str, virtex_checkpoint: str,
         paper, model, _, config, run = infer.load(Path(virtex_checkpoint))
     except Exception as e:
         raise SystemExit(f"error: --virtex {virtex_checkpoint}: {e}") from None
-    if run["model"] != "virtex":
+    if not isinstance(getattr(model, "visual", None), virtex.ResNet):  # its backbone
         raise SystemExit(f"error: --virtex {virtex_checkpoint} is a {run['model']} checkpoint, "
-                         f"not a VirTex one")
+                         f"not one with a ResNet backbone (VirTex's)")
     return model.visual.eval(), config.image_size, f"VirTex {virtex_checkpoint}"
 
 
@@ -210,9 +210,10 @@ class ZeroShotTagger:
             raise
         except Exception as e:
             raise SystemExit(f"error: --tag_model {checkpoint}: {e}") from None
-        if run["model"] != "coca":
-            raise SystemExit(f"error: --tag_model {checkpoint} is a {run['model']} checkpoint, "
-                             f"not a CoCa one (zero-shot tags need image and text embeddings)")
+        if "zeroshot" not in paper.PROTOCOLS.get(config.task, ()):
+            raise SystemExit(f"error: --tag_model {checkpoint} is a {run['model']} checkpoint "
+                             f"without image and text embeddings (zero-shot tags need them, as "
+                             f"CoCa's)")
         self.paper, self.model = paper, model.to(device)
         self.size, self.threshold, self.context = config.image_size, threshold, context
         self.scale = float(model.logit_scale.exp())  # the learned temperature of its logits

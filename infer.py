@@ -82,17 +82,28 @@ def _images(paths: list[Path], size: int) -> list:
         raise SystemExit(f"error: cannot read an image: {e}") from None
 
 
+def _protocol(checkpoint: Path, protocol: str, what: str):
+    """(paper, model, tokenizer, config, run) of a checkpoint whose paper declares `protocol`
+    for its task (PROTOCOLS), else a one-line SystemExit saying what the command needs."""
+    paper, model, tokenizer, config, run = load(checkpoint)
+    if protocol not in paper.PROTOCOLS.get(config.task, ()):
+        raise SystemExit(f"error: {what}; this {run['model']} checkpoint (--task {config.task}) "
+                         f"has none")
+    return paper, model, tokenizer, config, run
+
+
 def caption(checkpoint: Path, images: list[Path], regions: list[Path],
             prompt: str = "") -> list[dict]:
-    paper, model, tokenizer, config, run = load(checkpoint)
+    paper, model, tokenizer, config, run = _protocol(checkpoint, "caption",
+                                                     "needs a checkpoint that writes captions")
     with torch.no_grad():
-        if run["model"] == "oscar":
+        if paper.INPUTS == "regions":
             if prompt:
-                raise SystemExit("error: --prompt is for CoCa and VirTex captions")
-            if config.task != "caption":
-                raise SystemExit("error: this Oscar checkpoint is not a --task caption one")
+                raise SystemExit("error: --prompt continues the caption of an image file; this "
+                                 "model captions region files")
             if not regions or images:
-                raise SystemExit("error: Oscar captions region files: give --regions FILE.npz ...")
+                raise SystemExit(f"error: {run['model']} captions region files: give --regions "
+                                 f"FILE.npz ...")
             folder = RegionFolder([(p, ["-"]) for p in regions])
             if folder.dropped_images:
                 raise SystemExit("error: a region file given does not exist")
@@ -102,34 +113,30 @@ def caption(checkpoint: Path, images: list[Path], regions: list[Path],
                 world_config = train.make_world_config(paper, config, run["seed"])
             captions = paper.caption(model, tokenizer, config, examples, world_config)
             return [{"file": str(p), "caption": c} for p, c in zip(regions, captions)]
-        if run["model"] not in ("coca", "virtex"):
-            raise SystemExit(f"error: {run['model']} does not write captions")
-        arrays = _images(images, config.image_size)
-        captions = paper.caption_images(model, tokenizer, config, arrays, prompt)
+        examples = [{"image": image} for image in _images(images, config.image_size)]
+        captions = paper.caption(model, tokenizer, config, examples, prompt=prompt)
     return [{"file": str(p), "caption": c} for p, c in zip(images, captions)]
 
 
-def _coca(checkpoint: Path):
-    paper, model, tokenizer, config, run = load(checkpoint)
-    if run["model"] != "coca":
-        raise SystemExit(f"error: needs a CoCa checkpoint (image and text embeddings), "
-                         f"not {run['model']}")
-    return paper, model, tokenizer, config
+def _embeddings(checkpoint: Path):
+    """(paper, model, tokenizer, config) of a checkpoint with image and text embeddings."""
+    return _protocol(checkpoint, "zeroshot", "needs image and text embeddings (zero-shot, as "
+                                             "CoCa's)")[:4]
 
 
 def classify(checkpoint: Path, image: Path, classes: list[str]) -> list[dict]:
-    paper, model, tokenizer, config = _coca(checkpoint)
+    paper, model, tokenizer, config = _embeddings(checkpoint)
     with torch.no_grad():
         image_emb = paper.embed_image_arrays(model, _images([image], config.image_size))  # (1, E)
-        prompts = tokenizer.encode_batch(["a " + c for c in classes], config.max_text_len)
-        class_emb = model.embed_texts(prompts)  # (C, E)
+        class_emb = paper.embed_text_strings(model, tokenizer, config,
+                                             ["a " + c for c in classes])  # (C, E)
         probs = (image_emb @ class_emb.T * model.logit_scale.exp()).softmax(-1)[0]  # (C,)
     order = probs.argsort(descending=True).tolist()
     return [{"class": classes[k], "probability": round(float(probs[k]), 4)} for k in order]
 
 
 def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
-    paper, model, tokenizer, config = _coca(checkpoint)
+    paper, model, tokenizer, config = _embeddings(checkpoint)
     if not folder.is_dir():
         raise SystemExit(f"error: no folder {folder}")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -137,7 +144,7 @@ def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
         raise SystemExit(f"error: no image ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     with torch.no_grad():
         image_emb = paper.embed_image_arrays(model, _images(paths, config.image_size))  # (n, E)
-        text_emb = model.embed_texts(tokenizer.encode_batch([text], config.max_text_len))
+        text_emb = paper.embed_text_strings(model, tokenizer, config, [text])  # (1, E)
         scores = (image_emb @ text_emb.T)[:, 0]  # (n,) cosine similarities
     order = scores.argsort(descending=True)[:top].tolist()
     return [{"file": str(paths[k]), "similarity": round(float(scores[k]), 4)} for k in order]
@@ -148,7 +155,7 @@ def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = N
     """{"images", "classes", "top1", "top5"} of CoCa's zero-shot classification of a folder."""
     from shared.evaluate import PROMPT_TEMPLATES, class_embeddings, top_k_accuracy
 
-    paper, model, tokenizer, config = _coca(checkpoint)
+    paper, model, tokenizer, config = _embeddings(checkpoint)
     try:
         folder = ImageFolder(root, config.image_size)
         with torch.no_grad():
@@ -174,16 +181,10 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
     regression, weight decay chosen on held-out training images): {"train_images",
     "val_images", "classes", "top1"}. n_train, n > 0: that many images of each folder, spread
     evenly over it (so over its classes)."""
-    from shared.evaluate import image_batch
     from shared.probe import probe_accuracy
 
-    paper, model, tokenizer, config, run = load(checkpoint)
-    if run["model"] not in ("coca", "virtex"):
-        raise SystemExit(f"error: probe reads image features of CoCa or VirTex, not "
-                         f"{run['model']}")
-    device = next(model.parameters()).device
-    embed = ((lambda images: paper.embed_image_arrays(model, images)) if run["model"] == "coca"
-             else (lambda images: model.pooled_features(image_batch(images, device))))
+    paper, model, tokenizer, config, run = _protocol(checkpoint, "probe",
+                                                     "probe reads frozen image features")
     try:
         folders = [ImageFolder(root, config.image_size) for root in (train_root, val_root)]
         unknown = sorted(set(folders[1].classes) - set(folders[0].classes))
@@ -198,7 +199,8 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
             with torch.no_grad():
                 for start in range(0, count, chunk):
                     items = [folder.item(int(i)) for i in index[start:start + chunk]]
-                    x.append(embed([image for image, _ in items]).float().cpu())
+                    x.append(paper.image_features(model, [image for image, _ in items])
+                             .float().cpu())  # (b, C)
                     y += [folders[0].classes.index(folder.classes[label]) for _, label in items]
                     _progress(min(start + chunk, count), count, f"images of {folder.root}")
             features += [torch.cat(x), torch.tensor(y)]

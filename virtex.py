@@ -84,7 +84,7 @@ MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex Â
 INPUTS = "pixels"  # train.py feeds images, not detector regions
 BERT_INIT = None  # trained from scratch: --init_bert does not apply
 UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
-PROTOCOLS = {"pretrain": ("caption",)}  # what data on disk evaluates (shared.benchmarks)
+PROTOCOLS = {"pretrain": ("caption", "probe")}  # what evaluates it (shared.benchmarks, infer)
 CROSS_ENCODER = False  # no retrieval
 PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
 CAPTIONING = ("bicaptioning", "captioning")  # the pretexts that train a left-to-right decoder
@@ -779,10 +779,16 @@ def caption_images(model: VirTex, tokenizer, config: Config, images: list,
 
 
 def caption(model: VirTex, tokenizer, config: Config, examples: list[dict],
-            world_config=None) -> list[str]:
+            world_config=None, prompt: str = "") -> list[str]:
     """Captions of examples {"image": uint8 (H, W, 3), ...} (caption_images), the signature
-    every captioner shares for evaluation on disk (shared.benchmarks)."""
-    return caption_images(model, tokenizer, config, [ex["image"] for ex in examples])
+    every captioner shares (shared.benchmarks, infer.py)."""
+    return caption_images(model, tokenizer, config, [ex["image"] for ex in examples], prompt)
+
+
+def image_features(model: VirTex, images: list) -> Tensor:
+    """(n, C) what a linear probe reads of uint8 images: the ResNet's pooled last grid
+    [VirTex Â§Downstream]."""
+    return model.pooled_features(image_batch(images, model_device(model)))
 
 
 def random_backbone(config: Config, device: torch.device, seed: int = 0) -> ResNet:

@@ -350,6 +350,10 @@ def test_a_virtex_checkpoint_gives_its_backbone_and_image_size(exported, tmp_pat
     np.testing.assert_allclose(z["features"], expected.numpy(), rtol=2e-3, atol=2e-3)
     with pytest.raises(SystemExit, match="no checkpoint"):
         extract.load_backbone("", str(tmp_path / "none.pt"), False)
+    with pytest.raises(SystemExit, match="without image and text embeddings"):  # as tagger
+        extract.extract_regions(exported / "captions_test.json", tmp_path / "t",
+                                random_weights=True, n=1, tag_model=str(checkpoint),
+                                tag_vocab=str(exported / "captions_test.json"))
 
 
 # --- Zero-shot tags from a CoCa checkpoint -----------------------------------------------------
@@ -435,6 +439,11 @@ def test_zero_shot_tag_options_are_checked_in_one_line(exported, coca_checkpoint
              "--tag_context must be >= 0")]:
         with pytest.raises(SystemExit, match=message):
             extract.extract_regions(source, tmp_path / "o", random_weights=True, n=1, **kwargs)
+
+
+def test_a_checkpoint_without_a_resnet_is_no_backbone(coca_checkpoint):
+    with pytest.raises(SystemExit, match="not one with a ResNet backbone"):
+        extract.load_backbone("", str(coca_checkpoint), False)
 
 
 def test_a_folder_tagged_with_other_settings_is_refused(exported, coca_checkpoint, tmp_path):

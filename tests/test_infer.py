@@ -69,7 +69,7 @@ def test_caption_continues_a_prompt(checkpoints, files, capsys):
                 "one object"])
     lines = capsys.readouterr().out.strip().split("\n")
     assert len(lines) == 2 and lines[0].startswith(f"{images[0]}: one object")
-    with pytest.raises(SystemExit, match="--prompt is for CoCa and VirTex"):
+    with pytest.raises(SystemExit, match="--prompt continues the caption of an image file"):
         infer.caption(checkpoints["oscar"], [], [images[0]], prompt="one object")
 
 
@@ -105,7 +105,7 @@ def test_rank_orders_the_folder_by_similarity(checkpoints, files):
 
 
 def test_misuse_gets_one_line(checkpoints, tmp_path):
-    with pytest.raises(SystemExit, match="needs a CoCa checkpoint"):
+    with pytest.raises(SystemExit, match="needs image and text embeddings"):
         infer.classify(checkpoints["virtex"], tmp_path / "x.png", ["a"])
     with pytest.raises(SystemExit, match="no image file"):
         infer.caption(checkpoints["coca"], [tmp_path / "nothing.png"], [])
@@ -157,7 +157,7 @@ def test_zeroshot_on_the_exported_classification_view_equals_the_world_evaluatio
     (tmp_path / "folder" / "empty_class").mkdir()
     with pytest.raises(SystemExit, match="class folder 'empty_class' holds no image"):
         infer.zeroshot(checkpoints["coca"], tmp_path / "folder")
-    with pytest.raises(SystemExit, match="needs a CoCa checkpoint"):
+    with pytest.raises(SystemExit, match="needs image and text embeddings"):
         infer.zeroshot(checkpoints["virtex"], tmp_path / "folder")
 
 
