@@ -39,8 +39,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from shared.world import World
-
 # Per-channel mean and standard deviation of the images the model sees. ImageNet's values are
 # the common choice for real photos (VirTex, CoCa implementations); we keep them so the same
 # normalisation serves real data (train.py --data) and the world.
@@ -296,6 +294,7 @@ def feature_statistics(world_config) -> tuple[Tensor, Tensor]:
     for hundreds of updates, and standardising removes that start-up delay (see RESULTS.md).
     The papers read raw detector features, from a BERT initialisation."""
     from shared.folders import floored_std  # near-constant dimensions: floored there
+    from shared.world import World  # imported where read: importing a paper skips the world
 
     key = tuple(sorted(vars(world_config).items()))
     if key not in _statistics_cache:
@@ -339,8 +338,6 @@ def standardisation(config, source) -> tuple[Tensor, Tensor] | None:
     if source is None:
         raise ValueError("standardise_features needs the world_config of the examples (or the "
                          "feature_mean and feature_std of the config)")
-    if isinstance(source, World):
-        return feature_statistics(source.config)
-    if hasattr(source, "feature_statistics"):
+    if hasattr(source, "feature_statistics"):  # a region folder
         return source.feature_statistics()
-    return feature_statistics(source)
+    return feature_statistics(getattr(source, "config", source))  # a World, or its config

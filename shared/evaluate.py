@@ -36,7 +36,6 @@ from torch import Tensor
 from shared.data import image_to_tensor
 from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, rouge_l, truth_rate,
                             vqa_accuracy_by_type)
-from shared.world import World, is_true, question_type
 
 
 def in_eval_mode(fn: Callable) -> Callable:
@@ -70,6 +69,7 @@ def _plain_number(value) -> int | float:
 def world_examples(world_config, split: str, n: int, regions: bool = True) -> list[dict]:
     """The first min(n, len(split)) examples of World(world_config, split). regions=False skips
     the detector (pixel models do not read regions)."""
+    from shared.world import World  # imported where read: importing a paper skips the world
     world = World(world_config, split)
     return [world.example(i, regions=regions) for i in range(min(n, len(world)))]
 
@@ -150,6 +150,7 @@ def caption_metrics(captions: list[str], examples: list[dict], tokenizer,
     caption_truth           the share of captions the world's checker finds true of the scene
     caption_truth_baseline  the same for the single most common generated caption (truth_rate)
     """
+    from shared.world import is_true
     references = [[reference_caption(tokenizer, c, max_pieces) for c in ex["captions"]]
                   for ex in examples]
     truth = truth_rate(captions, [ex["scene"] for ex in examples], is_true)
@@ -163,6 +164,7 @@ def vqa_metrics(answer_logits: Callable[[list[str], list[int]], Tensor], example
     """vqa_acc over every question of the examples and vqa_acc_<type> per question template.
 
     answer_logits(questions, image indices into examples) -> (b, A) logits over `answers`."""
+    from shared.world import question_type
     predicted, qa = predict_answers(examples, answer_logits, answers, chunk)
     return vqa_accuracy_by_type(predicted, [q for q, _, _ in qa], [a for _, a, _ in qa],
                                 question_type)

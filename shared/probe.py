@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shared.metrics import top1_accuracy
-from shared.world import CLASS_NAMES, ClassificationWorld
 
 
 def _features(embed: Callable[[list[np.ndarray]], Tensor], world, count: int,
@@ -51,6 +50,7 @@ def linear_probe(embed: Callable[[list[np.ndarray]], Tensor], world_config, spli
     """
     if n < 1:
         raise ValueError(f"linear_probe needs n >= 1 test images, got {n}")
+    from shared.world import CLASS_NAMES, ClassificationWorld  # read here only: see shared/data.py
     n_train = n_train or min(1000, max(100, 2 * n))
     x_train, y_train = _features(embed, ClassificationWorld(world_config, "train"), n_train, chunk)
     x_test, y_test = _features(embed, ClassificationWorld(world_config, split), n, chunk)
