@@ -102,3 +102,59 @@ def test_shared_and_the_scripts_never_choose_by_a_model_name():
                 constants = {c.value for part in [node.left, *node.comparators]
                              for c in ast.walk(part) if isinstance(c, ast.Constant)}
                 assert not names & constants, (path.name, node.lineno)
+
+
+FENCE = "# ===== below: train.py's contract, not in the paper ====="
+SECTION = re.compile(r"^# --- (\d+)\. ", re.MULTILINE)
+MODEL_BLOCKS = {"shared.attention", "shared.masks", "shared.transformer", "shared.decoding",
+                "shared.losses", "shared.ot", "shared.distributed"}
+
+
+def fence_problems(text: str) -> list[str]:
+    """What keeps a paper file from reading as the paper first: one fence line, at most 700
+    lines above it, sections 1-6 above and 7-9 below (the same skeleton in every paper file),
+    and above the fence imports of the standard library, torch, numpy and model blocks only."""
+    if text.count(FENCE) != 1:
+        return [f"{text.count(FENCE)} fence lines, want 1"]
+    above, below = text.split(FENCE)
+    problems = []
+    if above.count("\n") > 700:
+        problems.append(f"{above.count(chr(10))} lines above the fence, want <= 700")
+    numbers = [int(n) for n in SECTION.findall(above)], [int(n) for n in SECTION.findall(below)]
+    if numbers != ([1, 2, 3, 4, 5, 6], [7, 8, 9]):
+        problems.append(f"sections {numbers[0]} above and {numbers[1]} below, want 1-6 and 7-9")
+    for module in re.findall(r"^\s*from\s+(shared\.\w+|shared)\s+import", above, re.MULTILINE):
+        if module not in MODEL_BLOCKS:
+            problems.append(f"{module} imported above the fence")
+    for module in re.findall(r"^\s*import\s+(shared\.\w+)", above, re.MULTILINE):
+        if module not in MODEL_BLOCKS:
+            problems.append(f"{module} imported above the fence")
+    return problems
+
+
+def test_each_paper_file_has_the_paper_above_a_fence_and_the_contract_below():
+    problems = {name: fence_problems((ROOT / name).read_text())
+                for name in ["oscar.py", "uniter.py", "virtex.py", "coca.py"]}
+    assert {k: v for k, v in problems.items() if v} == {}
+
+
+def test_the_fence_check_fails_where_it_should():
+    sections = "".join(f"# --- {n}. x\n" for n in range(1, 7))
+    good = f"import torch\nfrom shared.masks import causal_mask\n{sections}{FENCE}\n" \
+           "from shared.data import Epochs\n# --- 7. a\n# --- 8. b\n# --- 9. c\n"
+    assert fence_problems(good) == []
+    assert fence_problems(good.replace(FENCE, "")) == ["0 fence lines, want 1"]
+    assert fence_problems(good.replace("shared.masks", "shared.world"))
+    assert fence_problems(good.replace("# --- 6. x\n", ""))
+    assert fence_problems("\n" * 701 + good)
+
+
+def test_importing_a_paper_file_does_not_load_the_world():
+    import subprocess
+    import sys
+
+    for name in ["oscar", "uniter", "virtex", "coca"]:
+        out = subprocess.run([sys.executable, "-c", f"import sys, {name}; "
+                              "print('shared.world' in sys.modules)"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == "False", name
