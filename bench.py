@@ -283,13 +283,14 @@ def _caption_step_maker(name: str, batch: int, tokens: int, preset: str):
 
     paper = importlib.import_module(name)
     base = getattr(paper.Config, preset)()
-    if name == "oscar":
+    regions = paper.INPUTS == "regions"  # a region captioner: Oscar's [MASK]-appending decoding
+    if regions:
         config = dataclasses.replace(base, task="caption", max_gen_len=tokens, vocab_size=1000,
                                      max_caption_len=max(tokens + 2, 32))
     else:
         config = dataclasses.replace(base, max_text_len=max(tokens + 1, 32), vocab_size=1000)
     model = paper.build_model(config).eval()
-    if name == "oscar":
+    if regions:
         N, L = config.n_regions, 8  # 8 tags
 
         class Ids:  # the one id oscar.caption_step_fn reads from a tokenizer
@@ -302,10 +303,7 @@ def _caption_step_maker(name: str, batch: int, tokens: int, preset: str):
         return (lambda cached: paper.caption_step_fn(model, Ids, states, real, cached),
                 f"{N} regions + {L} tags")
     images = torch.randn(batch, 3, config.image_size, config.image_size)
-    if name == "coca":
-        context = model.encode_image(images)[1]  # the captioning queries
-    else:
-        context = model.visual_tokens(images)
+    context = model.caption_context(images)  # what the decoder cross-attends to
     return (lambda cached: model.next_token_logprobs(context, cached),
             f"{config.image_size} px images")
 

@@ -29,6 +29,10 @@ Paper map (section / equation -> code)
     §4.2.3 image captioning                         CoCa.generate, caption_images
     §4.3, Table 8b objective ablation               Config.lambda_con = 0 or lambda_cap = 0
 
+Layout: sections 1-6 are the paper (config, inputs, encoders and decoder, objectives, model,
+generation); below the fence line, sections 7-9 are what train.py and the tools ask of a paper
+file (tasks, config checks, optimizer; data; evaluation on the world).
+
 Left out, and why: the JFT-3B + ALIGN data (the synthetic world of shared/world.py instead); the
 global batch of 65,536 and Adafactor (AdamW with the paper's betas and decay, make_optimizer);
 the extra epoch at 576 × 576 [§4.1]; video (§3.3, Fig. 3); VQA / SNLI-VE / NLVR2 fine-tuning
@@ -47,32 +51,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import shared.decoding as decoding  # greedy, beam search, nucleus sampling (section 6)
 from shared.attention import MultiHeadAttention
-from shared.config import optimisation_problems
-from shared.data import ImageTextDataset, collate_image_text, model_device
 from shared.distributed import all_mean, gather_with_grad, rank, world_size
-from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
-                             in_eval_mode, world_examples)
-from shared.evaluate import sample_captions as world_sample_captions
 from shared.masks import causal_mask, padding_mask
-from shared.optim import adamw, decay_groups, fused_for
-from shared.probe import linear_probe as shared_linear_probe
 from shared.transformer import (PreLNDecoderBlock, PreLNEncoderBlock, init_bert_weights,
                                 run_layer)
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
 
 
-# --- 2. Config and presets ---------------------------------------------------------------------
-
-TASKS = ("pretrain",)  # one pretraining serves zero-shot, retrieval and captioning [CoCa §3.3]
-MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks best.pt
-INPUTS = "pixels"  # CoCa reads images, not detector regions
-BERT_INIT = None  # the text decoder is trained from scratch [CoCa §4.1]: no --init_bert
-UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
-PROTOCOLS = {"pretrain": ("caption", "retrieval", "zeroshot", "probe")}  # what evaluates it
-CROSS_ENCODER = False  # retrieval_scores compares embeddings: one pass per image and per text
-
+# --- 1. Config and presets ---------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -120,41 +109,12 @@ class Config:
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
+
     def __post_init__(self):
-        problems = []
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {', '.join(TASKS)} (CoCa pretrains one model "
-                            f"for every downstream use), not {self.task!r}")
-        if self.vision_width % self.vision_heads:
-            problems.append(f"vision_width {self.vision_width} is not divisible by vision_heads "
-                            f"{self.vision_heads}")
-        if self.text_width % self.text_heads:
-            problems.append(f"text_width {self.text_width} is not divisible by text_heads "
-                            f"{self.text_heads}")
-        if self.image_size % self.patch_size:
-            problems.append(f"image_size {self.image_size} is not divisible by patch_size "
-                            f"{self.patch_size}")
-        if self.patch_stem not in ("linear", "conv"):
-            problems.append(f"patch_stem must be 'linear' or 'conv', not {self.patch_stem!r}")
-        elif self.patch_stem == "conv" and (self.patch_size < 2
-                                            or self.patch_size & (self.patch_size - 1)):
-            problems.append(f"patch_stem 'conv' needs a power-of-two patch_size, "
-                            f"not {self.patch_size}")
-        if self.pooler_layout not in ("parallel", "cascade"):
-            problems.append(f"pooler_layout must be 'parallel' or 'cascade', "
-                            f"not {self.pooler_layout!r}")
-        problems += optimisation_problems(self)
-        if min(self.vision_layers, self.unimodal_layers, self.multimodal_layers,
-               self.n_caption_queries, self.embed_dim, self.beam_size) < 1:
-            problems.append("layer counts, n_caption_queries, embed_dim and beam_size must be >= 1")
-        if self.max_text_len < 2:
-            problems.append(f"max_text_len must be >= 2 ([CLS] and [SEP]), not {self.max_text_len}")
-        if min(self.lambda_con, self.lambda_cap) < 0 or self.lambda_con + self.lambda_cap == 0:
-            problems.append("lambda_con and lambda_cap must be >= 0 and not both 0")
-        if not (0 < self.init_temperature and 1 / self.init_temperature <= self.max_logit_scale):
-            problems.append("need 0 < init_temperature and 1 / init_temperature <= max_logit_scale")
+        problems = config_problems(self)  # every problem at once, one line each (section 7)
         if problems:
             raise ValueError("; ".join(problems))
+
 
     @classmethod
     def paper(cls) -> "Config":
@@ -187,7 +147,7 @@ class Config:
                    max_steps=1800, lr_schedule="cosine", train_single_object_prob=0.5)
 
 
-# --- 3. Input embeddings -----------------------------------------------------------------------
+# --- 2. Inputs: the patch embedding ------------------------------------------------------------
 
 class PatchEmbedding(nn.Module):
     """Image -> N = (image_size / p)^2 tokens of width Dv (ViT, Dosovitskiy et al. 2021, its Eq. 1;
@@ -228,7 +188,7 @@ class PatchEmbedding(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, Dv), patches in raster order
 
 
-# --- 4. Image encoder, attentional poolers, decoupled text decoder -----------------------------
+# --- 3. Image encoder, attentional poolers, decoupled text decoder -----------------------------
 
 class ImageEncoder(nn.Module):
     """The ViT of [CoCa §3.2]: patch embedding + learned positions, pre-LN blocks, a final
@@ -408,7 +368,7 @@ class TextDecoder(nn.Module):
         return self.output(self.output_norm(x[:, 0])), cache  # (R, V)
 
 
-# --- 5. Objectives -----------------------------------------------------------------------------
+# --- 4. Objectives -----------------------------------------------------------------------------
 
 def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
                      all_image_emb: Tensor | None = None, all_text_emb: Tensor | None = None,
@@ -491,7 +451,7 @@ def coca_loss(contrastive: Tensor, captioning: Tensor, lambda_con: float,
     return lambda_con * contrastive + lambda_cap * captioning
 
 
-# --- 6. The model ------------------------------------------------------------------------------
+# --- 5. The model ------------------------------------------------------------------------------
 
 class CoCa(nn.Module):
     """The contrastive captioner of [CoCa Fig. 2]. `model(batch)` returns the loss and its terms.
@@ -596,7 +556,8 @@ class CoCa(nn.Module):
         loss = coca_loss(l_con, l_cap, self.config.lambda_con, self.config.lambda_cap)  # ()
         return dict(loss=loss, contrastive=l_con, captioning=l_cap)
 
-    # --- 7. Downstream: embeddings and caption generation --------------------------------------
+# --- 6. Generation: embeddings for zero-shot transfer, captions --------------------------------
+    # (methods of CoCa: what the paper does with the pretrained model [CoCa §3.3, §4.2.3])
 
     def embed_images(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, E) L2-normalised image embeddings (zero-shot, retrieval, probe)."""
@@ -605,6 +566,11 @@ class CoCa(nn.Module):
     def embed_texts(self, tokens: Tensor) -> Tensor:
         """(B, T) -> (B, E) L2-normalised text embeddings (prompts, retrieval)."""
         return self.encode_text(tokens)[0]
+
+    def caption_context(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, Q, D): what the multimodal layers cross-attend to while
+        captioning, the captioning pooler's queries (next_token_logprobs reads them)."""
+        return self.encode_image(images)[1]
 
     def next_token_logprobs(self, image_queries: Tensor, cached: bool = True):
         """The `step_fn` of shared.decoding for images whose caption queries are given.
@@ -616,14 +582,12 @@ class CoCa(nn.Module):
         step (O(T²)). The unimodal half runs without [CLS],
         which no text row can see anyway. Both give the same numbers (tests/test_coca.py).
         """
-        from shared.decoding import cached_step_fn
-
         decoder = self.text_decoder
         if cached:
             cross_kv = [layer.cross_attn.project_kv(image_queries)
                         for layer in decoder.multimodal_layers]  # once per image
-            return cached_step_fn(lambda token, position, past, kv, rows:
-                                  decoder.step(token, position, past, kv), cross_kv)
+            return decoding.cached_step_fn(lambda token, position, past, kv, rows:
+                                           decoder.step(token, position, past, kv), cross_kv)
 
         def step_fn(tokens: Tensor, rows: Tensor) -> Tensor:
             text_states, _ = self.text_decoder.unimodal(tokens, with_cls=False)  # (R, t, D)
@@ -652,10 +616,8 @@ class CoCa(nn.Module):
             (B, T) token ids: start_id, the prompt, the generated tokens, 0 after end_id; with
             return_scores, (tokens, scores).
         """
-        from shared import decoding  # imported here: decoding is only needed to generate
-
         max_len = min(max_len or self.config.max_text_len, self.config.max_text_len)
-        _, image_queries = self.encode_image(images)  # (B, Q, D), encoded once
+        image_queries = self.caption_context(images)  # (B, Q, D), encoded once
         prefix = decoding.start_prefix(start_id, prompt, images.shape[0], images.device)
         step_fn = self.next_token_logprobs(image_queries, cached=cached)
         if method == "greedy":
@@ -671,7 +633,100 @@ class CoCa(nn.Module):
         return out if return_scores else out[0]  # (B, T)[, (B,)]
 
 
-# --- 8. Downstream on images and the world; train.py's contract ----------------------------
+# ===== below: train.py's contract, not in the paper =====
+
+from shared.config import optimisation_problems
+from shared.data import ImageTextDataset, collate_image_text, model_device
+from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
+                             in_eval_mode, world_examples)
+from shared.evaluate import sample_captions as world_sample_captions
+from shared.optim import adamw, decay_groups, fused_for
+from shared.probe import linear_probe as shared_linear_probe
+
+
+# --- 7. The contract: tasks, config checks, model and optimizer --------------------------------
+
+TASKS = ("pretrain",)  # one pretraining serves zero-shot, retrieval and captioning [CoCa §3.3]
+MAIN_METRIC = {"pretrain": "zero_shot_acc"}  # the key of evaluate() that picks best.pt
+INPUTS = "pixels"  # CoCa reads images, not detector regions
+BERT_INIT = None  # the text decoder is trained from scratch [CoCa §4.1]: no --init_bert
+UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
+PROTOCOLS = {"pretrain": ("caption", "retrieval", "zeroshot", "probe")}  # what evaluates it
+CROSS_ENCODER = False  # retrieval_scores compares embeddings: one pass per image and per text
+
+
+def config_problems(config: Config) -> list[str]:
+    """The problems with a Config, one line each ([] = none): its fields' ranges and
+    combinations and the optimisation fields (shared.config); Config.__post_init__ raises
+    them as one ValueError."""
+    c = config
+    problems = []
+    if c.task not in TASKS:
+        problems.append(f"task must be one of {', '.join(TASKS)} (CoCa pretrains one model "
+                        f"for every downstream use), not {c.task!r}")
+    if c.vision_width % c.vision_heads:
+        problems.append(f"vision_width {c.vision_width} is not divisible by vision_heads "
+                        f"{c.vision_heads}")
+    if c.text_width % c.text_heads:
+        problems.append(f"text_width {c.text_width} is not divisible by text_heads {c.text_heads}")
+    if c.image_size % c.patch_size:
+        problems.append(f"image_size {c.image_size} is not divisible by patch_size "
+                        f"{c.patch_size}")
+    if c.patch_stem not in ("linear", "conv"):
+        problems.append(f"patch_stem must be 'linear' or 'conv', not {c.patch_stem!r}")
+    elif c.patch_stem == "conv" and (c.patch_size < 2 or c.patch_size & (c.patch_size - 1)):
+        problems.append(f"patch_stem 'conv' needs a power-of-two patch_size, "
+                        f"not {c.patch_size}")
+    if c.pooler_layout not in ("parallel", "cascade"):
+        problems.append(f"pooler_layout must be 'parallel' or 'cascade', "
+                        f"not {c.pooler_layout!r}")
+    problems += optimisation_problems(c)
+    if min(c.vision_layers, c.unimodal_layers, c.multimodal_layers,
+           c.n_caption_queries, c.embed_dim, c.beam_size) < 1:
+        problems.append("layer counts, n_caption_queries, embed_dim and beam_size must be >= 1")
+    if c.max_text_len < 2:
+        problems.append(f"max_text_len must be >= 2 ([CLS] and [SEP]), not {c.max_text_len}")
+    if min(c.lambda_con, c.lambda_cap) < 0 or c.lambda_con + c.lambda_cap == 0:
+        problems.append("lambda_con and lambda_cap must be >= 0 and not both 0")
+    if not (0 < c.init_temperature and 1 / c.init_temperature <= c.max_logit_scale):
+        problems.append("need 0 < init_temperature and 1 / init_temperature <= max_logit_scale")
+    return problems
+
+
+def build_model(config: Config) -> CoCa:
+    """The one CoCa of every task (TASKS has one); its `heads` stay empty."""
+    return CoCa(config)
+
+
+def make_optimizer(model: CoCa, config: Config) -> torch.optim.Optimizer:
+    """AdamW with (β1, β2) and decoupled weight decay 0.01 of [CoCa §4.1] on the matrices, none
+    on biases, LayerNorm gains and logit_scale. DEVIATION: the paper uses Adafactor (for memory
+    at 2.1B parameters); AdamW is the common choice at our sizes."""
+    return adamw(decay_groups(model, config.weight_decay), config, fused_for(model))
+
+
+@torch.no_grad()
+def after_optimizer_step(model: CoCa) -> None:
+    """Clamp 1/τ to at most config.max_logit_scale (100), after every optimizer step. OURS:
+    [CoCa §4.1] only says τ is trainable; CLIP and open_clip clamp so that the logits cannot grow
+    without bound."""
+    model.logit_scale.clamp_(max=math.log(model.config.max_logit_scale))
+
+
+# --- 8. Data: an image and one of its captions -------------------------------------------------
+
+def train_dataset(source, tokenizer, config: Config, seed: int = 0):
+    """Item p: the p-th visit of `source` (a World or a CaptionFolder; shared.data.Epochs, one
+    unit an image: the paper's data hold one text an image [CoCa §4.1], and a contrastive batch
+    then never holds one image twice) and one of its captions, drawn at each visit, as (T_i,)
+    token ids."""
+    return ImageTextDataset(source, tokenizer, config.max_text_len, seed)
+
+
+collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
+
+
+# --- 9. Evaluation and inference ---------------------------------------------------------------
 
 def embed_image_arrays(model: CoCa, images: list, chunk: int = 250) -> Tensor:
     """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""
@@ -749,37 +804,6 @@ def linear_probe(model: CoCa, world_config, split: str, n: int) -> float:
     """
     return shared_linear_probe(lambda images: embed_image_arrays(model, images), world_config,
                                split, n)
-
-
-def build_model(config: Config) -> CoCa:
-    """The one CoCa of every task (TASKS has one); its `heads` stay empty."""
-    return CoCa(config)
-
-
-def make_optimizer(model: CoCa, config: Config) -> torch.optim.Optimizer:
-    """AdamW with (β1, β2) and decoupled weight decay 0.01 of [CoCa §4.1] on the matrices, none
-    on biases, LayerNorm gains and logit_scale. DEVIATION: the paper uses Adafactor (for memory
-    at 2.1B parameters); AdamW is the common choice at our sizes."""
-    return adamw(decay_groups(model, config.weight_decay), config, fused_for(model))
-
-
-@torch.no_grad()
-def after_optimizer_step(model: CoCa) -> None:
-    """Clamp 1/τ to at most config.max_logit_scale (100), after every optimizer step. OURS:
-    [CoCa §4.1] only says τ is trainable; CLIP and open_clip clamp so that the logits cannot grow
-    without bound."""
-    model.logit_scale.clamp_(max=math.log(model.config.max_logit_scale))
-
-
-def train_dataset(source, tokenizer, config: Config, seed: int = 0):
-    """Item p: the p-th visit of `source` (a World or a CaptionFolder; shared.data.Epochs, one
-    unit an image: the paper's data hold one text an image [CoCa §4.1], and a contrastive batch
-    then never holds one image twice) and one of its captions, drawn at each visit, as (T_i,)
-    token ids."""
-    return ImageTextDataset(source, tokenizer, config.max_text_len, seed)
-
-
-collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
 
 
 @in_eval_mode

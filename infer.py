@@ -53,6 +53,8 @@ import torch
 
 import train
 from shared.benchmarks import _progress, evaluate_corpus
+from shared.checkpoint import read_checkpoint
+from shared.cli import one_line
 from shared.folders import ImageFolder, RegionFolder, load_image
 from shared.tokenizer import Tokenizer
 
@@ -63,7 +65,8 @@ def load(checkpoint: Path, device: str = "cpu"):
     """(paper module, model in eval mode, tokenizer, config, run options) of a checkpoint."""
     if not checkpoint.is_file():
         raise SystemExit(f"error: no checkpoint {checkpoint}")
-    ckpt = train.read_checkpoint(checkpoint)
+    with one_line(""):  # not a checkpoint of train.py, or an unreadable one
+        ckpt = read_checkpoint(checkpoint)
     paper = train.import_paper(ckpt["run"]["model"])
     config = dataclasses.replace(train.preset_config(paper, ckpt["run"]["preset"]),
                                  **ckpt["config"])

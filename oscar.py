@@ -26,12 +26,13 @@ Paper map (part of the paper -> code; the heads of each task: TASK_HEADS):
     §3 Input: v = W [v' ; z], z the box         region_vectors, OscarEncoder.embed_regions
     §3 Eq. 1: one encoder over [w, q, v]        OscarEncoder
     §3 Eq. 2: masked token loss L_MTL           mask_tokens, masked_token_loss, heads.mlm
-    §3 Eq. 3: contrastive loss L_C              OscarDataset (polluted tags), contrastive_loss
+    §3 Eq. 3: contrastive loss L_C              pollution (polluted tags), contrastive_loss
     §3 Eq. 4: L_Pre-training = L_MTL + L_C      pretraining_loss, Oscar.forward
     §4 retrieval: a binary classifier           OscarDataset (pairs), retrieval_loss, match_logits
     §4 captioning: the seq2seq mask             caption_attention_mask, Oscar.forward
     App. A: 15 % of caption tokens, at most 3   caption_masked_count, caption_mask_positions
-    §4 captioning inference, beam 5             caption, Oscar.context_states / caption_step
+    §4 captioning inference, beam 5             caption_step_fn, Oscar.context_states /
+                                                caption_step, caption
     §4 VQA: linear classifier, soft scores      heads.vqa, vqa_loss (shared.losses)
     §5.3 the effect of object tags              Config.use_tags = False (the no-tags baseline)
 
@@ -53,40 +54,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from shared.config import encoder_problems, optimisation_problems
-from shared.data import (Epochs, check_feature_size, flat_targets, model_device, pad_rows,
-                         pad_sequences, pick_text, standardisation, statistics_problems)
-from shared.decoding import beam_search, cached_step_fn, greedy
-from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
-                             retrieval_metrics, vqa_metrics, world_examples)
-from shared.metrics import predict_answers
-from shared.evaluate import sample_captions as shared_sample_captions
+from shared.decoding import cached_step_fn
 from shared.losses import vqa_loss  # UNITER and Oscar share it
 from shared.masks import causal_mask
-from shared.optim import adamw, decay_groups, fused_for
-from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
+from shared.transformer import (BertEmbeddings, BertPooler, PostLNEncoderBlock, TiedOutputHead,
                                 init_bert_weights, run_layer)
-from shared.vqa import answer_index, soft_scores
-from shared.world import ANSWERS, World
 
 PAD_ID = 0  # [PAD] of shared.tokenizer
 IGNORE = -100  # the label of a token that is not predicted (PyTorch's ignore_index)
 BOX_DIM = 6  # the box z after a region feature [Oscar §3: R = 4 or 6]: x1 y1 x2 y2 w h [code]
-TASKS = ("pretrain", "caption", "retrieval", "vqa")  # train.py --task
-MAIN_METRIC = {"pretrain": "r1_mean", "caption": "cider", "retrieval": "r1_mean",
-               "vqa": "vqa_acc"}  # what train.py keeps best.pt by, per task
-INPUTS = "regions"  # Oscar reads detector regions (and their tags), not pixels
-# --init_bert fills model.encoder, and these heads from BERT's pre-training heads [code]
-BERT_INIT = {"mlm": "cls.predictions", "contrastive": "cls.seq_relationship"}
-UNUSED_PARAMETERS = True  # captioning and VQA leave the pooler without a gradient
-PROTOCOLS = {"pretrain": ("retrieval",), "caption": ("caption",), "retrieval": ("retrieval",),
-             "vqa": ("vqa",)}  # what data on disk evaluates, by task (shared.benchmarks)
-CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
 
 
-# --- 2. Config and presets ------------------------------------------------------------------------
+# --- 1. Config and presets -----------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -105,7 +85,7 @@ class Config:
     max_text_len: int = 35  # pre-training [Oscar §3, Implementation Details]
     max_retrieval_text_len: int = 70  # [code] run_retrieval.py and its MODEL_ZOO commands
     max_vqa_text_len: int = 128  # [code] the MODEL_ZOO run_vqa.py commands
-    answers: tuple[str, ...] = ANSWERS  # the VQA head's classes: the world's, or the answer
+    answers: tuple[str, ...] = ()  # the VQA head's classes: () = the world's, or the answer
     #   vocabulary of a VQA v2 training set (shared.vqa.answer_vocabulary; 3,129 [Oscar §4])
     max_caption_len: int = 40  # captioning: the caption slot, [CLS] .. [SEP] [code]
     max_tag_len: int = 30  # captioning: the tag slot, tags .. [SEP] (70 - 40) [code]
@@ -143,24 +123,9 @@ class Config:
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
-    def __post_init__(self):
-        c = self
-        checks = [  # (what must hold, the message when it does not)
-            (min(c.n_regions, c.max_tag_len) >= 1 and min(c.max_text_len, c.max_vqa_text_len,
-             c.max_retrieval_text_len) >= 5, "need n_regions, max_tag_len >= 1 and max_*text_len"
-             " >= 5 ([CLS] w [SEP] q [SEP])"),
-            (c.max_gen_len >= 2 and c.max_caption_len >= c.max_gen_len + 2, f"need max_gen_len "
-             f">= 2 ([CLS] included) and max_caption_len >= max_gen_len + 2, got "
-             f"{c.max_caption_len} and {c.max_gen_len}"),
-            (0 < c.mask_prob < 1 and 0 < c.caption_mask_prob < 1 and 0 <= c.pollute_prob <= 1,
-             "need mask_prob and caption_mask_prob in (0, 1) and pollute_prob in [0, 1]"),
-            (c.max_caption_masked >= 1 and c.beam_size >= 1 and c.length_penalty >= 0,
-             "need max_caption_masked >= 1, beam_size >= 1 and length_penalty >= 0"),
-            (c.batch_size >= 2 or c.task not in ("pretrain", "retrieval"),
-             "pre-training and retrieval draw negatives from other examples: batch_size >= 2")]
-        problems = (encoder_problems(c, TASKS) + [message for ok, message in checks if not ok]
-                    + optimisation_problems(c) + statistics_problems(c))
-        if problems:
+    def __post_init__(self):  # no answers given: the world's; then every problem at once (§7)
+        self.answers = self.answers or world_answers()
+        if problems := config_problems(self):
             raise ValueError("; ".join(problems))
 
     def text_len(self) -> int:  # the most pieces of [CLS] text [SEP] tags [SEP] for self.task
@@ -196,7 +161,7 @@ class Config:
                    eval_pairs=100, train_single_object_prob=0.5, standardise_features=True)
 
 
-# --- 3. The input: Word-Tag-Image triples [Oscar §3, Input] ---------------------------------------
+# --- 2. Inputs: Word-Tag-Image triples [Oscar §3, Input] -----------------------------------------
 
 def text_pair(caption: list[int], tags: list[int] | None, max_len: int, cls_id: int,
               sep_id: int) -> tuple[list[int], list[int]]:
@@ -233,18 +198,13 @@ def region_vectors(features: Tensor, boxes: Tensor) -> Tensor:
     return torch.cat([features, boxes, w, h], dim=1)  # (N, F + 6)
 
 
-def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> Tensor:
-    """A world example's first n_regions regions (stored order, [code]) as (n, F + 6) region
-    vectors, features standardised with statistics = (mean, std) if given."""
-    check_feature_size(example["features"], config.feature_dim)
-    n = min(config.n_regions, len(example["features"]))
-    features = torch.from_numpy(example["features"][:n]).float()  # (n, F)
-    if statistics is not None:
-        features = (features - statistics[0]) / statistics[1]
-    return region_vectors(features, torch.from_numpy(example["boxes"][:n]).float())
+def tag_slot(tags: list[int] | None, config: Config, sep_id: int) -> Tensor:
+    """Captioning's tag slot: tags [SEP], cut to max_tag_len; empty without tags. (L,)"""
+    return torch.tensor([] if tags is None else [*tags[:config.max_tag_len - 1], sep_id],
+                        dtype=torch.long)
 
 
-# --- 4. The encoder over [w, q, v] [Oscar §3, Eq. 1] ----------------------------------------------
+# --- 3. The encoder over [w, q, v] [Oscar §3, Eq. 1] ---------------------------------------------
 
 class OscarEncoder(nn.Module):
     """BERT over [words ; tags ; regions]: text through BERT's embeddings, regions through the
@@ -284,32 +244,7 @@ class OscarEncoder(nn.Module):
         return x
 
 
-# --- 5. Objectives [Oscar §3, Eqs. 2-4; §4] -------------------------------------------------------
-
-def corrupt(token: int, rng: np.random.Generator, mask_id: int,
-            random_ids: tuple[int, int]) -> int:
-    """A chosen token's input: [MASK] (80 %), a random ordinary id from random_ids = [lo, hi)
-    (10 %) or itself (10 %) [code random_word]."""
-    # AMBIGUITY: [Oscar §3] replaces a masked token "with a special token [MASK]"; [code] uses
-    # BERT's 80/10/10 (pre-training and captioning); we follow [code].
-    # DEVIATION: [code] draws from the whole vocabulary; its attention mask comes from lengths,
-    # ours from tokens != [PAD], so a drawn [PAD] would become padding: we draw past the specials.
-    u = rng.random()
-    return mask_id if u < 0.8 else int(rng.integers(*random_ids)) if u < 0.9 else token
-
-
-def mask_tokens(tokens: list[int], maskable: list[bool], rng: np.random.Generator,
-                mask_prob: float, mask_id: int, random_ids: tuple) -> tuple[list, list]:
-    """The corruption of L_MTL [Oscar §3, Eq. 2]: each maskable piece (caption and tag
-    word-pieces, never [CLS]/[SEP]) is chosen with mask_prob and corrupted. Unlike UNITER there
-    is no at-least-one rule: an item can have no label. Returns (input ids, labels with IGNORE
-    where nothing is predicted)."""
-    out, labels = list(tokens), [IGNORE] * len(tokens)
-    for i, ok in enumerate(maskable):
-        if ok and rng.random() < mask_prob:
-            labels[i], out[i] = tokens[i], corrupt(tokens[i], rng, mask_id, random_ids)
-    return out, labels
-
+# --- 4. Objectives [Oscar §3, Eqs. 2-4; §4] ------------------------------------------------------
 
 def masked_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """The masked token loss [Oscar §3, Eq. 2], over the discrete tokens h = [w, q]:
@@ -362,68 +297,7 @@ def retrieval_loss(logits: Tensor, is_match: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), is_match.long().to(logits.device))
 
 
-def caption_masked_count(length: int, mask_prob: float = 0.15, max_masked: int = 3) -> int:
-    """How many positions of a caption captioning fine-tuning masks: "15% of caption tokens
-    with a maximum of 3 tokens per caption" [Oscar App. A], as [code] rounds it:
-
-        min(max(round(mask_prob · length), 1), max_masked)
-
-    `length` counts [CLS] and [SEP] (the caption slot's real tokens). Python's round, as [code]
-    (halves go to the even neighbour: round(2.5) = 2). E.g. length 12 -> round(1.8) = 2."""
-    return min(max(round(mask_prob * length), 1), max_masked)
-
-
-def caption_mask_positions(length: int, rng: np.random.Generator, mask_prob: float = 0.15,
-                           max_masked: int = 3) -> np.ndarray:
-    """The masked positions of a caption of `length` tokens [CLS] w_1 .. w_n [SEP]: drawn
-    without replacement from 1 .. length - 1, so [CLS] (position 0) never is and the final
-    [SEP] can be: predicting [SEP] is how the model learns to stop [code]. Sorted."""
-    count = caption_masked_count(length, mask_prob, max_masked)
-    return np.sort(rng.choice(np.arange(1, length), size=min(count, length - 1), replace=False))
-
-
-def caption_attention_mask(caption_real: Tensor, context_real: Tensor) -> Tensor:
-    """The seq2seq mask of captioning [Oscar §4]: "a caption token can only attend to the tokens
-    before its position"; "all caption tokens will have full attentions to image regions and
-    object tags but not the other way around". Over [caption slot (C) ; context (K) = tags and
-    regions]; rows are queries, columns keys:
-
-                        keys:  caption     tags + regions
-                             c0 c1 c2 c3   q1 q2 v1 v2 v3
-        queries  caption c0 [ 1  .  .  . |  1  1  1  1  1 ]   causal: c_i sees c_0 .. c_i
-                         c1 [ 1  1  .  . |  1  1  1  1  1 ]   and the whole context
-                         c2 [ 1  1  1  . |  1  1  1  1  1 ]
-                         c3 [ 1  1  1  1 |  1  1  1  1  1 ]
-                 context q1 [ .  .  .  . |  1  1  1  1  1 ]   the context never sees the
-                         .. [ .  .  .  . |  1  1  1  1  1 ]   caption: no later word can
-                         v3 [ .  .  .  . |  1  1  1  1  1 ]   leak back through it
-
-    Padding (caption_real / context_real False) is neither a key nor a live query: its row is
-    empty, which the attention turns into a zero output, never read.
-
-    caption_real (B, C) bool, context_real (B, K) bool. Returns (B, C + K, C + K) bool."""
-    B, C = caption_real.shape
-    K = context_real.shape[1]
-    causal = causal_mask(C, device=caption_real.device)  # (C, C)
-    top = torch.cat([causal[None] & caption_real[:, None, :],
-                     context_real[:, None, :].expand(B, C, K)], dim=2)  # (B, C, C + K)
-    bottom = torch.cat([torch.zeros(B, K, C, dtype=torch.bool, device=caption_real.device),
-                        context_real[:, None, :].expand(B, K, K)], dim=2)  # (B, K, C + K)
-    real = torch.cat([caption_real, context_real], dim=1)  # (B, C + K)
-    return torch.cat([top, bottom], dim=1) & real[:, :, None]  # (B, C + K, C + K)
-
-
-# --- 6. The model: the encoder and one head per task ----------------------------------------------
-
-class MaskedTokenHead(nn.Module):
-    """heads.mlm: BERT's transform and the output bias; the output weight is the word embedding
-    matrix, tied (Oscar.mlm_logits)."""
-
-    def __init__(self, hidden_size: int, vocab_size: int):
-        super().__init__()
-        self.transform = HeadTransform(hidden_size)
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
-
+# --- 5. The model: the encoder and one head per task ---------------------------------------------
 
 # the heads of each task; a head keeps its name across tasks when fine-tuning should keep it
 TASK_HEADS = {"pretrain": ("mlm", "contrastive"), "caption": ("mlm",),
@@ -440,7 +314,7 @@ class Oscar(nn.Module):
         self.encoder = OscarEncoder(config)
         classifier = lambda n: nn.Sequential(OrderedDict(dropout=nn.Dropout(config.dropout),
                                                          classifier=nn.Linear(D, n)))
-        make = {"mlm": lambda: MaskedTokenHead(D, config.vocab_size),
+        make = {"mlm": lambda: TiedOutputHead(D, config.vocab_size),  # tied: mlm_logits
                 "contrastive": lambda: nn.Linear(D, 2),  # f [Oscar §3, Eq. 3]; 1 = polluted
                 # column 1 = "match" [code]; "a task-specific linear classifier" [Oscar §4,
                 # VQA]; both after dropout on the pooled [CLS] [code]
@@ -455,8 +329,7 @@ class Oscar(nn.Module):
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """(M, D) -> (M, V): heads.mlm, its output layer the word embeddings (tied)."""
-        head = self.heads["mlm"]
-        return F.linear(head.transform(hidden), self.encoder.text_embeddings.word.weight, head.bias)
+        return self.heads["mlm"](hidden, self.encoder.text_embeddings.word.weight)
 
     def pretrain_logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(MLM logits (M, V) at the collate's flat masked positions, contrastive logits (B, 2))."""
@@ -563,6 +436,181 @@ class Oscar(nn.Module):
         return self.mlm_logits(x[:, -1]), cache  # (R, V)
 
 
+# --- 6. The paper's sampling and generation: polluted tags, caption masks, decoding --------------
+# Pure functions of a numpy Generator (each draw of the data is a function of (seed, i)), applied
+# by OscarDataset (§8); then the captioning decoder's step.
+
+def corrupt(token: int, rng: np.random.Generator, mask_id: int,
+            random_ids: tuple[int, int]) -> int:
+    """A chosen token's input: [MASK] (80 %), a random ordinary id from random_ids = [lo, hi)
+    (10 %) or itself (10 %) [code random_word]."""
+    # AMBIGUITY: [Oscar §3] replaces a masked token "with a special token [MASK]"; [code] uses
+    # BERT's 80/10/10 (pre-training and captioning); we follow [code].
+    # DEVIATION: [code] draws from the whole vocabulary; its attention mask comes from lengths,
+    # ours from tokens != [PAD], so a drawn [PAD] would become padding: we draw past the specials.
+    u = rng.random()
+    return mask_id if u < 0.8 else int(rng.integers(*random_ids)) if u < 0.9 else token
+
+
+def mask_tokens(tokens: list[int], maskable: list[bool], rng: np.random.Generator,
+                mask_prob: float, mask_id: int, random_ids: tuple) -> tuple[list, list]:
+    """The corruption of L_MTL [Oscar §3, Eq. 2]: each maskable piece (caption and tag
+    word-pieces, never [CLS]/[SEP]) is chosen with mask_prob and corrupted. Unlike UNITER there
+    is no at-least-one rule: an item can have no label. Returns (input ids, labels with IGNORE
+    where nothing is predicted)."""
+    out, labels = list(tokens), [IGNORE] * len(tokens)
+    for i, ok in enumerate(maskable):
+        if ok and rng.random() < mask_prob:
+            labels[i], out[i] = tokens[i], corrupt(tokens[i], rng, mask_id, random_ids)
+    return out, labels
+
+
+def other_image(index: int, n_images: int, rng: np.random.Generator) -> int:
+    """Another image than `index`, uniformly among the other n_images - 1."""
+    return (index + 1 + int(rng.integers(n_images - 1))) % n_images
+
+
+def pollution(config: Config, index: int, n_images: int,
+              rng: np.random.Generator) -> tuple[bool, int, str]:
+    """The contrastive item's draw [Oscar §3, Eq. 3]: (polluted, the image whose q (or v) the
+    item shows, what replaces the image's own: "" (nothing), "tags", "caption" or "regions").
+
+    Polluted tags [Oscar §3]: q replaced "with probability 50% with a different tag sequence
+    randomly sampled from the dataset". [code] (vanilla settings, textb_sample_mode 0) takes a
+    random line of another image, half the time its CAPTION: pollute_with_captions = True.
+    DEVIATION: use_tags = False (the no-tags baseline) leaves nothing to pollute, so the
+    contrastive item replaces the regions by another image's (image-text matching, same head)."""
+    if not rng.random() < config.pollute_prob:
+        return False, index, ""
+    source = other_image(index, n_images, rng)
+    if not config.use_tags:
+        return True, source, "regions"
+    if config.pollute_with_captions and rng.random() < 0.5:
+        return True, source, "caption"
+    return True, source, "tags"
+
+
+def caption_masked_count(length: int, mask_prob: float = 0.15, max_masked: int = 3) -> int:
+    """How many positions of a caption captioning fine-tuning masks: "15% of caption tokens
+    with a maximum of 3 tokens per caption" [Oscar App. A], as [code] rounds it:
+
+        min(max(round(mask_prob · length), 1), max_masked)
+
+    `length` counts [CLS] and [SEP] (the caption slot's real tokens). Python's round, as [code]
+    (halves go to the even neighbour: round(2.5) = 2). E.g. length 12 -> round(1.8) = 2."""
+    return min(max(round(mask_prob * length), 1), max_masked)
+
+
+def caption_mask_positions(length: int, rng: np.random.Generator, mask_prob: float = 0.15,
+                           max_masked: int = 3) -> np.ndarray:
+    """The masked positions of a caption of `length` tokens [CLS] w_1 .. w_n [SEP]: drawn
+    without replacement from 1 .. length - 1, so [CLS] (position 0) never is and the final
+    [SEP] can be: predicting [SEP] is how the model learns to stop [code]. Sorted."""
+    count = caption_masked_count(length, mask_prob, max_masked)
+    return np.sort(rng.choice(np.arange(1, length), size=min(count, length - 1), replace=False))
+
+
+def caption_attention_mask(caption_real: Tensor, context_real: Tensor) -> Tensor:
+    """The seq2seq mask of captioning [Oscar §4]: "a caption token can only attend to the tokens
+    before its position"; "all caption tokens will have full attentions to image regions and
+    object tags but not the other way around". Over [caption slot (C) ; context (K) = tags and
+    regions]; rows are queries, columns keys:
+
+                        keys:  caption     tags + regions
+                             c0 c1 c2 c3   q1 q2 v1 v2 v3
+        queries  caption c0 [ 1  .  .  . |  1  1  1  1  1 ]   causal: c_i sees c_0 .. c_i
+                         c1 [ 1  1  .  . |  1  1  1  1  1 ]   and the whole context
+                         c2 [ 1  1  1  . |  1  1  1  1  1 ]
+                         c3 [ 1  1  1  1 |  1  1  1  1  1 ]
+                 context q1 [ .  .  .  . |  1  1  1  1  1 ]   the context never sees the
+                         .. [ .  .  .  . |  1  1  1  1  1 ]   caption: no later word can
+                         v3 [ .  .  .  . |  1  1  1  1  1 ]   leak back through it
+
+    Padding (caption_real / context_real False) is neither a key nor a live query: its row is
+    empty, which the attention turns into a zero output, never read.
+
+    caption_real (B, C) bool, context_real (B, K) bool. Returns (B, C + K, C + K) bool."""
+    B, C = caption_real.shape
+    K = context_real.shape[1]
+    causal = causal_mask(C, device=caption_real.device)  # (C, C)
+    top = torch.cat([causal[None] & caption_real[:, None, :],
+                     context_real[:, None, :].expand(B, C, K)], dim=2)  # (B, C, C + K)
+    bottom = torch.cat([torch.zeros(B, K, C, dtype=torch.bool, device=caption_real.device),
+                        context_real[:, None, :].expand(B, K, K)], dim=2)  # (B, K, C + K)
+    real = torch.cat([caption_real, context_real], dim=1)  # (B, C + K)
+    return torch.cat([top, bottom], dim=1) & real[:, :, None]  # (B, C + K, C + K)
+
+
+def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
+                    cached: bool = True):
+    """shared.decoding's step: (tokens (R, t), rows (R,)) -> log-probs (R, V) of the next word,
+    read at an appended [MASK], with `states` (Oscar.context_states). cached: caption_step (two
+    rows a step, keys and values kept); else caption_logits (every row every step); equal."""
+    if cached:
+        context_kv = [layer.attn.project_kv(x) for layer, x in zip(model.encoder.layers, states)]
+        return cached_step_fn(lambda token, position, past, kv, rows: model.caption_step(
+            token, position, past, kv, real[rows], tokenizer.mask_id), context_kv)
+
+    def step(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t) -> (R, V) log-probs
+        mask = torch.full((len(tokens), 1), tokenizer.mask_id, dtype=torch.long,
+                          device=tokens.device)
+        query = torch.cat([tokens, mask], dim=1)  # (R, t + 1)
+        logits = model.caption_logits(query, [s[rows] for s in states], real[rows])
+        return logits[:, -1].float().log_softmax(dim=-1)  # read at [MASK]
+    return step
+
+
+# ===== below: train.py's contract, not in the paper =====
+
+from torch.utils.data import Dataset
+
+from shared.config import encoder_problems, optimisation_problems
+from shared.data import (Epochs, check_feature_size, flat_targets, model_device, pad_rows,
+                         pad_sequences, pick_text, standardisation, statistics_problems)
+from shared.decoding import beam_search, greedy
+from shared.evaluate import answer_questions as shared_answer_questions
+from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
+                             retrieval_metrics, vqa_metrics, world_examples)
+from shared.evaluate import sample_captions as shared_sample_captions
+from shared.optim import adamw, decay_groups, fused_for
+from shared.vqa import answer_index, soft_scores, world_answers
+
+
+# --- 7. The contract: tasks, config checks, model and optimizer ----------------------------------
+
+TASKS = ("pretrain", "caption", "retrieval", "vqa")  # train.py --task
+MAIN_METRIC = {"pretrain": "r1_mean", "caption": "cider", "retrieval": "r1_mean",
+               "vqa": "vqa_acc"}  # what train.py keeps best.pt by, per task
+INPUTS = "regions"  # Oscar reads detector regions (and their tags), not pixels
+# --init_bert fills model.encoder, and these heads from BERT's pre-training heads [code]
+BERT_INIT = {"mlm": "cls.predictions", "contrastive": "cls.seq_relationship"}
+UNUSED_PARAMETERS = True  # captioning and VQA leave the pooler without a gradient
+PROTOCOLS = {"pretrain": ("retrieval",), "caption": ("caption",), "retrieval": ("retrieval",),
+             "vqa": ("vqa",)}  # what data on disk evaluates, by task (shared.benchmarks)
+CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
+
+
+def config_problems(c: Config) -> list[str]:
+    """Every problem with a Config, one line each ([] = none; Config.__post_init__ raises them
+    as one ValueError): the encoder and task fields (shared.config), Oscar's own, the
+    optimisation fields and the feature statistics (shared.data)."""
+    checks = [  # (what must hold, the message when it does not)
+        (min(c.n_regions, c.max_tag_len) >= 1 and min(c.max_text_len, c.max_vqa_text_len,
+         c.max_retrieval_text_len) >= 5, "need n_regions, max_tag_len >= 1 and max_*text_len"
+         " >= 5 ([CLS] w [SEP] q [SEP])"),
+        (c.max_gen_len >= 2 and c.max_caption_len >= c.max_gen_len + 2, f"need max_gen_len "
+         f">= 2 ([CLS] included) and max_caption_len >= max_gen_len + 2, got "
+         f"{c.max_caption_len} and {c.max_gen_len}"),
+        (0 < c.mask_prob < 1 and 0 < c.caption_mask_prob < 1 and 0 <= c.pollute_prob <= 1,
+         "need mask_prob and caption_mask_prob in (0, 1) and pollute_prob in [0, 1]"),
+        (c.max_caption_masked >= 1 and c.beam_size >= 1 and c.length_penalty >= 0,
+         "need max_caption_masked >= 1, beam_size >= 1 and length_penalty >= 0"),
+        (c.batch_size >= 2 or c.task not in ("pretrain", "retrieval"),
+         "pre-training and retrieval draw negatives from other examples: batch_size >= 2")]
+    return (encoder_problems(c, TASKS) + [message for ok, message in checks if not ok]
+            + optimisation_problems(c) + statistics_problems(c))
+
+
 def build_model(config: Config) -> Oscar:
     return Oscar(config)
 
@@ -576,7 +624,18 @@ def after_optimizer_step(model: Oscar) -> None:
     """Nothing to do after an optimizer step for Oscar (CoCa clamps its temperature there)."""
 
 
-# --- 7. Data: the world's examples as triples -----------------------------------------------------
+# --- 8. Data: the world's examples as triples ----------------------------------------------------
+
+def region_inputs(example: dict, config: Config, statistics: tuple | None = None) -> Tensor:
+    """A world example's first n_regions regions (stored order, [code]) as (n, F + 6) region
+    vectors, features standardised with statistics = (mean, std) if given."""
+    check_feature_size(example["features"], config.feature_dim)
+    n = min(config.n_regions, len(example["features"]))
+    features = torch.from_numpy(example["features"][:n]).float()  # (n, F)
+    if statistics is not None:
+        features = (features - statistics[0]) / statistics[1]
+    return region_vectors(features, torch.from_numpy(example["boxes"][:n]).float())
+
 
 class OscarDataset(Dataset):
     """Item p: the p-th visit of the stream (shared.data.Epochs; one unit per (image, text)
@@ -584,13 +643,7 @@ class OscarDataset(Dataset):
     caption or question [SEP] tags [SEP] + regions; caption: two slots), every random choice a
     pure function of (seed, p), so the next epoch's visit of a pair draws its masks, polluted
     tags and negatives afresh; retrieval: items 2k, 2k + 1 = the k-th visit's aligned pair and
-    its unaligned one [Oscar §4; code].
-
-    Polluted tags [Oscar §3]: q replaced "with probability 50% with a different tag sequence
-    randomly sampled from the dataset". [code] (vanilla settings, textb_sample_mode 0) takes a
-    random line of another image, half the time its CAPTION: pollute_with_captions = True.
-    DEVIATION: use_tags = False (the no-tags baseline) leaves nothing to pollute, so the
-    contrastive item replaces the regions by another image's (image-text matching, same head)."""
+    its unaligned one [Oscar §4; code]. Pre-training pollutes the tags as `pollution` draws."""
 
     def __init__(self, source, tokenizer, config: Config, seed: int = 0):
         self.source, self.tokenizer, self.config, self.seed = source, tokenizer, config, seed
@@ -607,9 +660,6 @@ class OscarDataset(Dataset):
     def _pieces(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special=False)
 
-    def _other(self, index: int, rng: np.random.Generator) -> int:  # another image, uniformly
-        return (index + 1 + int(rng.integers(len(self.source) - 1))) % len(self.source)
-
     def __getitem__(self, p: int) -> dict:
         c, source, tok = self.config, self.source, self.tokenizer
         k, negative = divmod(p, self.per_visit)  # retrieval: the k-th visit, which of its two
@@ -622,21 +672,19 @@ class OscarDataset(Dataset):
             item["answer_scores"] = torch.from_numpy(soft_scores(  # (A,)
                 [answers] if isinstance(answers, str) else answers, self.answer_index))
         tags = tag_pieces(tok, example, c)
-        if c.task == "pretrain":  # with pollute_prob, the tags are another image's
-            item["polluted"] = bool(rng.random() < c.pollute_prob)
-            item["source"] = self._other(index, rng) if item["polluted"] else index  # q's (v's)
-            if item["polluted"]:
-                donor = source.example(item["source"])
-                if not c.use_tags:
-                    item["regions"] = region_inputs(donor, c, self.statistics)
-                elif c.pollute_with_captions and rng.random() < 0.5:
-                    tags = self._pieces(donor["captions"][rng.integers(len(donor["captions"]))])
-                else:
-                    tags = tag_pieces(tok, donor, c)
+        if c.task == "pretrain":  # with pollute_prob, the tags are another image's (pollution)
+            item["polluted"], item["source"], kind = pollution(c, index, len(source), rng)
+            donor = source.example(item["source"]) if item["polluted"] else None  # q's (v's)
+            if kind == "regions":
+                item["regions"] = region_inputs(donor, c, self.statistics)
+            elif kind == "caption":
+                tags = self._pieces(donor["captions"][rng.integers(len(donor["captions"]))])
+            elif kind == "tags":
+                tags = tag_pieces(tok, donor, c)
         if c.task == "retrieval":  # "we randomly select a different image or a different
             item["is_match"] = not negative  # caption to form an unaligned pair" [Oscar §4]
             if negative:
-                donor = source.example(self._other(index, rng))
+                donor = source.example(other_image(index, len(source), rng))
                 if rng.random() < 0.5:  # another caption, the image and its tags kept
                     text = donor["captions"][rng.integers(len(donor["captions"]))]
                 else:  # another image, with its own tags
@@ -663,12 +711,6 @@ class OscarDataset(Dataset):
         item["tokens"], item["segments"] = torch.tensor(tokens), torch.tensor(segments)
         item["positions"] = torch.arange(len(tokens))
         return item
-
-
-def tag_slot(tags: list[int] | None, config: Config, sep_id: int) -> Tensor:
-    """Captioning's tag slot: tags [SEP], cut to max_tag_len; empty without tags. (L,)"""
-    return torch.tensor([] if tags is None else [*tags[:config.max_tag_len - 1], sep_id],
-                        dtype=torch.long)
 
 
 def train_dataset(source, tokenizer, config: Config, seed: int = 0) -> OscarDataset:
@@ -707,8 +749,6 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-# --- 8. Generation and evaluation on the world: train.py's contract -------------------------------
-
 def region_batch(examples: list[dict], config: Config, world_config, device) -> tuple:
     """The examples' region vectors (n, N, F + 6) and region_mask (n, N) on `device`."""
     statistics = standardisation(config, world_config)
@@ -731,6 +771,8 @@ def pair_batch(tokenizer, config: Config, texts: list[str], images: list[int],
             "regions": regions[images], "region_mask": region_mask[images]}
 
 
+# --- 9. Evaluation and inference -----------------------------------------------------------------
+
 def retrieval_scores(model: Oscar, tokenizer, config: Config, examples: list[dict],
                      world_config=None, texts: list[str] | None = None,
                      chunk: int = 1024) -> Tensor:
@@ -747,38 +789,18 @@ def retrieval_scores(model: Oscar, tokenizer, config: Config, examples: list[dic
 def answer_logits_fn(model: Oscar, tokenizer, config: Config, examples: list[dict],
                      world_config=None):
     """answer_logits(questions, image indices into examples) -> (b, A) logits over
-    config.answers (shared.evaluate.vqa_metrics, shared.metrics.predict_answers)."""
+    config.answers (shared.evaluate.vqa_metrics, shared.evaluate.predict_answers)."""
     regions, region_mask = region_batch(examples, config, world_config, model_device(model))
     return lambda questions, images: model.answer_logits(pair_batch(
         tokenizer, config, questions, images, examples, regions, region_mask))  # (b, A)
 
 
-@in_eval_mode
 def answer_questions(model: Oscar, tokenizer, config: Config, examples: list[dict],
                      world_config=None) -> list[str]:
     """The predicted answer of every question of the examples (their "questions", in order):
-    the highest-scoring of config.answers [Oscar §4, VQA]."""
-    fn = answer_logits_fn(model, tokenizer, config, examples, world_config)
-    return predict_answers(examples, fn, config.answers)[0]
-
-
-def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
-                    cached: bool = True):
-    """shared.decoding's step: (tokens (R, t), rows (R,)) -> log-probs (R, V) of the next word,
-    read at an appended [MASK], with `states` (Oscar.context_states). cached: caption_step (two
-    rows a step, keys and values kept); else caption_logits (every row every step); equal."""
-    if cached:
-        context_kv = [layer.attn.project_kv(x) for layer, x in zip(model.encoder.layers, states)]
-        return cached_step_fn(lambda token, position, past, kv, rows: model.caption_step(
-            token, position, past, kv, real[rows], tokenizer.mask_id), context_kv)
-
-    def step(tokens: Tensor, rows: Tensor) -> Tensor:  # (R, t) -> (R, V) log-probs
-        mask = torch.full((len(tokens), 1), tokenizer.mask_id, dtype=torch.long,
-                          device=tokens.device)
-        query = torch.cat([tokens, mask], dim=1)  # (R, t + 1)
-        logits = model.caption_logits(query, [s[rows] for s in states], real[rows])
-        return logits[:, -1].float().log_softmax(dim=-1)  # read at [MASK]
-    return step
+    the highest-scoring of config.answers [Oscar §4, VQA] (shared.evaluate.answer_questions)."""
+    return shared_answer_questions(model, answer_logits_fn, tokenizer, config, examples,
+                                   world_config)
 
 
 def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world_config,
@@ -846,6 +868,7 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
     #                         image with every first caption, n² forward passes as [code]
     metrics = retrieval_metrics(scores)
     if config.task == "pretrain":
+        from shared.world import World  # imported where read: importing oscar skips it
         world = World(world_config, split)
         metrics.update(pretraining_accuracy(model, tokenizer, config, world, min(n, len(world))))
         k = torch.arange(len(examples))

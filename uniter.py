@@ -36,8 +36,7 @@ Paper map (part of the paper -> code):
 
 Model = UniterEncoder (the same tensors whatever the task) + `heads`, one small module per
 task: pretrain = itm, mlm, mrfr, mrc (MRC and MRC-kl share it); retrieval = itm (the rank head
-IS the pre-trained ITM head, so fine-tuning starts from it); vqa = vqa. UniterDataset applies
-the masking to examples, collate_fn pads them into batches.
+IS the pre-trained ITM head, so fine-tuning starts from it); vqa = vqa.
 
 [code] = the official code (ChenRocks/UNITER 1dbfa62). `[paper ≠ code]` marks where the two
 differ: the Image Embedder and MRC-kl's scale are switches (region_branch_norms, mrc_kl_scale);
@@ -57,39 +56,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from shared.config import encoder_problems, optimisation_problems
-from shared.data import (Epochs, RecentExamples, check_feature_size, flat_targets, model_device,
-                         pad_rows, pad_sequences, pick_text, standardisation,
-                         statistics_problems)
-from shared.distributed import world_size
-from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
 from shared.losses import vqa_loss  # UNITER and Oscar share it
-from shared.metrics import predict_answers, recall_at_k
-from shared.optim import adamw, fused_for
 from shared.ot import ipot  # the IPOT solver [UNITER §A.7, Alg. 1]; WRA (below) is its use
 from shared.transformer import (BertEmbeddings, BertPooler, HeadTransform, PostLNEncoderBlock,
-                                init_bert_weights, run_layer)
-from shared.vqa import answer_index, soft_scores
-from shared.world import ANSWERS, DETECTOR_CLASSES
+                                TiedOutputHead, init_bert_weights, run_layer)
 
 LOCATION_DIM = 7  # p = [x1, y1, x2, y2, w, h, w·h]  [UNITER §3.1, fn. 3]
 PAD_ID = 0  # [PAD] of shared.tokenizer
 IGNORE = -100  # the label of a word-piece that is not predicted (PyTorch's ignore_index)
-TASKS = ("pretrain", "retrieval", "vqa")  # train.py --task
 PRETRAIN_TASKS = ("mlm", "itm", "mrfr", "mrc", "mrc_kl")  # one per update, by Config.mix_*
-MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}  # best.pt
-INPUTS = "regions"  # detector regions, not pixels
-# --init_bert fills model.encoder, and the MLM head from BERT's [code: from BERT-base]
-BERT_INIT = {"mlm": "cls.predictions"}
-UNUSED_PARAMETERS = True  # one pre-training task an update: the other heads get no gradient
-PROTOCOLS = {"pretrain": ("retrieval",), "retrieval": ("retrieval",),  # by task, what data on
-             "vqa": ("vqa",)}  # disk evaluates (shared.benchmarks)
-CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
 
 
-# --- 2. Config and presets ---------------------------------------------------------------------
+# --- 1. Config and presets ---------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -138,7 +117,7 @@ class Config:
     itm_score: str = "log_odds"  # the retrieval score (rank_score): "log_odds" = logit[match] -
     #   logit[no match] (OURS), "match_logit" = logit[match] alone ([code])
     vqa_head_lr_mult: float = 10.0  # [code]: the VQA head trains at 10x the learning rate
-    answers: tuple[str, ...] = ANSWERS  # the VQA head's classes: the world's, or the answer
+    answers: tuple[str, ...] = ()  # the VQA head's classes: () = the world's, or the answer
     #   vocabulary of a VQA v2 training set (shared.vqa.answer_vocabulary; 3,129 [UNITER §A.2])
     zero_regions: bool = False  # OURS: regions zeroed in training and evaluation: text-only
     eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
@@ -159,37 +138,9 @@ class Config:
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
-    def __post_init__(self):
-        mix = (self.mix_mlm, self.mix_itm, self.mix_mrfr, self.mix_mrc, self.mix_mrc_kl)
-        checks = [  # (fine, what to say otherwise)
-            (self.max_text_len >= 3,
-             f"max_text_len must be >= 3 ([CLS], a word, [SEP]), not {self.max_text_len}"),
-            (1 <= self.min_regions <= self.n_regions, f"need 1 <= min_regions <= n_regions, got "
-             f"min_regions {self.min_regions}, n_regions {self.n_regions}"),
-            (0 <= self.region_conf_threshold < 1,
-             f"region_conf_threshold must be in [0, 1), not {self.region_conf_threshold}"),
-            (self.n_region_classes >= 2, f"n_region_classes counts background and at least one "
-             f"object class, so it must be >= 2, not {self.n_region_classes}"),
-            (0 < self.mask_prob < 1, f"mask_prob must be in (0, 1), not {self.mask_prob}"),
-            (0 <= self.itm_neg_prob <= 1,
-             f"itm_neg_prob must be a probability, not {self.itm_neg_prob}"),
-            (min(mix) >= 0 and sum(mix) > 0, f"the task mix (mix_mlm, mix_itm, mix_mrfr, mix_mrc, "
-             f"mix_mrc_kl) must be >= 0 and not all 0, got {mix}"),
-            (self.wra_weight >= 0, f"wra_weight must be >= 0, not {self.wra_weight}"),
-            (self.ipot_beta > 0 and min(self.ipot_iters, self.ipot_inner) >= 1,
-             f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got {self.ipot_beta}, "
-             f"{self.ipot_iters}, {self.ipot_inner}"),
-            (self.itm_score in ("log_odds", "match_logit"),
-             f"itm_score must be log_odds or match_logit, not {self.itm_score!r}"),
-            (self.mrc_kl_scale in ("region", "element"),
-             f"mrc_kl_scale must be region or element, not {self.mrc_kl_scale!r}"),
-            (self.hard_negatives >= 1 and self.rank_margin >= 0 and self.vqa_head_lr_mult > 0,
-             f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
-             f"{self.hard_negatives}, {self.rank_margin}, {self.vqa_head_lr_mult}")]
-        problems = encoder_problems(self, TASKS) + [message for fine, message in checks
-                                                    if not fine]
-        problems += optimisation_problems(self) + statistics_problems(self)
-        if problems:
+    def __post_init__(self):  # no answers given: the world's; then every problem at once (§7)
+        self.answers = self.answers or world_answers()
+        if problems := config_problems(self):
             raise ValueError("; ".join(problems))
 
     @classmethod
@@ -200,35 +151,15 @@ class Config:
         return cls(mrc_kl_scale="element")
 
     @classmethod
-    def small(cls) -> "Config":
-        """OURS: one GPU, hours. A 6-layer, 384-wide UNITER on the world's regions: 10 to 36 an
-        image (36: the code's count when the confidence threshold is off), 512-d features,
-        128 px renders. [code]'s Image Embedder, as tiny()."""
-        return cls(hidden_size=384, layers=6, heads=6, intermediate_size=1536, vocab_size=1000,
-                   max_text_len=40, feature_dim=512, n_regions=36,
-                   n_region_classes=len(DETECTOR_CLASSES), image_size=128, batch_size=256,
-                   lr=1e-4, warmup_steps=1000, max_steps=50_000, grad_accum_steps=1,
-                   train_single_object_prob=0.5, region_branch_norms=True)
+    def small(cls) -> "Config":  # OURS: one GPU, hours, on the world's regions (§7)
+        return cls(**world_preset("small"))
 
     @classmethod
-    def tiny(cls) -> "Config":
-        """OURS: 2 CPU cores, minutes. The world's default regions (10 per image, all kept,
-        64-d features, standardised, 6 shapes + background) and a 4-layer, 128-wide Transformer
-        (2 heads of 64), no dropout (the world never repeats an example).
-
-        From scratch (no BERT), ITM leaves chance only with both standardised region features
-        and init_std 0.1: at width 128, BERT's 0.02 makes every attention output ~5 % of its
-        residual, too weak a cross-modal signal for ITM (measured: RESULTS.md, with [code]'s
-        Image Embedder, region_branch_norms, kept here)."""
-        return cls(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
-                   init_std=0.1, vocab_size=1000, max_text_len=32, feature_dim=64, n_regions=10,
-                   min_regions=10, n_region_classes=len(DETECTOR_CLASSES), image_size=64,
-                   batch_size=64, lr=5e-4, warmup_steps=100, max_steps=3500,
-                   grad_accum_steps=1, train_single_object_prob=0.5, hard_negatives=3,
-                   eval_pairs=100, standardise_features=True, region_branch_norms=True)
+    def tiny(cls) -> "Config":  # OURS: 2 CPU cores, minutes, on the world's regions (§7)
+        return cls(**world_preset("tiny"))
 
 
-# --- 3. Input embeddings: the Image Embedder -----------------------------------------------------
+# --- 2. Inputs: the Image Embedder -------------------------------------------------------------
 
 def region_locations(boxes: Tensor, image_width: float, image_height: float) -> Tensor:
     """The 7-d location of each region that the Image Embedder reads [UNITER §3.1, fn. 3]:
@@ -244,8 +175,7 @@ def region_locations(boxes: Tensor, image_width: float, image_height: float) -> 
 
     The world's boxes are already divided by the image side: pass image_width = image_height = 1.
 
-    boxes: (..., 4) as (x1, y1, x2, y2), x2 >= x1 and y2 >= y1. Returns (..., 7) floats.
-    """
+    boxes: (..., 4) as (x1, y1, x2, y2), x2 >= x1 and y2 >= y1. Returns (..., 7) floats."""
     boxes = torch.as_tensor(boxes)
     if boxes.shape[-1:] != (4,):
         raise ValueError(f"boxes must have shape (..., 4) as (x1, y1, x2, y2), "
@@ -276,8 +206,7 @@ class ImageEmbeddings(nn.Module):
     img_linear, img_layer_norm, pos_linear, pos_layer_norm, mask_embedding row 1.
 
     DEVIATION from the paper, as [code]: a masked region's feature is replaced by zeros
-    [UNITER §3.1, §3.2] plus a learned vector m, so its input is m; its location is kept.
-    """
+    [UNITER §3.1, §3.2] plus a learned vector m, so its input is m; its location is kept."""
 
     def __init__(self, feature_dim: int, d_model: int, dropout: float = 0.1, eps: float = 1e-12,
                  branch_norms: bool = False):
@@ -303,15 +232,14 @@ class ImageEmbeddings(nn.Module):
         return self.dropout(self.norm(v + u + region_type))  # (B, N, D)
 
 
-# --- 4. The encoder: Text Embedder, Image Embedder, one Transformer ------------------------------
+# --- 3. The encoder: Text Embedder, Image Embedder, one Transformer ----------------------------
 
 class UniterEncoder(nn.Module):
     """One BERT-style Transformer over [text ; regions] [UNITER §3.1], the same tensors whatever
     the task; `text_embeddings`, `layers`, `pooler` take BERT's weights (shared.bert). Text
     Embedder: LN(word + position + type[0]) [UNITER §3.1, fn. 5]; the pooler (Linear + tanh on
     [CLS]) feeds ITM and VQA. The sequence is [w_1..w_T (padded) ; r_1..r_N (padded)] with one
-    key mask; [code] packs each example first ("gather_index"): less compute, same outputs.
-    """
+    key mask; [code] packs each example first ("gather_index"): less compute, same outputs."""
 
     def __init__(self, config: Config):
         super().__init__()
@@ -343,78 +271,11 @@ class UniterEncoder(nn.Module):
         return x
 
 
-# --- 5. Pre-training tasks: conditional masking, the task sampler, the objectives ---------------
-# Masking: pure functions of a numpy Generator (each draw of the data is a function of (seed, i)).
-# Objectives: pure functions of tensors; region losses average over the `masked` regions (none
-# masked gives 0, not NaN); logits are cast to fp32. [paper ≠ code]: Eqs. 1 and 4 sum over a
-# pair's masked words or regions; [code] and we average (no switch: [code]'s recipe was tuned on
-# means; MRC-kl's extra / C is Config.mrc_kl_scale).
-
-def draw_task(config: Config, update: int, seed: int = 0) -> str:
-    """The pre-training task of optimizer update `update`: "we randomly sample one task for each
-    mini-batch, and train on only one objective per SGD update" [UNITER §3.1]; task k with
-    probability mix_k / Σ mix [code: MetaLoader]. Every micro-batch of an update asks with the
-    same `update`, so one update trains one task; ITM batches also train WRA (itm_wra_loss)."""
-    mix = np.array([config.mix_mlm, config.mix_itm, config.mix_mrfr, config.mix_mrc,
-                    config.mix_mrc_kl], dtype=np.float64)  # (5,), in PRETRAIN_TASKS order
-    u = np.random.default_rng([seed, 5, update]).random()  # one uniform in [0, 1)
-    k = int(np.searchsorted(np.cumsum(mix) / mix.sum(), u, side="right"))
-    return PRETRAIN_TASKS[min(k, len(PRETRAIN_TASKS) - 1)]
-
-
-def masked_modalities(task: str, conditional: bool = True) -> tuple[bool, bool]:
-    """Which modalities a pre-training item masks, (words, regions). Conditional masking
-    [UNITER §3.1]: "each time we only mask one modality while keeping the other modality
-    intact", the one its task predicts: mlm -> (True, False), mrfr / mrc / mrc_kl -> (False,
-    True). conditional=False is joint random masking ([UNITER Table 2] line 12): MLM and MRM
-    items mask both (each still trains its own loss). ITM and the downstream tasks mask nothing."""
-    mrm = task in ("mrfr", "mrc", "mrc_kl")
-    if task != "mlm" and not mrm:
-        return False, False
-    return task == "mlm" or not conditional, mrm or not conditional
-
-
-def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, mask_id: int,
-               random_ids: tuple[int, int], special_ids: set) -> tuple[list[int], list[int]]:
-    """MLM masking of one caption [UNITER §3.2, fn. 7; code data/mlm.py]:
-
-    each word-piece (never [CLS], [SEP] or another special token) is picked with probability
-    mask_prob (15 %); a picked one becomes [MASK] 80 % of the time, a random word-piece drawn
-    uniformly from random_ids = [lo, hi) 10 %, and stays itself 10 %. If nothing was picked, the
-    first word-piece becomes [MASK], so every caption has something to predict [code].
-
-    AMBIGUITY: §3.2's text replaces the masked words "with special token [MASK]"; its fn. 7
-    splits them 80/10/10 "following BERT", as [code] (data/data.py random_word) and we do.
-
-    Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere.
-    """
-    inputs, labels = list(tokens), [IGNORE] * len(tokens)
-    words = [t for t, token in enumerate(tokens) if token not in special_ids]
-    picked = [t for t in words if rng.random() < mask_prob]
-    if not picked and words:
-        picked, forced = [words[0]], True  # [code]: the forced one is always [MASK]
-    else:
-        forced = False
-    for t in picked:
-        labels[t] = tokens[t]
-        u = 0.0 if forced else rng.random()
-        if u < 0.8:
-            inputs[t] = mask_id
-        elif u < 0.9:
-            inputs[t] = int(rng.integers(*random_ids))
-    return inputs, labels
-
-
-def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarray:
-    """MRM masking of one image's n regions [UNITER §3.2, Eq. 4; code data/mrm.py]: each region
-    i.i.d. with probability mask_prob (15 %), and one at random if none was picked [code].
-    Returns (n,) bool. The model replaces a masked region's feature by a learned mask vector
-    (ImageEmbeddings); its location is never masked."""
-    masked = rng.random(n) < mask_prob  # (n,)
-    if n and not masked.any():
-        masked[rng.integers(n)] = True
-    return masked
-
+# --- 4. Objectives [UNITER §3.2, Eqs. 1-4; §4.1] -----------------------------------------------
+# Pure functions of tensors; region losses average over the `masked` regions (none masked gives
+# 0, not NaN); logits are cast to fp32. [paper ≠ code]: Eqs. 1 and 4 sum over a pair's masked
+# words or regions; [code] and we average (no switch: [code]'s recipe was tuned on means; MRC-kl's
+# extra / C is Config.mrc_kl_scale).
 
 def _masked_mean(values: Tensor, masked: Tensor) -> Tensor:
     """Mean of `values` (...) over the entries where `masked` (...) is True; 0 if there are none."""
@@ -424,8 +285,7 @@ def _masked_mean(values: Tensor, masked: Tensor) -> Tensor:
 
 def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """Masked language modelling [UNITER §3.2, Eq. 1]: predict each masked word-piece from the
-    other words and the whole image (conditional masking: the image is never masked in an MLM
-    batch).
+    other words and the whole image (conditional masking: no MLM batch masks the image).
 
         L_MLM = -E log P_θ(w_m | w_\\m, v)  ≈  -(1/M) Σ_{m masked} log P_θ(w_m | w_\\m, v)
 
@@ -436,8 +296,7 @@ def mlm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor
 
     [paper ≠ code]: Eq. 1's log P_θ of a pair's masked words sums over them; [code] and we
     average over the batch's masked word-pieces. [code]'s labels use -1 for "not masked", ours
-    PyTorch's -100. Nothing labelled gives 0.
-    """
+    PyTorch's -100. Nothing labelled gives 0."""
     V = logits.shape[-1]
     nll = F.cross_entropy(logits.reshape(-1, V).float(), labels.reshape(-1),
                           ignore_index=ignore_index, reduction="none")  # (B·T,), 0 where ignored
@@ -468,8 +327,7 @@ def rank_score(itm_logits: Tensor, kind: str = "log_odds") -> Tensor:
         it ranks exactly as the probability of "match" and ignores what both logits share,
         which the 2-way softmax (and so ITM) never sees. DEVIATION (OURS): [code]'s rank head
         is row 1 alone, not the difference of the rows (reference/uniter.md).
-    "match_logit": z_1 alone, [code]'s zero-shot score and rank head.
-    """
+    "match_logit": z_1 alone, [code]'s zero-shot score and rank head."""
     if kind == "match_logit":
         return itm_logits[:, 1]  # (B,)
     return itm_logits[:, 1] - itm_logits[:, 0]  # (B,)
@@ -505,8 +363,7 @@ def wra_distance(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor,
 def wra_loss(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor, region_mask: Tensor,
              is_match: Tensor, beta: float = 0.5, iters: int = 50, k: int = 1) -> Tensor:
     """Word-region alignment [UNITER §3.2, Eq. 3; code]: on an ITM batch, pull the words and
-    regions of matched pairs together and push those of mismatched pairs apart, through the OT
-    distance:
+    regions of matched pairs together and push those of mismatched pairs apart by OT distance:
 
         L_WRA = (1/n) ( Σ_{b: y_b = 1} d_b  -  Σ_{b: y_b = 0} d_b )
 
@@ -551,9 +408,8 @@ def mrfr_loss(predicted: Tensor, target: Tensor, masked: Tensor) -> Tensor:
 
     [paper ≠ code]: the paper sums the squared L2 norms over the M masked regions; [code] (and
     we) average the squared error over the M regions and the F dimensions (an element-wise MSE
-    over the masked rows). h_θ's last layer is the Image Embedder's feature
-    Linear (D <- F) used transposed, the same Parameter object, with its own zero bias [code].
-    """
+    over the masked rows). h_θ's last layer is the Image Embedder's feature Linear (D <- F)
+    used transposed, the same Parameter object, with its own zero bias [code]."""
     squared_error = (predicted.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
     return _masked_mean(squared_error, masked)  # ()
 
@@ -572,8 +428,7 @@ def mrc_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor) -> Tensor:
 
     [paper ≠ code]: the paper sums over the M masked regions; [code] (and we) average. As
     [code], background (class 0) is left out of the argmax, so it is never a target even where
-    the detector thinks it most likely; the model still has a background logit.
-    """
+    the detector thinks it most likely; the model still has a background logit."""
     C = logits.shape[-1]
     target = detector_probs[..., 1:].argmax(dim=-1) + 1  # (B, N): best object class, never 0
     nll = F.cross_entropy(logits.reshape(-1, C).float(), target.reshape(-1),
@@ -598,8 +453,7 @@ def mrc_kl_loss(logits: Tensor, detector_probs: Tensor, masked: Tensor,
     [paper ≠ code]: the paper sums the KL over the M masked regions; [code]'s kl_div(...).mean()
     averages over the M × C entries ("element", paper()); "region" (tiny, small) does not shrink
     with C. With one task an update, shared AdamW moments and clipping, the scale sets how hard
-    MRC-kl pulls on the encoder, not only the loss value.
-    """
+    MRC-kl pulls on the encoder, not only the loss value."""
     t = detector_probs.float()  # (B, N, C)
     log_p = logits.float().log_softmax(dim=-1)  # (B, N, C)
     kl = (torch.xlogy(t, t) - t * log_p).sum(dim=-1)  # (B, N): Σ_c t (log t - log p)
@@ -620,29 +474,14 @@ def rank_hinge_loss(positive: Tensor, negative: Tensor, margin: float = 0.2,
 
     The sigmoid bounds every score to (0, 1), so a margin of 0.2 is on a fixed scale. valid
     (B, K) bool, if given, keeps only those terms in the mean (a batch with too few other
-    images to fill K negatives).
-    """
+    images to fill K negatives)."""
     gap = margin + torch.sigmoid(negative.float()) - torch.sigmoid(positive.float())[:, None]
     if valid is None:
         return gap.clamp(min=0).mean()  # ()
     return (gap.clamp(min=0) * valid).sum() / valid.sum().clamp(min=1)  # ()
 
 
-# --- 6. The model: the encoder and one head per task -------------------------------------------
-
-class TiedOutputHead(nn.Module):
-    """BERT's prediction head with its output layer tied to an embedding [code]: transform(h),
-    then that embedding's weight (passed in, so it is not a copy) and the head's own bias.
-    MLM: the word embeddings (V, D); MRFR: the Image Embedder's W_f (D, F) transposed."""
-
-    def __init__(self, d_model: int, out_dim: int):
-        super().__init__()
-        self.transform = HeadTransform(d_model)
-        self.bias = nn.Parameter(torch.zeros(out_dim))
-
-    def forward(self, hidden: Tensor, weight: Tensor) -> Tensor:
-        return F.linear(self.transform(hidden), weight, self.bias)  # (M, D) -> (M, out)
-
+# --- 5. The model: the encoder and one head per task -------------------------------------------
 
 def task_heads(config: Config) -> nn.ModuleDict:
     """The heads of config.task [code]. "itm" is one Linear(D, 2) (itm_output, column 1 =
@@ -788,11 +627,192 @@ class UNITER(nn.Module):
         return {"loss": loss, "vqa": loss}
 
 
+# --- 6. The paper's sampling: conditional masking, the task sampler ----------------------------
+# Pure functions of a numpy Generator (each draw of the data is a function of (seed, i)), applied
+# by UniterDataset (§8), which also draws ITM's negative images (negative_index).
+
+def draw_task(config: Config, update: int, seed: int = 0) -> str:
+    """The pre-training task of optimizer update `update`: "we randomly sample one task for each
+    mini-batch, and train on only one objective per SGD update" [UNITER §3.1]; task k with
+    probability mix_k / Σ mix [code: MetaLoader]. Every micro-batch of an update asks with the
+    same `update`, so one update trains one task; ITM batches also train WRA (itm_wra_loss)."""
+    mix = np.array([config.mix_mlm, config.mix_itm, config.mix_mrfr, config.mix_mrc,
+                    config.mix_mrc_kl], dtype=np.float64)  # (5,), in PRETRAIN_TASKS order
+    u = np.random.default_rng([seed, 5, update]).random()  # one uniform in [0, 1)
+    k = int(np.searchsorted(np.cumsum(mix) / mix.sum(), u, side="right"))
+    return PRETRAIN_TASKS[min(k, len(PRETRAIN_TASKS) - 1)]
+
+
+def masked_modalities(task: str, conditional: bool = True) -> tuple[bool, bool]:
+    """Which modalities a pre-training item masks, (words, regions). Conditional masking
+    [UNITER §3.1]: "each time we only mask one modality while keeping the other modality
+    intact", the one its task predicts: mlm -> (True, False), mrfr / mrc / mrc_kl -> (False,
+    True). conditional=False is joint random masking ([UNITER Table 2] line 12): MLM and MRM
+    items mask both (each still trains its own loss). ITM and the downstream tasks mask nothing."""
+    mrm = task in ("mrfr", "mrc", "mrc_kl")
+    if task != "mlm" and not mrm:
+        return False, False
+    return task == "mlm" or not conditional, mrm or not conditional
+
+
+def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, mask_id: int,
+               random_ids: tuple[int, int], special_ids: set) -> tuple[list[int], list[int]]:
+    """MLM masking of one caption [UNITER §3.2, fn. 7; code data/mlm.py]:
+
+    each word-piece (never [CLS], [SEP] or another special token) is picked with probability
+    mask_prob (15 %); a picked one becomes [MASK] 80 % of the time, a random word-piece drawn
+    uniformly from random_ids = [lo, hi) 10 %, and stays itself 10 %. If nothing was picked, the
+    first word-piece becomes [MASK], so every caption has something to predict [code].
+
+    AMBIGUITY: §3.2's text replaces the masked words "with special token [MASK]"; its fn. 7
+    splits them 80/10/10 "following BERT", as [code] (data/data.py random_word) and we do.
+
+    Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere."""
+    inputs, labels = list(tokens), [IGNORE] * len(tokens)
+    words = [t for t, token in enumerate(tokens) if token not in special_ids]
+    picked = [t for t in words if rng.random() < mask_prob]
+    if not picked and words:
+        picked, forced = [words[0]], True  # [code]: the forced one is always [MASK]
+    else:
+        forced = False
+    for t in picked:
+        labels[t] = tokens[t]
+        u = 0.0 if forced else rng.random()
+        if u < 0.8:
+            inputs[t] = mask_id
+        elif u < 0.9:
+            inputs[t] = int(rng.integers(*random_ids))
+    return inputs, labels
+
+
+def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarray:
+    """MRM masking of one image's n regions [UNITER §3.2, Eq. 4; code data/mrm.py]: each region
+    i.i.d. with probability mask_prob (15 %), and one at random if none was picked [code].
+    Returns (n,) bool. The model replaces a masked region's feature by a learned mask vector
+    (ImageEmbeddings); its location is never masked."""
+    masked = rng.random(n) < mask_prob  # (n,)
+    if n and not masked.any():
+        masked[rng.integers(n)] = True
+    return masked
+
+
+# ===== below: train.py's contract, not in the paper =====
+
+from torch.utils.data import Dataset
+
+from shared.config import encoder_problems, optimisation_problems
+from shared.data import (Epochs, RecentExamples, check_feature_size, flat_targets, model_device,
+                         pad_rows, pad_sequences, pick_text, standardisation,
+                         statistics_problems)
+from shared.distributed import world_size
+from shared.evaluate import answer_questions as shared_answer_questions
+from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
+from shared.metrics import recall_at_k
+from shared.optim import adamw, fused_for
+from shared.vqa import answer_index, soft_scores, world_answers
+
+
+# --- 7. The contract: tasks, config checks, the world's presets, model and optimizer -----------
+
+TASKS = ("pretrain", "retrieval", "vqa")  # train.py --task
+MAIN_METRIC = {"pretrain": "r1_mean", "retrieval": "r1_mean", "vqa": "vqa_acc"}  # best.pt
+INPUTS = "regions"  # detector regions, not pixels
+# --init_bert fills model.encoder, and the MLM head from BERT's [code: from BERT-base]
+BERT_INIT = {"mlm": "cls.predictions"}
+UNUSED_PARAMETERS = True  # one pre-training task an update: the other heads get no gradient
+PROTOCOLS = {"pretrain": ("retrieval",), "retrieval": ("retrieval",),  # by task, what data on
+             "vqa": ("vqa",)}  # disk evaluates (shared.benchmarks)
+CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
+
+
+def config_problems(c: Config) -> list[str]:
+    """Every problem with a Config, one line each ([] = none; Config.__post_init__ raises them
+    as one ValueError): the encoder and task fields (shared.config), UNITER's own, the
+    optimisation fields and the feature statistics (shared.data)."""
+    mix = (c.mix_mlm, c.mix_itm, c.mix_mrfr, c.mix_mrc, c.mix_mrc_kl)
+    checks = [  # (fine, what to say otherwise)
+        (c.max_text_len >= 3,
+         f"max_text_len must be >= 3 ([CLS], a word, [SEP]), not {c.max_text_len}"),
+        (1 <= c.min_regions <= c.n_regions, f"need 1 <= min_regions <= n_regions, got "
+         f"min_regions {c.min_regions}, n_regions {c.n_regions}"),
+        (0 <= c.region_conf_threshold < 1,
+         f"region_conf_threshold must be in [0, 1), not {c.region_conf_threshold}"),
+        (c.n_region_classes >= 2, f"n_region_classes counts background and at least one "
+         f"object class, so it must be >= 2, not {c.n_region_classes}"),
+        (0 < c.mask_prob < 1, f"mask_prob must be in (0, 1), not {c.mask_prob}"),
+        (0 <= c.itm_neg_prob <= 1,
+         f"itm_neg_prob must be a probability, not {c.itm_neg_prob}"),
+        (min(mix) >= 0 and sum(mix) > 0, f"the task mix (mix_mlm, mix_itm, mix_mrfr, mix_mrc, "
+         f"mix_mrc_kl) must be >= 0 and not all 0, got {mix}"),
+        (c.wra_weight >= 0, f"wra_weight must be >= 0, not {c.wra_weight}"),
+        (c.ipot_beta > 0 and min(c.ipot_iters, c.ipot_inner) >= 1,
+         f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got {c.ipot_beta}, "
+         f"{c.ipot_iters}, {c.ipot_inner}"),
+        (c.itm_score in ("log_odds", "match_logit"),
+         f"itm_score must be log_odds or match_logit, not {c.itm_score!r}"),
+        (c.mrc_kl_scale in ("region", "element"),
+         f"mrc_kl_scale must be region or element, not {c.mrc_kl_scale!r}"),
+        (c.hard_negatives >= 1 and c.rank_margin >= 0 and c.vqa_head_lr_mult > 0,
+         f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
+         f"{c.hard_negatives}, {c.rank_margin}, {c.vqa_head_lr_mult}")]
+    return (encoder_problems(c, TASKS) + [message for fine, message in checks if not fine]
+            + optimisation_problems(c) + statistics_problems(c))
+
+
+def world_preset(name: str) -> dict:
+    """OURS: the fields Config.small() and Config.tiny() set, sized for the synthetic world
+    (its regions; C = its 6 shapes + background, shared.world.DETECTOR_CLASSES), both with
+    [code]'s Image Embedder (region_branch_norms).
+
+    small  one GPU, hours. A 6-layer, 384-wide UNITER on the world's regions: 10 to 36 an image
+           (36: the code's count when the confidence threshold is off), 512-d features, 128 px
+           renders.
+    tiny   2 CPU cores, minutes. The world's default regions (10 per image, all kept, 64-d
+           features, standardised) and a 4-layer, 128-wide Transformer (2 heads of 64), no
+           dropout (the world never repeats an example). From scratch (no BERT), ITM leaves
+           chance only with both standardised region features and init_std 0.1: at width 128,
+           BERT's 0.02 makes every attention output ~5 % of its residual, too weak a
+           cross-modal signal for ITM (measured: RESULTS.md, with [code]'s Image Embedder,
+           region_branch_norms, kept here)."""
+    from shared.world import DETECTOR_CLASSES  # imported where read: importing uniter skips it
+    if name == "small":
+        return dict(hidden_size=384, layers=6, heads=6, intermediate_size=1536, vocab_size=1000,
+                    max_text_len=40, feature_dim=512, n_regions=36,
+                    n_region_classes=len(DETECTOR_CLASSES), image_size=128, batch_size=256,
+                    lr=1e-4, warmup_steps=1000, max_steps=50_000, grad_accum_steps=1,
+                    train_single_object_prob=0.5, region_branch_norms=True)
+    if name == "tiny":
+        return dict(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
+                    init_std=0.1, vocab_size=1000, max_text_len=32, feature_dim=64,
+                    n_regions=10, min_regions=10, n_region_classes=len(DETECTOR_CLASSES),
+                    image_size=64, batch_size=64, lr=5e-4, warmup_steps=100, max_steps=3500,
+                    grad_accum_steps=1, train_single_object_prob=0.5, hard_negatives=3,
+                    eval_pairs=100, standardise_features=True, region_branch_norms=True)
+    raise ValueError(f"no preset {name!r}: small or tiny")
+
+
 def build_model(config: Config) -> UNITER:
     return UNITER(config)
 
 
-# --- 7. Data: the world's regions, one task a batch --------------------------------------------
+def make_optimizer(model: UNITER, config: Config) -> torch.optim.Optimizer:
+    """AdamW [code]: weight decay on matrices, none on biases and LayerNorm gains (nor the mask
+    vector); the VQA head trains at vqa_head_lr_mult x the learning rate ("lr_scale": train.py
+    multiplies each group's schedule by it)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith("heads.vqa."), p.dim() >= 2), []).append(p)
+    return adamw([{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
+                   "lr_scale": config.vqa_head_lr_mult if head else 1.0}
+                  for (head, decay), params in groups.items()], config, fused_for(model))
+
+
+def after_optimizer_step(model: UNITER) -> None:
+    """Nothing to do after an update (CoCa clamps its temperature here)."""
+
+
+# --- 8. Data: the world's regions, one task a batch --------------------------------------------
 
 def kept_regions(conf: np.ndarray, config: Config) -> int:
     """How many of an image's regions (rows sorted by conf, descending) the model sees [code]:
@@ -972,10 +992,9 @@ def collate_fn(items: list[dict]) -> dict:
     return batch
 
 
-def region_batch(examples: list[dict], config: Config, device: torch.device,
-                 world_config=None) -> tuple:
+def region_batch(examples: list[dict], config: Config, world_config, device) -> tuple:
     """(features (n, N, F), locations (n, N, 7), region_mask (n, N)) on `device`; the world's
-    config gives the statistics of standardise_features."""
+    config gives the statistics of standardise_features (None: the config's own)."""
     statistics = standardisation(config, world_config)
     regions = [region_inputs(ex, config, statistics) for ex in examples]
     features = pad_rows([r["features"] for r in regions]).to(device)
@@ -983,6 +1002,14 @@ def region_batch(examples: list[dict], config: Config, device: torch.device,
     mask = pad_rows([torch.ones(len(r["features"]), dtype=torch.bool) for r in regions])
     return features, locations, mask.to(device)
 
+
+def train_dataset(source, tokenizer, config: Config, seed: int = 0) -> UniterDataset:
+    """Item p = the p-th (image, text) visit prepared for the task of its update
+    (UniterDataset)."""
+    return UniterDataset(source, tokenizer, config, seed)
+
+
+# --- 9. Evaluation and inference ---------------------------------------------------------------
 
 def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[dict],
                      world_config=None, texts: list[str] | None = None) -> Tensor:
@@ -992,7 +1019,7 @@ def retrieval_scores(model: UNITER, tokenizer, config: Config, examples: list[di
     device = model_device(model)
     texts = [ex["captions"][0] for ex in examples] if texts is None else texts
     tokens = tokenizer.encode_batch(texts, config.max_text_len).to(device)  # (G, T)
-    features, locations, mask = region_batch(examples, config, device, world_config)
+    features, locations, mask = region_batch(examples, config, world_config, device)
     n, lengths = len(examples), (tokens != PAD_ID).sum(1)  # (G,)
     text = lengths.argsort().repeat_interleave(n)  # (G·n,), text-major, shortest first
     image = torch.arange(n, device=device).repeat(len(texts))  # (G·n,)
@@ -1008,7 +1035,7 @@ def answer_logits_fn(model: UNITER, tokenizer, config: Config, examples: list[di
     """answer_logits(questions, image indices into examples) -> (b, A) logits over answers, for
     shared.evaluate.vqa_metrics; zero_regions: every region feature and location zeroed."""
     device = model_device(model)
-    features, locations, mask = region_batch(examples, config, device, world_config)
+    features, locations, mask = region_batch(examples, config, world_config, device)
     if zero_regions:
         features, locations = torch.zeros_like(features), torch.zeros_like(locations)
 
@@ -1019,38 +1046,12 @@ def answer_logits_fn(model: UNITER, tokenizer, config: Config, examples: list[di
     return answer_logits
 
 
-@in_eval_mode
 def answer_questions(model: UNITER, tokenizer, config: Config, examples: list[dict],
                      world_config=None) -> list[str]:
     """The predicted answer of every question of the examples (their "questions", in order):
-    the highest-scoring of config.answers [UNITER §4.1]."""
-    fn = answer_logits_fn(model, tokenizer, config, examples, world_config)
-    return predict_answers(examples, fn, config.answers)[0]
-
-
-# --- 8. train.py's contract: dataset, optimizer, evaluation ----------------------------------
-
-def train_dataset(source, tokenizer, config: Config, seed: int = 0) -> UniterDataset:
-    """Item p = the p-th (image, text) visit prepared for the task of its update
-    (UniterDataset)."""
-    return UniterDataset(source, tokenizer, config, seed)
-
-
-def make_optimizer(model: UNITER, config: Config) -> torch.optim.Optimizer:
-    """AdamW [code]: weight decay on matrices, none on biases and LayerNorm gains (nor the mask
-    vector); the VQA head trains at vqa_head_lr_mult x the learning rate ("lr_scale": train.py
-    multiplies each group's schedule by it)."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups.setdefault((name.startswith("heads.vqa."), p.dim() >= 2), []).append(p)
-    return adamw([{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
-                   "lr_scale": config.vqa_head_lr_mult if head else 1.0}
-                  for (head, decay), params in groups.items()], config, fused_for(model))
-
-
-def after_optimizer_step(model: UNITER) -> None:
-    """Nothing to do after an update (CoCa clamps its temperature here)."""
+    the highest-scoring of config.answers [UNITER §4.1] (shared.evaluate.answer_questions)."""
+    return shared_answer_questions(model, answer_logits_fn, tokenizer, config, examples,
+                                   world_config)
 
 
 @in_eval_mode
@@ -1073,8 +1074,8 @@ def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
                                                texts), text_image)
         return {**metrics, "r1_mean": (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2}
     examples = world_examples(world_config, split, n)
-    answers = [answer_logits_fn(model, tokenizer, config, examples, world_config,
-                                            zero_regions) for zero_regions in (False, True)]
+    answers = [answer_logits_fn(model, tokenizer, config, examples, world_config, zero_regions)
+               for zero_regions in (False, True)]
     metrics = vqa_metrics(answers[0], examples, config.answers)
     metrics["vqa_acc_regions_zeroed"] = vqa_metrics(answers[1], examples,
                                                     config.answers)["vqa_acc"]

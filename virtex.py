@@ -46,6 +46,10 @@ pretext's checkpoint (shared.checkpoint.load_weights) carries over every shared 
     masked_lm              textual, run without the causal mask
     token_classification   token_classification (a Linear on pooled layer4)
 
+Layout: sections 1-6 are the paper (config, inputs, the ResNet and the textual head,
+objectives, model, generation); below the fence line, sections 7-9 are what train.py and the
+tools ask of a paper file (tasks, config checks, optimizer; data; evaluation on the world).
+
 Left out, and why: COCO Captions (the synthetic world of shared/world.py instead); Lookahead
 (DEVIATION, see make_optimizer); detection / segmentation / iNat transfer (Detectron2-scale code
 and data); the SentencePiece BPE vocabulary (WordPiece trained on the world's captions); the
@@ -64,33 +68,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-import shared.evaluate
-from shared import decoding
-from shared.augment import virtex_augment
-from shared.config import optimisation_problems
-from shared.data import Epochs, model_device, normalise_image, pad_sequences, pick_text
-from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_eval_mode,
-                             world_examples)
+import shared.decoding as decoding  # beam search, nucleus sampling, greedy (section 6)
 from shared.masks import padding_mask
-from shared.optim import adamw, fused_for
-from shared.probe import linear_probe
 from shared.transformer import PostLNDecoderBlock, run_layer
 
 PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets ignored
-TASKS = ("pretrain",)  # train.py --task: VirTex only pretrains; --pretext picks the pretext task
-MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex §Downstream]
-INPUTS = "pixels"  # train.py feeds images, not detector regions
-BERT_INIT = None  # trained from scratch: --init_bert does not apply
-UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
-PROTOCOLS = {"pretrain": ("caption", "probe")}  # what evaluates it (shared.benchmarks, infer)
-CROSS_ENCODER = False  # no retrieval
 PRETEXTS = ("bicaptioning", "captioning", "token_classification", "masked_lm")
 CAPTIONING = ("bicaptioning", "captioning")  # the pretexts that train a left-to-right decoder
 
 
-# --- 2. Config and presets ---------------------------------------------------------------------
+# --- 1. Config and presets ---------------------------------------------------------------------
 
 @dataclass
 class Config:
@@ -144,34 +132,10 @@ class Config:
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
+
     def __post_init__(self):
-        problems = []
-        if self.task not in TASKS:
-            problems.append(f"task must be one of {', '.join(TASKS)}, not {self.task!r} (VirTex "
-                            f"only pretrains; --pretext picks the pretext task)")
         self.resnet_blocks = tuple(self.resnet_blocks)  # a list after a JSON round trip
-        if len(self.resnet_blocks) != 4 or min(self.resnet_blocks) < 1:
-            problems.append(f"resnet_blocks needs 4 stage depths >= 1, got {self.resnet_blocks}")
-        if self.hidden_size % self.heads:
-            problems.append(f"hidden_size {self.hidden_size} is not divisible by heads "
-                            f"{self.heads}")
-        if self.pretext not in PRETEXTS:
-            problems.append(f"pretext must be one of {', '.join(PRETEXTS)}, not {self.pretext!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            problems.append(f"optimizer must be 'sgd' or 'adamw', not {self.optimizer!r}")
-        problems += optimisation_problems(self)
-        if self.image_size < self.stem_stride * (2 if self.stem_pool else 1) * 8:
-            problems.append(f"image_size {self.image_size} is too small for the ResNet "
-                            f"(it halves the grid {3 + self.stem_pool + (self.stem_stride > 1)} "
-                            f"times)")
-        if not 0 < self.crop_scale_min <= 1:
-            problems.append(f"crop_scale_min must be in (0, 1], not {self.crop_scale_min}")
-        if not 0 < self.mask_prob < 1:
-            problems.append(f"mask_prob must be in (0, 1), not {self.mask_prob}")
-        if self.max_text_len < 2:
-            problems.append(f"max_text_len must be >= 2 ([SOS] and [EOS]), not {self.max_text_len}")
-        if min(self.layers, self.beam_size, self.resnet_width) < 1:
-            problems.append("layers, beam_size and resnet_width must be >= 1")
+        problems = config_problems(self)  # every problem at once, one line each (section 7)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -212,7 +176,28 @@ class Config:
                    warmup_steps=100, max_steps=1500, train_single_object_prob=0.5)
 
 
-# --- 3. Visual backbone: ResNet-50 from primitives ----------------------------------------------
+# --- 2. Inputs: word and position embeddings ---------------------------------------------------
+
+class WordAndPositionEmbedding(nn.Module):
+    """Token + learned position embeddings, LayerNorm, dropout; padded positions set to zero
+    [VirTex §Method: textual head; code: LayerNorm eps 1e-8, pads zeroed after the dropout]."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, max_len: int, dropout: float):
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, hidden_size, padding_idx=PAD_ID)
+        self.positions = nn.Embedding(max_len, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-8)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens: (B, T) -> (B, T, H)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        x = self.words(tokens) + self.positions(positions)  # (B, T, H)
+        x = self.dropout(self.norm(x))  # (B, T, H)
+        return x * (tokens != PAD_ID).unsqueeze(-1).to(x.dtype)  # (B, T, H), zero at pads
+
+
+# --- 3. Visual backbone (ResNet-50 from primitives) and textual head ---------------------------
 
 class Bottleneck(nn.Module):
     """ResNet's bottleneck block [He et al. 2016, Fig. 5 right], stride on the 3×3 conv (the
@@ -248,6 +233,28 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))  # (B, width, h/s, w/s)
         out = self.bn3(self.conv3(out))  # (B, 4·width, h/s, w/s)
         return self.relu(out + shortcut)
+
+
+def run_stage(stage: nn.Module, x: Tensor, checkpointed: bool) -> Tensor:
+    """stage(x), activation-checkpointed if asked (shared.transformer.run_layer). The forward
+    that the backward runs again must not move BatchNorm's running statistics a second time:
+    they are put back as the first forward left them."""
+    if not (checkpointed and torch.is_grad_enabled()):
+        return stage(x)
+    calls = []
+
+    def forward(x: Tensor) -> Tensor:
+        if not calls:  # the forward pass
+            calls.append(1)
+            return stage(x)
+        kept = [b.clone() for b in stage.buffers()]  # the backward's recomputation, which
+        try:  # torch may stop early (by an exception) once it has what the backward needs
+            return stage(x)
+        finally:
+            for b, k in zip(stage.buffers(), kept):
+                b.copy_(k)
+
+    return run_layer(forward, x, checkpointed=True)
 
 
 class ResNet(nn.Module):
@@ -299,48 +306,8 @@ class ResNet(nn.Module):
         return x
 
 
-# --- 4. Textual head: embeddings, a post-LN Transformer decoder, the output layer -------------
-
-def run_stage(stage: nn.Module, x: Tensor, checkpointed: bool) -> Tensor:
-    """stage(x), activation-checkpointed if asked (shared.transformer.run_layer). The forward
-    that the backward runs again must not move BatchNorm's running statistics a second time:
-    they are put back as the first forward left them."""
-    if not (checkpointed and torch.is_grad_enabled()):
-        return stage(x)
-    calls = []
-
-    def forward(x: Tensor) -> Tensor:
-        if not calls:  # the forward pass
-            calls.append(1)
-            return stage(x)
-        kept = [b.clone() for b in stage.buffers()]  # the backward's recomputation, which
-        try:  # torch may stop early (by an exception) once it has what the backward needs
-            return stage(x)
-        finally:
-            for b, k in zip(stage.buffers(), kept):
-                b.copy_(k)
-
-    return run_layer(forward, x, checkpointed=True)
-
-
-class WordAndPositionEmbedding(nn.Module):
-    """Token + learned position embeddings, LayerNorm, dropout; padded positions set to zero
-    [VirTex §Method: textual head; code: LayerNorm eps 1e-8, pads zeroed after the dropout]."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, max_len: int, dropout: float):
-        super().__init__()
-        self.words = nn.Embedding(vocab_size, hidden_size, padding_idx=PAD_ID)
-        self.positions = nn.Embedding(max_len, hidden_size)
-        self.norm = nn.LayerNorm(hidden_size, eps=1e-8)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens: (B, T) -> (B, T, H)."""
-        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
-        x = self.words(tokens) + self.positions(positions)  # (B, T, H)
-        x = self.dropout(self.norm(x))  # (B, T, H)
-        return x * (tokens != PAD_ID).unsqueeze(-1).to(x.dtype)  # (B, T, H), zero at pads
-
+# the textual head: a post-LN Transformer decoder, the visual projection, the output layer (its
+# word and position embedding is section 2)
 
 class TransformerDecoder(nn.Module):
     """The Transformer of one direction [VirTex §Method: textual head]: L post-LN layers of
@@ -409,7 +376,7 @@ def init_textual_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-# --- 5. Objectives -----------------------------------------------------------------------------
+# --- 4. Objectives -----------------------------------------------------------------------------
 
 def reverse_captions(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
     """The backward Transformer's input [VirTex §Method: bicaptioning; code]: each caption
@@ -534,7 +501,7 @@ def masked_lm_loss(logits: Tensor, labels: Tensor, pad_id: int = PAD_ID) -> Tens
                            ignore_index=pad_id)  # ()
 
 
-# --- 6. The model: the ResNet and the pretext's heads ------------------------------------------
+# --- 5. The model: the ResNet and the pretext's heads ------------------------------------------
 
 class VirTex(nn.Module):
     """The ResNet (`visual`, the encoder: the same for every pretext) and the heads of
@@ -595,7 +562,8 @@ class VirTex(nn.Module):
         return dict(loss=bicaptioning_loss(forward, backward), forward=forward,
                     backward=backward)
 
-    # --- 7. Generation: captions from the forward direction -----------------------------------
+# --- 6. Generation: captions from the forward direction ----------------------------------------
+    # (methods of VirTex: what the paper does with the trained decoder [VirTex §Captioning])
 
     def step(self, token: Tensor, position: int, past: list | None, cross_kv: list
              ) -> tuple[Tensor, list]:
@@ -614,6 +582,11 @@ class VirTex(nn.Module):
             cache.append((k, v))
             x = layer(x, None, causal=False, kv=(k, v), context_kv=cross_kv[l])  # (R, 1, H)
         return textual.output(x[:, 0]), cache  # (R, V)
+
+    def caption_context(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, N, H): what the decoder cross-attends to while captioning, the
+        projected visual tokens (next_token_logprobs reads them)."""
+        return self.visual_tokens(images)
 
     def next_token_logprobs(self, visual: Tensor, cached: bool = True):
         """shared.decoding's step_fn for the forward direction: (tokens (R, t), rows (R,)) ->
@@ -654,7 +627,7 @@ class VirTex(nn.Module):
                              f"captions need 'bicaptioning' or 'captioning'")
         longest = self.config.max_text_len + 1  # [code]: max_text_len tokens after [SOS]
         max_len = min(max_len or longest, longest)
-        visual = self.visual_tokens(images)  # (B, N, H), encoded once
+        visual = self.caption_context(images)  # (B, N, H), encoded once
         step_fn = self.next_token_logprobs(visual, cached=cached)
         prefix = decoding.start_prefix(start_id, prompt, images.shape[0], images.device)
         if method == "beam":
@@ -670,7 +643,62 @@ class VirTex(nn.Module):
         return out if return_scores else out[0]  # (B, T)[, (B,)]
 
 
-# --- 8. train.py's contract: model, optimizer, data, downstream evaluation on the world -------
+# ===== below: train.py's contract, not in the paper =====
+
+from torch.utils.data import Dataset
+
+import shared.evaluate
+from shared.augment import virtex_augment
+from shared.config import optimisation_problems
+from shared.data import Epochs, model_device, normalise_image, pad_sequences, pick_text
+from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_eval_mode,
+                             world_examples)
+from shared.optim import adamw, fused_for
+from shared.probe import linear_probe
+
+
+# --- 7. The contract: tasks, config checks, model and optimizer --------------------------------
+
+TASKS = ("pretrain",)  # train.py --task: VirTex only pretrains; --pretext picks the pretext task
+MAIN_METRIC = {"pretrain": "linear_probe_acc"}  # probes judge the CNN [VirTex §Downstream]
+INPUTS = "pixels"  # train.py feeds images, not detector regions
+BERT_INIT = None  # trained from scratch: --init_bert does not apply
+UNUSED_PARAMETERS = False  # every parameter gets a gradient every step (DDP needs no search)
+PROTOCOLS = {"pretrain": ("caption", "probe")}  # what evaluates it (shared.benchmarks, infer)
+CROSS_ENCODER = False  # no retrieval
+
+
+def config_problems(config: Config) -> list[str]:
+    """The problems with a Config, one line each ([] = none): its fields' ranges and
+    combinations and the optimisation fields (shared.config); Config.__post_init__ raises
+    them as one ValueError."""
+    c = config
+    problems = []
+    if c.task not in TASKS:
+        problems.append(f"task must be one of {', '.join(TASKS)}, not {c.task!r} (VirTex "
+                        f"only pretrains; --pretext picks the pretext task)")
+    if len(c.resnet_blocks) != 4 or min(c.resnet_blocks) < 1:
+        problems.append(f"resnet_blocks needs 4 stage depths >= 1, got {c.resnet_blocks}")
+    if c.hidden_size % c.heads:
+        problems.append(f"hidden_size {c.hidden_size} is not divisible by heads {c.heads}")
+    if c.pretext not in PRETEXTS:
+        problems.append(f"pretext must be one of {', '.join(PRETEXTS)}, not {c.pretext!r}")
+    if c.optimizer not in ("sgd", "adamw"):
+        problems.append(f"optimizer must be 'sgd' or 'adamw', not {c.optimizer!r}")
+    problems += optimisation_problems(c)
+    if c.image_size < c.stem_stride * (2 if c.stem_pool else 1) * 8:
+        problems.append(f"image_size {c.image_size} is too small for the ResNet (it halves the "
+                        f"grid {3 + c.stem_pool + (c.stem_stride > 1)} times)")
+    if not 0 < c.crop_scale_min <= 1:
+        problems.append(f"crop_scale_min must be in (0, 1], not {c.crop_scale_min}")
+    if not 0 < c.mask_prob < 1:
+        problems.append(f"mask_prob must be in (0, 1), not {c.mask_prob}")
+    if c.max_text_len < 2:
+        problems.append(f"max_text_len must be >= 2 ([SOS] and [EOS]), not {c.max_text_len}")
+    if min(c.layers, c.beam_size, c.resnet_width) < 1:
+        problems.append("layers, beam_size and resnet_width must be >= 1")
+    return problems
+
 
 def build_model(config: Config) -> VirTex:
     return VirTex(config)
@@ -708,6 +736,7 @@ def after_optimizer_step(model: VirTex) -> None:
     """Nothing to do after an optimizer step (CoCa clamps its temperature there)."""
 
 
+# --- 8. Data: augmented images, a caption, the pretext's targets -------------------------------
 
 class VirTexDataset(Dataset):
     """Item p: the p-th visit of the stream (shared.data.Epochs, one unit an image: [code]
@@ -765,6 +794,8 @@ def collate_fn(items: list[dict]) -> dict:
         batch["mlm_labels"] = pad_sequences([it["mlm_labels"] for it in items])  # (B, T)
     return batch
 
+
+# --- 9. Evaluation and inference ---------------------------------------------------------------
 
 def caption_images(model: VirTex, tokenizer, config: Config, images: list,
                    prompt: str = "") -> list[str]:

@@ -6,7 +6,8 @@ here imports a paper file or train.py.
 Models
     masks.py        boolean "may attend" masks (True = query i may attend to key j)
     attention.py    multi-head attention: the explicit math path and the fused SDPA path
-    transformer.py  post-LN / pre-LN encoder and decoder blocks, BERT embeddings, pooler
+    transformer.py  post-LN / pre-LN encoder and decoder blocks, BERT embeddings, pooler and
+                    prediction heads
     bert.py         BERT from a Hugging Face checkpoint folder, on these blocks (--init_bert)
     ot.py           optimal transport by IPOT, batched (UNITER's word-region alignment only)
     losses.py       the VQA loss that UNITER and Oscar share
@@ -22,9 +23,10 @@ Data
     convert.py      the official UNITER / Oscar region files -> folders.py's layout (CLI)
     roi.py          RoIAlign from primitives and pooled box features (extract.py regions)
     vqa.py          VQA v2's question / annotation files, answer vocabulary, soft scores and
-                    the evaluation server's accuracy
+                    the accuracy per answer type
 Evaluation
-    metrics.py      BLEU, CIDEr-D, recall@K, VQA accuracy, top-1, caption truth rate
+    metrics.py      BLEU, CIDEr-D, recall@K, VQA accuracy (the evaluation server's), top-1,
+                    caption truth rate
     evaluate.py     world evaluation pieces each paper's `evaluate` maps onto its keys
     probe.py        the linear probe of frozen image features (CoCa, VirTex)
     benchmarks.py   evaluation on data on disk: Karpathy captioning and retrieval, VQA v2
@@ -35,6 +37,7 @@ Training
     checkpoint.py   plain-data checkpoints (weights-only reads), atomic writes, encoder-strict
                     fine-tuning loads, RNG states
     distributed.py  torchrun's launch, the process group, a gather with gradients (DDP)
-    monitor.py      loss-term means and the NaN/inf guard without syncs; MFU
-    cli.py          the command line generated from dataclasses
+    monitor.py      loss-term means and the NaN/inf guard without syncs; MFU; the progress
+                    line; SIGTERM / Ctrl-C handling
+    cli.py          the command line generated from dataclasses; one-line errors
 """

@@ -7,8 +7,8 @@
     virtex/data/transforms.py).
 
 What VirTex does to every training image [VirTex §Implementation; official code:
-`_C.DATA.IMAGE_TRANSFORM_TRAIN`; every number below is factories.py's ImageTransformsFactory
-and config.py's crop size], in this order:
+`_C.DATA.IMAGE_TRANSFORM_TRAIN`; every number below is virtex/factories.py's
+ImageTransformsFactory and virtex/config.py's crop size], in this order:
 
     1. random resized crop   area fraction in (0.2, 1.0), aspect ratio in (3/4, 4/3)
                              (log-uniform), resized to 224 x 224              random_resized_crop

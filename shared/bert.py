@@ -214,3 +214,17 @@ def load_bert_heads(heads: nn.ModuleDict, folder: str | Path, sources: dict[str,
                              f"{str(e).splitlines()[-1].strip()}") from None
         filled.append(name)
     return filled
+
+
+def init_from_bert(model: nn.Module, folder: str | Path, sources: dict[str, str]) -> str:
+    """train.py's --init_bert: model.encoder from the BERT checkpoint `folder`
+    (load_bert_encoder), model.heads from its pre-training heads (load_bert_heads). Returns the
+    line the run logs; any problem (a missing file or tensor, sizes that differ, safetensors
+    not installed) is a ValueError of one line."""
+    try:
+        n = load_bert_encoder(model.encoder, folder)
+        heads = load_bert_heads(model.heads, folder, sources)
+    except (KeyError, ImportError, OSError) as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    return (f"init from BERT {folder}: {n} tensors (embeddings, encoder, pooler); heads from its "
+            f"pre-training heads: {', '.join(heads) or 'none'}")

@@ -8,9 +8,14 @@
                                      line (CheckpointError; UnreadableCheckpoint when the bytes
                                      themselves are bad)
     check_origin(state, path, model, task)   one line when a checkpoint is another model's
+    read_checkpoint(path, model, task)       load_checkpoint, then check_origin when model given
+    read_latest(out, model, task, log)       --resume: latest.pt, or latest.prev.pt when the
+                                     newer file is unreadable
     load_weights(model, state)       fine-tuning: every encoder tensor strictly, each head whose
                                      name the checkpoint also has; returns the heads left fresh
     rng_states / set_rng_states      Python, NumPy, torch (and CUDA) generators, for exact resume
+    seed_all(seed)                   seeds all of them
+    append_jsonl(path, record)       one JSON line more; a failure is returned, not raised
 
 Why plain data: torch.load(weights_only=False) unpickles anything, and a pickle can name any
 Python callable, so a downloaded checkpoint could run a command on load. A checkpoint here holds
@@ -150,6 +155,30 @@ def check_origin(state: dict, path: Path, model: str, task: str | None = None) -
                               f"that --task, not {task}")
 
 
+def read_checkpoint(path: Path, model: str | None = None, task: str | None = None) -> dict:
+    """load_checkpoint; with `model` (and `task`), a checkpoint trained as another model (or
+    task) is refused too. Every problem is a CheckpointError of one line."""
+    state = load_checkpoint(path)
+    if model is not None:
+        check_origin(state, path, model, task)
+    return state
+
+
+def read_latest(out: Path, model: str, task: str, log) -> dict:
+    """--resume: <out>/latest.pt, or the copy it replaced (latest.prev.pt) when latest.pt is
+    missing or unreadable (truncated by a crash, a full disk, a bad copy)."""
+    latest, previous = Path(out) / "latest.pt", Path(out) / "latest.prev.pt"
+    try:
+        return read_checkpoint(latest, model, task)
+    except UnreadableCheckpoint as e:
+        if not previous.exists():
+            raise
+        state = read_checkpoint(previous, model, task)
+        log(f"warning: {e}; resuming from the checkpoint before it, {previous} "
+            f"(step {state['step']})")
+        return state
+
+
 def _head(name: str) -> str | None:
     """"heads.mlm.transform.weight" -> "mlm"; an encoder tensor -> None."""
     parts = name.split(".")
@@ -208,3 +237,21 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    """Python's, NumPy's and torch's generators (torch seeds CUDA's too) from one seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def append_jsonl(path: Path, record: dict) -> str | None:
+    """Append `record` to the JSON-lines file `path`. Returns None, or the reason it could not
+    (a full disk): a metrics log is worth a warning, not the run."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        return f"could not append to {path}: {e.strerror or e}"
+    return None

@@ -3,14 +3,21 @@ the field's comment in the class source.
 
     parser = argparse.ArgumentParser()
     add_dataclass_flags(parser, Config, Config.tiny(), "model")   # --d_model 128, --resume, ...
+    known_flags(argv, Run)                   a first pass: the dataclass's flags alone
+    split_flags(args, Run)                   (a Run from its fields' flags, the other flags)
+    number_problems(values, at_least_one)   what is wrong with numeric flags, one line each
+    with one_line("--data: "): ...           an OSError / ValueError inside ends the program
+                                             with "error: --data: <reason>", no stack trace
 """
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 
@@ -80,3 +87,41 @@ def add_dataclass_flags(parser, cls, defaults, title: str, skip=frozenset(),
                            choices=choices.get(field.name), help=text.replace("%", "%%"),
                            metavar=None if field.name in choices else kind.__name__.upper(),
                            **extra)
+
+
+def number_problems(values: dict, at_least_one=()) -> list[str]:
+    """One line per numeric flag that is negative, NaN or infinite, per flag in `at_least_one`
+    that is 0, and for a seed NumPy cannot take (it takes 32-bit seeds)."""
+    problems = [f"argument --{name}: must be a finite number >= 0, not {value}"
+                for name, value in values.items()
+                if not isinstance(value, (bool, str)) and not 0 <= value < math.inf]
+    problems += [f"argument --{name}: must be >= 1, not 0" for name in at_least_one
+                 if values[name] == 0]
+    if values.get("seed", 0) >= 2**32:
+        problems.append(f"argument --seed: must be < 2**32, not {values['seed']}")
+    return problems
+
+
+@contextlib.contextmanager
+def one_line(what: str):
+    """Bad input (an OSError or ValueError: a file, a flag, a checkpoint) ends the program with
+    one line naming it, 'error: <what><reason>', never a stack trace."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {what}{e}") from None
+
+
+def known_flags(argv: list[str], cls, choices: dict | None = None):
+    """A first pass over argv: an instance of the dataclass `cls` from the flags of its fields,
+    every other flag left for the full parser (e.g. --model picks which Config's flags exist)."""
+    first = argparse.ArgumentParser(add_help=False)
+    add_dataclass_flags(first, cls, cls(), "", choices=choices)
+    return dataclasses.replace(cls(), **vars(first.parse_known_args(argv)[0]))
+
+
+def split_flags(args: dict, cls) -> tuple:
+    """(An instance of the dataclass `cls` from the parsed flags that are its fields, the rest)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return (dataclasses.replace(cls(), **{k: v for k, v in args.items() if k in names}),
+            {k: v for k, v in args.items() if k not in names})

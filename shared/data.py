@@ -188,6 +188,43 @@ class _StepRange(torch.utils.data.Sampler):
             k += 1
 
 
+def micro_batch_size(batch_size: int, grad_accum_steps: int, world_size: int) -> int:
+    """The examples of one forward of all processes together, batch_size / grad_accum_steps,
+    which the world_size processes split evenly. A ValueError when either does not divide."""
+    if batch_size % grad_accum_steps:
+        raise ValueError(f"batch_size {batch_size} is not divisible by grad_accum_steps "
+                         f"{grad_accum_steps}")
+    micro = batch_size // grad_accum_steps
+    if micro % world_size:
+        raise ValueError(f"the micro-batch of {micro} examples (batch_size / grad_accum_steps) "
+                         f"cannot be split over {world_size} processes")
+    return micro
+
+
+def train_batches(paper, source, tokenizer, config, seed: int, step: int, num_workers: int,
+                  pin_memory: bool, rank: int = 0, world_size: int = 1, log=print):
+    """train.py's endless iterator of micro-batches of the paper's train_dataset on `source` (the
+    world or a corpus on disk), started at optimizer step `step` (a resumed run continues the
+    same stream); this rank's slice of each. The epochs it makes are logged. The loader draws
+    a worker seed from torch's RNG when it starts. A ValueError names a bad batch size."""
+    micro = micro_batch_size(config.batch_size, config.grad_accum_steps, world_size)
+    dataset = paper.train_dataset(source, tokenizer, config, seed=seed)
+    epochs = config.max_steps * config.batch_size / len(dataset)
+    log(f"training data: {dataset.epochs.describe()}; {config.max_steps:,} steps of "
+        f"{config.batch_size} items make {epochs:.2f} epochs")
+    return iter(train_loader(dataset, micro, step * config.grad_accum_steps, paper.collate_fn,
+                             num_workers=num_workers, pin_memory=pin_memory, rank=rank,
+                             world_size=world_size))
+
+
+def caption_texts(source, n: int) -> list[str]:
+    """The captions of the first n images of a corpus on disk (its records) or of the world
+    (shared.world.World), which a tokenizer is trained on."""
+    if hasattr(source, "records"):
+        return [c for _, captions in source.records[:n] for c in captions]
+    return [c for i in range(n) for c in source.example(i, regions=False)["captions"]]
+
+
 def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,
                  num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
                  world_size: int = 1) -> DataLoader:

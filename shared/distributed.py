@@ -10,6 +10,10 @@
     all_mean(x)                     the mean of a tensor over ranks (no gradient)
     any_rank(flags, device)         each flag OR-ed over ranks: decisions all ranks share
     gather_objects(obj)             every rank's obj, in rank order (RNG states)
+    pick_device(name, launch)       --device, the local rank's GPU under torchrun
+    lost_peer(error)                whether a collective failed because another rank is gone
+    with exit_if_a_peer_is_lost(launch): ...   such a failure as one line, not a stack trace
+    autocast_for(dtype, device)     the forward's mixed precision: bf16 on CUDA by default
 
 Only torch.distributed: DistributedDataParallel (train.py) all-reduces the gradients; the two
 collectives here are for objectives that look across the whole batch (CoCa's contrastive
@@ -23,6 +27,7 @@ the incoming gradients over ranks (an all-reduce) and keeps the rank's own rows;
 the rest. tests/test_distributed.py checks loss and gradients against one process in fp64.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -132,3 +137,46 @@ def gather_objects(obj) -> list:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def pick_device(name: str, launch: Launch) -> torch.device:
+    """--device: "auto" is CUDA where available, else the CPU; under torchrun on CUDA, the GPU of
+    the process's local rank. A CUDA device asked for where there is none: a ValueError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but CUDA is not available here")
+    if name == "cuda" and launch.distributed:
+        torch.cuda.set_device(launch.local_rank)
+        return torch.device("cuda", launch.local_rank)
+    return torch.device(name)
+
+
+def lost_peer(e: RuntimeError) -> bool:
+    """A collective that failed because another rank died or timed out (torch.distributed's
+    own errors, or gloo / NCCL transport errors raised as RuntimeError)."""
+    return (isinstance(e, torch.distributed.DistError)
+            or any(word in str(e) for word in ("gloo", "NCCL", "Connection", "timed out")))
+
+
+def autocast_for(dtype: str, device: torch.device):
+    """--dtype: the mixed-precision context of the forward. torch.autocast in bf16 ("bf16", or
+    "auto" on CUDA: parameters, optimizer and the losses' reductions stay fp32; each paper's
+    notes say what its model keeps in fp32), or off ("fp32", or "auto" on the CPU); the same
+    code on CUDA and on the CPU."""
+    bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@contextlib.contextmanager
+def exit_if_a_peer_is_lost(launch: Launch):
+    """Under torchrun, a collective that fails because another rank died or stopped answering
+    (lost_peer) ends this rank with one line saying so; any other error goes on up."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (launch.distributed and lost_peer(e)):
+            raise
+        raise SystemExit(f"error: rank {launch.rank}: another process of the job died or stopped "
+                         f"answering ({str(e).splitlines()[0][:160]}); the last checkpoint "
+                         f"written is kept") from None

@@ -13,6 +13,8 @@ caption, an answer's logits) and maps the pieces below onto its metric keys in a
     reference_caption   a reference caption as a model could write it (tokenised, cut, decoded)
     caption_examples    captions for many images, `chunk` images per decoding call
     caption_metrics     BLEU-4, CIDEr-D, ROUGE-L and the world's caption truth rate
+    predict_answers     every question of some examples answered by a model's answer logits
+    answer_questions    the same for a paper's answer_logits_fn (its contract answer_questions)
     vqa_metrics         VQA accuracy, overall and per question template
     sample_captions     (generated, reference) pairs to print after training
 
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shared.data import image_to_tensor
-from shared.metrics import (bleu, cider_d, predict_answers, recall_at_k, rouge_l, truth_rate,
+from shared.metrics import (bleu, cider_d, recall_at_k, rouge_l, truth_rate,
                             vqa_accuracy_by_type)
 
 
@@ -159,15 +161,45 @@ def caption_metrics(captions: list[str], examples: list[dict], tokenizer,
             "caption_truth_baseline": truth["baseline"]}
 
 
+def predict_answers(examples: list[dict], answer_logits: Callable[[list[str], list[int]], Tensor],
+                    answers: list[str], chunk: int = 256) -> tuple[list[str], list[tuple]]:
+    """Every question of the examples (their "questions": (question, answer) pairs), answered
+    `chunk` at a time by the highest-scoring of `answers` (Oscar and UNITER VQA).
+
+    answer_logits(questions: b strings, images: b indices into examples) -> (b, A) logits over
+    `answers`. Returns (the predicted answers, the (question, answer, image index) triples),
+    in the order of the examples and of their questions."""
+    qa = [(q, a, k) for k, ex in enumerate(examples) for q, a in ex["questions"]]
+    predicted = []
+    for s in range(0, len(qa), chunk):
+        part = qa[s:s + chunk]
+        logits = answer_logits([q for q, _, _ in part], [k for _, _, k in part])  # (b, A)
+        predicted += [answers[a] for a in logits.argmax(dim=-1).tolist()]
+    return predicted, qa
+
+
+@in_eval_mode
+def answer_questions(model: torch.nn.Module, answer_logits_fn: Callable, tokenizer, config,
+                     examples: list[dict], world_config=None, chunk: int = 256) -> list[str]:
+    """The predicted answer of every question of the examples (their "questions", in order): the
+    highest-scoring of config.answers. answer_logits_fn(model, tokenizer, config, examples,
+    world_config) -> answer_logits for predict_answers: what a paper's model reads (its
+    regions, its text layout) is all that differs between the papers."""
+    answer_logits = answer_logits_fn(model, tokenizer, config, examples, world_config)
+    return predict_answers(examples, answer_logits, config.answers, chunk)[0]
+
+
 def vqa_metrics(answer_logits: Callable[[list[str], list[int]], Tensor], examples: list[dict],
                 answers: list[str], chunk: int = 256) -> dict[str, float]:
-    """vqa_acc over every question of the examples and vqa_acc_<type> per question template.
+    """vqa_acc over every question of the examples and vqa_acc_<type> per question template
+    (shared.metrics.vqa_accuracy). The world gives one answer a question: it counts as ten
+    annotators who all gave it, so a right answer scores 1, as on the evaluation server.
 
     answer_logits(questions, image indices into examples) -> (b, A) logits over `answers`."""
     from shared.world import question_type
     predicted, qa = predict_answers(examples, answer_logits, answers, chunk)
-    return vqa_accuracy_by_type(predicted, [q for q, _, _ in qa], [a for _, a, _ in qa],
-                                question_type)
+    return vqa_accuracy_by_type(predicted, [[a] * 10 for _, a, _ in qa],
+                                [question_type(q) for q, _, _ in qa])
 
 
 def sample_captions(caption: Callable[[list[dict]], list[str]], world_config, split: str,

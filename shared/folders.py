@@ -44,6 +44,7 @@ Python's str.splitlines() would break at. Overlong captions are the tokenizer's 
 Tokenizer.encode(max_len) keeps the final [SEP].
 """
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -639,12 +640,20 @@ class ImageFolder:
             raise OSError(f"cannot read {path}: {e}") from None
 
 
-def open_corpus(spec: str, inputs: str, image_size: int) -> CaptionFolder | RegionFolder:
+def open_corpus(spec: str, inputs: str, image_size: int, task: str = "pretrain"):
     """train.py's --data: 'regions:ANNOTATION_JSON[,REGION_DIR]' for a model whose INPUTS are
-    "regions", else 'coco:ANNOTATION_JSON[,IMAGE_DIR]', 'jsonl:FILE' or
-    'karpathy:SPLIT_JSON[,IMAGE_ROOT]' (CaptionFolder.from_spec).
-    Raises ValueError (or OSError) naming what is wrong."""
+    "regions" ('vqa:QUESTIONS,ANNOTATIONS[,REGION_DIR]' for its --task vqa: shared.vqa), else
+    'coco:ANNOTATION_JSON[,IMAGE_DIR]', 'jsonl:FILE' or 'karpathy:SPLIT_JSON[,IMAGE_ROOT]'
+    (CaptionFolder.from_spec). Raises ValueError (or OSError) naming what is wrong."""
     kind, _, rest = spec.partition(":")
+    if kind == "vqa":  # VQA v2 questions, annotations and region files
+        from shared.vqa import VQAFolder  # shared.vqa builds on this file
+        if inputs != "regions" or task != "vqa":
+            raise ValueError("VQA data trains --task vqa of a region model (uniter, oscar)")
+        corpus = VQAFolder.from_spec(spec)
+        corpus.notes.append(f"{corpus.n_questions} questions; {len(corpus.missing)} questions "
+                            f"dropped: their image has no region file")
+        return corpus
     if inputs != "regions":
         return CaptionFolder.from_spec(spec, image_size)
     if kind != "regions" or not rest:
@@ -652,3 +661,59 @@ def open_corpus(spec: str, inputs: str, image_size: int) -> CaptionFolder | Regi
                          f"regions:ANNOTATION_JSON[,REGION_DIR], not {spec!r}")
     annotation, _, region_dir = rest.partition(",")
     return RegionFolder.coco(annotation, region_dir or None)
+
+
+def training_corpus(spec: str, inputs: str, config, starts: bool, min_answer_count: int,
+                    out: Path, log):
+    """train.py's --data: (the corpus, the config with what the corpus decides). The corpus is
+    open_corpus's; its counts and notes are logged, and what its workers cannot read is listed
+    in <out>/unreadable.txt. A run that `starts` here (not a resumed one) takes the VQA head's
+    classes from VQA data (shared.vqa.answer_classes). A ValueError or OSError names what is
+    wrong."""
+    corpus = open_corpus(spec, inputs, config.image_size, config.task)
+    corpus.unreadable_log = Path(out) / "unreadable.txt"  # every worker appends what it skips
+    log(f"--data {spec}: {len(corpus)} images; dropped {corpus.dropped_images} images (no caption "
+        f"or no file) and {corpus.dropped_captions} empty captions")
+    for line in corpus.notes:  # e.g. a Karpathy file's split counts
+        log(line)
+    if starts and spec.startswith("vqa:"):
+        from shared.vqa import answer_classes  # shared.vqa builds on this file
+        config = dataclasses.replace(config, answers=answer_classes(corpus, min_answer_count, log))
+    if isinstance(corpus, RegionFolder) and corpus.most_regions() > config.n_regions:
+        log(f"the region files hold up to {corpus.most_regions()} regions (first "
+            f"{min(500, len(corpus))} files); the model keeps n_regions = {config.n_regions}: "
+            f"raise --n_regions to use them all")
+    return corpus, config
+
+
+def corpus_counts(corpus, unreadable_log: Path) -> dict:
+    """What final.json records of a training corpus: its images, what was dropped reading its
+    index, the files its workers could not read (unreadable_log), its notes."""
+    return dict(images=len(corpus), dropped_images=corpus.dropped_images,
+                dropped_captions=corpus.dropped_captions,
+                unreadable_files=unreadable_files(unreadable_log), corpus_notes=corpus.notes)
+
+
+def kept_statistics(config, init_config: dict | None, corpus, log):
+    """The config of a region model with standardise_features, with the (mean, std) (F,) its
+    run standardises region features with (shared.data.standardisation), kept in it and so in
+    its checkpoints: those of --init's config where it kept some (fine-tuning goes on with the
+    numbers its encoder learned with), else those of the region folder `corpus`, whose
+    near-constant dimensions are logged (their std is floored: floored_std). On the world
+    (corpus None) the config keeps none: the world's config gives them."""
+    kept = (init_config or {}).get("feature_mean", ())
+    if kept:
+        return dataclasses.replace(config, feature_mean=tuple(kept),
+                                   feature_std=tuple(init_config["feature_std"]))
+    if corpus is None:
+        return config
+    mean, std = corpus.feature_statistics()  # (F,) each, of its first images
+    if len(mean) != config.feature_dim:
+        raise ValueError(f"the region files have {len(mean)}-d features but feature_dim is "
+                         f"{config.feature_dim} (--feature_dim)")
+    floored, floor = corpus.near_constant
+    log(f"feature standardisation: {floored} of {len(std)} dimensions near-constant (std < "
+        f"{floor:.3g}) on the first {min(500, len(corpus))} images; their std is floored at "
+        f"{floor:.3g}")
+    return dataclasses.replace(config, feature_mean=tuple(mean.tolist()),
+                               feature_std=tuple(std.tolist()))

@@ -8,7 +8,9 @@
                                                                toolkit's third score]
     recall_at_k     R@1/5/10, both directions      retrieval   [Oscar Table 2(a); UNITER Table 3;
                                                                CoCa Table 3]
-    vqa_accuracy    VQA soft accuracy              VQA         [Oscar Table 2(b); UNITER Table 3]
+    vqa_accuracy    VQA accuracy as the server     VQA         [Oscar Table 2(b); UNITER Table 3]
+                    computes it: answers normalised (normalize_answer), leave-one-annotator-out
+                    subsets; vqa_accuracy_by_type: the same per question type
     top1_accuracy   top-1 of a (N, C) logit table  zero-shot / linear probe
                                                    [VirTex §Downstream; CoCa Tables 2, 4]
     truth_rate      share of true captions         the synthetic world (OURS, no paper)
@@ -28,7 +30,9 @@ CIDEr-D's length penalty on bigram counts) are reproduced on purpose and marked 
              Collection and Evaluation Server". arXiv 1504.00325.
     ROUGE:   Lin. "ROUGE: A Package for Automatic Evaluation of Summaries". ACL workshop 2004
              (ROUGE-L: its §3, the longest common subsequence).
-    VQA:     Antol et al. "VQA: Visual Question Answering". ICCV 2015 (its accuracy metric).
+    VQA:     Antol et al. "VQA: Visual Question Answering". ICCV 2015 (its accuracy metric);
+             Goyal et al. "Making the V in VQA Matter". CVPR 2017 (VQA v2, whose evaluation
+             server averages that metric over the leave-one-annotator-out subsets).
 
 Text conventions: captions arrive lower-cased and tokenised, tokens separated by whitespace
 (`str.split()` is the tokeniser here, as it is inside pycocoevalcap once its Java PTB
@@ -367,31 +371,50 @@ def recall_at_k(scores, text_image) -> dict[str, float]:
 
 # --- VQA, classification, truth -----------------------------------------------------------------
 
-def _normalise_answer(answer: str) -> str:
-    """Lower case, runs of whitespace to one space, no leading / trailing space."""
-    return " ".join(answer.lower().split())
+# The evaluation server's answer normalisation (the official VQA evaluation code): number words
+# to digits, articles dropped, punctuation removed.
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:']")
+_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period that is not a decimal point
+
+
+def normalize_answer(answer: str) -> str:
+    """The form in which two answers are compared: lower case; punctuation removed (a period
+    only where it is not a decimal point, "2.5" stays); number words zero..ten as digits; the
+    articles a, an, the dropped; whitespace collapsed. "Two dogs." -> "2 dogs".
+    DEVIATION: the official evaluation script also rewrites ~170 apostrophe-less contractions
+    ("dont" -> "don't") and treats a comma between digits apart ("1,000"); we leave both out, so
+    an answer differing only in those counts as different (rare among VQA v2 answers)."""
+    text = _PUNCTUATION.sub(" ", answer.lower().replace("\n", " ").replace("\t", " "))
+    text = _PERIOD.sub("", text)
+    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
+    return " ".join(words)
 
 
 def vqa_accuracy(predicted: list[str], answers: list[list[str]]) -> float:
-    """VQA soft accuracy (Antol et al., ICCV 2015), averaged over questions.
+    """VQA accuracy as the evaluation server computes it, averaged over questions. Per question,
+    with the n human answers a_1..a_n (10 in VQA v2) and the prediction p, all normalised
+    (normalize_answer):
 
-        Acc(a) = min(#{annotators who answered a} / 3, 1)
+        Acc(p) = (1/n) Σ_i min(#{j ≠ i : a_j = p} / 3, 1)
 
-    so an answer given by 3 or more of the (10) annotators is fully right. OURS: the divisor is
-    min(3, number of reference answers), so with a single reference answer per question (the
-    synthetic world) this is plain exact-match accuracy, and with 2 either one counts half.
-    Answers are compared after lower-casing and collapsing whitespace.
-    DEVIATION: the official evaluation script also strips punctuation, maps number words to
-    digits and drops articles, and averages Acc over the 10 leave-one-annotator-out subsets of
-    9 annotators; we keep the formula as the paper states it.
+    the paper's min(#humans / 3, 1) (Antol et al.) averaged over the n leave-one-annotator-out
+    subsets of n - 1 annotators. Worked example: 3 of 10 annotators said "yes"; leaving out one of
+    those 3, 2 of the other 9 agree (min(2/3, 1) = 2/3), leaving out any of the other 7, 3 agree
+    (1): Acc("yes") = (3 · 2/3 + 7 · 1) / 10 = 0.9, where min(3/3, 1) alone would give 1. Ten
+    equal answers give that answer 1 and any other 0: exact match, how the synthetic world (one
+    answer a question) is scored.
 
     Args:
         predicted: N answer strings.
-        answers: N lists of >= 1 reference answers (one per annotator; repeats count).
+        answers: N lists of >= 2 human answers (one per annotator; repeats count).
     Returns:
         The mean accuracy, a float in [0, 1].
     Raises:
-        ValueError: on a length mismatch, a question without answers, or a non-string.
+        ValueError: on a length mismatch, a question with fewer than 2 answers (nothing to leave
+            one out of: give a single reference answer as 10 equal ones), or a non-string.
     """
     if len(predicted) != len(answers):
         raise ValueError(f"got {len(predicted)} predictions but {len(answers)} answer lists")
@@ -401,33 +424,36 @@ def vqa_accuracy(predicted: list[str], answers: list[list[str]]) -> float:
     for i, (guess, refs) in enumerate(zip(predicted, answers)):
         if not isinstance(guess, str):
             raise ValueError(f"predicted[{i}] is a {type(guess).__name__}, not a string")
-        if isinstance(refs, str) or len(refs) == 0:
-            raise ValueError(f"answers[{i}] must be a non-empty list of answer strings")
+        if isinstance(refs, str) or len(refs) < 2:
+            raise ValueError(f"answers[{i}] must be a list of >= 2 human answers (a single "
+                             "reference answer: the same answer 10 times)")
         if not all(isinstance(r, str) for r in refs):
             raise ValueError(f"answers[{i}] holds a non-string")
-        agree = sum(_normalise_answer(r) == _normalise_answer(guess) for r in refs)
-        total += min(agree / min(3, len(refs)), 1.0)
+        guess = normalize_answer(guess)
+        same = [normalize_answer(r) == guess for r in refs]  # (n,)
+        agree = sum(same)
+        total += sum(min((agree - s) / 3, 1.0) for s in same) / len(refs)  # leave out each one
     return total / len(predicted)
 
 
-def vqa_accuracy_by_type(predicted: list[str], questions: list[str], answers: list[str],
-                         question_type) -> dict[str, float]:
-    """vqa_acc over every question, and vqa_acc_<type> over the questions of each type.
+def vqa_accuracy_by_type(predicted: list[str], answers: list[list[str]],
+                         kinds: list[str]) -> dict[str, float]:
+    """vqa_acc over every question, and vqa_acc_<kind> over the questions of each kind (a
+    question template of the world, an answer type of VQA v2), kinds in first-seen order.
 
     Args:
-        predicted, questions, answers: N predicted answers, the questions, one reference answer
-            each (the synthetic world).
-        question_type: question -> its type name, e.g. the world's question_type (passed in, as
-            truth_rate's checker, so that this file does not import the world).
+        predicted, answers: as vqa_accuracy.
+        kinds: N type names, one per question.
     Returns:
-        {"vqa_acc": float, "vqa_acc_<type>": float for each type present}, in first-seen order.
+        {"vqa_acc": float, "vqa_acc_<kind>": float for each kind present}.
     """
-    metrics = {"vqa_acc": vqa_accuracy(predicted, [[a] for a in answers])}
-    kinds = [question_type(q) for q in questions]
+    if len(kinds) != len(predicted):
+        raise ValueError(f"got {len(predicted)} predictions but {len(kinds)} question types")
+    metrics = {"vqa_acc": vqa_accuracy(predicted, answers)}
     for kind in dict.fromkeys(kinds):
         rows = [i for i, k in enumerate(kinds) if k == kind]
         metrics[f"vqa_acc_{kind}"] = vqa_accuracy([predicted[i] for i in rows],
-                                                  [[answers[i]] for i in rows])
+                                                  [answers[i] for i in rows])
     return metrics
 
 
@@ -448,22 +474,6 @@ def top1_accuracy(logits, labels) -> float:
     if logits.shape[0] == 0:
         raise ValueError("no examples: N = 0")
     return float((logits.argmax(dim=1) == labels).double().mean())
-
-
-def predict_answers(examples: list[dict], answer_logits, answers: list[str],
-                    chunk: int = 256) -> tuple[list[str], list[tuple]]:
-    """Every question of the world examples, answered `chunk` at a time (Oscar and UNITER VQA).
-
-    answer_logits(questions: b strings, images: b indices into examples) -> (b, A) logits over
-    `answers`. Returns (the predicted answers, the (question, answer, image index) triples),
-    in the order of the examples and of their questions."""
-    qa = [(q, a, k) for k, ex in enumerate(examples) for q, a in ex["questions"]]
-    predicted = []
-    for s in range(0, len(qa), chunk):
-        part = qa[s:s + chunk]
-        logits = answer_logits([q for q, _, _ in part], [k for _, _, k in part])  # (b, A)
-        predicted += [answers[a] for a in logits.argmax(dim=-1).tolist()]
-    return predicted, qa
 
 
 def truth_rate(captions: list[str], scenes: list, is_true) -> dict[str, float]:
@@ -494,50 +504,3 @@ def truth_rate(captions: list[str], scenes: list, is_true) -> dict[str, float]:
     mode = Counter(captions).most_common(1)[0][0]  # most_common keeps first-seen order on ties
     baseline = sum(bool(is_true(mode, scene)) for scene in scenes)
     return {"truth": truth / len(captions), "baseline": baseline / len(captions)}
-
-
-def retrieval_ceilings(truth) -> dict[str, float]:
-    """The R@1 that two idealised scorers of N (caption, image) pairs would expect, from the
-    truth table alone: a yardstick for the retrieval metrics on the synthetic world.
-
-    OURS (the world lets a program check a caption, which real data does not). truth: (N, N)
-    bool, truth[i, j] = caption i is true of image j; caption i was written for image i, so the
-    diagonal must be True. With
-
-        k_i = Σ_j truth[i, j]   (how many images caption i is true of)
-        m_j = Σ_i truth[i, j]   (how many captions are true of image j)
-
-      truth-only: a scorer that knows only true / false ranks the true candidates in random
-        order:  t2i = mean_i 1 / k_i,   i2t = mean_j 1 / m_j.
-      specific: it also prefers, for an image, the true captions with the smallest k (the most
-        specific ones) and, for a caption, the true images with the smallest m (the ones fewest
-        captions fit); ties in random order. This is roughly what a calibrated ITM log-odds
-        does (it estimates log p(caption | image) / p(caption)); a heuristic, not a bound.
-
-    Returns {"t2i_truth_only", "i2t_truth_only", "t2i_specific", "i2t_specific"}, each the
-    expected R@1 in [0, 1].
-
-    Worked example: truth = [[1, 1], [0, 1]] (caption 0 fits both images, caption 1 only
-    image 1): k = [2, 1], m = [1, 2]; t2i_truth_only = (1/2 + 1/1) / 2 = 0.75; image 1's true
-    captions are {0, 1} with k = {2, 1}, so the specific scorer picks caption 1 for it, right,
-    and i2t_specific = 1.
-    """
-    truth = np.asarray(truth, dtype=bool)
-    if truth.ndim != 2 or truth.shape[0] != truth.shape[1] or truth.shape[0] == 0:
-        raise ValueError(f"truth must be a non-empty square (captions, images) table, got shape "
-                         f"{truth.shape}")
-    if not truth.diagonal().all():
-        raise ValueError("truth's diagonal must be True: caption i is written for image i")
-    k, m = truth.sum(1), truth.sum(0)  # (N,) images per caption, (N,) captions per image
-
-    def specific(table: np.ndarray, fit: np.ndarray) -> float:
-        """Row r ranks its true columns by fit (smaller first); expected R@1 of column r."""
-        hits = []
-        for r, row in enumerate(table):
-            candidates = np.flatnonzero(row)
-            winners = candidates[fit[candidates] == fit[candidates].min()]
-            hits.append(float(r in winners) / len(winners))
-        return float(np.mean(hits))
-
-    return {"t2i_truth_only": float(np.mean(1.0 / k)), "i2t_truth_only": float(np.mean(1.0 / m)),
-            "t2i_specific": specific(truth, m), "i2t_specific": specific(truth.T, k)}

@@ -6,7 +6,15 @@
     peak_flops        the dense bf16 peak of an H100 / H200 / A100, else None
     step_flops        the FLOPs of one forward + backward, counted once by FlopCounterMode
     format_duration   seconds -> "4m05s" / "1h02m"
+    mfu_per_step      a step's FLOPs over the GPU's peak, counted on the stream's first batch
+    progress_line     the line train.py prints every log_every_s
+    metrics_text      a metrics dict as "key value ..."
+    StopSignals       SIGTERM / Ctrl-C: finish the step, checkpoint, stop
 """
+
+import itertools
+import signal
+import threading
 
 import torch
 from torch import Tensor, nn
@@ -93,3 +101,61 @@ def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def mfu_per_step(model: nn.Module, batches, device: torch.device, grad_accum_steps: int,
+                 autocast) -> tuple[float | None, object]:
+    """(The FLOPs of one optimizer step over the GPU's bf16 peak, the batches): None off an
+    H100 / H200 / A100. The FLOPs are counted once, on the first batch of the stream, which is
+    then put back at its head (hence the iterator returned)."""
+    peak = peak_flops(device)
+    if peak is None:
+        return None, batches
+    first = next(batches)
+    with autocast:
+        flops = step_flops(model, {k: v.to(device) if torch.is_tensor(v) else v
+                                   for k, v in first.items()})
+    return flops * grad_accum_steps / peak, itertools.chain([first], batches)
+
+
+def progress_line(step: int, max_steps: int, means: dict, lr: float, batch_size: int, steps: int,
+                  tokens: int, seconds: float, stop: int, mfu_flops: float | None) -> str:
+    """"step s/max | loss terms | lr | steps/s ex/s tok/s [MFU] | eta" over the last `steps`
+    steps, which took `seconds` and read `tokens` text tokens."""
+    rate = steps / max(seconds, 1e-9)
+    parts = " ".join(f"{n} {v:.4f}" for n, v in means.items())
+    mfu = f"MFU {mfu_flops * rate:.1%} " if mfu_flops else ""
+    return (f"step {step}/{max_steps} | {parts} | lr {lr:.2e} | {rate:.2f} steps/s "
+            f"{rate * batch_size:.0f} ex/s {tokens / max(seconds, 1e-9):.0f} tok/s {mfu}"
+            f"| eta {format_duration((stop - step) / max(rate, 1e-9))}")
+
+
+def metrics_text(metrics: dict) -> str:
+    """'key value ...': counts (ints) as integers, everything else to 4 decimals."""
+    return " ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}"
+                    for k, v in metrics.items())
+
+
+class StopSignals:
+    """SIGTERM (a cluster preempting the job) and SIGINT (Ctrl-C) while training: the first one
+    lets the step in progress finish, and the loop then writes latest.pt and stops; a second one
+    stops at once (KeyboardInterrupt). Installed only in the main thread (Python's rule)."""
+
+    def __init__(self):
+        self.received = ""  # the name of the first signal, e.g. "SIGTERM"
+        self.before = {}
+
+    def handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.before[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)

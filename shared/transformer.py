@@ -254,6 +254,22 @@ class HeadTransform(nn.Module):
         return self.norm(F.gelu(self.dense(x)))  # (..., D)
 
 
+class TiedOutputHead(nn.Module):
+    """BERT's prediction head with its output layer tied to an embedding: transform(h), then
+    that embedding's weight (passed in, so it is not a copy) and the head's own bias; names map
+    onto a checkpoint's cls.predictions (transform, bias). The MLM heads of Oscar and UNITER
+    (the word embeddings (V, D)) and UNITER's MRFR head (the Image Embedder's W_f (D, F),
+    transposed)."""
+
+    def __init__(self, d_model: int, out_dim: int):
+        super().__init__()
+        self.transform = HeadTransform(d_model)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+
+    def forward(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(self.transform(hidden), weight, self.bias)  # (M, D) -> (M, out)
+
+
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation: N(0, std) for Linear and Embedding weights, zero biases, LayerNorm
     weight 1 and bias 0; the padding embedding row is zero. Use with `model.apply(...)`."""

@@ -1,6 +1,7 @@
 """VQA v2 on disk: the official question and annotation files, the answer vocabulary, the soft
-scores the models train on and the accuracy the evaluation server computes (Goyal et al., CVPR
-2017; the metric of Antol et al., ICCV 2015). UNITER [§4.1] and Oscar [§4] both fine-tune on it.
+scores the models train on and the accuracy per answer type as the evaluation server reports it
+(Goyal et al., CVPR 2017; the accuracy itself, with the server's answer normalisation, is
+shared.metrics.vqa_accuracy). UNITER [§4.1] and Oscar [§4] both fine-tune on it.
 
     v2_OpenEnded_mscoco_<subtype>_questions.json   {"questions": [{"question_id", "image_id",
                                                     "question"}], "data_subtype": "train2014"}
@@ -15,7 +16,6 @@ found by region_file. Predictions are written as the server reads them:
 """
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from shared.folders import (RegionFolder, _json_type, _list, _need, _note_unreadable,
                             _parse_json, _read_text, need_region_files)
+from shared.metrics import normalize_answer, vqa_accuracy_by_type
 
 ANSWER_TYPES = ("yes/no", "number", "other")
 # The papers' vocabulary: every answer that is the most common one ("multiple_choice_answer")
@@ -31,27 +32,8 @@ ANSWER_TYPES = ("yes/no", "number", "other")
 # preprocessing both codes took their answer list from). train.py --min_answer_count sets it.
 MIN_ANSWER_COUNT = 9
 
-# --- answer normalisation, as the evaluation server compares answers ----------------------------
 
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:']")
-_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a period that is not a decimal point
-
-
-def normalize_answer(answer: str) -> str:
-    """The form in which two answers are compared: lower case; punctuation removed (a period
-    only where it is not a decimal point, "2.5" stays); number words zero..ten as digits; the
-    articles a, an, the dropped; whitespace collapsed. "Two dogs." -> "2 dogs".
-    DEVIATION: the official evaluation script also rewrites ~170 apostrophe-less contractions
-    ("dont" -> "don't") and treats a comma between digits apart ("1,000"); we leave both out, so
-    an answer differing only in those counts as different (rare among VQA v2 answers)."""
-    text = _PUNCTUATION.sub(" ", answer.lower().replace("\n", " ").replace("\t", " "))
-    text = _PERIOD.sub("", text)
-    words = [NUMBER_WORDS.get(w, w) for w in text.split() if w not in ARTICLES]
-    return " ".join(words)
-
+# --- answers: classes, training targets, the vocabulary ---------------------------------------
 
 def answer_index(answers: tuple[str, ...]) -> dict[str, int]:
     """normalised answer -> its class, for soft_scores (answers: a VQA head's classes)."""
@@ -78,27 +60,19 @@ def soft_scores(answers: list[str], index: dict[str, int]) -> np.ndarray:
     return scores
 
 
-def vqa_v2_accuracy(predicted: str, answers: list[str]) -> float:
-    """The evaluation server's accuracy of one prediction against the (10) human answers:
-
-        Acc = (1/n) Σ_i min(#{j ≠ i : a_j = predicted} / 3, 1)
-
-    min(#humans / 3, 1) averaged over the n leave-one-annotator-out subsets of n - 1
-    annotators, on normalised answers. With a single reference answer it is exact match."""
-    if len(answers) == 1:
-        return float(normalize_answer(predicted) == normalize_answer(answers[0]))
-    guess = normalize_answer(predicted)
-    same = [normalize_answer(a) == guess for a in answers]  # (n,)
-    total = sum(same)
-    return sum(min((total - s) / 3, 1.0) for s in same) / len(answers)
-
-
 def answer_vocabulary(records: list[dict], min_count: int = MIN_ANSWER_COUNT) -> tuple[str, ...]:
     """The answers (normalised) that are the most common answer of >= min_count questions,
     most frequent first, ties alphabetical. records: read_vqa's question records."""
     counts = Counter(normalize_answer(r["multiple_choice_answer"]) for r in records)
     return tuple(a for a, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                  if c >= min_count and a)
+
+
+def world_answers() -> tuple[str, ...]:
+    """The synthetic world's answers (shared.world.ANSWERS): the VQA head's classes of a Config
+    that names none. Imported here, where read, so that importing a paper file skips the world."""
+    from shared.world import ANSWERS
+    return ANSWERS
 
 
 def count_unanswerable(records: list[dict], answers: tuple[str, ...]) -> int:
@@ -110,15 +84,13 @@ def count_unanswerable(records: list[dict], answers: tuple[str, ...]) -> int:
 
 
 def accuracy_by_type(predicted: list[str], records: list[dict]) -> dict[str, float]:
-    """{"vqa_acc": overall, "vqa_acc_<answer type>": ...} of the predictions (one per record),
-    as the server reports them."""
-    scores = [vqa_v2_accuracy(p, r["answers"]) for p, r in zip(predicted, records, strict=True)]
-    metrics = {"vqa_acc": sum(scores) / len(scores)}
-    for kind in ANSWER_TYPES:
-        rows = [s for s, r in zip(scores, records) if r["answer_type"] == kind]
-        if rows:
-            metrics[f"vqa_acc_{kind.replace('/', '_')}"] = sum(rows) / len(rows)
-    return metrics
+    """{"vqa_acc": overall, "vqa_acc_<answer type>": ...} of the predictions (one per record,
+    which holds its human answers), as the server reports them (shared.metrics.vqa_accuracy),
+    the answer types in ANSWER_TYPES order."""
+    metrics = vqa_accuracy_by_type(predicted, [r["answers"] for r in records],
+                                   [r["answer_type"].replace("/", "_") for r in records])
+    order = ["vqa_acc"] + [f"vqa_acc_{kind.replace('/', '_')}" for kind in ANSWER_TYPES]
+    return {key: metrics[key] for key in order if key in metrics}
 
 
 def results_json(predicted: list[str], records: list[dict]) -> str:
@@ -264,3 +236,20 @@ class VQAFolder(RegionFolder):
             return {**arrays, "captions": texts, "records": records,
                     "questions": [(r["question"], r.get("answers", [])) for r in records]}
         raise RuntimeError("no region file of the corpus can be read")
+
+
+def answer_classes(corpus, min_count: int, log) -> tuple[str, ...]:
+    """The VQA head's classes of a VQAFolder: every answer that is the most common one of
+    >= min_count training questions (train.py's --min_answer_count). The log also counts the
+    questions none of whose human answers is a class: their soft-score target is all zero.
+    A ValueError when no answer is common enough."""
+    answers = corpus.answers(min_count)
+    if not answers:
+        raise ValueError(f"no answer is the most common one of >= {min_count} questions "
+                         f"(--min_answer_count)")
+    records = [r for rs in corpus.questions for r in rs]
+    missed = count_unanswerable(records, answers)
+    log(f"answer vocabulary: {len(answers):,} answers (the most common answer of >= {min_count} "
+        f"questions); {missed:,} of {len(records):,} training questions "
+        f"({100 * missed / len(records):.1f} %) have no answer in it")
+    return answers

@@ -55,6 +55,9 @@ without (example(i, regions=False)); measured numbers are in RESULTS.md:
 
     taskset -c 0 python -m shared.world --bench
     taskset -c 0 python -m shared.world --bench --image_size 224 --feature_dim 2048
+
+and the R@1 that idealised scorers of the world's captions would reach (retrieval_ceilings), a
+yardstick for the retrieval metrics: python -m shared.world --retrieval_ceilings
 """
 
 import argparse
@@ -1005,11 +1008,56 @@ def _benchmark(n: int, image_size: int, feature_dim: int) -> None:
         print(f"{image_size} px, regions={regions}: {rate:,.0f} examples/s")
 
 
-def _retrieval_ceilings(n: int, image_size: int, feature_dim: int, seed: int = 0) -> None:
-    """shared.metrics.retrieval_ceilings on the first n test examples and their first captions:
-    the pairs that UNITER's and Oscar's retrieval evaluation score."""
-    from shared.metrics import retrieval_ceilings
+def retrieval_ceilings(truth) -> dict[str, float]:
+    """The R@1 that two idealised scorers of N (caption, image) pairs would expect, from the
+    truth table alone: a yardstick for the retrieval metrics on the synthetic world.
 
+    OURS (the world lets a program check a caption, which real data does not). truth: (N, N)
+    bool, truth[i, j] = caption i is true of image j; caption i was written for image i, so the
+    diagonal must be True. With
+
+        k_i = Σ_j truth[i, j]   (how many images caption i is true of)
+        m_j = Σ_i truth[i, j]   (how many captions are true of image j)
+
+      truth-only: a scorer that knows only true / false ranks the true candidates in random
+        order:  t2i = mean_i 1 / k_i,   i2t = mean_j 1 / m_j.
+      specific: it also prefers, for an image, the true captions with the smallest k (the most
+        specific ones) and, for a caption, the true images with the smallest m (the ones fewest
+        captions fit); ties in random order. This is roughly what a calibrated ITM log-odds
+        does (it estimates log p(caption | image) / p(caption)); a heuristic, not a bound.
+
+    Returns {"t2i_truth_only", "i2t_truth_only", "t2i_specific", "i2t_specific"}, each the
+    expected R@1 in [0, 1].
+
+    Worked example: truth = [[1, 1], [0, 1]] (caption 0 fits both images, caption 1 only
+    image 1): k = [2, 1], m = [1, 2]; t2i_truth_only = (1/2 + 1/1) / 2 = 0.75; image 1's true
+    captions are {0, 1} with k = {2, 1}, so the specific scorer picks caption 1 for it, right,
+    and i2t_specific = 1.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    if truth.ndim != 2 or truth.shape[0] != truth.shape[1] or truth.shape[0] == 0:
+        raise ValueError(f"truth must be a non-empty square (captions, images) table, got shape "
+                         f"{truth.shape}")
+    if not truth.diagonal().all():
+        raise ValueError("truth's diagonal must be True: caption i is written for image i")
+    k, m = truth.sum(1), truth.sum(0)  # (N,) images per caption, (N,) captions per image
+
+    def specific(table: np.ndarray, fit: np.ndarray) -> float:
+        """Row r ranks its true columns by fit (smaller first); expected R@1 of column r."""
+        hits = []
+        for r, row in enumerate(table):
+            candidates = np.flatnonzero(row)
+            winners = candidates[fit[candidates] == fit[candidates].min()]
+            hits.append(float(r in winners) / len(winners))
+        return float(np.mean(hits))
+
+    return {"t2i_truth_only": float(np.mean(1.0 / k)), "i2t_truth_only": float(np.mean(1.0 / m)),
+            "t2i_specific": specific(truth, m), "i2t_specific": specific(truth.T, k)}
+
+
+def _retrieval_ceilings(n: int, image_size: int, feature_dim: int, seed: int = 0) -> None:
+    """retrieval_ceilings on the first n test examples and their first captions: the pairs that
+    UNITER's and Oscar's retrieval evaluation score."""
     world = World(WorldConfig(seed=seed, image_size=image_size, feature_dim=feature_dim), "test")
     examples = [world.example(i, regions=False) for i in range(min(n, len(world)))]
     truth = [[is_true(a["captions"][0], b["scene"]) for b in examples] for a in examples]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from shared.evaluate import (grouped_retrieval, in_eval_mode, pair_scores, reference_caption,
-                             retrieval_metrics, sample_captions, world_examples)
+from shared.evaluate import (answer_questions, grouped_retrieval, in_eval_mode, pair_scores,
+                             predict_answers, reference_caption, retrieval_metrics,
+                             sample_captions, vqa_metrics, world_examples)
 from shared.tokenizer import Tokenizer
 from shared.world import WorldConfig
 
@@ -97,3 +98,63 @@ def test_world_examples_and_sample_captions_take_the_first_examples_of_a_split()
     samples = sample_captions(lambda exs: [ex["captions"][1] for ex in exs], config, "val", 3,
                               regions=False)
     assert samples == [(ex["captions"][1], ex["captions"][0]) for ex in examples]
+
+
+def test_predict_answers_asks_every_question_in_chunks_with_its_own_image():
+    examples = [{"questions": [("q0a", "yes"), ("q0b", "red")]}, {"questions": []},
+                {"questions": [("q2a", "no")]}]
+    answers = ["yes", "no", "red"]
+    calls = []
+
+    def answer_logits(questions, images):  # answers "red" for image 0, "no" for the others
+        calls.append((questions, images))
+        return torch.tensor([[0.0, 1.0, 2.0] if k == 0 else [0.0, 1.0, 0.0] for k in images])
+
+    predicted, qa = predict_answers(examples, answer_logits, answers, chunk=2)
+    assert qa == [("q0a", "yes", 0), ("q0b", "red", 0), ("q2a", "no", 2)]
+    assert predicted == ["red", "red", "no"]
+    assert calls == [(["q0a", "q0b"], [0, 0]), (["q2a"], [2])]
+
+
+def test_answer_questions_runs_the_papers_answer_logits_in_eval_mode_without_gradients():
+    """The one answer_questions of the region papers: what differs between them is the function
+    that builds answer_logits (its model's inputs); it gets the model, the tokenizer, the config,
+    the examples and the world's config, and the highest logit of config.answers wins."""
+    from types import SimpleNamespace
+
+    model = torch.nn.Linear(2, 2).train()
+    config = SimpleNamespace(answers=("yes", "no", "red"))
+    examples = [{"questions": [("q0", "yes"), ("q1", "no")]}, {"questions": [("q2", "red")]}]
+    seen = {}
+
+    def answer_logits_fn(m, tokenizer, c, exs, world_config):
+        seen.update(model=m, tokenizer=tokenizer, config=c, examples=exs, world=world_config,
+                    training=m.training, grad=torch.is_grad_enabled())
+        return lambda questions, images: torch.tensor(
+            [[0.0, 0.0, 1.0] if k == 1 else [0.0, 1.0, 0.0] for k in images])
+
+    predicted = answer_questions(model, answer_logits_fn, "tok", config, examples, "world")
+    assert predicted == ["no", "no", "red"]
+    assert seen == {"model": model, "tokenizer": "tok", "config": config, "examples": examples,
+                    "world": "world", "training": False, "grad": False}
+    assert model.training  # restored
+
+
+def test_vqa_metrics_score_the_worlds_one_answer_as_ten_agreeing_annotators():
+    """A right answer scores 1 and a wrong one 0 (the server's accuracy with ten equal human
+    answers), overall and per question template."""
+    from shared.world import ANSWERS, question_type
+
+    examples = world_examples(WorldConfig(seed=0, image_size=32), "val", 6)
+    qa = [(q, a) for ex in examples for q, a in ex["questions"]]
+
+    def always_yes(questions, images):
+        return torch.nn.functional.one_hot(torch.full((len(questions),), ANSWERS.index("yes")),
+                                           len(ANSWERS)).float()
+
+    metrics = vqa_metrics(always_yes, examples, ANSWERS, chunk=4)
+    assert metrics["vqa_acc"] == pytest.approx(sum(a == "yes" for _, a in qa) / len(qa))
+    for kind in {question_type(q) for q, _ in qa}:
+        rows = [a for q, a in qa if question_type(q) == kind]
+        assert metrics[f"vqa_acc_{kind}"] == pytest.approx(
+            sum(a == "yes" for a in rows) / len(rows))

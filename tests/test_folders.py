@@ -268,10 +268,11 @@ def test_a_region_folder_without_any_of_the_images_is_named(exported, tmp_path):
     with pytest.raises(ValueError, match="for any of its 12 images") as e:
         RegionFolder.coco(captions, out / "images")  # a folder, but of images
     assert "there is no folder" not in str(e.value)
-    run, paper, _ = train.parse_args(["--model", "uniter", "--data",
-                                      f"regions:{captions},{absent}"])
+    run, paper, overrides = train.parse_args(["--model", "uniter", "--data",
+                                              f"regions:{captions},{absent}",
+                                              "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match="no region file in .*absent/ for any of its 12"):
-        train.open_data(run, paper, paper.Config.tiny())
+        train.train(run, paper, overrides, log=lambda line: None)
 
 
 @pytest.mark.parametrize("model", ["oscar", "uniter"])
@@ -375,7 +376,7 @@ def test_a_run_on_region_files_is_evaluated_with_the_statistics_it_trained_with(
     examples = [corpus.example(i) for i in range(3)]
     world_config = train.make_world_config(paper, config, run["seed"])
     if model == "uniter":
-        got = paper.region_batch(examples, config, torch.device("cpu"), world_config)[0]
+        got = paper.region_batch(examples, config, world_config, torch.device("cpu"))[0]
         expected = [paper.region_inputs(ex, config, (mean, std))["features"] for ex in examples]
     else:
         got = paper.region_batch(examples, config, world_config, torch.device("cpu"))[0]

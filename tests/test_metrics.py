@@ -5,6 +5,7 @@ from the definitions; (b) equivalence with an independent library: BLEU and CIDE
 COCO caption evaluation code (pycocoevalcap) on random corpora that nobody tuned.
 """
 
+import itertools
 import math
 import random
 
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.metrics import (bleu, cider_d, coco_tokenize, predict_answers, recall_at_k,
-                            retrieval_ceilings, rouge_l, top1_accuracy, truth_rate, vqa_accuracy)
+from shared.metrics import (bleu, cider_d, coco_tokenize, normalize_answer, recall_at_k, rouge_l,
+                            top1_accuracy, truth_rate, vqa_accuracy, vqa_accuracy_by_type)
 
 WORDS = ["a", "red", "blue", "big", "small", "circle", "square", "left", "of", "above", "the",
          "is"]
@@ -256,21 +257,65 @@ def test_recall_at_k_rejects_bad_inputs():
 
 # --- VQA, top-1, truth ----------------------------------------------------------------------------
 
-def test_vqa_accuracy_hand_case():
-    predicted = ["yes", "2", "red", "Blue "]
-    answers = [["yes"] * 10,  # 10 agree: min(10/3, 1) = 1
-               ["2", "2", "3"] + ["two"] * 7,  # 2 agree: 2/3
-               ["blue"] * 9 + ["red"],  # 1 agrees: 1/3
-               ["blue"]]  # one reference answer: plain accuracy, case / spaces ignored: 1
-    assert vqa_accuracy(predicted, answers) == pytest.approx((1 + 2 / 3 + 1 / 3 + 1) / 4)
+def subsets_accuracy(predicted: str, answers: list[str]) -> float:
+    """The evaluation's definition, literally: the mean over every choice of n - 1 of the n
+    annotators of min(#{those who gave the prediction} / 3, 1)."""
+    guess = normalize_answer(predicted)
+    subsets = list(itertools.combinations(answers, len(answers) - 1))
+    return sum(min(sum(normalize_answer(a) == guess for a in subset) / 3, 1)
+               for subset in subsets) / len(subsets)
 
 
-def test_vqa_accuracy_with_one_reference_is_plain_accuracy():
-    assert vqa_accuracy(["a", "b", "c"], [["a"], ["x"], ["c"]]) == pytest.approx(2 / 3)
+@pytest.mark.parametrize("text, normalised", [
+    ("Two dogs.", "2 dogs"), ("2.5", "2.5"), ("Yes!", "yes"), ("the red one", "red 1"),
+    ("  A  Frisbee ", "frisbee"), ("t-shirt", "t shirt"), ("none", "0"), ("ten", "10")])
+def test_answers_are_compared_after_normalisation(text, normalised):
+    assert normalize_answer(text) == normalised
+
+
+def test_vqa_accuracy_worked_by_hand():
+    # 2 of 10 said "2": leaving out one of them, 1 of 9 agrees (1/3); leaving out any of the
+    # other 8, 2 of 9 agree (2/3): (2 * 1/3 + 8 * 2/3) / 10 = 0.6
+    answers = ["2", "2"] + ["3"] * 8
+    assert vqa_accuracy(["2"], [answers]) == pytest.approx(0.6)
+    assert vqa_accuracy(["two"], [answers]) == pytest.approx(0.6)  # normalised to "2"
+    assert vqa_accuracy(["3"], [answers]) == 1.0
+    # exactly 3 agree: min(3 / 3, 1) = 1 would be the paper's formula; the server's subsets of
+    # 9 give (3 * 2/3 + 7 * 1) / 10 = 0.9
+    assert vqa_accuracy(["yes"], [["yes"] * 3 + ["no"] * 7]) == pytest.approx(0.9)
+    assert vqa_accuracy(["maybe"], [["yes"] * 10]) == 0.0
+    # one reference answer given by all ten annotators (the world's): exact match
+    assert vqa_accuracy(["Red", "blue"], [["red"] * 10, ["red"] * 10]) == 0.5
+
+
+def test_vqa_accuracy_is_the_mean_over_questions():
+    predicted = ["yes", "two", "red", "Blue "]
+    answers = [["yes"] * 10,  # every subset of 9 has >= 3 "yes": 1
+               ["2", "2"] + ["3"] * 8,  # 0.6 (worked above)
+               ["blue"] * 9 + ["red"],  # without the one "red": 0; with it, 1/3: 9/30 = 0.3
+               ["blue"] * 10]  # case and spaces normalised away: 1
+    assert vqa_accuracy(predicted, answers) == pytest.approx((1 + 0.6 + 0.3 + 1) / 4)
+
+
+def test_vqa_accuracy_equals_the_loop_over_subsets_of_annotators():
+    rng = random.Random(0)
+    pool = ["yes", "no", "2", "two", "red", "Red.", "blue"]
+    for _ in range(300):
+        answers = [rng.choice(pool) for _ in range(rng.choice([2, 3, 5, 10]))]
+        guess = rng.choice(pool)
+        assert vqa_accuracy([guess], [answers]) == pytest.approx(
+            subsets_accuracy(guess, answers), abs=1e-12)
+
+
+def test_vqa_accuracy_refuses_what_it_cannot_score():
     with pytest.raises(ValueError, match="2 predictions but 1"):
-        vqa_accuracy(["a", "b"], [["a"]])
-    with pytest.raises(ValueError, match="non-empty"):
-        vqa_accuracy(["a"], [[]])
+        vqa_accuracy(["a", "b"], [["a"] * 10])
+    with pytest.raises(ValueError, match=">= 2 human answers"):
+        vqa_accuracy(["a"], [["a"]])  # one answer: no subset of the others to score against
+    with pytest.raises(ValueError, match="no questions"):
+        vqa_accuracy([], [])
+    with pytest.raises(ValueError, match="not a string"):
+        vqa_accuracy([3], [["3"] * 10])
 
 
 def test_top1_accuracy():
@@ -300,80 +345,15 @@ def test_metrics_accept_numpy_logits():
 
 
 def test_vqa_accuracy_by_type_by_hand():
-    from shared.metrics import vqa_accuracy_by_type
-    questions = ["how many a", "what colour b", "how many c", "how many d"]
-    answers = ["two", "red", "one", "zero"]
+    answers = [[a] * 10 for a in ["two", "red", "one", "zero"]]
     predicted = ["two", "blue", "one", "six"]
-    kind = {"how": "count", "what": "colour"}
-    metrics = vqa_accuracy_by_type(predicted, questions, answers, lambda q: kind[q.split()[0]])
+    kinds = ["count", "colour", "count", "count"]
+    metrics = vqa_accuracy_by_type(predicted, answers, kinds)
     assert metrics == {"vqa_acc": 0.5, "vqa_acc_count": pytest.approx(2 / 3),
                        "vqa_acc_colour": 0.0}
-
-
-# --- retrieval_ceilings ----------------------------------------------------------------------
-
-def test_retrieval_ceilings_by_hand():
-    # caption 0 fits images 0, 1; caption 1 only image 1: k = [2, 1], m = [1, 2]
-    c = retrieval_ceilings([[True, True], [False, True]])
-    assert c["t2i_truth_only"] == pytest.approx((1 / 2 + 1) / 2)
-    assert c["i2t_truth_only"] == pytest.approx((1 + 1 / 2) / 2)
-    assert c["i2t_specific"] == 1.0  # image 1 picks caption 1 (k 1) over caption 0 (k 2)
-    assert c["t2i_specific"] == 1.0  # caption 0 picks image 0 (m 1) over image 1 (m 2)
-    # everything true of everything: every candidate ties, both scorers guess among 3
-    c = retrieval_ceilings(np.ones((3, 3), bool))
-    assert all(v == pytest.approx(1 / 3) for v in c.values())
-    # caption 0 fits every image: k = [3, 1, 1] and m = [1, 2, 2] differ, so t2i != i2t
-    c = retrieval_ceilings([[1, 1, 1], [0, 1, 0], [0, 0, 1]])
-    assert c["t2i_truth_only"] == pytest.approx((1 / 3 + 1 + 1) / 3)
-    assert c["i2t_truth_only"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
-    assert c["t2i_specific"] == 1.0 and c["i2t_specific"] == 1.0
-    # k = [2, 1, 2], m = [2, 2, 1]: caption 0 ties between images 0 and 1 (m 2 each), image 0
-    # between captions 0 and 2 (k 2 each); every other query has one best candidate, its own
-    c = retrieval_ceilings([[1, 1, 0], [0, 1, 0], [1, 0, 1]])
-    assert c["t2i_specific"] == pytest.approx((1 / 2 + 1 + 1) / 3)
-    assert c["i2t_specific"] == pytest.approx((1 / 2 + 1 + 1) / 3)
-    assert c["t2i_truth_only"] == pytest.approx(2 / 3)
-
-
-def test_truth_only_ceiling_is_what_a_random_tie_breaking_scorer_gets_from_recall_at_k():
-    """Scores = truth + small noise rank the true candidates first in random order; averaged over
-    many draws, recall_at_k's R@1 of that scorer is the truth-only expectation."""
-    rng = np.random.default_rng(0)
-    truth = rng.random((12, 12)) < 0.3
-    np.fill_diagonal(truth, True)
-    expected = retrieval_ceilings(truth)
-    draws = [recall_at_k(torch.tensor(truth.T + 0.5 * rng.random((12, 12))), torch.arange(12))
-             for _ in range(4000)]  # scores (images, texts) = truth transposed
-    assert np.mean([d["t2i_r1"] for d in draws]) == pytest.approx(expected["t2i_truth_only"],
-                                                                  abs=0.01)
-    assert np.mean([d["i2t_r1"] for d in draws]) == pytest.approx(expected["i2t_truth_only"],
-                                                                  abs=0.01)
-
-
-@pytest.mark.parametrize("truth, message", [
-    ([[True, False], [False, False]], "diagonal must be True"),
-    ([[True, True]], "square"),
-    (np.zeros((0, 0), bool), "square"),
-])
-def test_retrieval_ceilings_refuses_a_bad_table(truth, message):
-    with pytest.raises(ValueError, match=message):
-        retrieval_ceilings(truth)
-
-
-def test_predict_answers_asks_every_question_in_chunks_with_its_own_image():
-    examples = [{"questions": [("q0a", "yes"), ("q0b", "red")]}, {"questions": []},
-                {"questions": [("q2a", "no")]}]
-    answers = ["yes", "no", "red"]
-    calls = []
-
-    def answer_logits(questions, images):  # answers "red" for image 0, "no" for the others
-        calls.append((questions, images))
-        return torch.tensor([[0.0, 1.0, 2.0] if k == 0 else [0.0, 1.0, 0.0] for k in images])
-
-    predicted, qa = predict_answers(examples, answer_logits, answers, chunk=2)
-    assert qa == [("q0a", "yes", 0), ("q0b", "red", 0), ("q2a", "no", 2)]
-    assert predicted == ["red", "red", "no"]
-    assert calls == [(["q0a", "q0b"], [0, 0]), (["q2a"], [2])]
+    assert list(metrics) == ["vqa_acc", "vqa_acc_count", "vqa_acc_colour"]  # first seen
+    with pytest.raises(ValueError, match="4 predictions but 3 question types"):
+        vqa_accuracy_by_type(predicted, answers, kinds[:3])
 
 
 @pytest.mark.parametrize("raw, tokens", [

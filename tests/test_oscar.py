@@ -17,7 +17,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import oscar
 from shared.data import feature_statistics
@@ -144,7 +143,7 @@ def test_mask_tokens_statistics_and_specials_never_masked():
     rng = np.random.default_rng(0)
     tokens = [CLS] + list(range(10, 30)) + [SEP] + list(range(40, 45)) + [SEP]
     maskable = [t not in (CLS, SEP) for t in tokens]
-    chosen = masked = randomised = kept = 0
+    chosen = masked = kept = 0
     n_draws = 3000
     for _ in range(n_draws):
         out, labels = oscar.mask_tokens(tokens, maskable, rng, 0.15, MASK, (5, 200))

@@ -25,7 +25,9 @@ class FakeWorld:
 
 @pytest.fixture(autouse=True)
 def fake_world(monkeypatch):
-    monkeypatch.setattr(probe, "ClassificationWorld", FakeWorld)
+    import shared.world  # linear_probe imports the world where it reads it
+
+    monkeypatch.setattr(shared.world, "ClassificationWorld", FakeWorld)
 
 
 def test_features_that_hold_the_label_give_perfect_accuracy():

@@ -6,7 +6,6 @@ resume, k more steps must give the same losses and bit-identical weights as 2k s
 
 import errno
 import json
-import math
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import torch
 
 import train
 from shared.checkpoint import CheckpointError, save_checkpoint
+from shared.distributed import autocast_for
 from shared.monitor import peak_flops, step_flops
 from shared.optim import decay_groups, learning_rate
 
@@ -584,7 +584,7 @@ def test_one_step_of_every_model_runs_under_bf16_autocast_on_the_cpu(name):
             module.register_forward_hook(lambda m, i, o: linear_dtypes.add(o.dtype))
     losses = {}
     for dtype in ("fp32", "bf16"):
-        autocast = train.autocast_for(dataclasses.replace(run, dtype=dtype), torch.device("cpu"))
+        autocast = autocast_for(dtype, torch.device("cpu"))
         torch.manual_seed(1)
         with autocast:
             losses[dtype] = model(batch)

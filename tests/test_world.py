@@ -10,11 +10,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from shared.metrics import recall_at_k
 from shared.world import (ANSWERS, CLASS_NAMES, COLOURS, DETECTOR_CLASSES, PALETTE, SHAPES, SIZES,
                           ClassificationWorld, Obj, Scene, World, WorldConfig, export_split,
-                          is_true, parse_caption, relation_margin, render_scene)
+                          is_true, parse_caption, relation_margin, render_scene,
+                          retrieval_ceilings)
 
 CONFIG = WorldConfig(seed=3, image_size=64, n_val=400, n_test=400, n_train=5000)
 
@@ -437,3 +440,53 @@ def test_export_round_trip(tmp_path):
             assert npz["tags"].dtype.kind == "U" and list(npz["tags"]) == ex["tags"]
             assert npz["image_hw"].dtype == np.int32 and npz["image_hw"].tolist() == [32, 32]
             assert np.allclose(npz["features"], ex["features"], rtol=1e-2, atol=1e-2)
+
+
+# --- retrieval_ceilings ----------------------------------------------------------------------
+
+def test_retrieval_ceilings_by_hand():
+    # caption 0 fits images 0, 1; caption 1 only image 1: k = [2, 1], m = [1, 2]
+    c = retrieval_ceilings([[True, True], [False, True]])
+    assert c["t2i_truth_only"] == pytest.approx((1 / 2 + 1) / 2)
+    assert c["i2t_truth_only"] == pytest.approx((1 + 1 / 2) / 2)
+    assert c["i2t_specific"] == 1.0  # image 1 picks caption 1 (k 1) over caption 0 (k 2)
+    assert c["t2i_specific"] == 1.0  # caption 0 picks image 0 (m 1) over image 1 (m 2)
+    # everything true of everything: every candidate ties, both scorers guess among 3
+    c = retrieval_ceilings(np.ones((3, 3), bool))
+    assert all(v == pytest.approx(1 / 3) for v in c.values())
+    # caption 0 fits every image: k = [3, 1, 1] and m = [1, 2, 2] differ, so t2i != i2t
+    c = retrieval_ceilings([[1, 1, 1], [0, 1, 0], [0, 0, 1]])
+    assert c["t2i_truth_only"] == pytest.approx((1 / 3 + 1 + 1) / 3)
+    assert c["i2t_truth_only"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert c["t2i_specific"] == 1.0 and c["i2t_specific"] == 1.0
+    # k = [2, 1, 2], m = [2, 2, 1]: caption 0 ties between images 0 and 1 (m 2 each), image 0
+    # between captions 0 and 2 (k 2 each); every other query has one best candidate, its own
+    c = retrieval_ceilings([[1, 1, 0], [0, 1, 0], [1, 0, 1]])
+    assert c["t2i_specific"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert c["i2t_specific"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert c["t2i_truth_only"] == pytest.approx(2 / 3)
+
+
+def test_truth_only_ceiling_is_what_a_random_tie_breaking_scorer_gets_from_recall_at_k():
+    """Scores = truth + small noise rank the true candidates first in random order; averaged over
+    many draws, recall_at_k's R@1 of that scorer is the truth-only expectation."""
+    rng = np.random.default_rng(0)
+    truth = rng.random((12, 12)) < 0.3
+    np.fill_diagonal(truth, True)
+    expected = retrieval_ceilings(truth)
+    draws = [recall_at_k(torch.tensor(truth.T + 0.5 * rng.random((12, 12))), torch.arange(12))
+             for _ in range(4000)]  # scores (images, texts) = truth transposed
+    assert np.mean([d["t2i_r1"] for d in draws]) == pytest.approx(expected["t2i_truth_only"],
+                                                                  abs=0.01)
+    assert np.mean([d["i2t_r1"] for d in draws]) == pytest.approx(expected["i2t_truth_only"],
+                                                                  abs=0.01)
+
+
+@pytest.mark.parametrize("truth, message", [
+    ([[True, False], [False, False]], "diagonal must be True"),
+    ([[True, True]], "square"),
+    (np.zeros((0, 0), bool), "square"),
+])
+def test_retrieval_ceilings_refuses_a_bad_table(truth, message):
+    with pytest.raises(ValueError, match=message):
+        retrieval_ceilings(truth)
