@@ -803,11 +803,15 @@ def answer_questions(model: Oscar, tokenizer, config: Config, examples: list[dic
                                    world_config)
 
 
-def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world_config,
-            beam_size: int | None = None, cached: bool = True) -> list[str]:
+def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world_config=None,
+            prompt: str = "", beam_size: int | None = None, cached: bool = True) -> list[str]:
     """Captions for the examples' images [Oscar §4, Image Captioning; code]: start from [CLS],
     append [MASK], read the next word at [MASK], append it, repeat to [SEP] or max_gen_len tokens
-    ([CLS] included, [code]); beam search (beam_size, Σ log p / len^α) or greedy (beam 1)."""
+    ([CLS] included, [code]); beam search (beam_size, Σ log p / len^α) or greedy (beam 1).
+    world_config: the world whose feature statistics standardise the regions, where the config
+    keeps none. No prompt: the caption always starts at [CLS] (a ValueError otherwise)."""
+    if prompt:
+        raise ValueError("Oscar's captions start at [CLS]: it continues no prompt")
     device = model_device(model)
     beam_size = config.beam_size if beam_size is None else beam_size
     regions, region_mask = region_batch(examples, config, world_config, device)

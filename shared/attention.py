@@ -18,7 +18,6 @@ Shapes: B batch, Tq queries, Tk keys, D width, H heads, Dh = D / H head width.
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

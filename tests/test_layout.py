@@ -374,3 +374,10 @@ def test_the_reference_check_fails_where_it_should():
             "https://example.org/a/no_such.py, [code] run_no_such.py, w/train/captions.json",
             "the official code's virtex/no_such.py, UNITER's no_such_script.py"]
     assert reference_problems(citing, list(enumerate(good, 1))) == []
+
+
+def test_train_py_and_the_readme_stay_short():
+    """train.py reads top to bottom as one loop of small functions (what is not the loop lives
+    in its shared/ module), and the README is read in one sitting."""
+    assert len((ROOT / "train.py").read_text().splitlines()) <= 500
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250

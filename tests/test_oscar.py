@@ -20,36 +20,11 @@ import torch
 
 import oscar
 from shared.data import feature_statistics
-from shared.tokenizer import Tokenizer
-from shared.world import World, WorldConfig
+from tests.region_world import WORLD_CONFIG, one_thread, tokenizer, world  # noqa: F401
+from shared.world import World
 
 IGNORE, PAD = oscar.IGNORE, oscar.PAD_ID
 CLS, SEP, MASK = 2, 3, 4  # shared.tokenizer
-WORLD_CONFIG = WorldConfig(feature_dim=16, n_regions=10, n_train=400, n_val=40, n_test=40)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World(WORLD_CONFIG, "train")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world) -> Tokenizer:
-    texts = []
-    for i in range(100):
-        example = world.example(i, regions=False)
-        texts += example["captions"] + [q for q, _ in example["questions"]]
-    return Tokenizer.train(texts, vocab_size=200)
-
-
 def small(**overrides) -> oscar.Config:
     base = dict(hidden_size=32, layers=2, heads=2, intermediate_size=64, dropout=0.0,
                 vocab_size=200, max_text_len=36, max_retrieval_text_len=36,
@@ -524,8 +499,8 @@ def test_a_caption_is_at_most_max_gen_len_tokens_with_the_cls(tokenizer, beam_si
         model.heads["mlm"].bias[tokenizer.token_to_id("circle")] = 1e4
     examples = [World(WORLD_CONFIG, "test").example(i) for i in range(2)]
     with torch.no_grad():
-        captions = oscar.caption(model, tokenizer, config, examples, WORLD_CONFIG, beam_size,
-                                 cached)
+        captions = oscar.caption(model, tokenizer, config, examples, WORLD_CONFIG,
+                                 beam_size=beam_size, cached=cached)
     for text in captions:
         assert set(text.split()) == {"circle"}
         n_words = len(text.split())

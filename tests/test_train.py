@@ -409,6 +409,60 @@ def test_compile_traces_each_model_once_per_task_whatever_the_text_length(name):
 
 # --- the contract: train.py asks the paper file nothing it does not define -------------------
 
+# The contract's functions: the parameters every paper file that defines one takes, in order
+# (README's table). Further parameters of a paper's own must have defaults.
+SIGNATURES = {
+    "build_model": ["config"], "make_optimizer": ["model", "config"],
+    "after_optimizer_step": ["model"], "train_dataset": ["source", "tokenizer", "config", "seed"],
+    "collate_fn": ["items"],
+    "evaluate": ["model", "tokenizer", "config", "world_config", "split", "n"],
+    "sample_captions": ["model", "tokenizer", "config", "world_config", "split", "n"],
+    "caption": ["model", "tokenizer", "config", "examples", "world_config", "prompt"],
+    "retrieval_scores": ["model", "tokenizer", "config", "examples", "world_config", "texts"],
+    "answer_questions": ["model", "tokenizer", "config", "examples", "world_config"],
+    "embed_image_arrays": ["model", "images"],
+    "embed_text_strings": ["model", "tokenizer", "config", "texts"],
+    "image_features": ["model", "images"]}
+
+
+def signature_problems(paper) -> list[str]:
+    """Where a paper module's contract functions differ from SIGNATURES."""
+    import inspect
+
+    problems = []
+    for name, expected in SIGNATURES.items():
+        if name not in vars(paper):
+            continue
+        params = list(inspect.signature(vars(paper)[name]).parameters.values())
+        if [p.name for p in params[:len(expected)]] != expected:
+            problems.append(f"{name}{tuple(p.name for p in params)}, want {tuple(expected)}")
+        problems += [f"{name}: {p.name} has no default" for p in params[len(expected):]
+                     if p.default is inspect.Parameter.empty]
+    return problems
+
+
+@pytest.mark.parametrize("name", [*train.MODELS, "toy"])
+def test_every_contract_function_has_one_signature_across_the_papers(name):
+    from tests import toy_paper
+
+    assert signature_problems(toy_paper if name == "toy" else train.import_paper(name)) == []
+
+
+def test_the_signature_check_fails_where_it_should():
+    from types import SimpleNamespace
+
+    def caption(model, tokenizer, config, examples, beam_size, world_config=None, prompt=""):
+        return []
+
+    def answer_questions(model, tokenizer, config, examples, world_config=None, chunk=64):
+        return []
+    problems = signature_problems(SimpleNamespace(caption=caption,
+                                                  answer_questions=answer_questions))
+    assert problems == ["caption('model', 'tokenizer', 'config', 'examples', 'beam_size', "
+                        "'world_config', 'prompt'), want ('model', 'tokenizer', 'config', "
+                        "'examples', 'world_config', 'prompt')"]
+
+
 def test_train_py_uses_only_the_contract_and_never_probes_the_paper():
     """No hasattr/getattr anywhere in train.py, no comparison with a model's name outside
     import_paper, and every paper file defines every contract name."""

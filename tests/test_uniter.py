@@ -31,39 +31,13 @@ from shared.checkpoint import load_weights
 from shared.data import feature_statistics
 from shared.metrics import recall_at_k
 from shared.tokenizer import Tokenizer
+from tests.region_world import WORLD_CONFIG, one_thread, tokenizer, world  # noqa: F401
 from shared.world import ANSWERS, DETECTOR_CLASSES, World, WorldConfig, question_type
 
 IGNORE = uniter.IGNORE
 PAD_ID = uniter.PAD_ID
 SPECIAL = {0, 1, 2, 3, 4}  # shared.tokenizer: [PAD], [UNK], [CLS], [SEP], [MASK]
 CLS, SEP, UNK, MASK = 2, 3, 1, 4
-WORLD_CONFIG = WorldConfig(feature_dim=16, n_regions=10, n_train=400, n_val=40, n_test=40)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tensors here are tiny: one thread is fastest, and on a busy machine two OpenMP
-    threads can spin against another process for 50x the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World(WORLD_CONFIG, "train")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(world) -> Tokenizer:
-    texts = []
-    for i in range(100):
-        example = world.example(i, regions=False)
-        texts += example["captions"] + [q for q, _ in example["questions"]]
-    return Tokenizer.train(texts, vocab_size=200)
-
-
 def only(task: str) -> dict:
     """Config overrides that make every pre-training update `task`."""
     return {f"mix_{t}": float(t == task) for t in uniter.PRETRAIN_TASKS}
