@@ -44,21 +44,26 @@ from torch.utils.data import DataLoader, Dataset
 # normalisation serves real data (train.py --data) and the world.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
+# CLIP's statistics (of its training images), which open_clip's released models, CoCa's among
+# them, were trained with [code: open_clip constants.py, OPENAI_DATASET_MEAN / _STD]; a model
+# keeps the pair it was trained with in its config.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalise_image(x: Tensor) -> Tensor:
-    """float (3, H, W) in [0, 1] -> normalised per channel with the ImageNet mean and std."""
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+def normalise_image(x: Tensor, mean=IMAGE_MEAN, std=IMAGE_STD) -> Tensor:
+    """float (3, H, W) in [0, 1] -> (x - mean) / std per channel (default: ImageNet's)."""
+    mean = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
     return (x - mean) / std  # (3, H, W)
 
 
-def image_to_tensor(image: np.ndarray) -> Tensor:
+def image_to_tensor(image: np.ndarray, mean=IMAGE_MEAN, std=IMAGE_STD) -> Tensor:
     """uint8 (H, W, 3) in [0, 255] -> float32 (3, H, W), normalised per channel."""
     if not image.flags.writeable:  # np.asarray(PIL image) is read-only; torch warns on those
         image = image.copy()
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
-    return normalise_image(x)  # (3, H, W)
+    return normalise_image(x, mean, std)  # (3, H, W)
 
 
 class Epochs:
@@ -139,8 +144,10 @@ class ImageTextDataset(Dataset):
     depends on workers or on where a run was resumed.
     """
 
-    def __init__(self, source, tokenizer, max_len: int, seed: int = 0):
+    def __init__(self, source, tokenizer, max_len: int, seed: int = 0, mean=IMAGE_MEAN,
+                 std=IMAGE_STD):
         self.source, self.tokenizer, self.max_len, self.seed = source, tokenizer, max_len, seed
+        self.mean, self.std = mean, std  # the per-channel statistics the model was trained with
         self.epochs = Epochs(source, seed)
 
     def __len__(self) -> int:
@@ -151,7 +158,7 @@ class ImageTextDataset(Dataset):
         example = self.source.example(index, regions=False)
         caption = pick_text(example["captions"], text, np.random.default_rng([self.seed, 7, p]))
         tokens = self.tokenizer.encode(caption, max_len=self.max_len)
-        return {"image": image_to_tensor(example["image"]),  # (3, H, W)
+        return {"image": image_to_tensor(example["image"], self.mean, self.std),  # (3, H, W)
                 "tokens": torch.tensor(tokens, dtype=torch.long)}  # (T_i,)
 
 

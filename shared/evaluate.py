@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shared.data import image_to_tensor
+from shared.data import IMAGE_MEAN, IMAGE_STD, image_to_tensor
 from shared.metrics import (bleu, cider_d, recall_at_k, rouge_l, truth_rate,
                             vqa_accuracy_by_type)
 
@@ -76,9 +76,10 @@ def world_examples(world_config, split: str, n: int, regions: bool = True) -> li
     return [world.example(i, regions=regions) for i in range(min(n, len(world)))]
 
 
-def image_batch(images: list[np.ndarray], device: torch.device) -> Tensor:
+def image_batch(images: list[np.ndarray], device: torch.device, mean=IMAGE_MEAN,
+                std=IMAGE_STD) -> Tensor:
     """uint8 (H, W, 3) arrays -> (B, 3, H, W) normalised pixels on `device`."""
-    return torch.stack([image_to_tensor(image) for image in images]).to(device)
+    return torch.stack([image_to_tensor(image, mean, std) for image in images]).to(device)
 
 
 def pair_scores(score: Callable[[Tensor, Tensor], Tensor], n: int, n_texts: int | None = None,

@@ -67,15 +67,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """An image file -> uint8 (size, size, 3): RGB, shorter side resized to `size` (bicubic),
-    centre crop. Raises OSError (or ValueError) when the file cannot be decoded."""
+    centre crop, pixel for pixel as torchvision's Resize(size) + CenterCrop(size) on a Pillow
+    image, the evaluation transform of open_clip and of most released vision models: the longer
+    side is size · long / short truncated, the crop's offset (excess / 2) rounded half to even.
+    Raises OSError (or ValueError) when the file cannot be decoded."""
     with Image.open(path) as image:
         image.load()  # decode now: a truncated file fails here, not later
         image = to_rgb(image)
     w, h = image.size
-    scale = size / min(w, h)
-    w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    longer = int(size * max(w, h) / min(w, h))
+    w, h = (size, longer) if w <= h else (longer, size)
     image = image.resize((w, h), Image.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return np.array(image.crop((left, top, left + size, top + size)))  # (S, S, 3), writable
 
 

@@ -86,6 +86,30 @@ def test_resize_keeps_the_shorter_side_and_crops_the_centre(tmp_path):
     assert array.shape == (10, 10, 3) and array.min() > 200
 
 
+@pytest.mark.parametrize("width, height", [(300, 217), (217, 300), (225, 224), (401, 250)])
+def test_preprocessing_equals_open_clip_s_evaluation_transform(tmp_path, width, height):
+    """load_image + image_to_tensor with CLIP's statistics against open_clip's own evaluation
+    transform (torchvision's Resize(224, bicubic) + CenterCrop(224) + ToTensor + Normalize) on
+    non-square photos-like images: a smooth field plus noise, so that an off-by-one resize or
+    crop shows in every channel. Sizes where the long side truncates and the crop offset rounds
+    half to even (401 x 250: 359.2 -> 359, offset 67.5 -> 68)."""
+    import open_clip
+
+    from shared.data import CLIP_MEAN, CLIP_STD, image_to_tensor
+
+    rng = np.random.default_rng(width * height)
+    y, x = np.mgrid[0:height, 0:width]
+    field = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    pixels = np.clip(field + rng.normal(0, 25, field.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.png")
+    transform = open_clip.image_transform(224, is_train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    with Image.open(tmp_path / "photo.png") as image:
+        theirs = transform(image)  # (3, 224, 224)
+    ours = image_to_tensor(load_image(tmp_path / "photo.png", 224), CLIP_MEAN, CLIP_STD)
+    assert ours.shape == theirs.shape == (3, 224, 224)
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+
+
 def test_a_truncated_image_is_skipped_with_a_counted_warning(tmp_path):
     for k, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
         Image.new("RGB", (16, 16), colour).save(tmp_path / f"{k}.png")
