@@ -7,6 +7,8 @@
     python bench.py --oscar_cache   # Oscar's cached caption decoding vs uncached
     python bench.py --coca_cache    # CoCa's cached caption decoding vs uncached
     python bench.py --virtex_cache  # VirTex's cached caption decoding vs uncached
+    python bench.py --coca_generate # greedy captions of open_clip's coca_ViT-B-32 (random
+                                    # weights, converted): ours (cached) vs open_clip's generate
     python bench.py --adamw         # AdamW on the CPU: fused kernel vs torch's loops
     python bench.py --step_memory   # peak memory of a training step, with and without
                                     # --grad_checkpointing (Linux: reads /proc/self/status)
@@ -308,6 +310,64 @@ def _caption_step_maker(name: str, batch: int, tokens: int, preset: str):
             f"{config.image_size} px images")
 
 
+def coca_generate_vs_open_clip(name: str = "coca_ViT-B-32", batch: int = 4, seq_len: int = 21,
+                               rounds: int = 3, warmup: int = 1) -> None:
+    """Greedy captions of open_clip's released architecture `name` (random weights, fp32, eval),
+    converted with coca.from_open_clip: our CoCa.generate (key/value cache) against open_clip's
+    own generate (top-k 1 = greedy, which re-runs the text decoders over the whole prefix at
+    every step; the image is encoded once on both sides). The end token is -1, which no model
+    emits, so every row decodes seq_len - 1 tokens on both sides. Prints text tokens per second.
+
+    open_clip 3.3's generate imports transformers' logit processors together with a beam
+    search scorer that transformers 5 no longer has, and then disables all of them: the ones
+    greedy decoding needs are put back from transformers, as tests/test_open_clip.py does."""
+    if importlib.util.find_spec("open_clip") is None or importlib.util.find_spec(
+            "transformers") is None:
+        print("skipped coca generate vs open_clip: open_clip or transformers is not installed")
+        return
+    import open_clip
+    import open_clip.coca_model as open_clip_coca
+    import transformers
+
+    import coca
+
+    for processor in ("LogitsProcessorList", "TopKLogitsWarper", "MinLengthLogitsProcessor",
+                      "RepetitionPenaltyLogitsProcessor", "MaxLengthCriteria",
+                      "StoppingCriteriaList"):
+        setattr(open_clip_coca, processor, getattr(transformers, processor))
+    open_clip_coca._has_transformers = True
+    open_clip_coca.GENERATION_TYPES["top_k"] = transformers.TopKLogitsWarper
+    torch.manual_seed(0)
+    theirs = open_clip.create_model(name).eval()
+    with torch.no_grad():  # open_clip leaves some tensors uninitialised: draw every one anew
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) +
+                    (1.0 if p.ndim == 1 else 0.0))
+    config, state = coca.from_open_clip(theirs.state_dict(), open_clip.get_model_config(name))
+    ours = coca.CoCa(config).eval()
+    ours.load_state_dict(state)
+    images = torch.randn(batch, 3, config.image_size, config.image_size)
+    start, end = 49406, -1  # CLIP's <start_of_text>; an end no model emits
+
+    @torch.no_grad()
+    def ours_step():
+        return ours.generate(images, start, end, max_len=seq_len, method="greedy")
+
+    @torch.no_grad()
+    def theirs_step():
+        return theirs.generate(images, seq_len=seq_len, generation_type="top_k", top_k=1,
+                               min_seq_len=1, repetition_penalty=1.0, sot_token_id=start,
+                               eos_token_id=end, pad_token_id=0)
+
+    assert torch.equal(ours_step()[:, :-1], theirs_step()[:, :-1])  # the same captions
+    times = time_alternately({"ours": ours_step, "theirs": theirs_step}, rounds, warmup)
+    tokens = batch * (seq_len - 1)
+    print(f"{name} greedy captions (random weights, B {batch}, {seq_len - 1} tokens each, "
+          f"{torch.get_num_threads()} threads): ours (cached) {tokens / times['ours']:.0f} tok/s "
+          f"({times['ours']:.2f} s), open_clip generate {tokens / times['theirs']:.0f} tok/s "
+          f"({times['theirs']:.2f} s), speedup {times['theirs'] / times['ours']:.2f}x")
+
+
 def cached_vs_uncached(name: str, batch: int = 32, tokens: int = 30, preset: str = "small",
                        rounds: int = 5, warmup: int = 1) -> None:
     """Greedy decoding of `tokens` tokens for `batch` inputs, with the captioner's key/value
@@ -419,6 +479,8 @@ def main() -> None:
                         help="CoCa's cached caption decoding vs uncached")
     parser.add_argument("--virtex_cache", action="store_true",
                         help="VirTex's cached caption decoding vs uncached")
+    parser.add_argument("--coca_generate", action="store_true",
+                        help="greedy captions of open_clip's CoCa B/32, ours vs open_clip")
     parser.add_argument("--adamw", action="store_true",
                         help="AdamW on the CPU: the fused kernel vs torch's loops")
     parser.add_argument("--step_memory", action="store_true",
@@ -433,7 +495,7 @@ def main() -> None:
     if args.step_memory:
         step_memory()
     if not (args.step_memory or args.coca or args.resnet or args.ipot or args.bert or args.oscar_cache
-            or args.coca_cache or args.virtex_cache or args.adamw):
+            or args.coca_cache or args.virtex_cache or args.adamw or args.coca_generate):
         parser.error("choose a comparison: --coca, --resnet, --ipot, --bert, --oscar_cache, "
                      "--coca_cache, --virtex_cache, --adamw")
     if args.coca:
@@ -452,6 +514,8 @@ def main() -> None:
         cached_vs_uncached("virtex", rounds=args.rounds)
     if args.adamw:
         adamw_fused_vs_loops(rounds=args.rounds)
+    if args.coca_generate:
+        coca_generate_vs_open_clip(rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     Jiahui Yu, Zirui Wang, Vijay Vasudevan, Legg Yeung, Mojtaba Seyedhosseini, Yonghui Wu.
     TMLR 2022; arXiv 2205.01917v2 (14 Jun 2022). Every `[CoCa ...]` tag cites that version;
-    `[code]` is open_clip 89fb801, the reference implementation we compare against.
+    `[code]` is open_clip 89fb801, the reference implementation we compare against (its
+    released-weights layout, Config.open_clip, as open_clip 3.3.0 builds it).
 
 One image encoder, a text decoder cut in two halves, two losses from one pass [CoCa Fig. 2]:
 
@@ -28,6 +29,9 @@ Paper map (section / equation -> code)
     §3.3 frozen-feature evaluation                  linear_probe (DEVIATION: linear head)
     §4.2.3 image captioning                         CoCa.generate, caption_images
     §4.3, Table 8b objective ablation               Config.lambda_con = 0 or lambda_cap = 0
+    not the paper: open_clip's released CoCa [code]  Config.open_clip; the Config fields after
+        (one 256-query pooler, ViT class token,      "open_clip's released CoCa"; pooler_layout
+        two MLPs a multimodal layer, ...)            "single"; from_open_clip (section 7)
 
 Layout: sections 1-6 are the paper (config, inputs, encoders and decoder, objectives, model,
 generation); below the fence line, sections 7-9 are what train.py and the tools ask of a paper
@@ -66,7 +70,7 @@ PAD_ID = 0  # [PAD] of shared.tokenizer; padded keys are masked, padded targets 
 @dataclass
 class Config:
     """CoCa-Base [CoCa Table 1] and the pretraining recipe of [CoCa §4.1]. `OURS:` marks values the
-    paper does not give. Every field is a flag of train.py (`--text_width 256`)."""
+    paper does not give. Every field but image_mean/std is a train.py flag (`--text_width 256`)."""
     task: str = "pretrain"  # the only one (TASKS)
     # image encoder: a ViT trained from scratch [CoCa §3.2]
     image_size: int = 288  # §3.2: "image resolution of 288 × 288"
@@ -79,6 +83,7 @@ class Config:
     # attentional poolers [CoCa §3.2]
     n_caption_queries: int = 256  # §3.2: n_query = 256 for the generative loss (1 for contrastive)
     pooler_layout: str = "cascade"  # §4.3: "used by default in all CoCa models" (see CoCa.pool)
+    pooler_heads: int = 0  # OURS: §3.2 states none; 0 = text_heads
     # decoupled text decoder [CoCa §3.2]
     text_width: int = 768  # Table 1: Hidden
     text_heads: int = 12  # Table 1: Heads
@@ -93,6 +98,19 @@ class Config:
     lambda_cap: float = 2.0  # §4.1: λ_Cap = 2.0 ("a larger captioning loss weight is better")
     init_temperature: float = 0.07  # §4.1: "trainable temperature τ with an initial value of 0.07"
     max_logit_scale: float = 100.0  # OURS (CLIP, open_clip): 1/τ clamped to ≤ 100 after each step
+    # open_clip's released CoCa [code: open_clip transformer.py, coca_model.py]; all off = paper
+    vision_cls_token: bool = False  # a learned class token before the patches (one key more)
+    ln_pre: bool = False  # a LayerNorm on the embedded patches, before the first ViT block
+    patch_bias: bool = True  # the linear patch embedding's bias (open_clip's conv1 has none)
+    cross_kv_norm: bool = False  # a LayerNorm on the image queries before each cross-attention
+    separate_cross_block: bool = False  # a multimodal layer is a self-attention block and a
+    #                                     cross-attention block, each with its own MLP
+    output_bias: bool = True  # the vocabulary projection's bias (open_clip's has none)
+    legacy_cls_mask: bool = False  # [CLS]'s keys shifted by one, as open_clip's released weights
+    #                                were trained (unimodal_attention_mask)
+    ln_eps: float = 1e-6  # every LayerNorm's epsilon (open_clip: 1e-5, torch's default)
+    image_mean: tuple = (0.485, 0.456, 0.406)  # per-channel pixel statistics the model is fed
+    image_std: tuple = (0.229, 0.224, 0.225)  # with: ImageNet's (open_clip: CLIP's)
     # downstream
     beam_size: int = 1  # OURS: caption decoding in evaluate(); 1 = greedy (the paper states none)
     # pretraining recipe, read by train.py [CoCa §4.1]
@@ -146,6 +164,14 @@ class Config:
                    max_text_len=32, embed_dim=128, batch_size=64, lr=1e-3, warmup_steps=100,
                    max_steps=1800, lr_schedule="cosine", train_single_object_prob=0.5)
 
+    @classmethod
+    def open_clip(cls, name: str) -> "Config":
+        """open_clip's "coca_ViT-B-32" or "coca_ViT-L-14" [code: open_clip model_configs]: the
+        layout of its released weights, built by open_clip_config (section 7)."""
+        if name not in OPEN_CLIP_MODELS:
+            raise ValueError(f"no open_clip CoCa {name!r}: {', '.join(OPEN_CLIP_MODELS)}")
+        return open_clip_config(OPEN_CLIP_MODELS[name])
+
 
 # --- 2. Inputs: the patch embedding ------------------------------------------------------------
 
@@ -166,7 +192,7 @@ class PatchEmbedding(nn.Module):
         p, Dv = config.patch_size, config.vision_width
         self.patch_size, self.stem = p, config.patch_stem
         if self.stem == "linear":
-            self.proj = nn.Linear(3 * p * p, Dv)  # E in ViT's Eq. 1
+            self.proj = nn.Linear(3 * p * p, Dv, bias=config.patch_bias)  # E in ViT's Eq. 1
         else:
             n_stages = int(math.log2(p))  # each stage halves the resolution
             widths = [3] + [max(Dv >> (n_stages - 1 - s), 8) for s in range(n_stages)]  # .., Dv
@@ -194,26 +220,34 @@ class ImageEncoder(nn.Module):
     """The ViT of [CoCa §3.2]: patch embedding + learned positions, pre-LN blocks, a final
     LayerNorm.
 
-    No ViT class token: CoCa reads the image through its attentional poolers instead."""
+    No ViT class token: CoCa reads the image through its attentional poolers instead.
+    open_clip's ViT [code] has one (vision_cls_token, its own position, one key more for the
+    pooler) and a LayerNorm before the blocks (ln_pre)."""
 
     def __init__(self, config: Config):
         super().__init__()
         Dv = config.vision_width
         self.image_size, self.checkpointed = config.image_size, config.grad_checkpointing
         self.patch_embedding = PatchEmbedding(config)
-        N = (config.image_size // config.patch_size) ** 2
-        self.positions = nn.Parameter(torch.zeros(1, N, Dv))  # learned, one per patch
+        N = (config.image_size // config.patch_size) ** 2 + config.vision_cls_token  # tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, Dv)) if config.vision_cls_token else None
+        self.positions = nn.Parameter(torch.zeros(1, N, Dv))  # learned, one per token
+        self.pre_norm = nn.LayerNorm(Dv, eps=config.ln_eps) if config.ln_pre else nn.Identity()
         self.blocks = nn.ModuleList(
-            PreLNEncoderBlock(Dv, config.vision_heads, int(config.mlp_ratio * Dv), config.dropout)
+            PreLNEncoderBlock(Dv, config.vision_heads, int(config.mlp_ratio * Dv), config.dropout,
+                              eps=config.ln_eps)
             for _ in range(config.vision_layers))
-        self.norm = nn.LayerNorm(Dv, eps=1e-6)
+        self.norm = nn.LayerNorm(Dv, eps=config.ln_eps)
 
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W). Returns the encoder output (B, N, Dv)."""
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(f"images are {tuple(images.shape[-2:])}, the model was built for "
                              f"{self.image_size}x{self.image_size}")
-        x = self.patch_embedding(images) + self.positions  # (B, N, Dv)
+        x = self.patch_embedding(images)  # (B, (H/p)², Dv)
+        if self.cls_token is not None:  # [code] the class token first
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)  # (B, 1+(H/p)², Dv)
+        x = self.pre_norm(x + self.positions)  # (B, N, Dv), N tokens in all
         for block in self.blocks:
             x = run_layer(block, x, checkpointed=self.checkpointed)  # (B, N, Dv), all to all
         return self.norm(x)  # (B, N, Dv)
@@ -226,24 +260,26 @@ class AttentionalPooler(nn.Module):
     with the encoder output as both keys and values"; then a LayerNorm. AMBIGUITY: the text of
     §3.2 names no LayerNorm; it comes from the pseudocode drawn inside [CoCa Fig. 2], and
     open_clip normalises the pooled tokens too [code]. Nor does the text say how many heads: we
-    use the text decoder's.
+    use the text decoder's (or pooler_heads). open_clip's pooler also normalises its queries
+    (query_norm) and its keys and values (our ImageEncoder.norm does that) [code].
     No residual and no MLP: the queries are parameters, not tokens with content.
     """
 
     def __init__(self, n_queries: int, d_model: int, n_heads: int, context_dim: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, eps: float = 1e-6, query_norm: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.zeros(n_queries, d_model))  # (Q, D), learned
+        self.query_norm = nn.LayerNorm(d_model, eps=eps) if query_norm else nn.Identity()
         self.attn = MultiHeadAttention(d_model, n_heads, dropout, context_dim=context_dim)
-        self.norm = nn.LayerNorm(d_model, eps=1e-6)
+        self.norm = nn.LayerNorm(d_model, eps=eps)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens: (B, N, Dc) keys and values. Returns (B, Q, D)."""
-        queries = self.queries.expand(tokens.shape[0], -1, -1)  # (B, Q, D), same queries per image
+        queries = self.query_norm(self.queries).expand(tokens.shape[0], -1, -1)  # (B, Q, D)
         return self.norm(self.attn(queries, context=tokens))  # (B, Q, D)
 
 
-def unimodal_attention_mask(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
+def unimodal_attention_mask(tokens: Tensor, pad_id: int = PAD_ID, legacy: bool = False) -> Tensor:
     """The self-attention mask of the unimodal layers for the sequence [tokens..., CLS].
 
     Text rows are causal ([CoCa §3.2] "All decoder layers prohibit tokens from attending to
@@ -259,6 +295,12 @@ def unimodal_attention_mask(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
         PAD        1  1  1   .   .   .
         cls        1  1  1   .   .   1     the text embedding y
 
+    legacy (legacy_cls_mask; open_clip's released weights were trained so [code: open_clip
+    transformer.py, TextTransformer]): the key row is [1] + (tokens != pad), shifted one right:
+    [CLS] sees the first PAD and not itself (unless no PAD is left); text rows are unchanged
+    (their keys are real tokens either way). That depends on the padding: TextDecoder pads to
+    max_text_len, as open_clip's tokenizer does.
+
     Args:
         tokens: (B, T) right-padded token ids.
     Returns:
@@ -267,7 +309,7 @@ def unimodal_attention_mask(tokens: Tensor, pad_id: int = PAD_ID) -> Tensor:
     B, T = tokens.shape
     real_keys = padding_mask(tokens, pad_id)  # (B, 1, T), pads are hidden keys
     cls_key = torch.ones(B, 1, 1, dtype=torch.bool, device=tokens.device)  # (B, 1, 1), a real key
-    keys = torch.cat([real_keys, cls_key], dim=-1)  # (B, 1, T+1)
+    keys = torch.cat([cls_key, real_keys] if legacy else [real_keys, cls_key], dim=-1)  # (B,1,T+1)
     return causal_mask(T + 1, device=tokens.device) & keys  # (B, T+1, T+1)
 
 
@@ -280,7 +322,8 @@ class TextDecoder(nn.Module):
     multimodal: n_multi layers of causal self-attention, cross-attention to the captioning
                 pooler's queries, one MLP (the standard decoder layer; open_clip's CoCa has two
                 MLPs per layer, one in its self-attention block and one in its cross-attention
-                block); then LayerNorm and the output projection to V logits.
+                block: separate_cross_block); then LayerNorm and the output projection to V
+                logits.
 
     AMBIGUITY: the paper appends [CLS] "at the end of the input sentence"; with right-padded
     batches we append it after the padding (index T) and mask the pads out of its row, and it
@@ -297,18 +340,21 @@ class TextDecoder(nn.Module):
         D, H = config.text_width, config.text_heads
         d_hidden = int(config.mlp_ratio * D)
         self.max_text_len, self.checkpointed = config.max_text_len, config.grad_checkpointing
+        self.legacy_cls_mask, eps = config.legacy_cls_mask, config.ln_eps
         self.token_embedding = nn.Embedding(config.vocab_size, D)
         self.positions = nn.Parameter(torch.zeros(config.max_text_len + 1, D))  # last row: [CLS]
         self.cls_embedding = nn.Parameter(torch.zeros(D))  # learned [CLS], not a vocabulary id
         self.unimodal_layers = nn.ModuleList(
-            PreLNEncoderBlock(D, H, d_hidden, config.dropout)
+            PreLNEncoderBlock(D, H, d_hidden, config.dropout, eps=eps)
             for _ in range(config.unimodal_layers))
-        self.cls_norm = nn.LayerNorm(D, eps=1e-6)
+        self.cls_norm = nn.LayerNorm(D, eps=eps)
         self.multimodal_layers = nn.ModuleList(
-            PreLNDecoderBlock(D, H, d_hidden, config.dropout, context_dim=D)
+            PreLNDecoderBlock(D, H, d_hidden, config.dropout, eps, context_dim=D,
+                              two_mlps=config.separate_cross_block,
+                              norm_context=config.cross_kv_norm)
             for _ in range(config.multimodal_layers))
-        self.output_norm = nn.LayerNorm(D, eps=1e-6)
-        self.output = nn.Linear(D, config.vocab_size)  # untied; initialised in CoCa.init_weights
+        self.output_norm = nn.LayerNorm(D, eps=eps)
+        self.output = nn.Linear(D, config.vocab_size, bias=config.output_bias)  # untied
 
     def unimodal(self, tokens: Tensor, with_cls: bool = True) -> tuple[Tensor, Tensor | None]:
         """tokens: (B, T) ids, T <= max_text_len.
@@ -319,14 +365,16 @@ class TextDecoder(nn.Module):
         B, T = tokens.shape
         if T > self.max_text_len:
             raise ValueError(f"{T} text tokens, but max_text_len is {self.max_text_len}")
-        x = self.token_embedding(tokens) + self.positions[:T]  # (B, T, D)
+        if self.legacy_cls_mask and with_cls:  # its mask depends on the padding (see there)
+            tokens = F.pad(tokens, (0, self.max_text_len - T), value=PAD_ID)  # (B, max_text_len)
+        x = self.token_embedding(tokens) + self.positions[:tokens.shape[1]]  # (B, T, D)
         if not with_cls:
             for layer in self.unimodal_layers:
                 x = layer(x, causal=True)  # (B, T, D)
             return x, None
         cls = (self.cls_embedding + self.positions[-1]).expand(B, 1, -1)  # (B, 1, D)
         x = torch.cat([x, cls], dim=1)  # (B, T+1, D), [CLS] appended after the text
-        allowed = unimodal_attention_mask(tokens)  # (B, T+1, T+1)
+        allowed = unimodal_attention_mask(tokens, legacy=self.legacy_cls_mask)  # (B, T+1, T+1)
         for layer in self.unimodal_layers:
             x = run_layer(layer, x, allowed=allowed,
                           checkpointed=self.checkpointed)  # (B, T+1, D)
@@ -467,12 +515,13 @@ class CoCa(nn.Module):
         Dv, D, E = config.vision_width, config.text_width, config.embed_dim
         self.image_encoder = ImageEncoder(config)
         # both poolers output text-width tokens: the decoder cross-attends to them directly
-        self.caption_pooler = AttentionalPooler(config.n_caption_queries, D, config.text_heads,
-                                                context_dim=Dv, dropout=config.dropout)
+        H, single = config.pooler_heads or config.text_heads, config.pooler_layout == "single"
+        self.caption_pooler = AttentionalPooler(config.n_caption_queries, D, H, context_dim=Dv,
+                                                dropout=config.dropout, eps=config.ln_eps,
+                                                query_norm=single)
         contrastive_context = Dv if config.pooler_layout == "parallel" else D
-        self.contrastive_pooler = AttentionalPooler(1, D, config.text_heads,
-                                                    context_dim=contrastive_context,
-                                                    dropout=config.dropout)
+        self.contrastive_pooler = None if single else AttentionalPooler(
+            1, D, H, context_dim=contrastive_context, dropout=config.dropout, eps=config.ln_eps)
         self.text_decoder = TextDecoder(config)
         # AMBIGUITY: Eq. 2 compares x_i and y_j directly; we project both to E (bias-free, as CLIP)
         # so the shared space can be narrower than the towers. With E = D it is one extra matrix.
@@ -491,14 +540,17 @@ class CoCa(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
+        contrastive_queries = getattr(self.contrastive_pooler, "queries", None)  # "single": none
         for param in (self.image_encoder.positions, self.caption_pooler.queries,
-                      self.contrastive_pooler.queries, self.text_decoder.positions,
-                      self.text_decoder.cls_embedding):
-            nn.init.normal_(param, std=0.02)
+                      contrastive_queries, self.text_decoder.positions,
+                      self.text_decoder.cls_embedding, self.image_encoder.cls_token):
+            if param is not None:
+                nn.init.normal_(param, std=0.02)
         # explicit on purpose: the output projection must never be left uninitialised (open_clip
         # issue #554)
         nn.init.normal_(self.text_decoder.output.weight, std=0.02)
-        nn.init.zeros_(self.text_decoder.output.bias)
+        if self.text_decoder.output.bias is not None:
+            nn.init.zeros_(self.text_decoder.output.bias)
 
     def pool(self, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """The two task-specific attentional poolers [CoCa §3.2 "Attentional Poolers"].
@@ -509,15 +561,17 @@ class CoCa(nn.Module):
         zero-shot 71.6 vs 71.2, VQA 69.0 vs 68.7).
         "parallel" (Fig. 2's drawing): both poolers read the ViT output; tiny() and small() use
         it (the layout their runs were measured with). open_clip's released CoCa
-        weights use neither: one 256-query pooler whose output query 0 is the contrastive
-        embedding and whose queries 1..255 go to the decoder (open_clip issue #458).
+        weights use neither: "single" [code], one 256-query pooler whose output query 0 is the
+        contrastive embedding and whose queries 1..255 go to the decoder (open_clip issue #458).
 
         Args:
             image_tokens: (B, N, Dv) encoder output.
         Returns:
-            contrastive (B, 1, D) and caption (B, Q, D) pooled tokens.
+            contrastive (B, 1, D) and caption (B, Q, D) pooled tokens ("single": (B, Q-1, D)).
         """
         caption = self.caption_pooler(image_tokens)  # (B, Q, D), n_query = 256 in the paper
+        if self.contrastive_pooler is None:  # "single": query 0 is the contrastive one
+            return caption[:, :1], caption[:, 1:]  # (B, 1, D), (B, Q-1, D)
         source = image_tokens if self.config.pooler_layout == "parallel" else caption
         contrastive = self.contrastive_pooler(source)  # (B, 1, D), n_query = 1
         return contrastive, caption
@@ -584,7 +638,7 @@ class CoCa(nn.Module):
         """
         decoder = self.text_decoder
         if cached:
-            cross_kv = [layer.cross_attn.project_kv(image_queries)
+            cross_kv = [layer.project_context(image_queries)
                         for layer in decoder.multimodal_layers]  # once per image
             return decoding.cached_step_fn(lambda token, position, past, kv, rows:
                                            decoder.step(token, position, past, kv), cross_kv)
@@ -636,7 +690,7 @@ class CoCa(nn.Module):
 # ===== below: train.py's contract, not in the paper =====
 
 from shared.config import optimisation_problems
-from shared.data import ImageTextDataset, collate_image_text, model_device
+from shared.data import CLIP_MEAN, CLIP_STD, ImageTextDataset, collate_image_text, model_device
 from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
                              in_eval_mode, world_examples)
 from shared.evaluate import sample_captions as world_sample_captions
@@ -677,9 +731,20 @@ def config_problems(config: Config) -> list[str]:
     elif c.patch_stem == "conv" and (c.patch_size < 2 or c.patch_size & (c.patch_size - 1)):
         problems.append(f"patch_stem 'conv' needs a power-of-two patch_size, "
                         f"not {c.patch_size}")
-    if c.pooler_layout not in ("parallel", "cascade"):
-        problems.append(f"pooler_layout must be 'parallel' or 'cascade', "
+    if c.pooler_layout not in ("parallel", "cascade", "single"):
+        problems.append(f"pooler_layout must be 'parallel', 'cascade' or 'single', "
                         f"not {c.pooler_layout!r}")
+    elif c.pooler_layout == "single" and c.n_caption_queries < 2:
+        problems.append("pooler_layout 'single' needs n_caption_queries >= 2 (query 0 is the "
+                        "contrastive one, the others the decoder's)")
+    if c.pooler_heads < 0 or c.text_width % (c.pooler_heads or c.text_heads):
+        problems.append(f"pooler_heads must be 0 (= text_heads) or divide text_width "
+                        f"{c.text_width}, not {c.pooler_heads}")
+    if not (len(c.image_mean) == len(c.image_std) == 3 and min(c.image_std) > 0):
+        problems.append(f"image_mean and image_std must be 3 numbers each (R, G, B), the std's "
+                        f"> 0, not {tuple(c.image_mean)} and {tuple(c.image_std)}")
+    if not c.ln_eps > 0:
+        problems.append(f"ln_eps must be > 0, not {c.ln_eps}")
     problems += optimisation_problems(c)
     if min(c.vision_layers, c.unimodal_layers, c.multimodal_layers,
            c.n_caption_queries, c.embed_dim, c.beam_size) < 1:
@@ -713,6 +778,234 @@ def after_optimizer_step(model: CoCa) -> None:
     model.logit_scale.clamp_(max=math.log(model.config.max_logit_scale))
 
 
+# open_clip's released CoCa [code: open_clip coca_model.py, transformer.py, model.py]: its
+# architecture as a Config, its weights as our state dict (convert.py writes the checkpoint).
+
+# The sizes of open_clip's two CoCa architectures [code: open_clip model_configs/coca_ViT-B-32.json,
+# coca_ViT-L-14.json], in the layout of those files (the rest is open_clip's defaults).
+OPEN_CLIP_MODELS = {
+    "coca_ViT-B-32": {
+        "embed_dim": 512,
+        "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32,
+                       "attentional_pool": True, "attn_pooler_heads": 8, "output_tokens": True},
+        "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8,
+                     "layers": 12, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 512, "heads": 8,
+                           "layers": 12, "attn_pooler_heads": 8},
+        "custom_text": True},
+    "coca_ViT-L-14": {
+        "embed_dim": 768,
+        "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14,
+                       "attentional_pool": True, "attn_pooler_heads": 8, "output_tokens": True},
+        "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 768, "heads": 12,
+                     "layers": 12, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 768, "heads": 12,
+                           "layers": 12, "attn_pooler_heads": 12},
+        "custom_text": True},
+}
+
+# Settings of an open_clip model config this model cannot reproduce: (section, key, the value
+# it must have; open_clip's default where the key is absent)
+# [code: open_clip model.py CLIPVisionCfg, CLIPTextCfg; code: coca_model.py MultimodalCfg]
+_OPEN_CLIP_FIXED = [
+    ("", "quick_gelu", False), ("", "init_logit_bias", None),
+    ("vision_cfg", "attentional_pool", True), ("vision_cfg", "timm_model_name", None),
+    ("vision_cfg", "pos_embed_type", "learnable"), ("vision_cfg", "pool_type", "tok"),
+    ("text_cfg", "embed_cls", True), ("text_cfg", "hf_model_name", None),
+    ("text_cfg", "no_causal_mask", False), ("text_cfg", "pad_id", PAD_ID),
+    ("text_cfg", "proj_type", "linear"), ("text_cfg", "proj_bias", False),
+    *[(part, key, None) for part in ("vision_cfg", "text_cfg", "multimodal_cfg")
+      for key in ("ls_init_value", "act_kwargs", "norm_kwargs")],
+    *[(part, key, False) for part in ("vision_cfg", "text_cfg") for key in (
+        "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn",
+        "scale_fc")],
+]
+
+
+def open_clip_config(model_cfg: dict, preprocess_cfg: dict | None = None) -> Config:
+    """The Config of an open_clip CoCa model config (its model_configs/*.json, or the
+    "model_cfg" of a released open_clip_config.json) and, if given, its "preprocess_cfg" (the
+    pixel mean and std; default CLIP's, which open_clip's CoCa weights use).
+
+    Every layout field is open_clip's [code]: a ViT with a class token and ln_pre, no bias in
+    the patch embedding (conv1), one attentional pooler of attn_pooler_queries (256) queries
+    ("single"), LayerNorm eps 1e-5, a multimodal layer of two blocks (cross_kv_norm,
+    separate_cross_block), no bias in the vocabulary projection and the shifted [CLS] mask
+    open_clip builds (legacy_cls_mask). The recipe fields (lr, steps, ...) are the paper's
+    defaults: set them for a fine-tuning run.
+    Raises ValueError, one line, for a setting this model has no equivalent of."""
+    parts = {"": model_cfg, "vision_cfg": model_cfg.get("vision_cfg", {}),
+             "text_cfg": model_cfg.get("text_cfg", {}),
+             "multimodal_cfg": model_cfg.get("multimodal_cfg", {})}
+    get = lambda part, key, default: parts[part].get(key, default)  # noqa: E731
+    odd = [f"{part}{'.' if part else ''}{key}={parts[part][key]!r}"
+           for part, key, want in _OPEN_CLIP_FIXED if key in parts[part]
+           and (bool(parts[part][key]) if want is None else parts[part][key] != want)]
+    if get("vision_cfg", "block_type", None) not in (None, "default"):
+        odd.append(f"vision_cfg.block_type={get('vision_cfg', 'block_type', None)!r}")
+    width, head_width = get("vision_cfg", "width", 768), get("vision_cfg", "head_width", 64)
+    text_width, mlp_ratio = get("text_cfg", "width", 512), get("vision_cfg", "mlp_ratio", 4.0)
+    widths = {"embed_dim": model_cfg.get("embed_dim"), "text_cfg.width": text_width,
+              "multimodal_cfg.width": get("multimodal_cfg", "width", 512)}  # pooler, text, decoder
+    if len(set(widths.values())) > 1:
+        odd.append(", ".join(f"{k}={v}" for k, v in widths.items()) + " (must be equal)")
+    for key, default in (("heads", 8), ("vocab_size", 49408), ("mlp_ratio", 4.0)):
+        if get("multimodal_cfg", key, default) != get("text_cfg", key, default):
+            odd.append(f"multimodal_cfg.{key} is not text_cfg.{key}")
+    if get("text_cfg", "mlp_ratio", 4.0) != mlp_ratio:
+        odd.append("text_cfg.mlp_ratio is not vision_cfg.mlp_ratio")
+    if width % head_width or not all(isinstance(get("vision_cfg", key, 1), int)
+                                     for key in ("layers", "image_size", "patch_size")):
+        odd.append("vision_cfg: a ViT (int layers) of square images (int image_size, "
+                   "patch_size), width a multiple of head_width")
+    if odd:
+        raise ValueError(f"this open_clip model has settings coca.py does not implement: "
+                         f"{'; '.join(odd)}")
+    stats = preprocess_cfg or {}
+    return Config(
+        image_size=get("vision_cfg", "image_size", 224), patch_stem="linear",
+        patch_size=get("vision_cfg", "patch_size", 16), vision_width=width,
+        vision_layers=get("vision_cfg", "layers", 12), vision_heads=width // head_width,
+        mlp_ratio=mlp_ratio, n_caption_queries=get("vision_cfg", "attn_pooler_queries", 256),
+        pooler_layout="single", pooler_heads=get("vision_cfg", "attn_pooler_heads", 8),
+        text_width=text_width, text_heads=get("text_cfg", "heads", 8),
+        unimodal_layers=get("text_cfg", "layers", 12),
+        multimodal_layers=get("multimodal_cfg", "layers", 12),
+        vocab_size=get("text_cfg", "vocab_size", 49408),
+        max_text_len=get("text_cfg", "context_length", 77), embed_dim=text_width,
+        vision_cls_token=True, ln_pre=not get("vision_cfg", "no_ln_pre", False),
+        patch_bias=False, cross_kv_norm=True, separate_cross_block=True, output_bias=False,
+        legacy_cls_mask=True, ln_eps=1e-5, image_mean=tuple(stats.get("mean", CLIP_MEAN)),
+        image_std=tuple(stats.get("std", CLIP_STD)))
+
+
+def from_open_clip(state_dict: dict, open_clip_cfg: dict) -> tuple[Config, dict]:
+    """open_clip CoCa weights -> (our Config, our state dict), tensor by tensor.
+
+    open_clip_cfg: an open_clip_config.json ({"model_cfg": ..., "preprocess_cfg": ...}) or a
+    bare model config (model_configs/coca_ViT-B-32.json). Every source tensor must be used and
+    every tensor of our model set, with our shapes; else ValueError, one line, naming the
+    tensor. The mapping [code: open_clip transformer.py]:
+
+        open_clip                                  ours
+        visual.conv1 (Dv, 3, p, p), no bias        image_encoder.patch_embedding.proj (Dv, 3·p·p)
+        visual.class_embedding, positional_emb.    image_encoder.cls_token, .positions
+        visual.ln_pre                              image_encoder.pre_norm
+        <tower>.transformer.resblocks.i            PreLNEncoderBlock: ln_1 -> attn_norm, attn
+            (ln_1, attn, ln_2, mlp.c_fc/c_proj)    (in_proj split into q, k, v) -> attn,
+                                                   ln_2 -> mlp_norm, c_fc/c_proj -> mlp.fc1/fc2
+        visual.attn_pool.ln_k                      image_encoder.norm (the pooler's keys only)
+        visual.attn_pool.query, ln_q, attn         caption_pooler.queries, query_norm, attn
+        visual.ln_post                             caption_pooler.norm
+        visual.proj (E, E), x @ proj               image_projection.weight = proj^T
+        text.token_embedding, positional_emb.      text_decoder.token_embedding, .positions
+        text.cls_emb, text.ln_final                text_decoder.cls_embedding, .cls_norm
+        text.text_projection (D, E)                text_projection.weight = its transpose
+        text_decoder.resblocks.i                   multimodal_layers.i: self_attn_norm,
+                                                   self_attn, self_mlp_norm, self_mlp
+        text_decoder.cross_attn.i (ln_1_kv too)    multimodal_layers.i: cross_attn_norm,
+                                                   context_norm, cross_attn, mlp_norm, mlp
+        text_decoder.ln_final, text_projection     text_decoder.output_norm, output.weight = ^T
+        logit_scale                                logit_scale
+    """
+    model_cfg = open_clip_cfg.get("model_cfg", open_clip_cfg)
+    config = open_clip_config(model_cfg, open_clip_cfg.get("preprocess_cfg"))
+    with torch.device("meta"):  # names and shapes only, no memory
+        wanted = {k: v.shape for k, v in CoCa(config).state_dict().items()}
+    ours, source, used = {}, {}, set()
+
+    def take(key: str) -> Tensor:
+        if key not in state_dict:
+            raise ValueError(f"the open_clip weights lack {key} (another model, or not CoCa?)")
+        used.add(key)
+        return state_dict[key]
+
+    def put(name: str, key: str, tensor: Tensor) -> None:
+        ours[name], source[name] = tensor, key
+
+    def copy(name: str, key: str, bias: bool = True) -> None:  # a Linear or a LayerNorm
+        for part in ("weight", "bias") if bias else ("weight",):
+            put(f"{name}.{part}", f"{key}.{part}", take(f"{key}.{part}"))
+
+    def attention(name: str, key: str) -> None:
+        """open_clip's attention (torch's MultiheadAttention layout): one fused (3D, D) in_proj,
+        or three q/k/v_proj_weight when keys come from another width (the pooler) -> ours."""
+        fused = f"{key}.in_proj_weight" in state_dict
+        keys = [f"{key}.in_proj_weight"] * 3 if fused else [f"{key}.{x}_proj_weight" for x in "qkv"]
+        weights = (take(keys[0]).chunk(3) if fused  # (3D, D) -> W^Q, W^K, W^V rows, (D, D) each
+                   else [take(k) for k in keys])  # (D, D), (D, Dc), (D, Dc)
+        biases = take(f"{key}.in_proj_bias").chunk(3)  # (3D,) -> 3 x (D,)
+        for x, k, w, b in zip("qkv", keys, weights, biases):
+            put(f"{name}.{x}_proj.weight", k, w)
+            put(f"{name}.{x}_proj.bias", f"{key}.in_proj_bias", b)
+        copy(f"{name}.out_proj", f"{key}.out_proj")
+
+    def block(name: str, key: str, names=("attn_norm", "attn", "mlp_norm", "mlp")) -> None:
+        """One of open_clip's residual blocks (pre-LN: ln_1, attn, ln_2, mlp)."""
+        copy(f"{name}.{names[0]}", f"{key}.ln_1")
+        attention(f"{name}.{names[1]}", f"{key}.attn")
+        copy(f"{name}.{names[2]}", f"{key}.ln_2")
+        copy(f"{name}.{names[3]}.fc1", f"{key}.mlp.c_fc")
+        copy(f"{name}.{names[3]}.fc2", f"{key}.mlp.c_proj")
+
+    conv = take("visual.conv1.weight")  # (Dv, 3, p, p), the (channel, row, column) order
+    put("image_encoder.patch_embedding.proj.weight", "visual.conv1.weight",
+        conv.reshape(conv.shape[0], -1))  # (Dv, 3·p·p), as PatchEmbedding flattens a patch
+    put("image_encoder.cls_token", "visual.class_embedding",
+        take("visual.class_embedding").reshape(1, 1, -1))  # (1, 1, Dv)
+    put("image_encoder.positions", "visual.positional_embedding",
+        take("visual.positional_embedding")[None])  # (1, 1 + N, Dv)
+    if config.ln_pre:
+        copy("image_encoder.pre_norm", "visual.ln_pre")
+    for i in range(config.vision_layers):
+        block(f"image_encoder.blocks.{i}", f"visual.transformer.resblocks.{i}")
+    copy("image_encoder.norm", "visual.attn_pool.ln_k")
+    put("caption_pooler.queries", "visual.attn_pool.query", take("visual.attn_pool.query"))
+    copy("caption_pooler.query_norm", "visual.attn_pool.ln_q")
+    attention("caption_pooler.attn", "visual.attn_pool.attn")
+    copy("caption_pooler.norm", "visual.ln_post")
+    put("image_projection.weight", "visual.proj", take("visual.proj").T)  # (E, E) -> (out, in)
+    put("text_decoder.token_embedding.weight", "text.token_embedding.weight",
+        take("text.token_embedding.weight"))  # (V, D)
+    put("text_decoder.positions", "text.positional_embedding",
+        take("text.positional_embedding"))  # (max_text_len + 1, D), last row: [CLS]
+    put("text_decoder.cls_embedding", "text.cls_emb", take("text.cls_emb"))  # (D,)
+    for i in range(config.unimodal_layers):
+        block(f"text_decoder.unimodal_layers.{i}", f"text.transformer.resblocks.{i}")
+    copy("text_decoder.cls_norm", "text.ln_final")
+    put("text_projection.weight", "text.text_projection", take("text.text_projection").T)
+    for i in range(config.multimodal_layers):
+        block(f"text_decoder.multimodal_layers.{i}", f"text_decoder.resblocks.{i}",
+              ("self_attn_norm", "self_attn", "self_mlp_norm", "self_mlp"))
+        block(f"text_decoder.multimodal_layers.{i}", f"text_decoder.cross_attn.{i}",
+              ("cross_attn_norm", "cross_attn", "mlp_norm", "mlp"))
+        copy(f"text_decoder.multimodal_layers.{i}.context_norm",
+             f"text_decoder.cross_attn.{i}.ln_1_kv")
+    copy("text_decoder.output_norm", "text_decoder.ln_final")
+    put("text_decoder.output.weight", "text_decoder.text_projection",
+        take("text_decoder.text_projection").T)  # (D, V) -> (V, D)
+    put("logit_scale", "logit_scale", take("logit_scale").reshape(()))  # () or (1,) -> ()
+
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise ValueError(f"open_clip tensors this model has no place for: {', '.join(unused[:4])}"
+                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
+    unset = sorted(set(wanted) - set(ours))
+    if unset:
+        raise ValueError(f"tensors of the model no open_clip tensor sets: {', '.join(unset[:4])}")
+    for name, shape in wanted.items():
+        if ours[name].shape != shape:
+            raise ValueError(f"open_clip's {source[name]} gives {name} the shape "
+                             f"{tuple(ours[name].shape)}, the model's is {tuple(shape)}")
+    return config, {name: ours[name].detach().float().clone(memory_format=torch.contiguous_format)
+                    for name in wanted}  # our order, fp32, each its own storage
+
+
+# the released weights each converter turns into this model (convert.py picks by these names):
+# (source state dict, source config dict) -> (Config, our state dict)
+CONVERTERS = {"open_clip": from_open_clip}
+
+
 # --- 8. Data: an image and one of its captions -------------------------------------------------
 
 def train_dataset(source, tokenizer, config: Config, seed: int = 0):
@@ -720,7 +1013,8 @@ def train_dataset(source, tokenizer, config: Config, seed: int = 0):
     unit an image: the paper's data hold one text an image [CoCa §4.1], and a contrastive batch
     then never holds one image twice) and one of its captions, drawn at each visit, as (T_i,)
     token ids."""
-    return ImageTextDataset(source, tokenizer, config.max_text_len, seed)
+    return ImageTextDataset(source, tokenizer, config.max_text_len, seed,
+                            mean=config.image_mean, std=config.image_std)
 
 
 collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) right-padded}
@@ -729,8 +1023,11 @@ collate_fn = collate_image_text  # -> {"images": (B, 3, H, W), "tokens": (B, T) 
 # --- 9. Evaluation and inference ---------------------------------------------------------------
 
 def embed_image_arrays(model: CoCa, images: list, chunk: int = 250) -> Tensor:
-    """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time."""
-    return torch.cat([model.embed_images(image_batch(images[s:s + chunk], model_device(model)))
+    """uint8 (H, W, 3) arrays -> (n, E) embeddings, `chunk` images at a time (normalised with
+    the pixel statistics of the model's config)."""
+    c = model.config
+    return torch.cat([model.embed_images(image_batch(images[s:s + chunk], model_device(model),
+                                                     c.image_mean, c.image_std))
                       for s in range(0, len(images), chunk)])  # (n, E)
 
 
@@ -746,9 +1043,9 @@ def caption_images(model: CoCa, tokenizer, config: Config, images: list,
     caption continues `prompt` (and begins with it) when one is given."""
     method = "greedy" if config.beam_size == 1 else "beam"
     ids = tokenizer.encode(prompt, add_special=False) if prompt else None
-    tokens = model.generate(image_batch(images, model_device(model)), tokenizer.cls_id,
-                            tokenizer.sep_id, config.max_text_len, method=method,
-                            beam_size=config.beam_size, prompt=ids)  # (b, T)
+    pixels = image_batch(images, model_device(model), config.image_mean, config.image_std)
+    tokens = model.generate(pixels, tokenizer.cls_id, tokenizer.sep_id, config.max_text_len,
+                            method=method, beam_size=config.beam_size, prompt=ids)  # (b, T)
     return [text.lower() for text in tokenizer.decode_batch(tokens.tolist())]
 
 

@@ -34,6 +34,7 @@ from shared.bert import encoder_sizes, init_from_bert
 from shared.checkpoint import (CheckpointError, append_jsonl, load_weights, read_checkpoint,
                                read_latest, rng_states, save_checkpoint, seed_all,
                                set_rng_states, write_json_atomic)
+from shared.config import RECIPE
 from shared.cli import add_dataclass_flags, known_flags, number_problems, one_line, split_flags
 from shared.data import caption_texts, close_loader, train_batches, worker_message
 from shared.distributed import (Launch, any_rank, autocast_for, exit_if_a_peer_is_lost,
@@ -285,7 +286,9 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
     with one_line(""):  # a checkpoint of another model or task, or none readable
         ckpt = read_latest(out, run.model, run.task, log) if run.resume else None
         init = read_checkpoint(Path(run.init), run.model) if run.init and ckpt is None else None
-    base = None if ckpt is None else make_config(paper, run.preset, ckpt["config"])
+    saved = ckpt or init  # --init: the checkpoint's model, the preset's recipe (RECIPE)
+    kept = {k: v for k, v in (saved or {}).get("config", {}).items() if ckpt or k not in RECIPE}
+    base = None if saved is None else make_config(paper, run.preset, kept)
     config = make_config(paper, run.preset, {**overrides, "task": run.task}, base)
     if run.init_bert and ckpt is None:
         with one_line("--init_bert: "):  # the encoder sizes of the BERT checkpoint
@@ -294,8 +297,6 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
     out.mkdir(parents=True, exist_ok=True)
     seed_all(run.seed)
     world_config = make_world_config(paper, config, run.seed)
-    if init is not None and "answers" in init["config"] and run.task == "vqa":  # its head's
-        config = dataclasses.replace(config, answers=tuple(init["config"]["answers"]))  # classes
     corpus = None
     if run.data:
         with one_line(f"--data ({run.model}): "):
@@ -304,7 +305,6 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
     if ckpt is None and paper.INPUTS == "regions" and config.standardise_features:
         with one_line("--data: "):  # --init's feature statistics, or the corpus's
             config = kept_statistics(config, init and init["config"], corpus, log)
-    saved = ckpt or init  # a fine-tuning run keeps the tokenizer its weights were trained with
     tokenizer = (Tokenizer.from_str(saved["tokenizer"]) if saved is not None
                  else make_tokenizer(run, config, world_config, corpus))
     config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)

@@ -14,7 +14,8 @@ Models
     decoding.py     greedy, beam search and nucleus sampling over a next-token function;
                     the key/value cache helpers the three captioners share
 Data
-    tokenizer.py    BERT-style WordPiece tokenizer on `tokenizers`
+    tokenizer.py    BERT's WordPiece (trained, or a vocab.txt) and CLIP's byte-level BPE, on
+                    `tokenizers`
     world.py        the procedural synthetic world (images, captions, regions, VQA, checker)
     data.py         world examples -> tensors and batches; the step-indexed loader
     augment.py      VirTex's crop / flip (left <-> right in the caption) / colour jitter

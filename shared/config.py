@@ -21,6 +21,11 @@ import dataclasses
 import math
 
 LR_SCHEDULES = ("cosine", "linear")  # train.py's schedules after the warmup
+# The recipe: what a fine-tuning run (--init) takes from its preset and flags, not from the
+# checkpoint it starts from; every other field (sizes, vocabulary, image statistics, answers)
+# is the checkpoint's model and comes with it.
+RECIPE = ("task", "batch_size", "max_steps", "grad_accum_steps", "lr_schedule", "warmup_steps",
+          "grad_clip", "lr", "weight_decay", "beta1", "beta2")
 
 
 def optimisation_problems(config) -> list[str]:

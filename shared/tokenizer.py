@@ -1,4 +1,5 @@
-"""A BERT-style WordPiece tokenizer for all four papers, built on the `tokenizers` library.
+"""The tokenizers of the four papers, built on the `tokenizers` library: BERT's WordPiece for
+all of them, and CLIP's byte-level BPE for CoCa with open_clip's released weights.
 
 The pipeline is BERT's [Devlin et al. 2019, §3; Wu et al. 2016 for WordPiece]:
 
@@ -52,13 +53,60 @@ Note on worker processes: the library encodes batches on several threads; after 
 workers) it switches that off by itself and may print a warning about TOKENIZERS_PARALLELISM.
 Results are the same either way.
 
+CLIP's byte-level BPE (`Tokenizer.from_clip_bpe`), the text side of open_clip's released CoCa
+weights (coca_ViT-B-32, coca_ViT-L-14) [Radford et al. 2021, CLIP §2.4; Sennrich et al. 2016 for
+BPE; code: open_clip tokenizer.py SimpleTokenizer], reproduced id for id:
+
+    text --clip_clean_text (Python)--> ftfy's fixes, html.unescape twice, lower-case
+         --normalizer--> "a photo of a cat."           (whitespace runs -> " ", strip)
+         --Split(CLIP's pattern)--> ["a", ..., "cat", "."]   (letter runs, single digits,
+                                                        contractions, punctuation runs)
+         --ByteLevel--> each word's UTF-8 bytes as printable characters ("é" -> "Ã©")
+         --BPE--> ["a</w>", ..., "cat</w>", ".</w>"]   (merges by rank; "</w>" ends a word)
+         --ours--> <start_of_text> pieces <end_of_text>
+
+and back: ids -> bytes -> UTF-8, every "</w>" -> " ", stripped ("a photo of a cat .").
+
+    token            id       role
+    "!"              0        padding (see below); ids 0..511 are the 256 bytes, then + "</w>"
+    <start_of_text>  49406    cls_id: start of every sequence
+    <end_of_text>    49407    sep_id: end of every sequence; V = 49408
+    (none)                    no unknown token (every byte is one), no mask: unk_id and mask_id
+                              raise AttributeError
+
+    * Padding is id 0 although id 0 is the token "!" (a "!" that is not the last character of
+      its word, as in "!?"): open_clip pads with 0, and its CoCa text tower masks `tokens == 0`
+      as padding [code: open_clip transformer.py TextTransformer._build_additive_mask], so it
+      masks such a "!" too. We keep that quirk, so ids and masks match the released weights:
+      `encode_batch` pads with 0, and `decode` takes only a row's trailing run of 0s for
+      padding (a 0 followed by other ids is a "!").
+    * Context lengths: open_clip.tokenize gives 77 ids a row (CLIP_CONTEXT_LENGTH); the CoCa
+      models' tokenizer gives 76 (COCA_CONTEXT_LENGTH), the text tower appending its CLS as the
+      77th. Both pad every row to that length: `encode_batch(texts, 76, pad_to_max_len=True)`.
+      Truncation is the same as BERT's: the end token is kept.
+    * A tokenizer's kind is read from its vocabulary: one with <start_of_text> and <end_of_text>
+      is CLIP's, so `from_str` of a checkpoint's JSON rebuilds the right one.
+    * The DEVIATIONs from open_clip (none in the BPE itself) are listed where they arise, in
+      section 3: mojibake and surrogates (section 3a), letters and digits newer than the
+      library's Unicode tables (CLIP_WORD_PATTERN), case mappings newer than Python's
+      (`_clip_backend`). Every code point, in seven short contexts, was compared with
+      open_clip: these are the only differences.
+    * Speed: the cleaning runs in Python (a few microseconds a caption), the rest in the library.
+
 Shapes: B batch, T text tokens (with [CLS] and [SEP]), V vocabulary.
 """
 
+import gzip
+import html
+import html.entities
+import re
+import unicodedata
 from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 from torch import Tensor
@@ -131,32 +179,302 @@ def _check_text(text, where: str) -> None:
                          f"position {e.start} (decode its bytes with errors='replace')") from None
 
 
-# --- 3. The tokenizer ------------------------------------------------------------------------
+# --- 3. CLIP's byte-level BPE ----------------------------------------------------------------
+
+CLIP_START, CLIP_END = "<start_of_text>", "<end_of_text>"
+CLIP_SPECIAL_TOKENS = (CLIP_START, CLIP_END)  # ids 49406, 49407: the last two of the vocabulary
+END_OF_WORD = "</w>"  # glued to a word's last symbol: "a</w>" (a word) != "a" (a word's start)
+# CLIP reads only the first 49152 - 256 - 2 merges of its file (which lists 262,144): 256 byte
+# tokens + 256 "byte</w>" tokens + 48,894 merges + 2 specials = 49,408 ids
+# [code: open_clip tokenizer.py SimpleTokenizer.__init__].
+CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_VOCAB_SIZE = 2 * 256 + CLIP_NUM_MERGES + len(CLIP_SPECIAL_TOKENS)  # 49408
+# open_clip.tokenize's rows: start + up to 75 pieces + end, right-padded with 0.
+CLIP_CONTEXT_LENGTH = 77
+# open_clip's coca_ViT-B-32 / coca_ViT-L-14 configs set text_cfg.context_length = 76, which is what
+# open_clip.get_tokenizer("coca_ViT-B-32") pads and truncates to; the CoCa text tower then appends
+# its CLS embedding at position 76, after the padding, so its positional table has 77 rows.
+COCA_CONTEXT_LENGTH = 76
+# CLIP's word pattern: the two special tokens, the English contractions, a run of letters, ONE
+# digit, a run of anything else but whitespace; whitespace matches nothing and is dropped
+# [code: open_clip tokenizer.py SimpleTokenizer.pat]. open_clip's is case-insensitive; on
+# lower-cased text that changes two things only (all code points checked against the regex
+# module): "ſ" (long s) matches "s", written out here as [sſ], and U+0345, see `_clip_backend`.
+# (The library's engine runs about 3x slower with its case-insensitive flag.)
+CLIP_WORD_PATTERN = (r"<[sſ]tart_of_text>|<end_of_text>|'[sſ]|'t|'re|'ve|'m|'ll|'d"
+                     r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+# DEVIATION: \p{L} and \p{N} follow each engine's Unicode tables. The library's (tokenizers 0.23)
+# stop at Unicode 16; the regex module that open_clip uses may know newer ones (version 2026.12.2
+# knows Unicode 17): its 17,480 letters and digits new in Unicode 17 (e.g. U+32400, CJK
+# Extension J) are "anything else" here, so "a" + U+32400 + "b" is three words here and one in
+# open_clip. Which characters differ depends on both installed versions.
+# The characters Python's str.split() splits on (str.isspace: the Unicode White_Space set plus
+# the separators U+1C..U+1F), in the library's regex syntax; one run of them becomes one " ".
+PYTHON_WHITESPACE_RUN = (r"[\x{9}-\x{d}\x{1c}-\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}"
+                         r"\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]+")
+
+
+def clip_byte_alphabet() -> dict[int, str]:
+    """Byte value -> the printable character that stands for it inside CLIP's BPE tokens.
+
+    GPT-2's table, which CLIP reuses [Radford et al. 2019, §2.2; code: open_clip tokenizer.py
+    bytes_to_unicode]: the 188 bytes that are visible Latin-1 characters ("!".."~", "¡".."¬",
+    "®".."ÿ") stand for themselves; the other 68 (controls, space, NBSP, soft hyphen) take the
+    characters U+0100, U+0101, ... in byte order, so no token holds whitespace or a control.
+
+    Returns:
+        {byte: char} in CLIP's id order: the k-th entry is token id k (and k + 256 with "</w>").
+    """
+    visible = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in visible}
+    hidden = [b for b in range(256) if b not in table]
+    table.update({b: chr(0x100 + k) for k, b in enumerate(hidden)})
+    return table
+
+
+def read_clip_merges(path: str | Path) -> list[tuple[str, str]]:
+    """CLIP's first 48,894 merges, in rank order, from bpe_simple_vocab_16e6.txt.gz (or the
+    same file unzipped): a "#version" line, then one "left right" pair per line.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: fewer merges than CLIP uses, or a line that
+            is not two symbols.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CLIP merges file {path} does not exist")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # the gzip magic number
+        raw = gzip.decompress(raw)
+    lines = raw.decode("utf-8").split("\n")[1: 1 + CLIP_NUM_MERGES]  # line 0 is the header
+    merges = [tuple(line.split()) for line in lines]
+    bad = [k + 1 for k, pair in enumerate(merges) if len(pair) != 2]
+    if len(merges) < CLIP_NUM_MERGES or bad:
+        raise ValueError(f"{path}: want {CLIP_NUM_MERGES} merge lines of two symbols after the "
+                         f"header, got {len(merges)} lines" + (f", line {bad[0]} is not a pair"
+                                                               if bad else ""))
+    return merges
+
+
+# --- 3a. ftfy's deterministic fixes, which open_clip applies before anything else ---
+#
+# open_clip cleans every text as ftfy.fix_text -> html.unescape twice -> strip -> collapse
+# whitespace -> lower [code: open_clip tokenizer.py basic_clean, whitespace_clean]. ftfy.fix_text
+# (version 6) [code: ftfy __init__.py fix_text, fix_and_explain; ftfy fixes.py; ftfy chardata.py]:
+#   * cuts the text after every "\n" (and every 10^6 characters within a line) into segments;
+#     from the first segment that contains "<" on, HTML entities are left alone ("auto" mode:
+#     such text is taken for HTML);
+#   * fixes each segment by repeating, until nothing changes: unescape HTML entities (only
+#     "&name;" / "&#n;" forms with the semicolon, plus all-caps names like "&EACUTE;");
+#     repair mojibake (fix_encoding); C1 controls U+80..U+9F -> their Windows-1252 characters;
+#     Latin ligatures -> letters; fullwidth / halfwidth forms -> normal width; curly quotes ->
+#     straight; CR, CRLF, U+2028, U+2029, U+85 -> "\n"; surrogates -> characters; ANSI terminal
+#     escapes removed; control characters removed; NFC.
+# We do all of that but the mojibake repair, in the same order, in `ftfy_fixes`.
+# DEVIATION: mojibake repair (ftfy's fix_encoding) is a statistical guess over code pages, not
+# reproduced: text that is UTF-8 read as Latin-1 / Windows-1252 stays as it is here ("cafÃ©" is
+# tokenized as "cafã©" here, as "café" by open_clip). The guess can also fire on text that only
+# looks like that: an accented Latin-1 capital right before "©", NBSP, a curly quote or a C1
+# control ("É©" is the bytes C9 A9, the UTF-8 of "ɩ"); such text differs too.
+# DEVIATION: surrogates: ftfy joins a surrogate pair and turns a lone one into U+FFFD; here, as
+# for every tokenizer of this module, a str with surrogates is not valid UTF-8: a ValueError.
+
+_SEGMENT_CHARS = 1_000_000  # ftfy's max_decode_length
+_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+_ANSI_ESCAPE = re.compile(r"\x1b\[(?:\d|;)*[a-zA-Z]")  # \d: any Unicode digit, as ftfy's
+_LIGATURES = {  # Latin ligatures and digraphs ftfy splits (it keeps other scripts' ligatures)
+    "Ĳ": "IJ", "ĳ": "ij", "ŉ": "ʼn", "Ǳ": "DZ", "ǲ": "Dz", "ǳ": "dz", "Ǆ": "DŽ", "ǅ": "Dž",
+    "ǆ": "dž", "Ǉ": "LJ", "ǈ": "Lj", "ǉ": "lj", "Ǌ": "NJ", "ǋ": "Nj", "ǌ": "nj", "ﬀ": "ff",
+    "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"}
+# Removed: C0 controls but tab, LF, form feed and CR; DEL; deprecated Arabic format controls;
+# the BOM; interlinear annotation marks and the object replacement character.
+_CONTROL_CHARS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F,
+                                *range(0x206A, 0x2070), 0xFEFF, *range(0xFFF9, 0xFFFD)])
+
+
+def _windows_1252(b: int) -> str:
+    """The Windows-1252 character of byte b; the five bytes Windows-1252 leaves undefined
+    (0x81, 0x8D, 0x8F, 0x90, 0x9D) keep their Latin-1 character, as ftfy's "sloppy" codec."""
+    try:
+        return bytes([b]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(b)
+
+
+def _character_fixes() -> dict[int, str]:
+    """ftfy's four one-character fixes, applied in its order, as one str.translate table:
+    C1 control -> Windows-1252, ligature -> letters, fullwidth / halfwidth -> normal width (each
+    form's NFKC, and U+3000 ideographic space -> " "), curly quote -> straight. A character
+    that is not a key of any step passes all four unchanged, so the keys' union is enough."""
+    c1 = {b: _windows_1252(b) for b in range(0x80, 0xA0)}
+    ligatures = {ord(k): v for k, v in _LIGATURES.items()}
+    width = {0x3000: " "} | {i: unicodedata.normalize("NFKC", chr(i)) for i in range(0xFF01, 0xFFF0)
+                             if unicodedata.normalize("NFKC", chr(i)) != chr(i)}
+    quotes = {0x02BC: "'", **dict.fromkeys(range(0x2018, 0x201C), "'"),
+              **dict.fromkeys(range(0x201C, 0x2020), '"')}
+    steps = [c1, ligatures, width, quotes]
+    table = {}
+    for code in set().union(*steps):
+        text = chr(code)
+        for step in steps:
+            text = text.translate(step)
+        if text != chr(code):
+            table[code] = text
+    return table
+
+
+def _html_entities() -> dict[str, str]:
+    """"&name;" -> character for every HTML5 entity written with its semicolon, plus the
+    all-caps spelling of each lower-case name that is not an entity itself ("&EACUTE;" -> "É")."""
+    table = {}
+    for name, char in html.entities.html5.items():
+        if name.endswith(";"):
+            table["&" + name] = char
+            upper = "&" + name.upper()
+            if name == name.lower() and html.unescape(upper) == upper:
+                table[upper] = char.upper()
+    return table
+
+
+_CHARACTER_FIXES = _character_fixes()
+_HTML_ENTITIES = _html_entities()
+
+
+def _unescape_entity(match: re.Match) -> str:
+    """One "&...;" -> its character; a numeric one only if html.unescape reads all of it."""
+    entity = match.group(0)
+    if entity in _HTML_ENTITIES:
+        return _HTML_ENTITIES[entity]
+    if entity.startswith("&#"):
+        char = html.unescape(entity)
+        return entity if ";" in char else char
+    return entity
+
+
+def _fix_segment(text: str, unescape: bool) -> str:
+    """One ftfy segment: every fix but the mojibake repair, repeated until nothing changes."""
+    while True:
+        before = text
+        if unescape and "&" in text:
+            text = _ENTITY.sub(_unescape_entity, text)
+        text = text.translate(_CHARACTER_FIXES)
+        text = (text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n")
+                .replace("\u2029", "\n").replace("\x85", "\n"))
+        if "\x1b" in text:
+            text = _ANSI_ESCAPE.sub("", text)
+        text = unicodedata.normalize("NFC", text.translate(_CONTROL_CHARS))
+        if text == before:
+            return text
+
+
+def ftfy_fixes(text: str) -> str:
+    """ftfy.fix_text(text) without its mojibake repair (see the DEVIATIONs above)."""
+    if "\n" not in text and len(text) <= _SEGMENT_CHARS:  # one segment: the usual caption
+        return _fix_segment(text, unescape="<" not in text)
+    out, start, unescape = [], 0, True
+    while start < len(text):
+        end = text.find("\n", start) + 1 or len(text)  # just after the "\n"
+        end = min(end, start + _SEGMENT_CHARS)
+        segment = text[start:end]
+        unescape = unescape and "<" not in segment  # off for good from the first "<"
+        out.append(_fix_segment(segment, unescape))
+        start = end
+    return "".join(out)
+
+
+def clip_clean_text(text: str) -> str:
+    """open_clip's cleaning up to the whitespace: ftfy's fixes, html.unescape twice, lower-case.
+
+    The rest (whitespace runs -> " ", strip) is the library normalizer's. Lower-casing happens
+    here, with Python's str.lower, because the library lower-cases one character at a time and
+    so misses the final-sigma rule ("ΟΔΟΣ" -> "οδος" in Python, "οδοσ" in the library).
+    """
+    return html.unescape(html.unescape(ftfy_fixes(text))).lower()
+
+
+def _clip_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> BackendTokenizer:
+    """CLIP's pipeline in the library, run after `clip_clean_text` has run in Python.
+
+    Args:
+        vocab: {token: id}, the 49,408 tokens. merges: the 48,894 pairs in rank order.
+    Returns:
+        a `tokenizers.Tokenizer` with no post-processor: the specials are added by `Tokenizer`.
+    """
+    model = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=END_OF_WORD,
+                       fuse_unk=False)  # no unk_token: every byte is a token
+    backend = BackendTokenizer(model)
+    # The normalizer lower-cases once more, so that the stored JSON is a CLIP tokenizer on its own.
+    # DEVIATION: that is a no-op on str.lower's output except for characters whose case mapping
+    # is newer than Python's Unicode database: 55 code points under Python 3.11 (Unicode 14),
+    # e.g. U+1C89 CYRILLIC CAPITAL LETTER TJE -> U+1C8A here, kept upper-case by open_clip there.
+    # U+0345 COMBINING GREEK YPOGEGRAMMENI -> " ": open_clip's case-insensitive pattern matches
+    # it with no alternative (it is no letter, but it case-folds to the letter "ι", which keeps
+    # it out of the class "anything else"), so open_clip drops it as it drops a space.
+    backend.normalizer = normalizers.Sequence([
+        normalizers.Replace("\u0345", " "),
+        normalizers.Replace(Regex(PYTHON_WHITESPACE_RUN), " "), normalizers.Strip(),
+        normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        # invert=True: the pattern's matches are the words, everything between them is dropped
+        pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+        # each word's UTF-8 bytes -> clip_byte_alphabet characters (the same table as GPT-2's)
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    # ids -> characters -> bytes -> UTF-8 (a broken sequence -> U+FFFD, as open_clip's
+    # errors="replace"), then every "</w>" -> " " [code: open_clip tokenizer.py decode].
+    backend.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace(END_OF_WORD, " ")])
+    # normalized=True: matched after lower-casing, like open_clip's case-insensitive pattern.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=True)
+                                for t in CLIP_SPECIAL_TOKENS])
+    return backend
+
+
+@lru_cache(maxsize=1)
+def _clip_word_splitter() -> pre_tokenizers.PreTokenizer:
+    """CLIP's word pattern alone (no byte mapping), for texts that name a special token."""
+    return pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True)
+
+
+# --- 4. The tokenizer ------------------------------------------------------------------------
 
 class Tokenizer:
-    """BERT WordPiece tokenizer: text <-> list of ids / (B, T) LongTensor.
+    """BERT WordPiece or CLIP byte-level BPE tokenizer: text <-> list of ids / (B, T) LongTensor.
 
     Build one with `Tokenizer.train(texts)`, `Tokenizer.from_vocab_file("vocab.txt")`,
-    `Tokenizer.from_str(json)` or `Tokenizer.load("tokenizer.json")`.
+    `Tokenizer.from_clip_bpe("bpe_simple_vocab_16e6.txt.gz")`, `Tokenizer.from_str(json)` or
+    `Tokenizer.load("tokenizer.json")`.
 
     Attributes:
         backend: the `tokenizers.Tokenizer` that normalizes, splits and looks pieces up.
+        kind: "bert" or "clip", read from the vocabulary's special tokens.
     """
 
     def __init__(self, backend: BackendTokenizer):
-        """Wrap a library tokenizer after checking it has the five special tokens and [PAD] = 0.
+        """Wrap a library tokenizer: a CLIP one if it has <start_of_text> and <end_of_text> (and
+        not BERT's five special tokens), else a BERT one, which must have the five special
+        tokens and [PAD] = 0.
 
         Raises:
-            ValueError: if a special token is missing or [PAD] is not id 0.
+            ValueError: (BERT) if a special token is missing or [PAD] is not id 0.
         """
+        self.backend = backend
+        clip = all(backend.token_to_id(t) is not None for t in CLIP_SPECIAL_TOKENS)
+        bert = all(backend.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+        if clip and not bert:
+            self.kind = "clip"
+            self._pad_id = 0  # the token "!", used as padding by open_clip (module docstring)
+            self._unk_id = self._mask_id = None  # CLIP's BPE has neither
+            self._cls_id = backend.token_to_id(CLIP_START)
+            self._sep_id = backend.token_to_id(CLIP_END)
+            return
+        self.kind = "bert"
         missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer vocabulary lacks the special token(s) {missing}; "
-                             f"it needs all of {list(SPECIAL_TOKENS)}")
+                             f"it needs all of {list(SPECIAL_TOKENS)} (BERT) or of "
+                             f"{list(CLIP_SPECIAL_TOKENS)} (CLIP)")
         if backend.token_to_id(PAD) != 0:
             raise ValueError(f"{PAD} must be id 0 (padding is `tokens == 0` everywhere), "
                              f"got id {backend.token_to_id(PAD)}")
-        self.backend = backend
         # Plain ints, read once: the ids never change after construction.
         self._pad_id = backend.token_to_id(PAD)
         self._unk_id = backend.token_to_id(UNK)
@@ -242,8 +560,36 @@ class Tokenizer:
         return cls(_backend_from_vocab(vocab))
 
     @classmethod
+    def from_clip_bpe(cls, path: str | Path) -> "Tokenizer":
+        """CLIP's tokenizer, as open_clip's CoCa weights expect it, from CLIP's merges file.
+
+        The file is bpe_simple_vocab_16e6.txt.gz, shipped inside the open_clip package (next to
+        its tokenizer.py) and in OpenAI's CLIP repository; gzipped or not.
+
+        Args:
+            path: the merges file.
+        Returns:
+            a Tokenizer of kind "clip": 49,408 ids, cls_id 49406 (<start_of_text>), sep_id
+            49407 (<end_of_text>), pad_id 0. `encode_batch(texts, CLIP_CONTEXT_LENGTH,
+            pad_to_max_len=True)` equals open_clip.tokenize(texts), and with COCA_CONTEXT_LENGTH
+            open_clip.get_tokenizer("coca_ViT-B-32")(texts) (but the DEVIATIONs above).
+        Raises:
+            FileNotFoundError: no such file. ValueError: not a CLIP merges file.
+        """
+        merges = read_clip_merges(path)
+        alphabet = list(clip_byte_alphabet().values())  # ids 0..255
+        tokens = [*alphabet, *(c + END_OF_WORD for c in alphabet),  # 256..511
+                  *("".join(pair) for pair in merges), *CLIP_SPECIAL_TOKENS]  # 512..49405, 49406-7
+        vocab = {token: i for i, token in enumerate(tokens)}
+        if len(vocab) != CLIP_VOCAB_SIZE:
+            raise ValueError(f"{path}: the merges give {len(vocab)} distinct tokens, CLIP has "
+                             f"{CLIP_VOCAB_SIZE}")
+        return cls(_clip_backend(vocab, merges))
+
+    @classmethod
     def from_str(cls, s: str) -> "Tokenizer":
-        """Rebuild from `to_str()`'s JSON (e.g. `Tokenizer.from_str(checkpoint["tokenizer"])`)."""
+        """Rebuild from `to_str()`'s JSON (e.g. `Tokenizer.from_str(checkpoint["tokenizer"])`);
+        the kind (BERT or CLIP) is read from the special tokens in it."""
         return cls(BackendTokenizer.from_str(s))
 
     def to_str(self) -> str:
@@ -270,28 +616,34 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        """[PAD], always 0."""
+        """[PAD], always 0 (for CLIP the token "!", see the module docstring)."""
         return self._pad_id
 
     @property
     def unk_id(self) -> int:
-        """[UNK], a word WordPiece cannot spell."""
-        return self._unk_id
+        """[UNK], a word WordPiece cannot spell. AttributeError for CLIP, which has none."""
+        return self._special_or_raise(self._unk_id, "unknown token (every byte is a token)")
 
     @property
     def cls_id(self) -> int:
-        """[CLS], the first token of every sequence; the decoders' start-of-sequence."""
+        """[CLS] / <start_of_text>, the first token of every sequence; the decoders' start."""
         return self._cls_id
 
     @property
     def sep_id(self) -> int:
-        """[SEP], the last token of every sequence; the decoders' end-of-sequence."""
+        """[SEP] / <end_of_text>, the last token of every sequence; the decoders' end."""
         return self._sep_id
 
     @property
     def mask_id(self) -> int:
-        """[MASK], the masked-language-modelling slot."""
-        return self._mask_id
+        """[MASK], the masked-language-modelling slot. AttributeError for CLIP, which has none."""
+        return self._special_or_raise(self._mask_id, "mask token (CLIP's text encoder was "
+                                                     "never trained to fill masks)")
+
+    def _special_or_raise(self, i: int | None, what: str) -> int:
+        if i is None:
+            raise AttributeError(f"the {self.kind.upper()} tokenizer has no {what}")
+        return i
 
     @property
     def vocab_size(self) -> int:
@@ -313,15 +665,44 @@ class Tokenizer:
         return token
 
     def __repr__(self) -> str:
+        if self.kind == "clip":
+            return (f"Tokenizer(kind='clip', vocab_size={self.vocab_size}, pad={self.pad_id}, "
+                    f"cls={self.cls_id}, sep={self.sep_id})")
         return (f"Tokenizer(vocab_size={self.vocab_size}, pad={self.pad_id}, unk={self.unk_id}, "
                 f"cls={self.cls_id}, sep={self.sep_id}, mask={self.mask_id})")
 
     # --- text -> ids ---
 
     def tokens(self, text: str) -> list[str]:
-        """The word pieces of a text, without [CLS]/[SEP], e.g. ["a", "lar", "##ge"]."""
+        """The word pieces of a text, without [CLS]/[SEP], e.g. ["a", "lar", "##ge"] (BERT) or
+        ["a</w>", "photo</w>"] (CLIP; bytes shown as clip_byte_alphabet characters)."""
         _check_text(text, "text")
-        return self.backend.encode(text, add_special_tokens=False).tokens
+        return self._encode_pieces([text])[0].tokens
+
+    def _encode_pieces(self, texts: list[str]) -> list:
+        """The library's encodings (no specials) of checked texts.
+
+        CLIP texts are cleaned first (`clip_clean_text`). A CLIP text that names a special
+        token ("... <end_of_text> ...") is split into CLIP's words before the library sees it:
+        open_clip reads the name as the special token only where one of its words starts there
+        (not in "x!<end_of_text>", where "!<" is one word), while the library would find it
+        anywhere in the text. The library then gets the words as pre-split input.
+        """
+        if self.kind == "clip":
+            texts = [clip_clean_text(t) for t in texts]
+        if len(texts) == 1:  # one text (encode, tokens): no batch machinery
+            encodings = [self.backend.encode(texts[0], add_special_tokens=False)]
+        else:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        if self.kind == "bert":
+            return encodings
+        for k, text in enumerate(texts):
+            if CLIP_START in text or CLIP_END in text:
+                normalized = self.backend.normalizer.normalize_str(text)
+                words = [w for w, _span in _clip_word_splitter().pre_tokenize_str(normalized)]
+                encodings[k] = self.backend.encode(words, is_pretokenized=True,
+                                                   add_special_tokens=False)
+        return encodings
 
     def _wrap(self, pieces: list[int], max_len: int | None, add_special: bool) -> list[int]:
         """[CLS] pieces [SEP], truncated to at most max_len ids keeping the final [SEP]."""
@@ -341,7 +722,7 @@ class Tokenizer:
         """Text -> ids: `[CLS] pieces [SEP]`.
 
         Args:
-            text: any string; it is lowercased and split by the BERT pipeline.
+            text: any string; it is lowercased and split by the BERT or CLIP pipeline.
             max_len: the most ids to return. Longer encodings lose pieces from the end, but the
                 final [SEP] is kept, so the result is [CLS] p_1 .. p_{max_len-2} [SEP].
                 None = no limit.
@@ -353,11 +734,11 @@ class Tokenizer:
         """
         self._check_max_len(max_len, add_special)
         _check_text(text, "text")
-        pieces = self.backend.encode(text, add_special_tokens=False).ids
+        pieces = self._encode_pieces([text])[0].ids
         return self._wrap(pieces, max_len, add_special)
 
     def encode_batch(self, texts: list[str], max_len: int | None = None,
-                     add_special: bool = True) -> Tensor:
+                     add_special: bool = True, pad_to_max_len: bool = False) -> Tensor:
         """Many texts -> one right-padded LongTensor, encoded by the library in one (parallel) call.
 
         Row b equals `encode(texts[b], max_len, add_special)` followed by [PAD] = 0 up to T.
@@ -366,21 +747,26 @@ class Tokenizer:
             texts: B strings.
             max_len: as in `encode`; T is the longest row, so T <= max_len.
             add_special: as in `encode`.
+            pad_to_max_len: pad every row to T = max_len exactly, as open_clip does (its CoCa
+                text tower puts its CLS after the padding, at a fixed position).
         Returns:
             (B, T) long.
         Raises:
-            ValueError: as `encode`, naming the text (texts[b]); TypeError for one str, which
-                would otherwise be read as a batch of its characters.
+            ValueError: as `encode`, naming the text (texts[b]), or pad_to_max_len without
+                max_len; TypeError for one str, which would otherwise be read as a batch of its
+                characters.
         """
         self._check_max_len(max_len, add_special)
+        if pad_to_max_len and max_len is None:
+            raise ValueError("pad_to_max_len needs a max_len")
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings, got one str (use encode)")
         texts = list(texts)
         for k, text in enumerate(texts):
             _check_text(text, f"texts[{k}]")
-        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        encodings = self._encode_pieces(texts)
         rows = [self._wrap(e.ids, max_len, add_special) for e in encodings]  # B lists of ids
-        T = max((len(r) for r in rows), default=0)
+        T = max_len if pad_to_max_len else max((len(r) for r in rows), default=0)
         padded = [r + [self.pad_id] * (T - len(r)) for r in rows]  # right-pad with [PAD] = 0
         return torch.tensor(padded, dtype=torch.long).reshape(len(rows), T)  # (B, T)
 
@@ -389,8 +775,15 @@ class Tokenizer:
     def _content_ids(self, ids: list[int], stop_at_sep: bool) -> list[int]:
         """Drop [PAD]/[CLS]/[MASK] (and [SEP]) and ids outside 0..V-1 (the library takes only
         unsigned 32-bit ids: a negative one is an OverflowError there); with stop_at_sep,
-        nothing after the first [SEP]."""
-        skip = {self.pad_id, self.cls_id, self.mask_id, self.sep_id}
+        nothing after the first [SEP]. CLIP: id 0 is also "!", so only the row's trailing run
+        of 0s is padding; a 0 with anything but 0s after it is a "!"."""
+        if self.kind == "clip":
+            end = len(ids)
+            while end and ids[end - 1] == self.pad_id:
+                end -= 1
+            ids, skip = ids[:end], {self.cls_id, self.sep_id}
+        else:
+            skip = {self.pad_id, self.cls_id, self.mask_id, self.sep_id}
         V = self.vocab_size
         kept = []
         for i in ids:
@@ -401,7 +794,9 @@ class Tokenizer:
         return kept
 
     def decode(self, ids: list[int] | Tensor, stop_at_sep: bool = True) -> str:
-        """Ids -> lowercase words separated by single spaces, "##" pieces glued back on.
+        """Ids -> lowercase words separated by single spaces, "##" pieces glued back on (BERT);
+        CLIP: the words' bytes as UTF-8 (a broken sequence -> U+FFFD), each "</w>" -> " ",
+        stripped: "a photo of a cat ." (open_clip's decode, stripped).
 
         Args:
             ids: (T,) ids, a list or a 1-D tensor (e.g. one generated caption).
@@ -417,7 +812,8 @@ class Tokenizer:
                                  f"use decode_batch for (B, T)")
             ids = ids.tolist()
         kept = self._content_ids(list(ids), stop_at_sep)
-        return self.backend.decode(kept, skip_special_tokens=False)  # the WordPiece decoder
+        text = self.backend.decode(kept, skip_special_tokens=False)  # WordPiece / ByteLevel decoder
+        return text.strip() if self.kind == "clip" else text
 
     def decode_batch(self, ids: Tensor | list[list[int]], stop_at_sep: bool = True) -> list[str]:
         """(B, T) ids -> B strings, each as `decode`."""
@@ -426,4 +822,5 @@ class Tokenizer:
                 raise ValueError(f"decode_batch takes (B, T), got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         kept = [self._content_ids(list(row), stop_at_sep) for row in ids]
-        return self.backend.decode_batch(kept, skip_special_tokens=False)
+        texts = self.backend.decode_batch(kept, skip_special_tokens=False)
+        return [t.strip() for t in texts] if self.kind == "clip" else texts

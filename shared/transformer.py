@@ -157,13 +157,28 @@ class PreLNDecoderBlock(nn.Module):
 
     Causal self-attention, cross-attention from the text to the image tokens, one MLP, each with
     a LayerNorm in front and a residual around it.
+
+    Two options give open_clip's multimodal layer [code: open_clip transformer.py,
+    MultimodalTransformer], a self-attention block and a cross-attention block each with its own
+    MLP; both off, the layer above:
+        two_mlps      an MLP (with its LayerNorm, self_mlp_norm / self_mlp) right after the
+                      self-attention: self-attn, MLP, cross-attn, MLP
+        norm_context  a LayerNorm (context_norm) on the context before its keys and values
     """
 
     def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float = 0.0,
-                 eps: float = 1e-6, context_dim: int | None = None):
+                 eps: float = 1e-6, context_dim: int | None = None, two_mlps: bool = False,
+                 norm_context: bool = False):
         super().__init__()
         self.self_attn_norm = nn.LayerNorm(d_model, eps=eps)
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout)
+        if two_mlps:  # the self-attention block's own MLP
+            self.self_mlp_norm = nn.LayerNorm(d_model, eps=eps)
+            self.self_mlp = MLP(d_model, d_hidden, dropout=dropout)
+        self.two_mlps = two_mlps
+        # LayerNorm of the context (image tokens) before the cross-attention reads it
+        self.context_norm = (nn.LayerNorm(context_dim or d_model, eps=eps) if norm_context
+                             else nn.Identity())
         self.cross_attn_norm = nn.LayerNorm(d_model, eps=eps)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout=dropout,
                                              context_dim=context_dim)
@@ -177,12 +192,20 @@ class PreLNDecoderBlock(nn.Module):
                 context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Same arguments as `PostLNDecoderBlock.forward`, plus the keys and values a decoding
         cache keeps: kv for the self-attention (B, H, Tk, Dh), context_kv for the cross-
-        attention (then `context` may be None). Returns (B, T, D)."""
+        attention (then `context` may be None; project_context makes it). Returns (B, T, D)."""
         x = x + self.dropout(self.self_attn(self.self_attn_norm(x), allowed=allowed,
                                             causal=causal, kv=kv))
+        if self.two_mlps:
+            x = x + self.self_mlp(self.self_mlp_norm(x))  # (B, T, D)
+        context = None if context is None else self.context_norm(context)  # (B, N, Dc)
         x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), context, context_allowed,
                                              kv=context_kv))
         return x + self.mlp(self.mlp_norm(x))  # (B, T, D)
+
+    def project_context(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The cross-attention's keys and values (B, H, N, Dh) of context (B, N, Dc), normalised
+        first where norm_context is on: what a decoding cache keeps as `context_kv`."""
+        return self.cross_attn.project_kv(self.context_norm(context))
 
 
 class BertEmbeddings(nn.Module):

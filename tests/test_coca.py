@@ -71,9 +71,18 @@ def test_paper_parameter_counts_match_table1():
 
 
 def test_presets_are_valid_and_every_field_is_a_cli_type():
-    for preset in (Config.paper(), Config.small(), Config.tiny()):
+    """Every field but the pixel statistics (3 numbers each, kept in the config) is a flag."""
+    for preset in (Config.paper(), Config.small(), Config.tiny(),
+                   Config.open_clip("coca_ViT-B-32")):
         for field in dataclasses.fields(preset):
-            assert type(getattr(preset, field.name)) in (int, float, str, bool), field.name
+            value = getattr(preset, field.name)
+            if field.name in ("image_mean", "image_std"):
+                assert len(value) == 3 and all(type(x) is float for x in value)
+            else:
+                assert type(value) in (int, float, str, bool), field.name
+    from shared.data import IMAGE_MEAN, IMAGE_STD
+
+    assert (Config().image_mean, Config().image_std) == (IMAGE_MEAN, IMAGE_STD)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -81,11 +90,95 @@ def test_presets_are_valid_and_every_field_is_a_cli_type():
     ({"image_size": 30}, "image_size 30 is not divisible by patch_size 4"),
     ({"patch_stem": "conv", "patch_size": 6, "image_size": 18}, "power-of-two patch_size"),
     ({"pooler_layout": "serial"}, "pooler_layout"),
+    ({"pooler_layout": "single", "n_caption_queries": 1}, "n_caption_queries >= 2"),
+    ({"pooler_heads": 3}, "pooler_heads must be 0"),
+    ({"image_std": (0.2, 0.0, 0.2)}, "image_mean and image_std"),
     ({"lambda_con": 0.0, "lambda_cap": 0.0}, "not both 0"),
 ])
 def test_invalid_configs_raise_one_clear_value_error(overrides, message):
     with pytest.raises(ValueError, match=message):
         small_config(**overrides)
+
+
+def open_clip_layout(**overrides) -> Config:
+    """small_config in the layout of open_clip's released weights (Config.open_clip)."""
+    return small_config(**{**dict(
+        pooler_layout="single", n_caption_queries=6, pooler_heads=4, vision_cls_token=True,
+        ln_pre=True, patch_stem="linear", patch_bias=False, cross_kv_norm=True,
+        separate_cross_block=True, output_bias=False, legacy_cls_mask=True, ln_eps=1e-5),
+        **overrides})
+
+
+def test_the_open_clip_layout_shapes_and_tensors():
+    """One pooler: output 0 is the contrastive token, 1..Q-1 the decoder's; a class token with
+    its own position; two MLPs and a key/value LayerNorm a multimodal layer; no patch or
+    vocabulary bias."""
+    model = model_for(open_clip_layout())
+    tokens = model.image_encoder(torch.randn(3, 3, 16, 16))
+    assert tokens.shape == (3, 17, 32)  # 16 patches + the class token
+    contrastive, caption = model.pool(tokens)
+    assert contrastive.shape == (3, 1, 32) and caption.shape == (3, 5, 32)
+    assert model.contrastive_pooler is None and model.text_decoder.output.bias is None
+    names = set(model.state_dict())
+    layer = "text_decoder.multimodal_layers.0"
+    assert {"image_encoder.cls_token", "image_encoder.pre_norm.weight",
+            "caption_pooler.query_norm.weight", f"{layer}.self_mlp.fc1.weight",
+            f"{layer}.self_mlp_norm.weight", f"{layer}.context_norm.bias"} <= names
+    assert "image_encoder.patch_embedding.proj.bias" not in names
+    paper_names = set(model_for(small_config()).state_dict())
+    assert not any("self_mlp" in k or "context_norm" in k or "cls_token" in k
+                   for k in paper_names)
+
+
+def test_the_legacy_cls_mask_is_shifted_by_one_and_leaves_the_text_rows():
+    """open_clip's released weights: the [CLS] row's keys are [True] + (tokens != pad)."""
+    tokens = torch.tensor([[CLS, 7, SEP, 0, 0], [CLS, 7, 8, 9, SEP]])
+    legacy = unimodal_attention_mask(tokens, legacy=True)
+    assert legacy[0, -1].tolist() == [True, True, True, True, False, False]
+    assert legacy[1, -1].tolist() == [True] * 6
+    correct = unimodal_attention_mask(tokens)
+    assert torch.equal(legacy[:, :3], correct[:, :3])  # the real text rows
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_the_key_value_cache_works_in_the_open_clip_layout(method):
+    """TextDecoder.step (cached keys and values; the key/value LayerNorm applied to the image
+    queries once, the self-attention block's MLP on the way) against re-encoding the prefix."""
+    from shared import decoding
+
+    config = open_clip_layout()
+    model = model_for(config)
+    with torch.no_grad():
+        _, queries = model.encode_image(torch.randn(4, 3, 16, 16))
+        prefix = torch.full((4, 1), CLS)
+        results = []
+        for cached in (True, False):
+            step = model.next_token_logprobs(queries, cached=cached)
+            results.append(decoding.greedy(step, prefix, config.max_text_len, SEP)
+                           if method == "greedy" else
+                           decoding.beam_search(step, prefix, config.max_text_len, SEP,
+                                                beam_size=3))
+    (tokens_a, score_a), (tokens_b, score_b) = results
+    assert torch.equal(tokens_a, tokens_b) and tokens_a.shape[1] > 2
+    assert torch.allclose(score_a, score_b, atol=1e-4)
+
+
+def test_the_open_clip_layout_trains():
+    """Both objectives go down on 4 fixed pairs in the open_clip layout (every new tensor gets
+    a gradient)."""
+    config = open_clip_layout()
+    model = model_for(config).train()
+    batch = make_batch(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(batch)
+    first["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(batch)["loss"].backward()
+        optimizer.step()
+    last = model(batch)
+    assert last["contrastive"] < first["contrastive"] and last["captioning"] < first["captioning"]
 
 
 def test_pooler_shapes_parallel_and_cascade():

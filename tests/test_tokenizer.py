@@ -1,4 +1,4 @@
-"""The WordPiece tokenizer (shared/tokenizer.py).
+"""The WordPiece tokenizer (shared/tokenizer.py); CLIP's BPE is in tests/test_clip_tokenizer.py.
 
 Kinds: (a) hand-computed expectations: BERT's greedy longest-match-first split of a word over a
 vocab.txt we write ourselves, and the truncation rule; (b) equivalence: batch vs single encodes,
@@ -154,6 +154,17 @@ def test_batch_is_right_padded_with_zero_and_matches_single_encodes(tok):
     assert tok.decode_batch(tok.encode_batch(texts, max_len=40)) == [
         SENTENCE, "a star", "", "three blue stars below a yellow circle"]
     assert tok.encode_batch([], max_len=8).shape == (0, 0)
+
+
+def test_pad_to_max_len_gives_every_batch_max_len_columns(tok):
+    single = tok.encode("a star")
+    batch = tok.encode_batch(["a star", ""], max_len=9, pad_to_max_len=True)
+    assert batch.shape == (2, 9)
+    assert batch[0].tolist() == single + [0] * (9 - len(single))
+    assert batch[1].tolist() == [tok.cls_id, tok.sep_id] + [0] * 7
+    with pytest.raises(ValueError, match="pad_to_max_len"):
+        tok.encode_batch(["a star"], pad_to_max_len=True)  # no max_len to pad to
+    assert tok.kind == "bert"
 
 
 # --- BERT vocab.txt --------------------------------------------------------------------------
