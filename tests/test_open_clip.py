@@ -496,3 +496,52 @@ def test_a_converted_checkpoint_fine_tunes_and_resumes(released, tmp_path):
     second = run_script("train.py", *common, "--resume")
     assert second.returncode == 0, second.stderr
     assert "step 4/4" in second.stdout
+
+
+def test_every_infer_protocol_and_torchrun_run_on_a_converted_checkpoint(released, tmp_path):
+    """The converted checkpoint through infer.py's classify, rank, zeroshot and karpathy (in
+    process, each on files it reads with CLIP's pixel statistics), and train.py --init under
+    torchrun with 2 processes: a checkpoint like any other."""
+    import os
+
+    import infer
+    from PIL import Image
+
+    folder, cfg, _ = released
+    ckpt = tmp_path / "coca.pt"
+    assert run_script("convert.py", "open_clip", folder / "open_clip_pytorch_model.bin",
+                      "--config", folder / "open_clip_config.json", "--bpe", BPE,
+                      "--out", ckpt).returncode == 0
+    colours = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+    records = []
+    for name, rgb in colours.items():
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (40 + 8 * k, 36), rgb).save(tmp_path / "classes" / name / f"{k}.png")
+            records.append({"filepath": f"classes/{name}", "filename": f"{k}.png",
+                            "split": "test", "sentences": [{"raw": f"a {name} square."}] * 5})
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": records}))
+    photo = tmp_path / "classes" / "red" / "0.png"
+    scores = infer.classify(ckpt, photo, ["red", "green", "blue"])
+    assert sorted(r["class"] for r in scores) == ["blue", "green", "red"]
+    assert sum(r["probability"] for r in scores) == pytest.approx(1.0, abs=1e-5)
+    ranked = infer.rank(ckpt, "a red square", tmp_path / "classes" / "red", top=2)
+    assert len(ranked) == 2
+    top = infer.zeroshot(ckpt, tmp_path / "classes")
+    assert top["images"] == 6 and top["classes"] == 3 and 0 <= top["top1"] <= top["top5"] <= 1
+    metrics = infer.karpathy(ckpt, f"karpathy:{tmp_path / 'dataset.json'},{tmp_path}")
+    assert metrics["images"] == 6 and {"cider", "r1_mean", "i2t_r1_all"} <= set(metrics)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    lines = [json.dumps({"image": f"classes/{r['filepath'].split('/')[1]}/{r['filename']}",
+                         "captions": ["a square."]}) for r in records]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", "--model", "coca", "--init", str(ckpt), "--data",
+         f"jsonl:{tmp_path / 'corpus.jsonl'}", "--batch_size", "2", "--max_steps", "2",
+         "--warmup_steps", "1", "--num_workers", "0", "--log_every_s", "0",
+         "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True, text=True,
+        timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "x 2 processes" in done.stdout and "step 2/2" in done.stdout
+    assert torch.load(tmp_path / "ddp" / "latest.pt", weights_only=True)["step"] == 2
