@@ -2,21 +2,28 @@
 
     python convert.py open_clip open_clip_pytorch_model.bin --config open_clip_config.json \\
         --bpe bpe_simple_vocab_16e6.txt.gz --out coca-b32.pt
+    python convert.py virtex bicaptioning_R_50_L1_H2048.pth --spm coco_10k.model --out v.pt
+    python convert.py uniter uniter-base.pt --vocab bert-base-cased/vocab.txt --cased --out u.pt
+    python convert.py oscar oscar-base-vqa/ --out o.pt   # a folder: weights, config.json, vocab.txt
     python infer.py caption coca-b32.pt photo.jpg              # then it is a checkpoint like any
     python train.py --model coca --init coca-b32.pt --data jsonl:captions.jsonl   # fine-tune it
 
-SOURCE is a name a paper file declares in its CONVERTERS (coca.py: open_clip, its released
-CoCa weights); the paper is found by that declaration, never by its name. Its converter maps
-every source tensor onto the paper's model (or says, in one line, which tensor is left over).
+SOURCE is a name a paper file declares in its CONVERTERS (coca.py: open_clip; virtex.py,
+uniter.py, oscar.py: their official releases); the paper is found by that declaration, never by
+its name. Its converter maps every source tensor onto the paper's model (or says, in one line,
+which tensor is left over), and reads the sizes from the tensors and the config.
 
     WEIGHTS   the source's weights: a torch file (read weights-only: no code runs) or a
-              .safetensors file; a {"state_dict": ...} wrapper and DDP's "module." prefixes are
-              taken off, as open_clip's loader does
-    --config  the source's config JSON: open_clip_config.json of a released model
-              ({"model_cfg": ..., "preprocess_cfg": ...}), or a bare model config
-              (open_clip's model_configs/coca_ViT-B-32.json; the pixel statistics are then CLIP's)
+              .safetensors file; a {"state_dict": ...} or {"model": ...} wrapper and DDP's
+              "module." prefixes are taken off. A folder (a BERT-format release: Oscar's) is
+              read as its pytorch_model.bin or model.safetensors, with its config.json and
+              vocab.txt as --config and --vocab when those are not given
+    --config  the source's config JSON (optional where the tensors tell the sizes):
+              open_clip_config.json of a released model ({"model_cfg": ..., "preprocess_cfg":
+              ...}) or a bare model config; a BERT-format config.json
     --bpe     the tokenizer: CLIP's BPE merges (bpe_simple_vocab_16e6.txt.gz, inside the
-              open_clip package), or --vocab, a BERT vocab.txt
+              open_clip package); --vocab, a BERT vocab.txt (--cased: a cased one, as
+              bert-base-cased's); --spm, a SentencePiece model (VirTex's coco_10k.model)
     --out     the checkpoint to write
 
 The checkpoint (shared/checkpoint.py) holds the converted model, an empty optimizer state, step
@@ -70,8 +77,9 @@ def read_weights(path: Path) -> dict:
         except Exception as e:  # pickled objects (refused unrun), a truncated or foreign file
             raise ValueError(f"{path}: not a weights-only torch file "
                              f"({(str(e).splitlines() or [type(e).__name__])[0][:80]})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "model"):  # a training checkpoint's weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
     if not isinstance(state, dict) or not state or not all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{path}: not a state dict (names -> tensors)")
@@ -92,8 +100,28 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def convert(source: str, weights: Path, config_path: Path, out: Path, bpe: Path | None = None,
-            vocab: Path | None = None) -> dict:
+def weights_file(folder: Path) -> Path:
+    """The weights of a BERT-format release folder."""
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"{folder} holds neither pytorch_model.bin nor model.safetensors")
+
+
+def make_tokenizer(bpe: Path | None, vocab: Path | None, spm: Path | None,
+                   cased: bool) -> Tokenizer:
+    if bpe is not None:
+        return Tokenizer.from_clip_bpe(bpe)
+    if spm is not None:
+        return Tokenizer.from_sentencepiece(spm)
+    if vocab is None:
+        raise ValueError("name the tokenizer: --bpe, --vocab or --spm")
+    return Tokenizer.from_vocab_file(vocab, lowercase=not cased)
+
+
+def convert(source: str, weights: Path, config_path: Path | None, out: Path,
+            bpe: Path | None = None, vocab: Path | None = None, spm: Path | None = None,
+            cased: bool = False) -> dict:
     """Write the checkpoint `out`; returns {"model", "parameters", "out"} for the summary line."""
     found = converters()
     if source not in found:
@@ -101,11 +129,16 @@ def convert(source: str, weights: Path, config_path: Path, out: Path, bpe: Path 
                          f"{', '.join(sorted(found)) or 'none'}")
     name, paper = found[source]
     with one_line(f"{source} weights: "):
-        state, source_config = read_weights(weights), read_config(config_path)
+        if weights.is_dir():  # a BERT-format folder: its own config and vocabulary
+            config_path = config_path or (weights / "config.json")
+            if bpe is None and spm is None and vocab is None and (weights / "vocab.txt").is_file():
+                vocab = weights / "vocab.txt"
+            weights = weights_file(weights)
+        state = read_weights(weights)
+        source_config = read_config(config_path) if config_path is not None else {}
         config, model_state = paper.CONVERTERS[source](state, source_config)
     with one_line("tokenizer: "):
-        tokenizer = (Tokenizer.from_clip_bpe(bpe) if bpe is not None
-                     else Tokenizer.from_vocab_file(vocab))
+        tokenizer = make_tokenizer(bpe, vocab, spm, cased)
     if tokenizer.vocab_size != config.vocab_size:
         raise SystemExit(f"error: the tokenizer has {tokenizer.vocab_size} ids, the weights "
                          f"{config.vocab_size}: not the tokenizer they were trained with")
@@ -127,15 +160,21 @@ def convert(source: str, weights: Path, config_path: Path, out: Path, bpe: Path 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="whose weights: a paper's CONVERTERS name (open_clip)")
-    parser.add_argument("weights", type=Path, help="the weights: .bin / .pt / .safetensors")
-    parser.add_argument("--config", type=Path, required=True, help="the source's config JSON")
-    tokenizer = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("source", help="whose weights: a paper's CONVERTERS name (open_clip, "
+                        "virtex, uniter, oscar)")
+    parser.add_argument("weights", type=Path,
+                        help="the weights: .bin / .pt / .pth / .safetensors, or a release folder")
+    parser.add_argument("--config", type=Path, help="the source's config JSON")
+    tokenizer = parser.add_mutually_exclusive_group()
     tokenizer.add_argument("--bpe", type=Path, help="CLIP's BPE merges (.txt or .txt.gz)")
     tokenizer.add_argument("--vocab", type=Path, help="a BERT vocab.txt")
+    tokenizer.add_argument("--spm", type=Path, help="a SentencePiece model (VirTex's)")
+    parser.add_argument("--cased", action="store_true",
+                        help="--vocab is cased (bert-base-cased): no lower-casing")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
     args = parser.parse_args(argv)
-    done = convert(args.source, args.weights, args.config, args.out, args.bpe, args.vocab)
+    done = convert(args.source, args.weights, args.config, args.out, args.bpe, args.vocab,
+                   args.spm, args.cased)
     print(f"{args.source} -> {done['model']}: {done['parameters'] / 1e6:.2f}M parameters "
           f"written to {done['out']}")
 

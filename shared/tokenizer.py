@@ -121,11 +121,13 @@ CONTINUATION_PREFIX = "##"  # a piece starting with "##" continues the word befo
 
 # --- 2. Building the library pipeline --------------------------------------------------------
 
-def _bert_pipeline(model: models.Model) -> BackendTokenizer:
+def _bert_pipeline(model: models.Model, lowercase: bool = True) -> BackendTokenizer:
     """Wrap a WordPiece model in BERT's normalizer, pre-tokenizer and decoder.
 
     Args:
         model: a `tokenizers.models.WordPiece` (empty for training, or with a vocabulary).
+        lowercase: BERT-uncased's lower-casing and accent stripping; False for a cased
+            vocabulary (bert-base-cased, UNITER's), which keeps both.
     Returns:
         a `tokenizers.Tokenizer` with no post-processor: [CLS]/[SEP] are added by `Tokenizer`.
     """
@@ -133,14 +135,14 @@ def _bert_pipeline(model: models.Model) -> BackendTokenizer:
     # clean_text: drop control chars, map all whitespace to " "; handle_chinese_chars: put spaces
     # around CJK ideographs; strip_accents=None follows `lowercase` (BERT-uncased: strip them).
     backend.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on spaces and punctuation
     # cleanup=False: do not glue punctuation back ("left ." stays "left ."); see module docstring.
     backend.decoder = decoders.WordPiece(prefix=CONTINUATION_PREFIX, cleanup=False)
     return backend
 
 
-def _backend_from_vocab(vocab: dict[str, int]) -> BackendTokenizer:
+def _backend_from_vocab(vocab: dict[str, int], lowercase: bool = True) -> BackendTokenizer:
     """The full BERT pipeline over a fixed WordPiece vocabulary {token: id}.
 
     The special tokens are also registered as the library's "special added tokens": they keep
@@ -149,7 +151,7 @@ def _backend_from_vocab(vocab: dict[str, int]) -> BackendTokenizer:
     """
     model = models.WordPiece(vocab=vocab, unk_token=UNK, continuing_subword_prefix=CONTINUATION_PREFIX,
                              max_input_chars_per_word=100)  # BERT: longer words become [UNK]
-    backend = _bert_pipeline(model)
+    backend = _bert_pipeline(model, lowercase)
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     return backend
 
@@ -525,7 +527,7 @@ class Tokenizer:
         return cls(_backend_from_vocab(vocab))
 
     @classmethod
-    def from_vocab_file(cls, path: str | Path) -> "Tokenizer":
+    def from_vocab_file(cls, path: str | Path, lowercase: bool = True) -> "Tokenizer":
         """Load a BERT `vocab.txt`: one token per line, id = line number (0-based).
 
         BERT-base-uncased's file has [PAD] = 0, [UNK] = 100, [CLS] = 101, [SEP] = 102,
@@ -533,6 +535,8 @@ class Tokenizer:
 
         Args:
             path: the vocab.txt file.
+            lowercase: True for an uncased vocabulary (lower-case, strip accents, as
+                BERT-base-uncased's tokenizer); False for a cased one (bert-base-cased).
         Returns:
             a Tokenizer whose ids are the file's line numbers.
         Raises:
@@ -557,7 +561,7 @@ class Tokenizer:
         if vocab[PAD] != 0:
             raise ValueError(f"{path}: {PAD} must be on the first line (id 0), found on line "
                              f"{vocab[PAD]}")
-        return cls(_backend_from_vocab(vocab))
+        return cls(_backend_from_vocab(vocab, lowercase))
 
     @classmethod
     def from_clip_bpe(cls, path: str | Path) -> "Tokenizer":
