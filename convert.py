@@ -24,6 +24,9 @@ which tensor is left over), and reads the sizes from the tensors and the config.
     --bpe     the tokenizer: CLIP's BPE merges (bpe_simple_vocab_16e6.txt.gz, inside the
               open_clip package); --vocab, a BERT vocab.txt (--cased: a cased one, as
               bert-base-cased's); --spm, a SentencePiece model (VirTex's coco_10k.model)
+    --answers a VQA head's classes, a JSON list (class i = item i), where the release keeps
+              them beside the weights (Oscar's trainval_label2ans); a pickle is not read (it
+              could run code): json.dump(pickle.load(f), out) it once, where you trust it
     --out     the checkpoint to write
 
 The checkpoint (shared/checkpoint.py) holds the converted model, an empty optimizer state, step
@@ -119,9 +122,22 @@ def make_tokenizer(bpe: Path | None, vocab: Path | None, spm: Path | None,
     return Tokenizer.from_vocab_file(vocab, lowercase=not cased)
 
 
+def read_answers(path: Path) -> list[str]:
+    """--answers: a JSON list of the VQA head's classes, class i = item i."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no answers file {path}")
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{path}: not a JSON list of answer strings")
+    return answers
+
+
 def convert(source: str, weights: Path, config_path: Path | None, out: Path,
             bpe: Path | None = None, vocab: Path | None = None, spm: Path | None = None,
-            cased: bool = False) -> dict:
+            cased: bool = False, answers: Path | None = None) -> dict:
     """Write the checkpoint `out`; returns {"model", "parameters", "out"} for the summary line."""
     found = converters()
     if source not in found:
@@ -136,6 +152,8 @@ def convert(source: str, weights: Path, config_path: Path | None, out: Path,
             weights = weights_file(weights)
         state = read_weights(weights)
         source_config = read_config(config_path) if config_path is not None else {}
+        if answers is not None:
+            source_config["answers"] = read_answers(answers)
         config, model_state = paper.CONVERTERS[source](state, source_config)
     with one_line("tokenizer: "):
         tokenizer = make_tokenizer(bpe, vocab, spm, cased)
@@ -171,10 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.add_argument("--spm", type=Path, help="a SentencePiece model (VirTex's)")
     parser.add_argument("--cased", action="store_true",
                         help="--vocab is cased (bert-base-cased): no lower-casing")
+    parser.add_argument("--answers", type=Path, help="a VQA head's classes, a JSON list")
     parser.add_argument("--out", type=Path, required=True, help="the checkpoint to write")
     args = parser.parse_args(argv)
     done = convert(args.source, args.weights, args.config, args.out, args.bpe, args.vocab,
-                   args.spm, args.cased)
+                   args.spm, args.cased, args.answers)
     print(f"{args.source} -> {done['model']}: {done['parameters'] / 1e6:.2f}M parameters "
           f"written to {done['out']}")
 

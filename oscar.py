@@ -92,6 +92,11 @@ class Config:
     n_regions: int = 50  # [Oscar §3, Implementation Details]; [code]: the first 50 rows
     feature_dim: int = 2048  # P = 2048 [Oscar §3]; the input is F + 6 = 2054 [code]
     region_layer_norm: bool = False  # [code] use_img_layernorm: 0 by default, 1 in VinVL's
+    region_layer_norm_eps: float = 1e-12  # [code] img_layer_norm_eps
+    max_positions: int = 0  # learned positions: 0 = the tasks' longest text; [code] BERT's 512
+    tied_decoder: bool = True  # [code] tie_weights: pre-training's MLM output layer is the word
+    #   embeddings; captioning's (run without --tie_weights) is its own (V, D) matrix
+    contrast_classes: int = 2  # [code] num_contrast_classes: 3 in Oscar+ (VinVL) pre-training
     standardise_features: bool = False  # OURS: (f - mean) / std (feature_statistics); [code]: f
     feature_mean: tuple[float, ...] = ()  # OURS: with standardise_features on region files on
     feature_std: tuple[float, ...] = ()  # disk, their statistics (shared.data.standardisation)
@@ -217,11 +222,12 @@ class OscarEncoder(nn.Module):
         self.checkpointed = c.grad_checkpointing
         # every task's positions (captioning: the tags after the caption slot): one encoder
         positions = max(c.max_text_len, c.max_retrieval_text_len, c.max_vqa_text_len,
-                        c.max_caption_len + c.max_tag_len)
+                        c.max_caption_len + c.max_tag_len, c.max_positions)
         self.text_embeddings = BertEmbeddings(c.vocab_size, D, max_positions=positions,
                                               n_token_types=2, dropout=c.dropout, pad_id=PAD_ID)
         self.region_embedding = nn.Linear(c.feature_dim + BOX_DIM, D)  # v = W [v' ; z]
-        self.region_norm = nn.LayerNorm(D, eps=1e-12) if c.region_layer_norm else nn.Identity()
+        self.region_norm = (nn.LayerNorm(D, eps=c.region_layer_norm_eps) if c.region_layer_norm
+                            else nn.Identity())
         self.region_dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(PostLNEncoderBlock(D, c.heads, c.intermediate_size,
                                                        c.dropout) for _ in range(c.layers))
@@ -304,6 +310,19 @@ TASK_HEADS = {"pretrain": ("mlm", "contrastive"), "caption": ("mlm",),
               "retrieval": ("retrieval",), "vqa": ("vqa",)}
 
 
+class UntiedOutputHead(TiedOutputHead):
+    """The MLM head with its own output matrix (tied_decoder False): [code]'s captioning model
+    leaves cls.predictions.decoder untied unless run with --tie_weights, so fine-tuning moves it
+    away from the word embeddings. The `weight` passed in is ignored."""
+
+    def __init__(self, d_model: int, vocab_size: int, std: float):
+        super().__init__(d_model, vocab_size)
+        self.decoder = nn.Parameter(torch.randn(vocab_size, d_model) * std)  # (V, D)
+
+    def forward(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        return super().forward(hidden, self.decoder)  # (M, D) -> (M, V)
+
+
 class Oscar(nn.Module):
     """OscarEncoder + the heads of config.task (TASK_HEADS). [code]'s names: region_embedding =
     img_embedding, heads.contrastive = cls.seq_relationship."""
@@ -314,8 +333,10 @@ class Oscar(nn.Module):
         self.encoder = OscarEncoder(config)
         classifier = lambda n: nn.Sequential(OrderedDict(dropout=nn.Dropout(config.dropout),
                                                          classifier=nn.Linear(D, n)))
-        make = {"mlm": lambda: TiedOutputHead(D, config.vocab_size),  # tied: mlm_logits
-                "contrastive": lambda: nn.Linear(D, 2),  # f [Oscar §3, Eq. 3]; 1 = polluted
+        make = {"mlm": lambda: TiedOutputHead(D, config.vocab_size) if config.tied_decoder
+                else UntiedOutputHead(D, config.vocab_size, config.init_std),  # mlm_logits
+                # f [Oscar §3, Eq. 3]; 0 = the image's own, 1 = polluted (Oscar+: 1, 2)
+                "contrastive": lambda: nn.Linear(D, config.contrast_classes),
                 # column 1 = "match" [code]; "a task-specific linear classifier" [Oscar §4,
                 # VQA]; both after dropout on the pooled [CLS] [code]
                 "retrieval": lambda: classifier(2), "vqa": lambda: classifier(len(config.answers))}
@@ -345,8 +366,8 @@ class Oscar(nn.Module):
         if "retrieval" in self.heads:
             logits = self.heads["retrieval"](pooled)  # (B, 2)
             return logits[:, 1] - logits[:, 0]
-        logits = self.heads["contrastive"](pooled)  # (B, 2)
-        return logits[:, 0] - logits[:, 1]
+        logits = self.heads["contrastive"](pooled)  # (B, 2), Oscar+ (B, 3)
+        return logits[:, 0] - logits[:, 1:].logsumexp(dim=1)  # 2 classes: l_0 - l_1 exactly
 
     def answer_logits(self, batch: dict) -> Tensor:
         """(B, A) logits over config.answers from the pooled [CLS] of [question ; tags ; regions]."""
@@ -606,7 +627,9 @@ def config_problems(c: Config) -> list[str]:
         (c.max_caption_masked >= 1 and c.beam_size >= 1 and c.length_penalty >= 0,
          "need max_caption_masked >= 1, beam_size >= 1 and length_penalty >= 0"),
         (c.batch_size >= 2 or c.task not in ("pretrain", "retrieval"),
-         "pre-training and retrieval draw negatives from other examples: batch_size >= 2")]
+         "pre-training and retrieval draw negatives from other examples: batch_size >= 2"),
+        (c.max_positions >= 0 and c.contrast_classes >= 2 and c.region_layer_norm_eps > 0,
+         "need max_positions >= 0, contrast_classes >= 2 and region_layer_norm_eps > 0")]
     return (encoder_problems(c, TASKS) + [message for ok, message in checks if not ok]
             + optimisation_problems(c) + statistics_problems(c))
 
@@ -622,6 +645,166 @@ def make_optimizer(model: Oscar, config: Config) -> torch.optim.Optimizer:
 
 def after_optimizer_step(model: Oscar) -> None:
     """Nothing to do after an optimizer step for Oscar (CoCa clamps its temperature there)."""
+
+
+# -- the released checkpoints of [code] (Oscar and VinVL): one folder each, pytorch_model.bin,
+#    config.json (a BERT config plus img_feature_dim, use_img_layernorm, ...) and vocab.txt
+#    (BERT-base-uncased: shared.tokenizer.Tokenizer.from_vocab_file)
+
+RELEASE_MODELS = {  # the head tensors of each [code] model class -> our task
+    "BertImgForPreTraining": "pretrain",  # cls.predictions + cls.seq_relationship
+    "BertForImageCaptioning": "caption",  # cls.predictions (BertOnlyMLMHead)
+    "ImageBertForSequenceClassification": "retrieval or vqa"}  # classifier, on the pooled [CLS]
+
+
+def release_config(config_dict: dict, task: str, heads: dict) -> Config:
+    """Our Config for a [code] config.json: BERT's sizes, the region input img_feature_dim =
+    F + 6 (2054 = 2048 + 6 in every release), the region LayerNorm as use_img_layernorm says,
+    the heads' sizes as their tensors say (heads: n_labels, contrast_classes, tied_decoder).
+    Everything else is Config.paper()'s. Raises ValueError (one line) for what [code] runs and
+    we do not build."""
+    c = config_dict
+    for key, want in (("hidden_act", "gelu"), ("type_vocab_size", 2), ("layer_norm_eps", 1e-12),
+                      ("img_feature_type", "faster_r-cnn"),
+                      ("position_embedding_type", "absolute")):
+        if c.get(key, want) != want:
+            raise ValueError(f"config.json has {key} {c[key]!r}; only {want!r} is built")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "vocab_size", "img_feature_dim") if k not in c]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)} (not an Oscar config?)")
+    if c["img_feature_dim"] <= BOX_DIM:
+        raise ValueError(f"config.json's img_feature_dim {c['img_feature_dim']} leaves no "
+                         f"feature before the {BOX_DIM} box numbers")
+    answers = ()
+    if task == "vqa":  # the labels live in the data folder ([code] trainval_ans2label.pkl);
+        n = heads["n_labels"]  # config.json names them only if given as "answers"
+        answers = tuple(c.get("answers") or (f"answer_{i}" for i in range(n)))
+        if len(answers) != n:
+            raise ValueError(f"config.json's answers are {len(answers)}, the classifier's {n}")
+    return Config(
+        hidden_size=c["hidden_size"], layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
+        vocab_size=c["vocab_size"], dropout=c.get("hidden_dropout_prob", 0.1),
+        max_positions=c.get("max_position_embeddings", 512),
+        feature_dim=c["img_feature_dim"] - BOX_DIM, region_layer_norm=bool(
+            c.get("use_img_layernorm")), region_layer_norm_eps=c.get("img_layer_norm_eps", 1e-12),
+        tied_decoder=heads.get("tied_decoder", True),
+        contrast_classes=heads.get("contrast_classes", 2), answers=answers, task=task)
+
+
+def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
+    """[code]'s released weights (pytorch_model.bin) and config.json -> (our Config, our state
+    dict). The task comes from the heads found (RELEASE_MODELS); a classifier of 2 labels is
+    retrieval (column 1 = match [code run_retrieval.py]) unless config.json's finetuning_task
+    says VQA. The mapping [code: oscar/modeling/modeling_bert.py]:
+
+        [code]                                    ours
+        bert.embeddings.*, bert.encoder.layer.i.*,  encoder.text_embeddings, encoder.layers.i,
+        bert.pooler.*                               encoder.pooler: shared.bert.hf_to_ours
+        bert.embeddings.position_ids (if saved)     none: a constant 0 .. P - 1, checked
+        bert.img_embedding (D, F + 6)               encoder.region_embedding: v = W [v' ; z]
+        bert.LayerNorm (use_img_layernorm)          encoder.region_norm
+        cls.predictions.transform.dense/LayerNorm   heads.mlm.transform.dense/norm
+        cls.predictions.bias                        heads.mlm.bias
+        cls.predictions.decoder.weight (V, D)       tied: a saved duplicate of the word
+                                                    embeddings, checked equal and dropped;
+                                                    untied (captioning): heads.mlm.decoder
+        cls.predictions.decoder.bias (if saved)     a duplicate of cls.predictions.bias: dropped
+        cls.seq_relationship (2 or 3, D)            heads.contrastive (contrast_classes)
+        classifier (2 or A, D) ("linear")           heads.retrieval.classifier or
+                                                    heads.vqa.classifier
+
+    Every source tensor must be used and every tensor of our model set, with our shapes; else
+    ValueError, one line, naming what is left over ([code]'s "mlp" classifier among them)."""
+    from shared.bert import hf_to_ours  # imported where used, as the contract's other readers
+    sd = {k.replace(".gamma", ".weight").replace(".beta", ".bias") if "LayerNorm" in k else k: v
+          for k, v in state_dict.items()}  # very old checkpoints: LayerNorm gamma / beta
+    if "classifier.weight" in sd:
+        n_labels = sd["classifier.weight"].shape[0]  # (labels, D)
+        vqa = "vqa" in str(config_dict.get("finetuning_task", "")) or n_labels != 2
+        task, heads = ("vqa" if vqa else "retrieval"), {"n_labels": n_labels}
+    elif "cls.predictions.bias" in sd:
+        task = "pretrain" if "cls.seq_relationship.weight" in sd else "caption"
+        decoder, words = (sd.get("cls.predictions.decoder.weight"),
+                          sd.get("bert.embeddings.word_embeddings.weight"))
+        heads = {"tied_decoder": decoder is None or (words is not None and torch.equal(
+            decoder, words))}
+        if task == "pretrain":
+            heads["contrast_classes"] = sd["cls.seq_relationship.weight"].shape[0]  # (2|3, D)
+    else:
+        raise ValueError("no head found (cls.predictions, cls.seq_relationship or classifier):"
+                         " not an Oscar or VinVL checkpoint?")
+    config = release_config(config_dict, task, heads)
+    with torch.device("meta"):  # names and shapes only, no memory
+        wanted = {k: v.shape for k, v in Oscar(config).state_dict().items()}
+    ours, source, used = {}, {}, set()
+
+    def take(key: str) -> Tensor:
+        if key not in sd:
+            raise ValueError(f"the Oscar weights lack {key} (task {task})")
+        used.add(key)
+        return sd[key]
+
+    def copy(name: str, key: str, parts=("weight", "bias")) -> None:  # a Linear or a LayerNorm
+        for part in parts:
+            ours[f"{name}.{part}"] = take(f"{key}.{part}")
+            source[f"{name}.{part}"] = f"{key}.{part}"
+
+    # the BERT encoder: shared.bert's one map of BERT's names (KeyError: the first one missing)
+    bert = {k: v for k, v in sd.items() if k.startswith("bert.")}
+    try:
+        text = hf_to_ours(bert, config.layers)
+    except KeyError as e:
+        raise ValueError(f"the Oscar weights' encoder: {str(e).strip(chr(34) + chr(39))}"
+                         ) from None
+    by_tensor = {id(v): k for k, v in bert.items()}  # hf_to_ours hands back the same tensors
+    for name, tensor in text.items():
+        prefix = "encoder.text_" if name.startswith("embeddings.") else "encoder."
+        ours[prefix + name], source[prefix + name] = tensor, by_tensor[id(tensor)]
+        used.add(by_tensor[id(tensor)])
+    if "bert.embeddings.position_ids" in sd:  # a buffer newer BERT code saves: 0 .. P - 1
+        ids = take("bert.embeddings.position_ids").flatten()
+        if not torch.equal(ids, torch.arange(len(ids), dtype=ids.dtype)):
+            raise ValueError("bert.embeddings.position_ids is not 0 .. P - 1")
+    copy("encoder.region_embedding", "bert.img_embedding")  # (D, F + 6)
+    if config.region_layer_norm:
+        copy("encoder.region_norm", "bert.LayerNorm")
+    if "mlm" in TASK_HEADS[task]:
+        copy("heads.mlm.transform.dense", "cls.predictions.transform.dense")
+        copy("heads.mlm.transform.norm", "cls.predictions.transform.LayerNorm")
+        copy("heads.mlm", "cls.predictions", ("bias",))
+        if not config.tied_decoder:  # (V, D): captioning without --tie_weights
+            ours["heads.mlm.decoder"] = take("cls.predictions.decoder.weight")
+            source["heads.mlm.decoder"] = "cls.predictions.decoder.weight"
+        elif "cls.predictions.decoder.weight" in sd:  # equal to the word embeddings (above)
+            take("cls.predictions.decoder.weight")
+        if "cls.predictions.decoder.bias" in sd:
+            if not torch.equal(take("cls.predictions.decoder.bias"), sd["cls.predictions.bias"]):
+                raise ValueError("cls.predictions.decoder.bias differs from cls.predictions.bias")
+    if task == "pretrain":
+        copy("heads.contrastive", "cls.seq_relationship")
+    if task in ("retrieval", "vqa"):
+        copy(f"heads.{task}.classifier", "classifier")
+
+    unused = sorted(set(sd) - used)
+    if unused:
+        raise ValueError(f"Oscar tensors this model has no place for: {', '.join(unused[:4])}"
+                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
+    unset = sorted(set(wanted) - set(ours))
+    if unset:
+        raise ValueError(f"tensors of the model no Oscar tensor sets: {', '.join(unset[:4])}")
+    for name, shape in wanted.items():
+        if ours[name].shape != shape:
+            raise ValueError(f"Oscar's {source[name]} gives {name} the shape "
+                             f"{tuple(ours[name].shape)}, the model's is {tuple(shape)}")
+    return config, {name: ours[name].detach().float().clone(memory_format=torch.contiguous_format)
+                    for name in wanted}  # our order, fp32, each its own storage
+
+
+# the released weights each converter turns into this model (convert.py picks by these names):
+# (source state dict, source config dict) -> (Config, our state dict)
+CONVERTERS = {"oscar": from_oscar}
 
 
 # --- 8. Data: the world's examples as triples ----------------------------------------------------

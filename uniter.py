@@ -812,6 +812,178 @@ def after_optimizer_step(model: UNITER) -> None:
     """Nothing to do after an update (CoCa clamps its temperature here)."""
 
 
+# --- the released weights: ChenRocks/UNITER's state dicts -> this model ------------------------
+# [code: ChenRocks/UNITER model/model.py, layer.py, pretrain.py, vqa.py, itm.py]: the released
+# uniter-base.pt / uniter-large.pt are plain state dicts of UniterForPretraining (the encoder
+# under "uniter.", the heads beside it); a fine-tuning run's checkpoints have the same layout with
+# its task's head. [code]'s inputs match ours: bert-base-cased word pieces ([CLS] w [SEP],
+# positions 0..T-1, type 0), 2048-d BUTD features with the 7-d locations of region_locations
+# (type 1), and its Image Embedder normalises each branch (region_branch_norms=True).
+
+def _uniter_names(layers: int) -> dict[str, str]:
+    """{our encoder tensor: [code]'s} for UniterModel (text and image embedders, BERT's layers,
+    the pooler); mask_embedding and the heads are mapped in from_uniter."""
+    names = {"text_embeddings.word": "embeddings.word_embeddings",
+             "text_embeddings.position": "embeddings.position_embeddings",
+             "text_embeddings.token_type": "embeddings.token_type_embeddings",
+             "text_embeddings.norm": "embeddings.LayerNorm",
+             "image_embeddings.feature": "img_embeddings.img_linear",  # W_f (D, F)
+             "image_embeddings.feature_norm": "img_embeddings.img_layer_norm",
+             "image_embeddings.location": "img_embeddings.pos_linear",  # W_p (D, 7)
+             "image_embeddings.location_norm": "img_embeddings.pos_layer_norm",
+             "image_embeddings.norm": "img_embeddings.LayerNorm", "pooler.dense": "pooler.dense"}
+    for i in range(layers):  # BertLayer [code: model/layer.py]
+        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
+        names.update({ours + "attn.q_proj": theirs + "attention.self.query",
+                      ours + "attn.k_proj": theirs + "attention.self.key",
+                      ours + "attn.v_proj": theirs + "attention.self.value",
+                      ours + "attn.out_proj": theirs + "attention.output.dense",
+                      ours + "attn_norm": theirs + "attention.output.LayerNorm",
+                      ours + "mlp.fc1": theirs + "intermediate.dense",
+                      ours + "mlp.fc2": theirs + "output.dense",
+                      ours + "mlp_norm": theirs + "output.LayerNorm"})
+    names = {f"encoder.{k}": f"uniter.{v}" for k, v in names.items()}
+    return {f"{k}.{p}": f"{v}.{p}" for k, v in names.items() for p in ("weight", "bias")
+            if not (p == "bias" and k.endswith(("word", "position", "token_type")))}
+
+
+# {task: {our head tensor: [code]'s}}; .weight and .bias of each module unless it ends in a dot
+UNITER_HEADS = {
+    "pretrain": {"heads.itm": "itm_output",  # Linear(D, 2) [code: model/pretrain.py]
+                 "heads.mlm.transform.dense": "cls.predictions.transform.dense",
+                 "heads.mlm.transform.norm": "cls.predictions.transform.LayerNorm",
+                 "heads.mlm.bias.": "cls.predictions.bias",  # decoder.weight: the word table
+                 "heads.mrfr.transform.dense": "feat_regress.net.0",  # net.1 is the GELU
+                 "heads.mrfr.transform.norm": "feat_regress.net.2",
+                 "heads.mrfr.bias.": "feat_regress.bias",  # feat_regress.weight: W_f, tied
+                 "heads.mrc.0.dense": "region_classifier.net.0",
+                 "heads.mrc.0.norm": "region_classifier.net.2",
+                 "heads.mrc.1": "region_classifier.net.3"},  # (C, D)
+    "vqa": {"heads.vqa.0": "vqa_output.0", "heads.vqa.2": "vqa_output.2",  # Linear, GELU, LN,
+            "heads.vqa.3": "vqa_output.3"},  # Linear(2D, A) [code: model/vqa.py]
+    "retrieval": {}}  # itm from itm_output and rank_output (from_uniter)
+UNITER_TIED = {"cls.predictions.decoder.weight": "uniter.embeddings.word_embeddings.weight",
+               "feat_regress.weight": "uniter.img_embeddings.img_linear.weight"}
+
+
+def _uniter_task(keys: set) -> str:
+    """The task of the heads found: vqa_output -> vqa; rank_output, or itm_output alone ->
+    retrieval; MLM / MRFR / MRC heads -> pretrain."""
+    pretrain = {k for k in keys if k.startswith(("cls.", "feat_regress.", "region_classifier."))}
+    found = [t for t, hit in (("vqa", "vqa_output.0.weight" in keys),
+                              ("retrieval", "rank_output.weight" in keys), ("pretrain", pretrain))
+             if hit]
+    if not found and "itm_output.weight" in keys:
+        return "retrieval"
+    if len(found) != 1:
+        raise ValueError(f"UNITER weights need one task's heads (vqa_output, rank_output / "
+                         f"itm_output, or cls + feat_regress + region_classifier); found "
+                         f"{', '.join(found) or 'none'}")
+    return found[0]
+
+
+def uniter_config(state_dict: dict, config_dict: dict) -> Config:
+    """The Config of [code]'s weights: sizes from the tensors' shapes, checked against
+    config_dict ({} or [code]'s config/uniter-*.json); VQA answers from config_dict["answers"]
+    (a list) or ["ans2label"] ({answer: index}, [code: utils/ans2label.json]), else answer_<i>."""
+    s, task = state_dict, _uniter_task(set(state_dict))
+    V, D = s["uniter.embeddings.word_embeddings.weight"].shape
+    layers = sum(k.endswith("attention.self.query.weight") for k in s)
+    sizes = {"vocab_size": V, "hidden_size": D, "num_hidden_layers": layers,
+             "max_position_embeddings": len(s["uniter.embeddings.position_embeddings.weight"]),
+             "type_vocab_size": len(s["uniter.embeddings.token_type_embeddings.weight"]),
+             "intermediate_size": len(s["uniter.encoder.layer.0.intermediate.dense.weight"])}
+    wrong = [f"{k} {config_dict[k]} (the tensors say {v})" for k, v in sizes.items()
+             if k in config_dict and config_dict[k] != v]
+    if sizes["type_vocab_size"] != 2 or config_dict.get("hidden_act", "gelu") != "gelu":
+        wrong.append("a type table of 2 rows and hidden_act gelu (VCR's 4 types are not here)")
+    if wrong:
+        raise ValueError(f"UNITER config disagrees with the weights: {'; '.join(wrong)}")
+    n_answers = len(s["vqa_output.3.weight"]) if task == "vqa" else 0
+    ans2label = config_dict.get("ans2label", {})
+    answers = tuple(config_dict.get("answers") or sorted(ans2label, key=ans2label.get)
+                    or [f"answer_{i}" for i in range(n_answers)])
+    if task == "vqa" and len(answers) != n_answers:
+        raise ValueError(f"{len(answers)} answers given, the VQA head has {n_answers}")
+    extra = ({"n_region_classes": len(s["region_classifier.net.3.weight"])}
+             if task == "pretrain" and "region_classifier.net.3.weight" in s else {})
+    return Config(
+        task=task, hidden_size=D, layers=layers, intermediate_size=sizes["intermediate_size"],
+        heads=config_dict.get("num_attention_heads", max(1, D // 64)),  # 64 wide
+        vocab_size=V, max_text_len=sizes["max_position_embeddings"],  # 512 rows [code]
+        feature_dim=s["uniter.img_embeddings.img_linear.weight"].shape[1],  # F = 2048 [code]
+        dropout=config_dict.get("hidden_dropout_prob", 0.1),
+        init_std=config_dict.get("initializer_range", 0.02),
+        region_branch_norms=True,  # [code]'s LN(LN(W_f f) + LN(W_p p) + type)
+        itm_score="match_logit",  # [code]'s score: the "match" logit (itm) or rank_output
+        answers=answers if task == "vqa" else (), mrc_kl_scale="element", **extra)
+
+
+def from_uniter(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
+    """[code]'s UNITER weights -> (our Config, our state dict), tensor by tensor: every source
+    tensor used and every tensor of our model set with its shape, else one-line ValueError.
+
+        [code] (<u> = the "uniter" prefix)     ours
+        <u>.embeddings.*                         encoder.text_embeddings (word, position, ...)
+        <u>.img_embeddings.img_linear, ...       encoder.image_embeddings (feature, ..._norm)
+        <u>.img_embeddings.mask_embedding        row 1 -> mask_vector m (row 0 is [code]'s 0)
+        <u>.encoder.layer.i                      encoder.layers.i (_uniter_names)
+        <u>.pooler.dense                         encoder.pooler.dense
+        heads (UNITER_HEADS)                     heads.<task>
+        rank_output (1, D)                       heads.itm row 1 (row 0: itm_output's row 0)
+        cls.predictions.decoder, feat_regress.w  tied copies of the word table and W_f: checked
+
+    [code] saved old LayerNorm names gamma / beta at times; from_pretrained reads them as
+    weight / bias, and so do we."""
+    s = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+         "LayerNorm.bias"): v for k, v in state_dict.items()}
+    config = uniter_config(s, config_dict)
+    with torch.device("meta"):  # names and shapes only, no memory
+        wanted = {k: v.shape for k, v in UNITER(config).state_dict().items()}
+    names = _uniter_names(config.layers)
+    for ours, theirs in UNITER_HEADS[config.task].items():
+        parts = ("",) if ours.endswith(".") else (".weight", ".bias")
+        names.update({ours.rstrip(".") + p: theirs + p for p in parts})
+    missing = sorted({v for v in names.values() if v not in s})
+    if missing:
+        raise ValueError(f"the UNITER weights lack {', '.join(missing[:4])}"
+                         f"{f' and {len(missing) - 4} more' if len(missing) > 4 else ''}")
+    ours = {k: s[v] for k, v in names.items()}
+    used = set(names.values()) | {"uniter.img_embeddings.mask_embedding.weight"}
+    ours["encoder.image_embeddings.mask_vector"] = s[
+        "uniter.img_embeddings.mask_embedding.weight"][1]  # (2, F) -> (F,): img_masks == 1
+    if config.task == "retrieval":  # rank_output = itm_output row 1 at the start [code: itm.py]
+        rank_w, rank_b = (s["rank_output.weight"], s["rank_output.bias"]) if (
+            "rank_output.weight" in s) else (s["itm_output.weight"][1:], s["itm_output.bias"][1:])
+        zero_w, zero_b = torch.zeros_like(rank_w), torch.zeros_like(rank_b)  # no itm_output
+        ours["heads.itm.weight"] = torch.cat([s.get("itm_output.weight", zero_w)[:1],
+                                              rank_w])  # (2, D): row 1 = the rank score
+        ours["heads.itm.bias"] = torch.cat([s.get("itm_output.bias", zero_b)[:1], rank_b])
+        used |= {"itm_output.weight", "itm_output.bias", "rank_output.weight", "rank_output.bias"}
+    for tied, table in UNITER_TIED.items():  # saved twice by state_dict(): one tensor in [code]
+        if tied in s and not torch.equal(s[tied], s[table]):
+            raise ValueError(f"{tied} differs from {table}, which [code] ties it to")
+        used.add(tied)
+    unused = sorted((set(s) - used) | {names[n] for n in set(ours) - set(wanted) if n in names})
+    if unused:
+        raise ValueError(f"UNITER tensors this model has no place for: {', '.join(unused[:4])}"
+                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
+    unset = sorted(set(wanted) - set(ours))
+    if unset:
+        raise ValueError(f"tensors of the model no UNITER tensor sets: {', '.join(unset[:4])}")
+    bad = [f"{n} {tuple(ours[n].shape)} (ours {tuple(shape)})" for n, shape in wanted.items()
+           if ours[n].shape != shape]
+    if bad:
+        raise ValueError(f"UNITER tensors of the wrong shape: {', '.join(bad[:4])}")
+    return config, {n: ours[n].detach().float().clone(memory_format=torch.contiguous_format)
+                    for n in wanted}  # our order, fp32, each its own storage
+
+
+# the released weights each converter turns into this model (convert.py picks by these names):
+# (source state dict, source config dict) -> (Config, our state dict)
+CONVERTERS = {"uniter": from_uniter}
+
+
 # --- 8. Data: the world's regions, one task a batch --------------------------------------------
 
 def kept_regions(conf: np.ndarray, config: Config) -> int:
