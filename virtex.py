@@ -34,6 +34,7 @@ Paper map (part -> code)
     §Implementation: optimisation            make_optimizer (SGD, two learning rates)
     §Downstream: linear probes               VirTex.pooled_features, evaluate
     §Captioning (beam 5, nucleus 0.9)        VirTex.generate (shared.decoding), caption_images
+    [code] released checkpoints              from_virtex, CONVERTERS (section 7)
 
 Heads by pretext. The ResNet (`visual.*`) is the encoder: its state dict is the same for every
 pretext. What a pretext adds lives under `model.heads`, so that fine-tuning from another
@@ -52,7 +53,8 @@ tools ask of a paper file (tasks, config checks, optimizer; data; evaluation on 
 
 Left out, and why: COCO Captions (the synthetic world of shared/world.py instead); Lookahead
 (DEVIATION, see make_optimizer); detection / segmentation / iNat transfer (Detectron2-scale code
-and data); the SentencePiece BPE vocabulary (WordPiece trained on the world's captions); the
+and data); training with the SentencePiece BPE vocabulary (WordPiece trained on the world's
+captions; the released one loads with the released weights: from_virtex); the
 multilabel-classification ablation (COCO's instance labels; the world's analogue is token
 classification).
 
@@ -645,6 +647,8 @@ class VirTex(nn.Module):
 
 # ===== below: train.py's contract, not in the paper =====
 
+import re
+
 from torch.utils.data import Dataset
 
 import shared.evaluate
@@ -734,6 +738,191 @@ def make_optimizer(model: VirTex, config: Config) -> torch.optim.Optimizer:
 
 def after_optimizer_step(model: VirTex) -> None:
     """Nothing to do after an optimizer step (CoCa clamps its temperature there)."""
+
+
+# the released checkpoints [code: kdexd/virtex model_zoo] -> this model
+
+RELEASE_TEXTUAL_HEAD = "transdec_postnorm::L1_H2048_A32_F8192"  # the best released model
+# official MODEL.NAME -> our pretext [code: kdexd/virtex factories.py PretrainingModelFactory]
+RELEASE_PRETEXTS = {"virtex": "bicaptioning", "bicaptioning": "bicaptioning",
+                    "captioning": "captioning", "masked_lm": "masked_lm",
+                    "token_classification": "token_classification"}
+# torch's TransformerDecoderLayer (the official textual head's layers) -> PostLNDecoderBlock
+RELEASE_LAYER_NAMES = {"norm1": "self_attn_norm", "norm2": "cross_attn_norm",
+                       "norm3": "mlp_norm", "linear1": "mlp.fc1", "linear2": "mlp.fc2"}
+
+
+def release_options(config_dict: dict) -> dict:
+    """The converter's options from `config_dict`, flat or as the official YAML read into a
+    dict ({"MODEL": {"NAME", "TEXTUAL": {"NAME", "DROPOUT"}}}):
+
+        model         official MODEL.NAME: virtex (= bicaptioning), bicaptioning, captioning,
+                      masked_lm, token_classification; default: read from the tensors
+                      (a backward head: bicaptioning; a decoder: captioning; else
+                      token_classification)
+        textual_head  MODEL.TEXTUAL.NAME, "transdec_postnorm::L<l>_H<h>_A<a>_F<f>"; the shapes
+                      give L, H and F (checked against it), the name gives A. Default: A = H / 64,
+                      as in every released model (the best: RELEASE_TEXTUAL_HEAD)
+        dropout       MODEL.TEXTUAL.DROPOUT, default 0.1
+    """
+    model = config_dict.get("MODEL", {})
+    textual = model.get("TEXTUAL", {})
+    return {"model": config_dict.get("model", model.get("NAME")),
+            "textual_head": config_dict.get("textual_head", textual.get("NAME")),
+            "dropout": float(config_dict.get("dropout", textual.get("DROPOUT", 0.1)))}
+
+
+def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
+    """A released VirTex checkpoint's "model" state dict -> (our Config, our state dict),
+    tensor by tensor [code: kdexd/virtex models/captioning.py, modules/textual_heads.py,
+    modules/embedding.py, modules/visual_backbones.py]:
+
+        official                                      ours
+        visual.cnn.* (torchvision ResNet, no fc)      visual.* (the same names)
+        textual.visual_projection                     heads.textual.visual_projection
+        textual.embedding.words, positions            heads.textual.embedding.words, positions
+        textual.embedding.layer_norm                  heads.textual.embedding.norm
+        textual.transformer.layers.i                  heads.textual.transformer.layers.i:
+            self_attn / multihead_attn                self_attn / cross_attn, the fused
+            (in_proj_weight (3H, H), in_proj_bias)    in_proj split into q, k, v
+            norm1, norm2, norm3                       self_attn_norm, cross_attn_norm, mlp_norm
+            linear1, linear2                          mlp.fc1, mlp.fc2
+        textual.output (weight tied to words)         heads.textual.output (tied likewise)
+        backward_textual.transformer.layers.i         heads.backward.layers.i (as above)
+        backward_textual.visual_projection,           the forward head's (shared in the
+            .embedding, .output                       official model: checked equal, used)
+        textual.output (token_classification)         heads.token_classification
+
+    config_dict: release_options. Every source tensor must be used and every tensor of our
+    model set, with our shapes; else ValueError, one line, naming the tensor. The defaults of
+    everything the tensors do not tell are the release's: 224 px crops, ImageNet statistics,
+    [PAD] = <unk> = 0 (shared.tokenizer section 3b)."""
+    options = release_options(config_dict)
+    if "visual.cnn.conv1.weight" not in state_dict:
+        raise ValueError("the weights lack visual.cnn.conv1.weight (not a VirTex checkpoint?)")
+    blocks = tuple(len({k.split(".")[3] for k in state_dict
+                        if k.startswith(f"visual.cnn.layer{s}.")}) for s in range(1, 5))
+    width = state_dict["visual.cnn.conv1.weight"].shape[0]
+    if "visual.cnn.layer1.0.conv1.weight" in state_dict and \
+            state_dict["visual.cnn.layer1.0.conv1.weight"].shape[0] != width:
+        raise ValueError("a wide ResNet (R-50 W2X): this ResNet's bottleneck width is its "
+                         "stage width")
+    decoder = "textual.transformer.layers.0.linear1.weight" in state_dict
+    pretext = options["model"]
+    if pretext == "multilabel_classification":
+        raise ValueError("multilabel_classification has no counterpart here (COCO's instance "
+                         "labels)")
+    if pretext is not None and pretext not in RELEASE_PRETEXTS:
+        raise ValueError(f"model must be one of {', '.join(RELEASE_PRETEXTS)}, not {pretext!r}")
+    pretext = RELEASE_PRETEXTS.get(pretext) or (
+        "bicaptioning" if any(k.startswith("backward_textual.") for k in state_dict)
+        else "captioning" if decoder else "token_classification")
+    fields = dict(resnet_blocks=blocks, resnet_width=width, pretext=pretext,
+                  dropout=options["dropout"])
+    if pretext == "token_classification":
+        if "textual.output.weight" not in state_dict:
+            raise ValueError("the weights lack textual.output.weight")
+        fields["vocab_size"] = state_dict["textual.output.weight"].shape[0]
+    else:
+        if not decoder:
+            raise ValueError(f"the weights lack textual.transformer.layers.0 ({pretext} needs "
+                             f"a Transformer textual head)")
+        words = state_dict["textual.embedding.words.weight"]  # (V, H)
+        layers = len({k.split(".")[3] for k in state_dict
+                      if k.startswith("textual.transformer.layers.")})
+        H, F_ = words.shape[1], state_dict["textual.transformer.layers.0.linear1.weight"].shape[0]
+        heads = H // 64  # every released head has A = H / 64
+        if options["textual_head"] is not None:
+            name, _, arch = options["textual_head"].partition("::")
+            parsed = re.fullmatch(r"L(\d+)_H(\d+)_A(\d+)_F(\d+)", arch)
+            if name != "transdec_postnorm" or parsed is None:
+                raise ValueError(f"textual_head {options['textual_head']!r}: only "
+                                 f"transdec_postnorm::L<l>_H<h>_A<a>_F<f> (the released "
+                                 f"heads; this textual head is post-LN)")
+            L, H_name, heads, F_name = (int(g) for g in parsed.groups())
+            if (L, H_name, F_name) != (layers, H, F_):
+                raise ValueError(f"textual_head {options['textual_head']!r}, but the tensors "
+                                 f"give L{layers}_H{H}_F{F_}")
+        fields |= dict(vocab_size=words.shape[0], hidden_size=H, layers=layers, heads=heads,
+                       feedforward_size=F_,
+                       max_text_len=state_dict["textual.embedding.positions.weight"].shape[0])
+    config = Config(**fields)
+    with torch.device("meta"):  # names and shapes only, no memory
+        wanted = {k: v.shape for k, v in VirTex(config).state_dict().items()}
+    ours, source, used = {}, {}, set()
+
+    def take(key: str) -> Tensor:
+        if key not in state_dict:
+            raise ValueError(f"the VirTex weights lack {key} (another model?)")
+        used.add(key)
+        return state_dict[key]
+
+    def put(name: str, key: str, tensor: Tensor) -> None:
+        ours[name], source[name] = tensor, key
+
+    def copy_(name: str, key: str, bias: bool = True) -> None:  # a Linear, LayerNorm, Embedding
+        for part in ("weight", "bias") if bias else ("weight",):
+            put(f"{name}.{part}", f"{key}.{part}", take(f"{key}.{part}"))
+
+    def transformer(name: str, key: str) -> None:
+        """torch's TransformerDecoder (post-LN, norm_first=False) -> our TransformerDecoder."""
+        for i in range(config.layers):
+            for attn, theirs in (("self_attn", "self_attn"), ("cross_attn", "multihead_attn")):
+                k = f"{key}.layers.{i}.{theirs}"
+                weights = take(f"{k}.in_proj_weight").chunk(3)  # (3H, H) -> W^Q, W^K, W^V
+                biases = take(f"{k}.in_proj_bias").chunk(3)  # (3H,) -> 3 x (H,)
+                for x, w, b in zip("qkv", weights, biases):
+                    put(f"{name}.layers.{i}.{attn}.{x}_proj.weight", f"{k}.in_proj_weight", w)
+                    put(f"{name}.layers.{i}.{attn}.{x}_proj.bias", f"{k}.in_proj_bias", b)
+                copy_(f"{name}.layers.{i}.{attn}.out_proj", f"{k}.out_proj")
+            for theirs, mine in RELEASE_LAYER_NAMES.items():
+                copy_(f"{name}.layers.{i}.{mine}", f"{key}.layers.{i}.{theirs}")
+
+    for name in wanted:  # the ResNet: torchvision's names, which ours keep
+        if name.startswith("visual."):
+            put(name, f"visual.cnn.{name[7:]}", take(f"visual.cnn.{name[7:]}"))
+    if pretext == "token_classification":
+        copy_("heads.token_classification", "textual.output")
+    else:
+        copy_("heads.textual.visual_projection", "textual.visual_projection")
+        copy_("heads.textual.embedding.words", "textual.embedding.words", bias=False)
+        copy_("heads.textual.embedding.positions", "textual.embedding.positions",
+              bias=False)
+        copy_("heads.textual.embedding.norm", "textual.embedding.layer_norm")
+        transformer("heads.textual.transformer", "textual.transformer")
+        copy_("heads.textual.output", "textual.output")  # weight: the words', tied
+        if not torch.equal(state_dict["textual.output.weight"], ours[
+                "heads.textual.embedding.words.weight"]):
+            raise ValueError("textual.output.weight differs from textual.embedding.words."
+                             "weight: the release ties them, so does this model")
+    if pretext == "bicaptioning":
+        transformer("heads.backward", "backward_textual.transformer")
+        shared = [k for k in state_dict if k.startswith("backward_textual.")
+                  and not k.startswith("backward_textual.transformer.")]
+        for key in shared:  # the forward head's modules, under a second name
+            twin = "textual." + key[len("backward_textual."):]
+            if twin not in state_dict or not torch.equal(take(key), state_dict[twin]):
+                raise ValueError(f"{key} is not the forward head's {twin}: the release "
+                                 f"shares it, so does this model")
+
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise ValueError(f"VirTex tensors this model has no place for: {', '.join(unused[:4])}"
+                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
+    unset = sorted(set(wanted) - set(ours))
+    if unset:
+        raise ValueError(f"tensors of the model no VirTex tensor sets: {', '.join(unset[:4])}")
+    for name, shape in wanted.items():
+        if ours[name].shape != shape:
+            raise ValueError(f"VirTex's {source[name]} gives {name} the shape "
+                             f"{tuple(ours[name].shape)}, the model's is {tuple(shape)}")
+    return config, {name: ours[name].detach().clone(memory_format=torch.contiguous_format)
+                    for name in wanted}  # our order, each its own storage
+
+
+# the released weights each converter turns into this model (convert.py picks by these names):
+# (source state dict, source config dict) -> (Config, our state dict)
+CONVERTERS = {"virtex": from_virtex}
 
 
 # --- 8. Data: augmented images, a caption, the pretext's targets -------------------------------

@@ -100,6 +100,7 @@ import gzip
 import html
 import html.entities
 import re
+import struct
 import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
@@ -436,18 +437,149 @@ def _clip_word_splitter() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True)
 
 
+# --- 3b. VirTex's SentencePiece BPE ------------------------------------------------------------
+# VirTex's vocabulary (coco_10k.model) is a SentencePiece BPE model trained on COCO captions
+# [VirTex §Implementation; code: kdexd/virtex scripts/build_vocabulary.py]: ids 0..3 are <unk>,
+# [SOS], [EOS], [MASK] (SentencePiece's own <s> and </s> switched off, the other three added as
+# control symbols), then 9,996 pieces, "▁" marking a word's start. Its pipeline, rebuilt here in
+# the library so that ids equal SentencePiece's own:
+#
+#     text --virtex_normalize (Python)--> lower-case, NFKD, combining marks dropped
+#                                         [code: kdexd/virtex v1.0 transforms.py NormalizeCaption]
+#          --Precompiled--> the model's own character map (NFKC and SentencePiece's rules)
+#          --Replace, Strip--> runs of spaces -> one, none at either end
+#          --Metaspace--> "▁a▁dog" split before every "▁" (SentencePiece's dummy prefix)
+#          --BPE--> pieces: adjacent symbols merged, the merge whose result has the highest
+#                   score first; a run of unknown characters is one <unk>, as in SentencePiece
+#          --ours--> [SOS] pieces [EOS]
+#
+#   * Padding is id 0, which is <unk>: the official code pads with its unknown token
+#     [code: kdexd/virtex factories.py, padding_idx = UNK_INDEX]. We keep that quirk so that the
+#     released weights see the ids they were trained on: an unknown word inside a caption is
+#     masked as a pad would be, and `decode` drops it.
+#   * The control symbols are in the vocabulary but never produced from text: "[SOS]" typed in
+#     a caption is spelled with ordinary pieces, as SentencePiece does.
+
+SPM_UNK, SOS, EOS = "<unk>", "[SOS]", "[EOS]"
+VIRTEX_SPECIAL_TOKENS = (SPM_UNK, SOS, EOS, MASK)  # ids 0..3 of VirTex's coco_10k.model
+SPM_SPACE = "\u2581"  # "▁", SentencePiece's word-start mark
+# SentencePiece's piece types [SentencePiece sentencepiece_model.proto, ModelProto.SentencePiece]
+SPM_NORMAL, SPM_UNKNOWN, SPM_CONTROL, SPM_USER_DEFINED, SPM_UNUSED, SPM_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def virtex_normalize(text: str) -> str:
+    """VirTex's caption normalisation, applied before SentencePiece: lower-case, NFKD, and every
+    character with a non-zero combining class dropped (accents)."""
+    text = unicodedata.normalize("NFKD", text.lower())
+    return "".join(c for c in text if not unicodedata.combining(c))
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of a serialised protobuf message's top-level fields: an int for a
+    varint, bytes for a length-delimited field or a fixed 32/64-bit one (the wire format)."""
+    def varint(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            b = buf[i]
+            value, shift, i = value | (b & 0x7F) << shift, shift + 7, i + 1
+            if b < 0x80:
+                return value, i
+
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = varint(i)
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = varint(i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield field, value
+
+
+def read_sentencepiece_model(path: str | Path) -> dict:
+    """The parts of a SentencePiece .model file (a serialised ModelProto) that encoding needs:
+    {"pieces": [(piece, score, type)] in id order, "model_type": 1 unigram / 2 BPE / ...,
+    "byte_fallback", "charsmap": the normaliser's precompiled map, "add_dummy_prefix",
+    "remove_extra_whitespaces", "escape_whitespaces"}. Field numbers and defaults are those of
+    sentencepiece_model.proto; read directly, so neither sentencepiece nor protobuf is needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SentencePiece model {path} does not exist")
+    out = {"pieces": [], "model_type": 1, "byte_fallback": False, "charsmap": b"",
+           "add_dummy_prefix": True, "remove_extra_whitespaces": True, "escape_whitespaces": True}
+    try:
+        for field, value in _proto_fields(path.read_bytes()):
+            if field == 1:  # ModelProto.pieces
+                piece = {1: b"", 2: b"\0\0\0\0", 3: SPM_NORMAL} | dict(_proto_fields(value))
+                out["pieces"].append((piece[1].decode("utf-8"),
+                                      struct.unpack("<f", piece[2])[0], piece[3]))
+            elif field == 2:  # TrainerSpec: model_type = 3, byte_fallback = 35
+                spec = dict(_proto_fields(value))
+                out["model_type"] = spec.get(3, 1)
+                out["byte_fallback"] = bool(spec.get(35, 0))
+            elif field == 3:  # NormalizerSpec: charsmap 2, dummy prefix 3, whitespace 4, 5
+                spec = dict(_proto_fields(value))
+                out["charsmap"] = spec.get(2, b"")
+                for number, name in ((3, "add_dummy_prefix"), (4, "remove_extra_whitespaces"),
+                                     (5, "escape_whitespaces")):
+                    out[name] = bool(spec.get(number, 1))
+    except (IndexError, UnicodeDecodeError, ValueError, struct.error, TypeError) as e:
+        raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+    if not out["pieces"]:
+        raise ValueError(f"{path}: not a SentencePiece model (no pieces)")
+    return out
+
+
+def _sentencepiece_backend(spm: dict) -> BackendTokenizer:
+    """A library tokenizer that encodes as SentencePiece's BPE does (section 3b's pipeline).
+
+    SentencePiece's BPE merges, at each step, the adjacent pair whose concatenation is the
+    piece of highest score; the library's BPE takes a ranked list of pairs instead. The list is
+    every split (a, b) of every normal piece into two normal pieces, ranked by the merged
+    piece's score (then id): whichever split the current symbols form, the merge that makes a
+    piece has that piece's rank."""
+    vocab, score, mergeable = {}, {}, set()
+    for i, (piece, s, kind) in enumerate(spm["pieces"]):
+        vocab[piece], score[piece] = i, s
+        if kind in (SPM_NORMAL, SPM_USER_DEFINED):
+            mergeable.add(piece)
+    ranked = []
+    for piece in mergeable:
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-score[piece], vocab[piece], k, (left, right)))
+    merges = [pair for *_, pair in sorted(ranked)]
+    unk = next(p for p, _, kind in spm["pieces"] if kind == SPM_UNKNOWN)
+    backend = BackendTokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True))
+    steps = [normalizers.Precompiled(spm["charsmap"])] if spm["charsmap"] else []
+    steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPM_SPACE, prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement=SPM_SPACE, prepend_scheme="always")
+    return backend
+
+
 # --- 4. The tokenizer ------------------------------------------------------------------------
 
 class Tokenizer:
     """BERT WordPiece or CLIP byte-level BPE tokenizer: text <-> list of ids / (B, T) LongTensor.
 
     Build one with `Tokenizer.train(texts)`, `Tokenizer.from_vocab_file("vocab.txt")`,
-    `Tokenizer.from_clip_bpe("bpe_simple_vocab_16e6.txt.gz")`, `Tokenizer.from_str(json)` or
+    `Tokenizer.from_clip_bpe("bpe_simple_vocab_16e6.txt.gz")`,
+    `Tokenizer.from_sentencepiece("coco_10k.model")`, `Tokenizer.from_str(json)` or
     `Tokenizer.load("tokenizer.json")`.
 
     Attributes:
         backend: the `tokenizers.Tokenizer` that normalizes, splits and looks pieces up.
-        kind: "bert" or "clip", read from the vocabulary's special tokens.
+        kind: "bert", "clip" or "sentencepiece" (VirTex's), read from the vocabulary's
+            special tokens.
     """
 
     def __init__(self, backend: BackendTokenizer):
@@ -467,6 +599,13 @@ class Tokenizer:
             self._unk_id = self._mask_id = None  # CLIP's BPE has neither
             self._cls_id = backend.token_to_id(CLIP_START)
             self._sep_id = backend.token_to_id(CLIP_END)
+            return
+        if not bert and all(backend.token_to_id(t) is not None for t in VIRTEX_SPECIAL_TOKENS):
+            self.kind = "sentencepiece"  # VirTex's SentencePiece BPE (section 3b)
+            self._pad_id = self._unk_id = backend.token_to_id(SPM_UNK)  # 0: pads are <unk>
+            self._cls_id = backend.token_to_id(SOS)
+            self._sep_id = backend.token_to_id(EOS)
+            self._mask_id = backend.token_to_id(MASK)
             return
         self.kind = "bert"
         missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
@@ -591,6 +730,40 @@ class Tokenizer:
         return cls(_clip_backend(vocab, merges))
 
     @classmethod
+    def from_sentencepiece(cls, path: str | Path) -> "Tokenizer":
+        """VirTex's tokenizer, as its released weights expect it, from its SentencePiece BPE
+        model (coco_10k.model) [code: kdexd/virtex data/tokenizers.py SentencePieceBPETokenizer].
+
+        The .model file is read directly (read_sentencepiece_model): the sentencepiece package
+        is not needed.
+
+        Args:
+            path: the .model file.
+        Returns:
+            a Tokenizer of kind "sentencepiece" (section 3b): cls_id = [SOS] (1), sep_id = [EOS] (2),
+            mask_id = [MASK] (3), pad_id = unk_id = <unk> (0); the ids of `encode(text)`
+            between [SOS] and [EOS] are SentencePiece's EncodeAsIds(virtex_normalize(text)).
+        Raises:
+            FileNotFoundError: no such file. ValueError: not a SentencePiece BPE model, or one
+                without VirTex's special tokens.
+        """
+        spm = read_sentencepiece_model(path)
+        if spm["model_type"] != 2 or spm["byte_fallback"]:
+            raise ValueError(f"{path}: a SentencePiece model of type {spm['model_type']}"
+                             f"{' with byte fallback' if spm['byte_fallback'] else ''}; "
+                             f"VirTex's is BPE (type 2) without byte fallback")
+        if not (spm["add_dummy_prefix"] and spm["remove_extra_whitespaces"]
+                and spm["escape_whitespaces"]):
+            raise ValueError(f"{path}: non-default SentencePiece whitespace handling")
+        pieces = [p for p, _, _ in spm["pieces"]]
+        missing = [t for t in VIRTEX_SPECIAL_TOKENS if t not in pieces]
+        if missing:
+            raise ValueError(f"{path}: vocabulary lacks VirTex's special token(s) {missing}")
+        if len(set(pieces)) != len(pieces):
+            raise ValueError(f"{path}: a piece appears twice")
+        return cls(_sentencepiece_backend(spm))
+
+    @classmethod
     def from_str(cls, s: str) -> "Tokenizer":
         """Rebuild from `to_str()`'s JSON (e.g. `Tokenizer.from_str(checkpoint["tokenizer"])`);
         the kind (BERT or CLIP) is read from the special tokens in it."""
@@ -694,11 +867,13 @@ class Tokenizer:
         """
         if self.kind == "clip":
             texts = [clip_clean_text(t) for t in texts]
+        if self.kind == "sentencepiece":
+            texts = [virtex_normalize(t) for t in texts]
         if len(texts) == 1:  # one text (encode, tokens): no batch machinery
             encodings = [self.backend.encode(texts[0], add_special_tokens=False)]
         else:
             encodings = self.backend.encode_batch(texts, add_special_tokens=False)
-        if self.kind == "bert":
+        if self.kind != "clip":
             return encodings
         for k, text in enumerate(texts):
             if CLIP_START in text or CLIP_END in text:
