@@ -689,6 +689,7 @@ class CoCa(nn.Module):
 
 # ===== below: train.py's contract, not in the paper =====
 
+from shared.checkpoint import converted_state
 from shared.config import optimisation_problems
 from shared.data import CLIP_MEAN, CLIP_STD, ImageTextDataset, collate_image_text, model_device
 from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
@@ -912,7 +913,7 @@ def from_open_clip(state_dict: dict, open_clip_cfg: dict) -> tuple[Config, dict]
     config = open_clip_config(model_cfg, open_clip_cfg.get("preprocess_cfg"))
     with torch.device("meta"):  # names and shapes only, no memory
         wanted = {k: v.shape for k, v in CoCa(config).state_dict().items()}
-    ours, source, used = {}, {}, set()
+    ours, origin, used = {}, {}, set()
 
     def take(key: str) -> Tensor:
         if key not in state_dict:
@@ -921,7 +922,7 @@ def from_open_clip(state_dict: dict, open_clip_cfg: dict) -> tuple[Config, dict]
         return state_dict[key]
 
     def put(name: str, key: str, tensor: Tensor) -> None:
-        ours[name], source[name] = tensor, key
+        ours[name], origin[name] = tensor, key
 
     def copy(name: str, key: str, bias: bool = True) -> None:  # a Linear or a LayerNorm
         for part in ("weight", "bias") if bias else ("weight",):
@@ -986,19 +987,8 @@ def from_open_clip(state_dict: dict, open_clip_cfg: dict) -> tuple[Config, dict]
         take("text_decoder.text_projection").T)  # (D, V) -> (V, D)
     put("logit_scale", "logit_scale", take("logit_scale").reshape(()))  # () or (1,) -> ()
 
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(f"open_clip tensors this model has no place for: {', '.join(unused[:4])}"
-                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
-    unset = sorted(set(wanted) - set(ours))
-    if unset:
-        raise ValueError(f"tensors of the model no open_clip tensor sets: {', '.join(unset[:4])}")
-    for name, shape in wanted.items():
-        if ours[name].shape != shape:
-            raise ValueError(f"open_clip's {source[name]} gives {name} the shape "
-                             f"{tuple(ours[name].shape)}, the model's is {tuple(shape)}")
-    return config, {name: ours[name].detach().float().clone(memory_format=torch.contiguous_format)
-                    for name in wanted}  # our order, fp32, each its own storage
+    return config, converted_state("open_clip", list(set(state_dict) - used), ours, wanted,
+                                   origin)
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

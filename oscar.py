@@ -585,6 +585,7 @@ def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
 
 from torch.utils.data import Dataset
 
+from shared.checkpoint import converted_state
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (Epochs, check_feature_size, flat_targets, model_device, pad_rows,
                          pad_sequences, pick_text, standardisation, statistics_problems)
@@ -738,7 +739,7 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     config = release_config(config_dict, task, heads)
     with torch.device("meta"):  # names and shapes only, no memory
         wanted = {k: v.shape for k, v in Oscar(config).state_dict().items()}
-    ours, source, used = {}, {}, set()
+    ours, origin, used = {}, {}, set()
 
     def take(key: str) -> Tensor:
         if key not in sd:
@@ -749,7 +750,7 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     def copy(name: str, key: str, parts=("weight", "bias")) -> None:  # a Linear or a LayerNorm
         for part in parts:
             ours[f"{name}.{part}"] = take(f"{key}.{part}")
-            source[f"{name}.{part}"] = f"{key}.{part}"
+            origin[f"{name}.{part}"] = f"{key}.{part}"
 
     # the BERT encoder: shared.bert's one map of BERT's names (KeyError: the first one missing)
     bert = {k: v for k, v in sd.items() if k.startswith("bert.")}
@@ -761,7 +762,7 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     by_tensor = {id(v): k for k, v in bert.items()}  # hf_to_ours hands back the same tensors
     for name, tensor in text.items():
         prefix = "encoder.text_" if name.startswith("embeddings.") else "encoder."
-        ours[prefix + name], source[prefix + name] = tensor, by_tensor[id(tensor)]
+        ours[prefix + name], origin[prefix + name] = tensor, by_tensor[id(tensor)]
         used.add(by_tensor[id(tensor)])
     if "bert.embeddings.position_ids" in sd:  # a buffer newer BERT code saves: 0 .. P - 1
         ids = take("bert.embeddings.position_ids").flatten()
@@ -776,7 +777,6 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
         copy("heads.mlm", "cls.predictions", ("bias",))
         if not config.tied_decoder:  # (V, D): captioning without --tie_weights
             ours["heads.mlm.decoder"] = take("cls.predictions.decoder.weight")
-            source["heads.mlm.decoder"] = "cls.predictions.decoder.weight"
         elif "cls.predictions.decoder.weight" in sd:  # equal to the word embeddings (above)
             take("cls.predictions.decoder.weight")
         if "cls.predictions.decoder.bias" in sd:
@@ -787,19 +787,7 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     if task in ("retrieval", "vqa"):
         copy(f"heads.{task}.classifier", "classifier")
 
-    unused = sorted(set(sd) - used)
-    if unused:
-        raise ValueError(f"Oscar tensors this model has no place for: {', '.join(unused[:4])}"
-                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
-    unset = sorted(set(wanted) - set(ours))
-    if unset:
-        raise ValueError(f"tensors of the model no Oscar tensor sets: {', '.join(unset[:4])}")
-    for name, shape in wanted.items():
-        if ours[name].shape != shape:
-            raise ValueError(f"Oscar's {source[name]} gives {name} the shape "
-                             f"{tuple(ours[name].shape)}, the model's is {tuple(shape)}")
-    return config, {name: ours[name].detach().float().clone(memory_format=torch.contiguous_format)
-                    for name in wanted}  # our order, fp32, each its own storage
+    return config, converted_state("Oscar", list(set(sd) - used), ours, wanted, origin)
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

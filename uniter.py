@@ -700,6 +700,7 @@ def mask_regions(n: int, rng: np.random.Generator, mask_prob: float) -> np.ndarr
 
 from torch.utils.data import Dataset
 
+from shared.checkpoint import converted_state
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (Epochs, RecentExamples, check_feature_size, flat_targets, model_device,
                          pad_rows, pad_sequences, pick_text, standardisation,
@@ -964,19 +965,8 @@ def from_uniter(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
         if tied in s and not torch.equal(s[tied], s[table]):
             raise ValueError(f"{tied} differs from {table}, which [code] ties it to")
         used.add(tied)
-    unused = sorted((set(s) - used) | {names[n] for n in set(ours) - set(wanted) if n in names})
-    if unused:
-        raise ValueError(f"UNITER tensors this model has no place for: {', '.join(unused[:4])}"
-                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
-    unset = sorted(set(wanted) - set(ours))
-    if unset:
-        raise ValueError(f"tensors of the model no UNITER tensor sets: {', '.join(unset[:4])}")
-    bad = [f"{n} {tuple(ours[n].shape)} (ours {tuple(shape)})" for n, shape in wanted.items()
-           if ours[n].shape != shape]
-    if bad:
-        raise ValueError(f"UNITER tensors of the wrong shape: {', '.join(bad[:4])}")
-    return config, {n: ours[n].detach().float().clone(memory_format=torch.contiguous_format)
-                    for n in wanted}  # our order, fp32, each its own storage
+    unused = (set(s) - used) | {names[n] for n in set(ours) - set(wanted) if n in names}
+    return config, converted_state("UNITER", list(unused), ours, wanted)
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

@@ -653,6 +653,7 @@ from torch.utils.data import Dataset
 
 import shared.evaluate
 from shared.augment import virtex_augment
+from shared.checkpoint import converted_state
 from shared.config import optimisation_problems
 from shared.data import Epochs, model_device, normalise_image, pad_sequences, pick_text
 from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_eval_mode,
@@ -849,7 +850,7 @@ def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     config = Config(**fields)
     with torch.device("meta"):  # names and shapes only, no memory
         wanted = {k: v.shape for k, v in VirTex(config).state_dict().items()}
-    ours, source, used = {}, {}, set()
+    ours, origin, used = {}, {}, set()
 
     def take(key: str) -> Tensor:
         if key not in state_dict:
@@ -858,7 +859,7 @@ def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
         return state_dict[key]
 
     def put(name: str, key: str, tensor: Tensor) -> None:
-        ours[name], source[name] = tensor, key
+        ours[name], origin[name] = tensor, key
 
     def copy_(name: str, key: str, bias: bool = True) -> None:  # a Linear, LayerNorm, Embedding
         for part in ("weight", "bias") if bias else ("weight",):
@@ -905,19 +906,8 @@ def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
                 raise ValueError(f"{key} is not the forward head's {twin}: the release "
                                  f"shares it, so does this model")
 
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(f"VirTex tensors this model has no place for: {', '.join(unused[:4])}"
-                         f"{f' and {len(unused) - 4} more' if len(unused) > 4 else ''}")
-    unset = sorted(set(wanted) - set(ours))
-    if unset:
-        raise ValueError(f"tensors of the model no VirTex tensor sets: {', '.join(unset[:4])}")
-    for name, shape in wanted.items():
-        if ours[name].shape != shape:
-            raise ValueError(f"VirTex's {source[name]} gives {name} the shape "
-                             f"{tuple(ours[name].shape)}, the model's is {tuple(shape)}")
-    return config, {name: ours[name].detach().clone(memory_format=torch.contiguous_format)
-                    for name in wanted}  # our order, each its own storage
+    return config, converted_state("VirTex", list(set(state_dict) - used), ours, wanted,
+                                   origin, dtype=None)
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

@@ -15,6 +15,9 @@
                                      name the checkpoint also has; returns the heads left fresh
     rng_states / set_rng_states      Python, NumPy, torch (and CUDA) generators, for exact resume
     seed_all(seed)                   seeds all of them
+    converted_state(source, unused, ours, wanted)   a converter's result, refused in one line
+                                     unless every released tensor found a place and every
+                                     tensor of the model was set, in its shape
     append_jsonl(path, record)       one JSON line more; a failure is returned, not raised
 
 Why plain data: torch.load(weights_only=False) unpickles anything, and a pickle can name any
@@ -255,3 +258,29 @@ def append_jsonl(path: Path, record: dict) -> str | None:
     except OSError as e:
         return f"could not append to {path}: {e.strerror or e}"
     return None
+
+
+def converted_state(source: str, unused: list[str], ours: dict, wanted: dict,
+                    origin: dict | None = None, dtype: torch.dtype | None = torch.float32) -> dict:
+    """The state dict a converter of released weights built (the papers' CONVERTERS), checked:
+    `unused` the released tensors it found no place for, `ours` {our name: tensor}, `wanted`
+    {our name: shape} of the model, `origin` {our name: the released name} where the converter
+    kept it (the shape error then names the released tensor). Any leftover, any tensor of the model not set, any shape
+    not the model's is a ValueError of one line naming them. Returns the tensors in the
+    model's order, each with its own contiguous storage (in `dtype`; None: as released)."""
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    if unused:
+        raise ValueError(f"{source} tensors this model has no place for: {listed(sorted(unused))}")
+    unset = sorted(set(wanted) - set(ours))
+    if unset:
+        raise ValueError(f"tensors of the model no {source} tensor sets: {listed(unset)}")
+    bad = [f"{origin[n]} gives {n}" if origin and n in origin else n
+           for n, shape in wanted.items() if ours[n].shape != shape]
+    if bad:
+        n = next(n for n, shape in wanted.items() if ours[n].shape != shape)
+        raise ValueError(f"{source} tensors of the wrong shape: {listed(bad)} (the first "
+                         f"{tuple(ours[n].shape)}, the model's {tuple(wanted[n])})")
+    return {n: (ours[n].detach() if dtype is None else ours[n].detach().to(dtype)).clone(
+        memory_format=torch.contiguous_format) for n in wanted}
