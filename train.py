@@ -64,7 +64,7 @@ class RunConfig:
     seed: int = 0  # seeds the world, the initialisation and dropout
     device: str = "auto"  # auto = cuda if available, else cpu (torchrun: one GPU per process)
     dtype: str = "auto"  # autocast: auto = bf16 on CUDA and fp32 on the CPU; bf16 or fp32 anywhere
-    resume: bool = False  # continue from <out>/latest.pt exactly where it stopped
+    resume: bool = False  # continue from <out>/latest.pt exactly (none yet: start at step 0)
     init: str = ""  # start from the weights of this checkpoint (fine-tuning)
     vocab: str = ""  # a BERT vocab.txt; default: WordPiece trained on the world's captions
     init_bert: str = ""  # Oscar, UNITER: start the encoder from this BERT checkpoint folder

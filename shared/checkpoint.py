@@ -31,6 +31,7 @@ The model convention (all four paper files): parameters that depend on the task 
 same for every task.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -79,13 +80,27 @@ def save_checkpoint(path: Path, previous: Path | None = None, **state) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save({"format": FORMAT, **state}, tmp)
+        try:
+            torch.save({"format": FORMAT, **state}, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a full disk as a RuntimeError
+            raise (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if _full(tmp) else
+                   OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0][:100]}")
+                   ) from None
         if previous is not None and path.exists():
             os.replace(path, previous)  # until the next line, only `previous` exists: a resume
         os.replace(tmp, path)  # falls back to it (train.py)
     except OSError as e:
         _remove(tmp)
         raise _write_error(path, e) from None
+
+
+def _full(path: Path) -> bool:
+    """Whether the filesystem of `path` has (next to) no room left: what a failed write there
+    most likely ran into."""
+    try:
+        return shutil.disk_usage(path.parent).free < 2**20
+    except OSError:
+        return False
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -167,10 +182,15 @@ def read_checkpoint(path: Path, model: str | None = None, task: str | None = Non
     return state
 
 
-def read_latest(out: Path, model: str, task: str, log) -> dict:
+def read_latest(out: Path, model: str, task: str, log) -> dict | None:
     """--resume: <out>/latest.pt, or the copy it replaced (latest.prev.pt) when latest.pt is
-    missing or unreadable (truncated by a crash, a full disk, a bad copy)."""
+    missing or unreadable (truncated by a crash, a full disk, a bad copy). None, said in one
+    line, when there is neither yet: a job that a scheduler requeues with the same --resume
+    command starts fresh the first time."""
     latest, previous = Path(out) / "latest.pt", Path(out) / "latest.prev.pt"
+    if not latest.exists() and not previous.exists():
+        log(f"--resume: no checkpoint in {out} yet: starting the run from step 0")
+        return None
     try:
         return read_checkpoint(latest, model, task)
     except UnreadableCheckpoint as e:

@@ -149,3 +149,47 @@ def test_generator_states_survive_the_weights_only_round_trip(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_states(load_checkpoint(tmp_path / "r.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 6 MiB filesystem (a tmpfs mounted for the test): a full disk as torch.save meets
+    it, which a mock of write() does not reproduce (torch's zip writer raises RuntimeError, not
+    OSError). Mounting needs root: elsewhere the test is skipped, saying why."""
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_really_full_disk_is_one_line_and_leaves_no_temp_file(small_filesystem):
+    path = small_filesystem / "latest.pt"
+    with pytest.raises(CheckpointError, match="could not write .*latest.pt: No space left on "
+                                              "device .*the previous copy is intact"):
+        save_checkpoint(path, model={"w": torch.zeros(4_000_000)})
+    assert not any(small_filesystem.iterdir())  # no latest.pt.tmp
+
+
+def test_train_py_on_a_really_full_disk_ends_in_one_line(small_filesystem):
+    """CoCa tiny's latest.pt (weights and AdamW's moments, ~22 MB) cannot fit in 6 MiB: the run's
+    last checkpoint fails, and the run ends with that line, no traceback, no temp file."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "train.py", "--max_steps", "1", "--warmup_steps", "0",
+                           "--final_n", "4", "--num_workers", "0", "--tokenizer_texts", "50",
+                           "--out", str(small_filesystem / "run")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not write") and "No space left on device" in last
+    assert "Traceback" not in done.stderr
+    assert not list((small_filesystem / "run").glob("*.tmp"))

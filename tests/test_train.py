@@ -239,8 +239,6 @@ def test_counts_in_the_evaluation_line_print_as_integers(tmp_path, monkeypatch):
     (["--no_such_field", "3"], "unrecognized arguments: --no_such_field"),
     (["--text_width", "30", "--text_heads", "4"], "error: invalid config:"),
     (["--vocab", "/no/such/vocab.txt", "--max_steps", "1"], "/no/such/vocab.txt"),
-    (["--resume", "true", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
-    (["--resume", "--out", "/no/such/run"], "no checkpoint at /no/such/run"),
     (["--model", "coca", "--task", "vqa"], "invalid choice 'vqa' for coca"),
     (["--lr", "nan"], "invalid config: lr must be a finite number, not nan"),
     (["--dropout", "1.5"], "invalid config: dropout must be in [0, 1), not 1.5"),
@@ -705,3 +703,14 @@ def test_eval_only_evaluates_a_checkpoint_as_the_run_that_wrote_it(tmp_path):
     assert json.loads((tmp_path / "eval" / "final.json").read_text())["init"] == \
         str(tmp_path / "best.pt")
     assert not list((tmp_path / "eval").glob("*.pt"))
+
+
+def test_resume_without_a_checkpoint_yet_starts_fresh_as_a_requeued_job_expects(tmp_path):
+    """A scheduler that always passes --resume: the first start finds no checkpoint and trains
+    from step 0, saying so; the requeued start continues from the checkpoint it left."""
+    args = ["--max_steps", "4", "--resume"]
+    first, first_lines = train_in_process(tmp_path / "run", *args, "--stop_at", "2")
+    assert f"--resume: no checkpoint in {tmp_path / 'run'} yet: starting the run from step 0" \
+        in first_lines and first == {"stopped_at": 2}
+    second, second_lines = train_in_process(tmp_path / "run", *args)
+    assert second["step"] == 4 and not any("no checkpoint" in line for line in second_lines)
