@@ -11,10 +11,9 @@ Order: setup (CLI, config, device) -> data (world or --data, tokenizer, loader) 
 (--init, --init_bert) and optimizer -> the loop (one `train_step` a step) -> final evaluation,
 using of a paper file only the contract of the README's table (below each paper's fence line).
 
-Outputs in --out: metrics.jsonl (a line per evaluation), final.json, latest.pt (latest.prev.pt:
-the one it replaced), best.pt (plain data, written atomically: shared/checkpoint.py),
-tokenizer.json, config.json. SIGTERM or Ctrl-C: the step in progress finishes, latest.pt is
-written at it, and the run exits with the command that resumes it.
+Outputs in --out: metrics.jsonl, final.json, latest.pt (latest.prev.pt: the one it replaced),
+best.pt (atomic, plain data: shared/checkpoint.py), tokenizer.json, config.json. SIGTERM or
+Ctrl-C: the step finishes, latest.pt is written, the run exits with its resume command.
 """
 
 import argparse
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from shared.benchmarks import evaluate_corpus
+from shared.benchmarks import check_spec, evaluate_corpus
 from shared.bert import encoder_sizes, init_from_bert
 from shared.checkpoint import (CheckpointError, append_jsonl, load_weights, read_checkpoint,
                                read_latest, rng_states, save_checkpoint, seed_all,
@@ -134,8 +133,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def build_parser(run: RunConfig, paper) -> argparse.ArgumentParser:
-    """Every flag: RunConfig's, then the paper's Config fields with the preset's defaults, each
-    with its field's comment as help."""
+    """Every flag: RunConfig's, then the paper's Config's (preset defaults), comments as help."""
     parser = argparse.ArgumentParser(
         description="Train Oscar, UNITER, VirTex or CoCa on the synthetic world.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -236,8 +234,7 @@ def train_step(model, forward, ddp, optimizer, paper, config, batches, step: int
 
 
 def evaluate(s: "State", split: str, n: int, log) -> dict:
-    """The paper's metrics on n examples of a world split, or of --val_data on disk (all of it:
-    shared.benchmarks.evaluate_corpus; a cross-encoder ranks among eval_pairs images), logged."""
+    """The paper's metrics on n examples of a world split or of --val_data (all of it), logged."""
     if s.run.val_data:
         cap = s.config.eval_pairs if s.paper.CROSS_ENCODER else 0
         with one_line("--val_data: "):
@@ -302,6 +299,9 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
         with one_line(f"--data ({run.model}): "):
             corpus, config = training_corpus(run.data, paper.INPUTS, config, ckpt is None,
                                              run.min_answer_count, out, log)
+    if run.val_data:  # read its index now: a bad one stops the run here, not after training
+        with one_line("--val_data: "):
+            check_spec(run.val_data, paper, config)
     if ckpt is None and paper.INPUTS == "regions" and config.standardise_features:
         with one_line("--data: "):  # --init's feature statistics, or the corpus's
             config = kept_statistics(config, init and init["config"], corpus, log)

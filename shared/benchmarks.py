@@ -5,6 +5,8 @@ retrieval with 5 captions an image (R@1/5/10 both ways, over the whole split and
 paper module is an argument: this file imports none.
 
     evaluate_corpus(model, paper, tokenizer, config, name, world_config, spec, ...) -> metrics
+    check_spec(spec, paper, config, splits)   its files and index read before any work, so a
+                                              bad --val_data stops a run at its start
 """
 
 import json
@@ -51,6 +53,30 @@ def _caption_items(spec: str, inputs: str, image_size: int, split: str) -> list[
             raise ValueError(f"no region file {missing[0]} ({len(missing)} of the split's "
                              f"{len(items)} images lack one)")
     return items
+
+
+def check_spec(spec: str, paper, config, splits=("val", "test")) -> None:
+    """What evaluate_corpus would refuse of `spec` before reading a pixel: a protocol the
+    paper's task lacks, missing or malformed index files, images or region files that are not
+    there, an empty split (Karpathy files: each of `splits`). A ValueError or OSError names it."""
+    protocols = paper.PROTOCOLS.get(config.task, ())
+    if spec.startswith("vqa:"):
+        from shared.vqa import VQAFolder
+
+        if "vqa" not in protocols:
+            raise ValueError(f"VQA data needs a model whose task answers questions, not "
+                             f"--task {config.task}")
+        folder = VQAFolder.from_spec(spec)
+        if folder.missing:
+            raise ValueError(f"question {folder.missing[0][0]}: its image has no region file")
+        return
+    if not ({"caption", "retrieval"} & set(protocols)):
+        raise ValueError(f"captioning and retrieval data; --task {config.task} is evaluated "
+                         f"on neither")
+    held_out = spec.partition(":")[0] in ("coco", "jsonl", "regions")  # one set, no splits
+    for split in splits[:1] if held_out else splits:
+        if not _caption_items(spec, paper.INPUTS, config.image_size, split):
+            raise ValueError(f"{spec}: no image in its {split} split")
 
 
 def _read_examples(items: list[dict], regions: bool, image_size: int) -> list[dict]:

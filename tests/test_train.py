@@ -714,3 +714,20 @@ def test_resume_without_a_checkpoint_yet_starts_fresh_as_a_requeued_job_expects(
         in first_lines and first == {"stopped_at": 2}
     second, second_lines = train_in_process(tmp_path / "run", *args)
     assert second["step"] == 4 and not any("no checkpoint" in line for line in second_lines)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("karpathy:/no/such/dataset.json", "--val_data: .*dataset.json"),
+    ("coco:/no/such/captions.json", "--val_data: .*captions.json"),
+    ("vqa:/no/such/q.json,/no/such/a.json", "--val_data: VQA data needs a model whose task "
+                                             "answers questions"),
+])
+def test_a_bad_val_data_stops_the_run_at_its_start_not_after_training(tmp_path, spec, message):
+    """--val_data is read (its files, its index, what the task can be judged on) before the
+    first step, as --data is: a typo must not cost a training run."""
+    lines = []
+    run, paper, overrides = train.parse_args([*SMALL, "--max_steps", "1000", "--val_data", spec,
+                                              "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=message):
+        train.train(run, paper, overrides, log=lines.append)
+    assert not any(line.startswith("step ") for line in lines)  # not one step trained
