@@ -93,7 +93,7 @@ from PIL import Image
 import virtex
 from shared.checkpoint import write_json_atomic
 from shared.data import image_to_tensor
-from shared.folders import IMAGE_SUFFIXES, to_rgb
+from shared.folders import IMAGE_SUFFIXES, open_rgb
 from shared.roi import box_features
 
 
@@ -359,10 +359,8 @@ def image_regions(boxes_spec: tuple[str, object], name: str, H: int, W: int) -> 
 
 def read_image(path: Path, size: int) -> tuple[torch.Tensor, tuple[int, int], Image.Image]:
     """An image file -> (normalised float (3, size, size), original (H, W), the RGB image);
-    OSError or ValueError when it cannot be decoded."""
-    with Image.open(path) as image:
-        image.load()  # decode now: a truncated file fails here
-        image = to_rgb(image)
+    an OSError naming the file when it cannot be decoded or is too large (open_rgb)."""
+    image = open_rgb(path)
     W, H = image.size
     return image_to_tensor(np.asarray(image.resize((size, size), Image.BICUBIC))), (H, W), image
 

@@ -45,6 +45,7 @@ model's image size, centre crop).
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def _images(paths: list[Path], size: int) -> list:
     try:
         return [load_image(p, size) for p in paths]
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read an image: {e}") from None
+        raise SystemExit(f"error: {e}") from None  # e names the file
 
 
 def _protocol(checkpoint: Path, protocol: str, what: str):
@@ -289,6 +290,12 @@ def main(argv: list[str] | None = None) -> None:
     for p in (c, z, r, e, k, v, b):
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = parser.parse_args(argv)
+    out = getattr(args, "results", None)  # checked before the work, not after it
+    if out is not None and out.is_dir():
+        parser.error(f"--results {out}: a folder, not a file")
+    if out is not None and not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+        parser.error(f"--results {out}: its folder {out.parent} does not exist or is not "
+                     f"writable")
     if args.command == "caption":
         if not args.images and not args.regions:
             parser.error("give image files, or --regions files for Oscar")

@@ -24,14 +24,24 @@ fractions; and a label row `img_key <TAB> [{"class": name, "conf": c, "rect": [.
 -> features = all but the last six columns, boxes = the next four, tags = the label classes in
 their order. The feature rows hold no confidence (and the labels may come from another detector,
 not aligned with the boxes): conf is 1 for every region, which keeps the stored order.
+
+Every file written lies in DST_DIR. UNITER's files keep their names (plain names, from listing
+SRC_DIR). An Oscar img_key becomes the name <img_key>.npz, so a key that could name a file
+elsewhere (one holding a path separator, / or \\, or "..", or an empty key) is refused: a
+warning names it, the row is skipped and counted. A key seen before is a duplicate: its first
+row is kept, the later ones are skipped with a warning and counted. A missing source (or one
+with nothing to convert) is a one-line error and exit status 1.
 """
 
 import argparse
 import base64
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
+
+from shared.folders import inside
 
 
 def sort_by_conf(regions: dict) -> dict:
@@ -85,32 +95,63 @@ def write_npz(path: Path, regions: dict) -> None:
 
 
 def convert_uniter_dir(src: Path, dst: Path) -> int:
+    """Every SRC/*.npz -> DST/<same name>; the number written."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"no UNITER feature folder {src}")
+    files = sorted(src.glob("*.npz"))
+    if not files:
+        raise FileNotFoundError(f"no .npz file in {src}")
     dst.mkdir(parents=True, exist_ok=True)
     n = 0
-    for file in sorted(src.glob("*.npz")):
+    for file in files:
         with np.load(file) as npz:
             write_npz(dst / file.name, from_uniter_npz(npz))
         n += 1
     return n
 
 
+def unsafe_key(key: str) -> bool:
+    """An Oscar img_key that may not become a file name: empty, or holding a path separator
+    (/ or \\, whatever the system) or "..", which could name a file outside the output
+    folder."""
+    return not key or "/" in key or "\\" in key or ".." in key
+
+
 def convert_oscar_tsv(features_tsv: Path, labels_tsv: Path | None, dst: Path,
-                      feature_dim: int | None = None) -> int:
+                      feature_dim: int | None = None) -> tuple[int, int, int]:
+    """Each feature row -> DST/<img_key>.npz. Returns (files written, rows refused for their
+    key, rows skipped as a repeated key); see the module docstring."""
+    if not features_tsv.is_file():
+        raise FileNotFoundError(f"no Oscar feature TSV {features_tsv}")
+    if labels_tsv is not None and not labels_tsv.is_file():
+        raise FileNotFoundError(f"no Oscar label TSV {labels_tsv}")
     dst.mkdir(parents=True, exist_ok=True)
     labels = {}
     if labels_tsv is not None:
         for line in labels_tsv.read_text().splitlines():
             key, _, field = line.partition("\t")
             labels[key] = field
-    n = 0
+    written, refused, duplicates, seen = 0, 0, 0, set()
     with open(features_tsv) as f:
-        for line in f:
+        for n, line in enumerate(f, start=1):
             key, _, field = line.rstrip("\n").partition("\t")
-            if key:
-                write_npz(dst / f"{key}.npz", from_oscar_rows(field, labels.get(key),
-                                                              feature_dim))
-                n += 1
-    return n
+            if not key and not field:
+                continue  # a blank line
+            if unsafe_key(key):
+                refused += 1
+                warnings.warn(f"{features_tsv}, line {n}: img_key {key!r} could name a file "
+                              f"outside {dst}; row skipped")
+                continue
+            if key in seen:
+                duplicates += 1
+                warnings.warn(f"{features_tsv}, line {n}: img_key {key!r} repeats an earlier "
+                              f"row; the first is kept")
+                continue
+            seen.add(key)
+            path = inside(dst, f"{key}.npz", f"{features_tsv}, line {n}")
+            write_npz(path, from_oscar_rows(field, labels.get(key), feature_dim))
+            written += 1
+    return written, refused, duplicates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,13 +167,19 @@ def main(argv: list[str] | None = None) -> None:
     o.add_argument("--feature_dim", type=int, default=None, help="check the rows' width (2048)")
     args = parser.parse_args(argv)
     try:
+        skipped = ""
         if args.kind == "uniter-npz":
             n = convert_uniter_dir(args.src, args.dst)
         else:
-            n = convert_oscar_tsv(args.features, args.labels, args.dst, args.feature_dim)
+            n, refused, duplicates = convert_oscar_tsv(args.features, args.labels, args.dst,
+                                                       args.feature_dim)
+            skipped = (f"; skipped {refused} rows whose img_key could name a file outside it "
+                       f"and {duplicates} rows repeating an earlier img_key")
+            if not n:
+                raise ValueError(f"{args.features}: no row converted{skipped}")
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"error: {type(e).__name__}: {e}") from None
-    print(f"wrote {n} region files to {args.dst}")
+    print(f"wrote {n} region files to {args.dst}{skipped}")
 
 
 if __name__ == "__main__":

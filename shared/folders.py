@@ -14,7 +14,7 @@ Formats:
             folder (default: `images/` beside the JSON, the layout shared.world.export_split
             writes)
     jsonl   one JSON object a line: {"image": path, "captions": [str, ...]}; a relative path is
-            relative to the JSONL file's folder
+            relative to the JSONL file's folder, and an absolute one must lie under it too
     karpathy  the split file of Karpathy & Fei-Fei (2015), dataset_coco.json / dataset_flickr30k
             .json: {"images": [{"filepath" (COCO only), "filename", "split", "sentences":
             [{"raw"}, ...], ...}]}; `split` is train, restval, val or test; images are at
@@ -29,6 +29,9 @@ square. What is wrong with the corpus is dealt with as follows:
       a value of the wrong type (a list where an object belongs, a file name that is not a
       string, an image id that is neither an integer nor a string, the same id twice): ValueError
       at start, naming the file and the record;
+    * a file name that leads outside its root (a `..` that climbs out, an absolute path
+      elsewhere; the root is the image folder, the region folder, IMAGE_ROOT, or the JSONL
+      file's folder): ValueError at start naming the record (`inside`), never a read there;
     * an empty caption (after stripping), or one that is not a string or not valid UTF-8 (a
       lone surrogate from a "\\ud800" escape): dropped, counted in `dropped_captions`;
     * an image with no caption left, or whose file is missing: dropped, counted in
@@ -46,6 +49,7 @@ Tokenizer.encode(max_len) keeps the final [SEP].
 
 import dataclasses
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -55,7 +59,10 @@ from PIL import Image
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow image -> RGB. Transparency (RGBA, LA, a palette with transparency) is laid on
-    black; CMYK, grayscale and palette images are converted by Pillow."""
+    black; 16- and 32-bit greyscale by its range (_grey_to_8_bits); CMYK, 8-bit grayscale and
+    palette images are converted by Pillow."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return _grey_to_8_bits(image).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
@@ -65,17 +72,75 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit ("I;16", "I;16B", ...) or 32-bit ("I") greyscale image -> "L". Pillow's own
+    conversion clips every value above 255, which turns a 16-bit image almost white. 16-bit
+    values keep their top 8 bits (value >> 8). Mode "I" is what some readers give a 16-bit
+    file, so its values are read by their range: negatives are 0, values up to 255 are kept,
+    up to 65535 are treated as 16-bit (>> 8), and anything larger is scaled by the image's
+    maximum to 0..255."""
+    values = np.asarray(image).astype(np.int64)
+    if image.mode == "I":
+        values = values.clip(0, None)
+        top = int(values.max()) if values.size else 0
+        if top > 65535:
+            values = values * 255 // top
+        elif top > 255:
+            values = values >> 8
+    else:
+        values = values >> 8
+    return Image.fromarray(values.astype(np.uint8), mode="L")
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image file, decoded now, as RGB (to_rgb). Anything that stops the decoding is an
+    OSError "cannot read PATH: reason", so that every reader that skips unreadable files skips
+    this one too: Pillow raises many kinds on a damaged header (SyntaxError, struct.error,
+    IndexError, OverflowError, ...), and DecompressionBombError is no OSError.
+
+    Images of more than Image.MAX_IMAGE_PIXELS pixels (Pillow's limit, 89,478,485 by default,
+    about 9,500 x 9,500; read at each call and not changed here) are refused before they are
+    decoded: a PNG of a few KB can declare 30,000 x 30,000 pixels, 2.7 GB as RGB. Pillow
+    itself only warns up to twice that limit; here the warning is the refusal. Setting the
+    limit to None lifts it, as for Pillow."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()  # decode now: a truncated file fails here, not later
+                return to_rgb(image)
+    except Exception as e:  # noqa: BLE001 -- any decoding failure is the file's fault
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OSError(f"cannot read {path}: {reason}") from None
+
+
+# Resize + centre crop first scales the shorter side to `size`, so a 4000 x 1 image becomes
+# 896,000 x 224 pixels (600 MB as RGB) of which a 224 x 224 square is kept. When the longer
+# side would scale beyond MAX_RESIZED_SIDE times `size`, only the kept region is resampled
+# (Pillow's resize with a source box), so the work is bounded by the output. Pixels there may
+# differ from torchvision's by rounding at the crop's borders; below the bound load_image is
+# torchvision's transform pixel for pixel.
+MAX_RESIZED_SIDE = 8
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """An image file -> uint8 (size, size, 3): RGB, shorter side resized to `size` (bicubic),
-    centre crop, pixel for pixel as torchvision's Resize(size) + CenterCrop(size) on a Pillow
-    image, the evaluation transform of open_clip and of most released vision models: the longer
-    side is size · long / short truncated, the crop's offset (excess / 2) rounded half to even.
-    Raises OSError (or ValueError) when the file cannot be decoded."""
-    with Image.open(path) as image:
-        image.load()  # decode now: a truncated file fails here, not later
-        image = to_rgb(image)
+    """An image file -> uint8 (size, size, 3): RGB (open_rgb), shorter side resized to `size`
+    (bicubic), centre crop, pixel for pixel as torchvision's Resize(size) + CenterCrop(size) on
+    a Pillow image, the evaluation transform of open_clip and of most released vision models:
+    the longer side is size · long / short truncated, the crop's offset (excess / 2) rounded
+    half to even. Beyond an aspect ratio of MAX_RESIZED_SIDE only the kept region is resampled
+    (see there). Raises OSError naming the file when it cannot be decoded or is too large
+    (open_rgb)."""
+    image = open_rgb(path)
     w, h = image.size
     longer = int(size * max(w, h) / min(w, h))
+    if longer > MAX_RESIZED_SIDE * size:
+        # the crop of the resized image, in source pixels: the scale along each side is kept
+        scale = max(w, h) / longer
+        start = int(round((longer - size) / 2.0))
+        kept = (start * scale, (start + size) * scale)
+        box = (kept[0], 0, kept[1], h) if w > h else (0, kept[0], w, kept[1])
+        return np.array(image.resize((size, size), Image.BICUBIC, box=box))
     w, h = (size, longer) if w <= h else (longer, size)
     image = image.resize((w, h), Image.BICUBIC)
     left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
@@ -203,6 +268,12 @@ def karpathy_count_warning(file: str | Path) -> str | None:
             f"with the papers'")
 
 
+def _karpathy_path(root: Path, image: dict, where: str) -> Path:
+    """root/filepath/filename of a Karpathy record; a ValueError naming it when that lies
+    outside root."""
+    return inside(root, Path(image.get("filepath", "")) / image["filename"], where)
+
+
 def karpathy_split(file: str | Path, image_root: str | Path | None, split: str) -> list[dict]:
     """The images of one split of a Karpathy file, for evaluation: [{"image_id", "path",
     "captions"}], in file order; image_id is `cocoid` (COCO), else `imgid` (Flickr30k), else the
@@ -214,7 +285,7 @@ def karpathy_split(file: str | Path, image_root: str | Path | None, split: str) 
     if not chosen:
         raise ValueError(f"{file}: no image of split {split!r}")
     return [{"image_id": image.get("cocoid", image.get("imgid", k)),
-             "path": root / image.get("filepath", "") / image["filename"],
+             "path": _karpathy_path(root, image, f"{file}, images[{k}]"),
              "captions": [sentence["raw"] for sentence in image["sentences"]]}
             for k, image in chosen]
 
@@ -269,6 +340,19 @@ def _need(record: dict, key: str, where: str):
     return record[key]
 
 
+def inside(root: str | Path, name: str | Path, where: str = "") -> Path:
+    """root / name, refused with a ValueError naming `where` and the name when it lies outside
+    root (a `..` that climbs out of it, an absolute path elsewhere): a data file may only name
+    files under its own root. The check is on the path as written (normalised, symbolic links
+    not followed), so a root whose images are links into another disk still reads."""
+    path = Path(root) / name
+    base = os.path.abspath(root)
+    full = os.path.abspath(path)
+    if full != base and not full.startswith(base.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{where + ': ' if where else ''}{str(name)!r} is outside {root}")
+    return path
+
+
 class CaptionFolder:
     """An image-caption corpus: a list of (image path, captions), read lazily."""
 
@@ -289,9 +373,9 @@ class CaptionFolder:
         """A COCO captions annotation file and its image folder (default: images/ beside it)."""
         annotation_file = Path(annotation_file)
         image_dir = annotation_file.parent / "images" if image_dir is None else Path(image_dir)
-        return cls([(image_dir / name, captions)
-                    for name, captions in _coco_records(annotation_file)], image_size,
-                   annotation_file)
+        return cls([(inside(image_dir, name, f"{annotation_file}, images[{k}]"), captions)
+                    for k, (name, captions) in enumerate(_coco_records(annotation_file))],
+                   image_size, annotation_file)
 
     @classmethod
     def jsonl(cls, file: str | Path, image_size: int = 224) -> "CaptionFolder":
@@ -313,8 +397,8 @@ class CaptionFolder:
             if not isinstance(captions, list):
                 raise ValueError(f"{where}: 'captions' must be a list of strings, got "
                                  f"{_json_type(captions)}")
-            path = Path(image)
-            records.append((path if path.is_absolute() else file.parent / path, captions))
+            # an absolute path is kept as written when it lies under the file's folder
+            records.append((inside(file.parent, image, where), captions))
         return cls(records, image_size, file)
 
     @classmethod
@@ -330,9 +414,9 @@ class CaptionFolder:
                                                                   "test"})
         if unknown:
             raise ValueError(f"{file}: unknown split {unknown[0]!r} (train, restval, val, test)")
-        records = [(root / image.get("filepath", "") / image["filename"],
+        records = [(_karpathy_path(root, image, f"{file}, images[{k}]"),
                     [sentence["raw"] for sentence in image["sentences"]])
-                   for image in images if image["split"] in splits]
+                   for k, image in enumerate(images) if image["split"] in splits]
         if not records:
             raise ValueError(f"{file}: no image of split {' + '.join(splits)}")
         folder = cls(records, image_size, file)
@@ -452,8 +536,12 @@ class RegionFolder:
         """A COCO captions file and the region folder (default: regions/ beside it)."""
         annotation_file = Path(annotation_file)
         region_dir = annotation_file.parent / "regions" if region_dir is None else Path(region_dir)
-        records = [(region_dir / (Path(name).stem + ".npz"), captions)
-                   for name, captions in _coco_records(annotation_file)]
+        # the stem alone never leaves region_dir, but a file_name that climbs out of its folder
+        # is refused here too, as CaptionFolder.coco refuses it for the same annotation file
+        records = []
+        for k, (name, captions) in enumerate(_coco_records(annotation_file)):
+            inside(region_dir, name, f"{annotation_file}, images[{k}]")
+            records.append((region_dir / (Path(name).stem + ".npz"), captions))
         need_region_files(annotation_file, region_dir, [path for path, _ in records],
                           f"{region_dir}/<file_name stem>.npz")
         return cls(records, annotation_file)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.folders import (RegionFolder, _json_type, _list, _need, _note_unreadable,
-                            _parse_json, _read_text, need_region_files)
+                            _parse_json, _read_text, inside, need_region_files)
 from shared.metrics import normalize_answer, vqa_accuracy_by_type
 
 ANSWER_TYPES = ("yes/no", "number", "other")
@@ -176,13 +176,19 @@ class VQAFolder(RegionFolder):
     interface: example(i) -> the RegionFolder example of image i with "questions" [(question,
     answers)] and "records" (read_vqa's, same order). "captions" holds the question texts (what a
     tokenizer trained on the corpus reads). Images without a region file are dropped and
-    counted (`missing`: the question ids, for evaluation to refuse)."""
+    counted (`missing`: the question ids, for evaluation to refuse). A string image_id whose
+    file would lie outside the region folder ("../x", an absolute path) is a ValueError at
+    start naming the question (shared.folders.inside)."""
 
     def __init__(self, questions_file: str | Path, annotations_file: str | Path | None = None,
                  region_dir: str | Path | None = None):
         questions_file = Path(questions_file)
         region_dir = questions_file.parent / "regions" if region_dir is None else Path(region_dir)
         records, subtype = read_vqa(questions_file, annotations_file)
+        for k, r in enumerate(records):
+            # an integer id only ever names <region_dir>/<digits>.npz; a string one is a name
+            if isinstance(r["image_id"], str):
+                inside(region_dir, f"{r['image_id']}.npz", f"{questions_file}, questions[{k}]")
         by_image: dict = {}
         for r in records:
             by_image.setdefault(r["image_id"], []).append(r)

@@ -62,3 +62,43 @@ def test_a_float16_oscar_row_is_caught_by_its_width():
 def test_a_file_that_is_not_uniter_s_is_named():
     with pytest.raises(ValueError, match="no 'norm_bb'"):
         convert.from_uniter_npz({"features": np.zeros((1, 2)), "conf": np.ones(1)})
+
+
+def test_an_oscar_key_that_could_leave_the_output_folder_is_skipped(tmp_path, capsys):
+    rows = np.zeros((2, 4 + 6), dtype=np.float32)
+    outside = tmp_path / "victim"
+    keys = ["../victim", str(outside), "a/b", "a\\b", "..", "", "ok"]
+    (tmp_path / "f.tsv").write_text("".join(f"{key}\t{_oscar_row(rows)}\n" for key in keys))
+    with pytest.warns(UserWarning, match="img_key '../victim' could name a file outside"):
+        convert.main(["oscar-tsv", str(tmp_path / "f.tsv"), str(tmp_path / "dst")])
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["ok.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "f.tsv"]
+    assert "wrote 1 region files" in (out := capsys.readouterr().out) and "skipped 6 rows" in out
+    assert convert.unsafe_key("COCO_val2014_000000000042") is False
+
+
+def test_a_repeated_oscar_key_keeps_its_first_row_and_is_counted(tmp_path, capsys):
+    first, second = np.zeros((2, 4 + 6), np.float32), np.ones((3, 4 + 6), np.float32)
+    (tmp_path / "f.tsv").write_text(f"k\t{_oscar_row(first)}\nk\t{_oscar_row(second)}\n")
+    with pytest.warns(UserWarning, match="line 2: img_key 'k' repeats an earlier row"):
+        counts = convert.convert_oscar_tsv(tmp_path / "f.tsv", None, tmp_path / "dst")
+    assert counts == (1, 0, 1)
+    with np.load(tmp_path / "dst" / "k.npz") as npz:
+        assert len(npz["features"]) == 2
+
+
+def test_a_missing_or_empty_source_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank.tsv").write_text("\n")
+    for argv, message in [(["uniter-npz", str(tmp_path / "absent"), str(tmp_path / "d")],
+                           "no UNITER feature folder"),
+                          (["uniter-npz", str(tmp_path / "empty"), str(tmp_path / "d")],
+                           "no .npz file in"),
+                          (["oscar-tsv", str(tmp_path / "absent.tsv"), str(tmp_path / "d")],
+                           "no Oscar feature TSV"),
+                          (["oscar-tsv", str(tmp_path / "blank.tsv"), str(tmp_path / "d")],
+                           "no row converted")]:
+        with pytest.raises(SystemExit) as stop:
+            convert.main(argv)
+        assert message in str(stop.value.code) and "\n" not in str(stop.value.code)
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())

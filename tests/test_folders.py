@@ -57,8 +57,9 @@ def test_jsonl_gives_what_coco_gives(exported, tmp_path):
     coco = CaptionFolder.coco(out / "captions_test.json", image_size=32)
     lines = [json.dumps({"image": str(path), "captions": captions})
              for path, captions in coco.records]
-    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    jsonl = CaptionFolder.jsonl(tmp_path / "corpus.jsonl", image_size=32)
+    # absolute paths under the JSONL file's folder (one outside it is refused)
+    (out / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    jsonl = CaptionFolder.jsonl(out / "corpus.jsonl", image_size=32)
     assert jsonl.records == coco.records
 
 
@@ -533,3 +534,210 @@ def test_cross_encoder_retrieval_on_val_data_is_capped_at_eval_pairs(exported, t
     final = train.train(*train.parse_args(args), log=lambda line: None)
     assert final["retrieval_images"] == 4
     assert final["pairs_scored"] == 4 * 4 * 5  # 4 images x their 20 captions
+
+
+def _png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path)
+    return path
+
+
+def test_inside_keeps_names_under_the_root_and_refuses_the_rest(tmp_path):
+    from shared.folders import inside
+    assert inside(tmp_path, "a/b.png") == tmp_path / "a" / "b.png"
+    assert inside(tmp_path, str(tmp_path / "c.png")) == tmp_path / "c.png"
+    assert inside(tmp_path, "a/../c.png") == tmp_path / "a/../c.png"
+    for name in ["../x.png", "a/../../x.png", "/etc/passwd", str(tmp_path) + "-other/x.png"]:
+        with pytest.raises(ValueError, match="where: .* is outside"):
+            inside(tmp_path, name, "where")
+
+
+def test_a_coco_file_name_outside_the_image_folder_is_refused(tmp_path):
+    _png(tmp_path / "secret.png")
+    _png(tmp_path / "data" / "images" / "a.png")
+    for name in ["../secret.png", str(tmp_path / "secret.png")]:
+        (tmp_path / "data" / "c.json").write_text(json.dumps(
+            {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": name}],
+             "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 2, "caption": "y"}]}))
+        with pytest.raises(ValueError, match=r"c\.json, images\[1\]: .*secret\.png.* is outside"):
+            CaptionFolder.coco(tmp_path / "data" / "c.json", image_size=8)
+
+
+def test_a_coco_file_name_outside_is_refused_for_region_files_too(tmp_path):
+    from shared.folders import RegionFolder
+    (tmp_path / "regions").mkdir()
+    (tmp_path / "regions" / "x.npz").write_bytes(b"")
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "../x.jpg"}],
+         "annotations": [{"image_id": 1, "caption": "y"}]}))
+    with pytest.raises(ValueError, match=r"images\[0\]: '\.\./x\.jpg' is outside"):
+        RegionFolder.coco(tmp_path / "c.json")
+
+
+def test_a_jsonl_image_outside_its_folder_is_refused(tmp_path):
+    _png(tmp_path / "secret.png")
+    _png(tmp_path / "data" / "a.png")
+    for name in ["../secret.png", str(tmp_path / "secret.png")]:
+        (tmp_path / "data" / "c.jsonl").write_text(
+            json.dumps({"image": "a.png", "captions": ["x"]}) + "\n"
+            + json.dumps({"image": name, "captions": ["y"]}) + "\n")
+        with pytest.raises(ValueError, match=r"c\.jsonl, line 2: .* is outside"):
+            CaptionFolder.jsonl(tmp_path / "data" / "c.jsonl", image_size=8)
+
+
+def test_a_karpathy_path_outside_the_image_root_is_refused(tmp_path):
+    from shared.folders import karpathy_split
+    _png(tmp_path / "secret.png")
+    _png(tmp_path / "data" / "val" / "a.png")
+    for record in [{"filepath": "..", "filename": "secret.png"},
+                   {"filepath": "val", "filename": "../../secret.png"},
+                   {"filename": str(tmp_path / "secret.png")}]:
+        images = [{"filepath": "val", "filename": "a.png"}, record]
+        for image in images:
+            image.update(split="train", sentences=[{"raw": "a dog"}])
+        (tmp_path / "data" / "k.json").write_text(json.dumps({"images": images}))
+        with pytest.raises(ValueError, match=r"k\.json, images\[1\]: .* is outside"):
+            CaptionFolder.karpathy(tmp_path / "data" / "k.json", image_size=8)
+        with pytest.raises(ValueError, match=r"k\.json, images\[1\]: .* is outside"):
+            karpathy_split(tmp_path / "data" / "k.json", None, "train")
+
+
+def _bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
+    """A real PNG of width x height 1-bit pixels, all black: a few KB on disk, width x height x 3
+    bytes once decoded as RGB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits
+    compress = zlib.compressobj(9)
+    data = b"".join(compress.compress(row * 1000) for _ in range(height // 1000))
+    data += compress.compress(row * (height % 1000)) + compress.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _damaged_header_png(path: Path) -> Path:
+    """A valid PNG whose IHDR declares a width of 0: Pillow raises SyntaxError on it."""
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:20] = bytes(4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("size", [(30000, 30000), (10000, 9000)])
+def test_a_decompression_bomb_is_an_os_error_naming_the_file(tmp_path, size):
+    """30,000 x 30,000 is beyond twice Pillow's limit (DecompressionBombError, no OSError);
+    10,000 x 9,000 is between the limit and twice it, where Pillow only warns."""
+    bomb = _bomb_png(tmp_path / "bomb.png", *size)
+    assert bomb.stat().st_size < 200_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does a DecompressionBombWarning escape
+        with pytest.raises(OSError, match=f"cannot read {bomb}"):
+            load_image(bomb, 32)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's global is left alone
+
+
+def test_a_damaged_header_is_an_os_error_naming_the_file(tmp_path):
+    damaged = _damaged_header_png(tmp_path / "damaged.png")
+    with pytest.raises(OSError, match=f"cannot read {damaged}"):
+        load_image(damaged, 32)
+
+
+def test_bombs_and_damaged_headers_are_skipped_and_counted_by_the_folders(tmp_path):
+    from shared.folders import ImageFolder
+
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp_path / "good.png")
+    bad = [_bomb_png(tmp_path / "bomb.png"), _damaged_header_png(tmp_path / "damaged.png")]
+    folder = CaptionFolder([(bad[0], ["bomb"]), (bad[1], ["damaged"]),
+                            (tmp_path / "good.png", ["green"])], 16)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        example = folder.example(0)
+    assert example["captions"] == ["green"] and folder.unreadable == 2
+    for k, path in enumerate(bad):
+        (tmp_path / "classes" / f"c{k}").mkdir(parents=True)
+        path.rename(tmp_path / "classes" / f"c{k}" / path.name)
+        images = ImageFolder(tmp_path / "classes", 16)
+    for i, (path, _) in enumerate(images.items):
+        with pytest.raises(OSError, match=f"cannot read {path}"):
+            images.item(i)
+
+
+def test_extract_and_infer_name_a_bomb_or_a_damaged_header_and_a_resume_goes_on(tmp_path):
+    import extract
+    import infer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(images / "a.png")
+    _bomb_png(images / "b.png")
+    _damaged_header_png(images / "c.png")
+    out = tmp_path / "regions"
+    for run in range(2):  # the second run resumes: the skipped files are skipped again
+        summary = extract.extract_regions(images, out, "grid:1", random_weights=0, image_size=64)
+        assert (summary["written"] + summary["already_written"], summary["unreadable"]) == (1, 2)
+        named = (out / "unreadable.txt").read_text().splitlines()
+        assert {line.split("\t")[0] for line in named} == {str(images / "b.png"),
+                                                           str(images / "c.png")}
+    for name in ("b.png", "c.png"):
+        with pytest.raises(SystemExit, match=f"error: cannot read {images / name}"):
+            infer._images([images / "a.png", images / name], 32)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16_bit_greyscale_is_converted_by_its_range(tmp_path, mode):
+    gradient = (np.arange(256, dtype=np.uint32) * 257).reshape(1, 256).repeat(256, axis=0)
+    if mode == "I":
+        image = Image.fromarray(gradient.astype(np.int32), mode="I")
+    else:
+        dtype = "<u2" if mode == "I;16" else ">u2"
+        image = Image.frombuffer(mode, (256, 256), gradient.astype(dtype).tobytes(), "raw", mode,
+                                 0, 1)
+    from shared.folders import to_rgb
+
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (256, 256, 3)
+    assert (rgb == np.arange(256, dtype=np.uint8)[None, :, None]).all()  # value >> 8
+    if mode == "I;16":
+        image.save(tmp_path / "g16.png")
+        with Image.open(tmp_path / "g16.png") as saved:
+            assert saved.mode.startswith("I")
+        row = load_image(tmp_path / "g16.png", 8)[4, :, 0].astype(int)
+        assert (np.diff(row) > 0).all() and row[0] < 32 and row[-1] > 223  # follows the ramp
+
+
+def _peak_rss_of_loading(path: Path, size: int) -> int:
+    """Bytes the peak resident set grows by while load_image reads `path`, in a fresh process."""
+    code = ("import resource, sys; from shared.folders import load_image; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"load_image({str(path)!r}, {size}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    return int(done.stdout) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def test_an_extreme_aspect_ratio_costs_about_the_output(tmp_path):
+    Image.new("RGB", (4000, 1), (0, 255, 0)).save(tmp_path / "line.png")
+    assert _peak_rss_of_loading(tmp_path / "line.png", 224) < 50 * 2**20  # was ~600 MB
+    assert (load_image(tmp_path / "line.png", 224) == (0, 255, 0)).all()
+
+
+@pytest.mark.parametrize("width, height", [(2000, 37), (37, 2000)])
+def test_an_extreme_aspect_ratio_gives_nearly_torchvision_s_pixels(tmp_path, width, height):
+    y, x = np.mgrid[0:height, 0:width]
+    field = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 250
+    Image.fromarray(field.astype(np.uint8)).save(tmp_path / "long.png")
+    with Image.open(tmp_path / "long.png") as image:
+        longer = int(224 * max(width, height) / min(width, height))
+        resized = np.asarray(image.resize((224, longer) if width < height else (longer, 224),
+                                          Image.BICUBIC)).astype(int)
+    start = int(round((longer - 224) / 2.0))
+    theirs = resized[start:start + 224] if width < height else resized[:, start:start + 224]
+    assert np.abs(load_image(tmp_path / "long.png", 224).astype(int) - theirs).max() <= 2

@@ -643,3 +643,35 @@ def test_decoders_respect_the_prefix_max_len_and_padding_or_refuse(
         return
     assert valid
     check_generated(*out, prefix, max_len, setup["end_id"], setup["pad_id"], V)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_an_image_with_a_damaged_header_is_read_or_is_an_os_error_naming_it(tmp_path, suffix):
+    """Bytes flipped in the first 40 of a valid PNG or JPEG (its signature and header fields:
+    IHDR's size, depth and colour type; JPEG's markers and segment lengths). Pillow raises
+    many kinds on such files (SyntaxError, struct.error, IndexError, ...); load_image gives
+    an image or an OSError naming the file, nothing else."""
+    from PIL import Image
+
+    from shared.folders import load_image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:24, 0:32]
+    Image.fromarray(np.stack([x * 8, y * 10, x + y], -1).astype(np.uint8)).save(
+        tmp_path / f"valid{suffix}")
+    valid = (tmp_path / f"valid{suffix}").read_bytes()
+    path = tmp_path / f"damaged{suffix}"
+    refused = set()
+    for _ in range(300):
+        data = bytearray(valid)
+        for at in rng.choice(40, size=int(rng.integers(1, 4)), replace=False):
+            data[at] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(data))
+        try:
+            array = load_image(path, 16)
+        except OSError as e:
+            assert str(e).startswith(f"cannot read {path}: "), e
+            refused.add(str(e).split(": ", 1)[1][:30])
+            continue
+        assert array.shape == (16, 16, 3) and array.dtype == np.uint8
+    assert refused  # some of them are refused

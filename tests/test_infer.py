@@ -411,3 +411,16 @@ def test_train_on_vqa_files_evaluates_on_held_out_questions(tmp_path):
     assert "vqa_acc" in rows[0] and rows[1]["questions"] == 24
     assert json.loads((out / "final.json").read_text())["vqa_acc"] == rows[1]["vqa_acc"]
     assert (out / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("command, data", [("karpathy", "dataset.json"),
+                                           ("vqa", "q.json,a.json,regions")])
+def test_results_into_a_missing_folder_is_refused_before_the_evaluation(tmp_path, capsys,
+                                                                        command, data):
+    """--results is checked when the command starts: a path whose folder is missing (or a
+    folder) must not cost a whole evaluation first. The checkpoint is never read."""
+    for out, message in ((tmp_path / "no" / "r.json", "does not exist or is not writable"),
+                         (tmp_path, "a folder, not a file")):
+        with pytest.raises(SystemExit):
+            infer.main([command, str(tmp_path / "missing.pt"), data, "--results", str(out)])
+        assert message in capsys.readouterr().err

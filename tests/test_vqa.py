@@ -171,3 +171,14 @@ def test_train_refuses_vqa_data_for_another_task_or_a_pixel_model(exported, tmp_
                                                          str(tmp_path / args[1])])
         with pytest.raises(SystemExit, match=message):
             train.train(run, paper, overrides, log=lambda line: None)
+
+
+def test_a_string_image_id_outside_the_region_folder_is_refused(tmp_path):
+    (tmp_path / "regions").mkdir()
+    (tmp_path / "secret.npz").write_bytes(b"")
+    for image_id in ["../secret", str(tmp_path / "secret")]:
+        questions = {"questions": [{"question_id": 1, "image_id": "a", "question": "what?"},
+                                   {"question_id": 2, "image_id": image_id, "question": "why?"}]}
+        (tmp_path / "q.json").write_text(json.dumps(questions))
+        with pytest.raises(ValueError, match=r"q\.json, questions\[1\]: .*secret\.npz' is outside"):
+            VQAFolder(tmp_path / "q.json", None, tmp_path / "regions")
