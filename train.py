@@ -301,7 +301,7 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
                                              run.min_answer_count, out, log)
     if run.val_data:  # read its index now: a bad one stops the run here, not after training
         with one_line("--val_data: "):
-            check_spec(run.val_data, paper, config)
+            check_spec(run.val_data, paper, config, ("val",) * bool(run.eval_every) + ("test",))
     if ckpt is None and paper.INPUTS == "regions" and config.standardise_features:
         with one_line("--data: "):  # --init's feature statistics, or the corpus's
             config = kept_statistics(config, init and init["config"], corpus, log)
