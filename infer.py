@@ -108,10 +108,14 @@ def caption(checkpoint: Path, images: list[Path], regions: list[Path],
             if not regions or images:
                 raise SystemExit(f"error: {run['model']} captions region files: give --regions "
                                  f"FILE.npz ...")
+            missing = [p for p in regions if not p.is_file()]
+            if missing:
+                raise SystemExit(f"error: no region file {missing[0]}")
             folder = RegionFolder([(p, ["-"]) for p in regions])
-            if folder.dropped_images:
-                raise SystemExit("error: a region file given does not exist")
-            examples = [folder.example(i) for i in range(len(folder))]
+            try:  # each file its own caption, or one line naming the file that cannot be read
+                examples = [{"captions": ["-"], **folder.read(p)} for p in regions]
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
             world_config = None
             if config.standardise_features:  # the statistics its training used
                 world_config = train.make_world_config(paper, config, run["seed"])

@@ -583,6 +583,11 @@ class RegionFolder:
             out["cls_prob"] = cls_prob[order]
         return out
 
+    def read(self, path: Path) -> dict:
+        """The region arrays of one .npz, checked as example(i) checks them; a ValueError
+        naming the file where it would skip it (a tool given files by name reports them)."""
+        return self._read(Path(path))
+
     def example(self, i: int, regions: bool = True) -> dict:
         for k in range(len(self.records)):
             path, captions = self.records[(i + k) % len(self.records)]

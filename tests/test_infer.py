@@ -424,3 +424,17 @@ def test_results_into_a_missing_folder_is_refused_before_the_evaluation(tmp_path
         with pytest.raises(SystemExit):
             infer.main([command, str(tmp_path / "missing.pt"), data, "--results", str(out)])
         assert message in capsys.readouterr().err
+
+
+def test_caption_of_an_unreadable_or_missing_region_file_names_it(checkpoints, files, tmp_path):
+    """A region file given by name is captioned itself or reported: a damaged one is one line
+    naming it (not the next file's caption under its name, exit 0), a missing one too."""
+    good = sorted((files / "regions").glob("*.npz"))[0]
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(SystemExit, match=f"error: .*{bad}"):
+        infer.caption(checkpoints["oscar"], [], [bad, good])
+    with pytest.raises(SystemExit, match=f"error: no region file {tmp_path / 'none.npz'}"):
+        infer.caption(checkpoints["oscar"], [], [good, tmp_path / "none.npz"])
+    alone = infer.caption(checkpoints["oscar"], [], [good])
+    assert infer.caption(checkpoints["oscar"], [], [good, good])[1] == alone[0]
