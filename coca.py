@@ -689,7 +689,7 @@ class CoCa(nn.Module):
 
 # ===== below: train.py's contract, not in the paper =====
 
-from shared.checkpoint import converted_state
+from shared.checkpoint import ReleasedWeights
 from shared.config import optimisation_problems
 from shared.data import CLIP_MEAN, CLIP_STD, ImageTextDataset, collate_image_text, model_device
 from shared.evaluate import (caption_examples, caption_metrics, grouped_retrieval, image_batch,
@@ -913,20 +913,8 @@ def from_open_clip(state_dict: dict, open_clip_cfg: dict) -> tuple[Config, dict]
     config = open_clip_config(model_cfg, open_clip_cfg.get("preprocess_cfg"))
     with torch.device("meta"):  # names and shapes only, no memory
         wanted = {k: v.shape for k, v in CoCa(config).state_dict().items()}
-    ours, origin, used = {}, {}, set()
-
-    def take(key: str) -> Tensor:
-        if key not in state_dict:
-            raise ValueError(f"the open_clip weights lack {key} (another model, or not CoCa?)")
-        used.add(key)
-        return state_dict[key]
-
-    def put(name: str, key: str, tensor: Tensor) -> None:
-        ours[name], origin[name] = tensor, key
-
-    def copy(name: str, key: str, bias: bool = True) -> None:  # a Linear or a LayerNorm
-        for part in ("weight", "bias") if bias else ("weight",):
-            put(f"{name}.{part}", f"{key}.{part}", take(f"{key}.{part}"))
+    weights = ReleasedWeights("open_clip", state_dict, wanted, " (another model, or not CoCa?)")
+    take, put, copy = weights.take, weights.put, weights.copy
 
     def attention(name: str, key: str) -> None:
         """open_clip's attention (torch's MultiheadAttention layout): one fused (3D, D) in_proj,
@@ -987,8 +975,7 @@ def from_open_clip(state_dict: dict, open_clip_cfg: dict) -> tuple[Config, dict]
         take("text_decoder.text_projection").T)  # (D, V) -> (V, D)
     put("logit_scale", "logit_scale", take("logit_scale").reshape(()))  # () or (1,) -> ()
 
-    return config, converted_state("open_clip", list(set(state_dict) - used), ours, wanted,
-                                   origin)
+    return config, weights.finish()
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

@@ -91,13 +91,18 @@ def read_weights(path: Path) -> dict:
     return state
 
 
-def read_config(path: Path) -> dict:
+def read_json(path: Path, what: str):
+    """The JSON document of a file the user named; one line when it is missing or not JSON."""
     if not path.is_file():
-        raise FileNotFoundError(f"no config file {path}")
+        raise FileNotFoundError(f"no {what} file {path}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
+
+
+def read_config(path: Path) -> dict:
+    config = read_json(path, "config")
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a JSON object")
     return config
@@ -124,12 +129,7 @@ def make_tokenizer(bpe: Path | None, vocab: Path | None, spm: Path | None,
 
 def read_answers(path: Path) -> list[str]:
     """--answers: a JSON list of the VQA head's classes, class i = item i."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no answers file {path}")
-    try:
-        answers = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+    answers = read_json(path, "answers")
     if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"{path}: not a JSON list of answer strings")
     return answers

@@ -585,7 +585,7 @@ def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
 
 from torch.utils.data import Dataset
 
-from shared.checkpoint import converted_state
+from shared.checkpoint import ReleasedWeights
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (Epochs, check_feature_size, flat_targets, model_device, pad_rows,
                          pad_sequences, pick_text, standardisation, statistics_problems)
@@ -739,18 +739,9 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     config = release_config(config_dict, task, heads)
     with torch.device("meta"):  # names and shapes only, no memory
         wanted = {k: v.shape for k, v in Oscar(config).state_dict().items()}
-    ours, origin, used = {}, {}, set()
-
-    def take(key: str) -> Tensor:
-        if key not in sd:
-            raise ValueError(f"the Oscar weights lack {key} (task {task})")
-        used.add(key)
-        return sd[key]
-
-    def copy(name: str, key: str, parts=("weight", "bias")) -> None:  # a Linear or a LayerNorm
-        for part in parts:
-            ours[f"{name}.{part}"] = take(f"{key}.{part}")
-            origin[f"{name}.{part}"] = f"{key}.{part}"
+    weights = ReleasedWeights("Oscar", sd, wanted, f" (task {task})")
+    take, copy, ours, origin, used = (weights.take, weights.copy, weights.ours, weights.origin,
+                                      weights.used)
 
     # the BERT encoder: shared.bert's one map of BERT's names (KeyError: the first one missing)
     bert = {k: v for k, v in sd.items() if k.startswith("bert.")}
@@ -787,7 +778,7 @@ def from_oscar(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     if task in ("retrieval", "vqa"):
         copy(f"heads.{task}.classifier", "classifier")
 
-    return config, converted_state("Oscar", list(set(sd) - used), ours, wanted, origin)
+    return config, weights.finish()
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

@@ -653,7 +653,7 @@ from torch.utils.data import Dataset
 
 import shared.evaluate
 from shared.augment import virtex_augment
-from shared.checkpoint import converted_state
+from shared.checkpoint import ReleasedWeights
 from shared.config import optimisation_problems
 from shared.data import Epochs, model_device, normalise_image, pad_sequences, pick_text
 from shared.evaluate import (caption_examples, caption_metrics, image_batch, in_eval_mode,
@@ -850,20 +850,8 @@ def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
     config = Config(**fields)
     with torch.device("meta"):  # names and shapes only, no memory
         wanted = {k: v.shape for k, v in VirTex(config).state_dict().items()}
-    ours, origin, used = {}, {}, set()
-
-    def take(key: str) -> Tensor:
-        if key not in state_dict:
-            raise ValueError(f"the VirTex weights lack {key} (another model?)")
-        used.add(key)
-        return state_dict[key]
-
-    def put(name: str, key: str, tensor: Tensor) -> None:
-        ours[name], origin[name] = tensor, key
-
-    def copy_(name: str, key: str, bias: bool = True) -> None:  # a Linear, LayerNorm, Embedding
-        for part in ("weight", "bias") if bias else ("weight",):
-            put(f"{name}.{part}", f"{key}.{part}", take(f"{key}.{part}"))
+    weights = ReleasedWeights("VirTex", state_dict, wanted, " (another model?)")
+    take, put, copy_, ours = weights.take, weights.put, weights.copy, weights.ours
 
     def transformer(name: str, key: str) -> None:
         """torch's TransformerDecoder (post-LN, norm_first=False) -> our TransformerDecoder."""
@@ -886,9 +874,9 @@ def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
         copy_("heads.token_classification", "textual.output")
     else:
         copy_("heads.textual.visual_projection", "textual.visual_projection")
-        copy_("heads.textual.embedding.words", "textual.embedding.words", bias=False)
+        copy_("heads.textual.embedding.words", "textual.embedding.words", parts=("weight",))
         copy_("heads.textual.embedding.positions", "textual.embedding.positions",
-              bias=False)
+              parts=("weight",))
         copy_("heads.textual.embedding.norm", "textual.embedding.layer_norm")
         transformer("heads.textual.transformer", "textual.transformer")
         copy_("heads.textual.output", "textual.output")  # weight: the words', tied
@@ -906,8 +894,7 @@ def from_virtex(state_dict: dict, config_dict: dict) -> tuple[Config, dict]:
                 raise ValueError(f"{key} is not the forward head's {twin}: the release "
                                  f"shares it, so does this model")
 
-    return config, converted_state("VirTex", list(set(state_dict) - used), ours, wanted,
-                                   origin, dtype=None)
+    return config, weights.finish(dtype=None)
 
 
 # the released weights each converter turns into this model (convert.py picks by these names):

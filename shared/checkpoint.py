@@ -15,6 +15,8 @@
                                      name the checkpoint also has; returns the heads left fresh
     rng_states / set_rng_states      Python, NumPy, torch (and CUDA) generators, for exact resume
     seed_all(seed)                   seeds all of them
+    ReleasedWeights(source, state_dict, wanted)   a converter's bookkeeping: take, put, copy,
+                                     finish (converted_state)
     converted_state(source, unused, ours, wanted)   a converter's result, refused in one line
                                      unless every released tensor found a place and every
                                      tensor of the model was set, in its shape
@@ -304,3 +306,35 @@ def converted_state(source: str, unused: list[str], ours: dict, wanted: dict,
                          f"{tuple(ours[n].shape)}, the model's {tuple(wanted[n])})")
     return {n: (ours[n].detach() if dtype is None else ours[n].detach().to(dtype)).clone(
         memory_format=torch.contiguous_format) for n in wanted}
+
+
+class ReleasedWeights:
+    """What a converter of released weights (the papers' CONVERTERS) keeps track of while it
+    maps one state dict onto a model: the released tensors it took (`used`), the tensors of the
+    model it set (`ours`) and the released name each came from (`origin`). `wanted` is {our
+    name: shape} of the model; `hint` ends the message for a tensor the release lacks."""
+
+    def __init__(self, source: str, state_dict: dict, wanted: dict, hint: str = ""):
+        self.source, self.state_dict, self.wanted, self.hint = source, state_dict, wanted, hint
+        self.ours, self.origin, self.used = {}, {}, set()
+
+    def take(self, key: str) -> torch.Tensor:
+        """The released tensor `key`, marked used; a ValueError naming it where it is missing."""
+        if key not in self.state_dict:
+            raise ValueError(f"the {self.source} weights lack {key}{self.hint}")
+        self.used.add(key)
+        return self.state_dict[key]
+
+    def put(self, name: str, key: str, tensor: torch.Tensor) -> None:
+        """Our tensor `name` is `tensor`, made from the released `key`."""
+        self.ours[name], self.origin[name] = tensor, key
+
+    def copy(self, name: str, key: str, parts=("weight", "bias")) -> None:
+        """A module copied as it is (a Linear, a LayerNorm, an Embedding: parts ("weight",))."""
+        for part in parts:
+            self.put(f"{name}.{part}", f"{key}.{part}", self.take(f"{key}.{part}"))
+
+    def finish(self, dtype: torch.dtype | None = torch.float32) -> dict:
+        """converted_state over what was taken and set."""
+        return converted_state(self.source, list(set(self.state_dict) - self.used), self.ours,
+                               self.wanted, self.origin, dtype)
