@@ -32,7 +32,7 @@ from shared.benchmarks import check_spec, evaluate_corpus
 from shared.bert import encoder_sizes, init_from_bert
 from shared.checkpoint import (CheckpointError, append_jsonl, load_weights, read_checkpoint,
                                read_latest, rng_states, save_checkpoint, seed_all,
-                               set_rng_states, write_json_atomic)
+                               set_rng_states, writable_folder, write_json_atomic)
 from shared.config import RECIPE
 from shared.cli import add_dataclass_flags, known_flags, number_problems, one_line, split_flags
 from shared.data import caption_texts, close_loader, train_batches, worker_message
@@ -277,7 +277,7 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
     """The run from the command line, or from <out>/latest.pt (--resume). Under torchrun every
     rank sets up the same run; rank 0 alone writes to --out."""
     with one_line(""):
-        out, device = Path(run.out), pick_device(run.device, launch)
+        out, device = writable_folder(Path(run.out)), pick_device(run.device, launch)
     if launch.distributed:
         start_process_group(launch, device, run.dist_timeout_s)
     with one_line(""):  # a checkpoint of another model or task, or none readable
@@ -291,7 +291,6 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
         with one_line("--init_bert: "):  # the encoder sizes of the BERT checkpoint
             config = make_config(paper, run.preset, encoder_sizes(run.init_bert), config)
         run = dataclasses.replace(run, vocab=str(Path(run.init_bert) / "vocab.txt"))
-    out.mkdir(parents=True, exist_ok=True)
     seed_all(run.seed)
     world_config = make_world_config(paper, config, run.seed)
     corpus = None

@@ -3,6 +3,7 @@
     save_checkpoint(path, previous=None, **state)  torch.save to a temp file, then an atomic
                                      rename (the file it replaces becomes `previous`, if given)
     write_json_atomic(path, obj)     the same for JSON
+    writable_folder(path, flag)      --out made and tried with a temp file, refused in one line
     load_checkpoint(path)            the dict back, read with torch.load(weights_only=True); a
                                      missing, truncated, foreign or old file is refused in one
                                      line (CheckpointError; UnreadableCheckpoint when the bytes
@@ -39,6 +40,7 @@ import os
 import pickle
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,24 @@ def _full(path: Path) -> bool:
         return shutil.disk_usage(path.parent).free < 2**20
     except OSError:
         return False
+
+
+def writable_folder(path: Path, flag: str = "--out") -> Path:
+    """`path` made (with its parents) and tried with a temporary file: a run learns at its start,
+    not at its first checkpoint, that the folder is a file, read-only or on a full disk. A
+    ValueError naming `flag` and the reason; under torchrun every rank tries (its own temp
+    file), so all stop together before any collective."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except FileExistsError:
+        raise ValueError(f"{flag} {path}: is a file, not a folder") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 def write_json_atomic(path: Path, obj) -> None:

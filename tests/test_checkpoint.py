@@ -193,3 +193,53 @@ def test_train_py_on_a_really_full_disk_ends_in_one_line(small_filesystem):
     assert last.startswith("error: could not write") and "No space left on device" in last
     assert "Traceback" not in done.stderr
     assert not list((small_filesystem / "run").glob("*.tmp"))
+
+
+@pytest.fixture
+def read_only_filesystem(tmp_path):
+    """A real read-only filesystem (a tmpfs mounted ro): root writes into a chmod 555 folder, so
+    only a mount shows the refusal everyone else meets. Skipped, saying why, without root."""
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a read-only tmpfs needs root and mount(8)")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_an_out_folder_that_is_a_file_or_read_only_is_refused_at_once(tmp_path,
+                                                                      read_only_filesystem):
+    from shared.checkpoint import writable_folder
+
+    assert writable_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"  # made, with parents
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the trial file is gone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^--out .*file: is a file, not a folder$"):
+        writable_folder(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"cannot write there \(Not a directory\)"):
+        writable_folder(tmp_path / "file" / "run")
+    for out in (read_only_filesystem, read_only_filesystem / "run"):
+        with pytest.raises(ValueError, match=r"cannot write there \(Read-only file system\)"):
+            writable_folder(out)
+
+
+@pytest.mark.parametrize("where", ["file", "read-only"])
+def test_train_py_refuses_such_an_out_before_any_work(tmp_path, read_only_filesystem, where):
+    import subprocess
+    import sys
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" if where == "file" else read_only_filesystem / "run"
+    done = subprocess.run([sys.executable, "train.py", "--max_steps", "1", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: --out {out}: " + ("is a file, not a folder" if where == "file" else
+                                   "cannot write there (Read-only file system)")]
+    assert done.stdout == ""  # nothing was built, read or trained

@@ -221,3 +221,13 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_
     assert saved["step"] % 10 == 0 and len(saved["rng_ranks"]) == 2
     assert f"SIGTERM: stopped at step {saved['step']} with" in out
     assert "continue with: torchrun" in out
+
+
+def test_an_out_that_is_a_file_stops_every_rank_in_one_line(tmp_path):
+    """Each rank tries --out before the process group starts: both stop, none waits for a peer."""
+    (tmp_path / "file").write_text("x")
+    result = torchrun(*MODELS["coca"], *extra_args("coca"), "--out", str(tmp_path / "file"))
+    assert result.returncode != 0
+    assert result.stderr.count(f"error: --out {tmp_path / 'file'}: is a file, not a folder") == 2
+    assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]  # torchrun's own
+    assert "[rank1]: Traceback" not in result.stderr  # report of failed ranks follows theirs
