@@ -112,7 +112,7 @@ class Config:
     beam_size: int = 5  # [Oscar §4]; 1 = greedy
     length_penalty: float = 1.0  # score = Σ log p / len [code]
     task: str = "pretrain"  # one of TASKS; train.py sets it from --task
-    eval_pairs: int = 1000  # retrieval among this many (image, caption) pairs: COCO 1K
+    eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
     image_size: int = 224  # OURS: the world's render size (Oscar itself sees only regions)
     # optimisation [Oscar §3: AdamW, batch 768, lr 5e-5, >= 1.0M steps; code: linear decay]
     batch_size: int = 768  # [Oscar §3]
@@ -591,8 +591,8 @@ from shared.data import (Epochs, check_feature_size, flat_targets, model_device,
                          pad_sequences, pick_text, standardisation, statistics_problems)
 from shared.decoding import beam_search, greedy
 from shared.evaluate import answer_questions as shared_answer_questions
-from shared.evaluate import (caption_examples, caption_metrics, in_eval_mode, pair_scores,
-                             retrieval_metrics, vqa_metrics, world_examples)
+from shared.evaluate import (all_captions, caption_examples, caption_metrics, in_eval_mode,
+                             pair_scores, retrieval_metrics, vqa_metrics, world_examples)
 from shared.evaluate import sample_captions as shared_sample_captions
 from shared.optim import adamw, decay_groups, fused_for
 from shared.vqa import answer_index, soft_scores, world_answers
@@ -1013,10 +1013,13 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
              n: int) -> dict[str, float]:
     """The metrics of config.task on a world split:
     pretrain    i2t_r1/5/10, t2i_r1/5/10, r1_mean: zero-shot retrieval by the contrastive head
-                among min(n, eval_pairs) pairs; mtl_acc, contrastive_acc on n items;
+                among min(n, eval_pairs) images and ALL their captions (5 each, as the COCO 1K
+                test ranks 5,000 captions [Oscar §4]; an image found if any of its captions
+                ranks in the top K); mtl_acc, contrastive_acc on n items;
                 own_called_polluted, foreign_caption_called_polluted: the share of true triples,
                 and of triples with the next image's caption (own tags and regions), the head
-                calls polluted (does it read the caption at all?)
+                calls polluted, on each image's first caption (does it read the caption at
+                all?)
     retrieval   the same recalls with the retrieval head
     caption     caption_truth (_baseline), cider, bleu4 on n images (caption_metrics)
     vqa         vqa_acc and vqa_acc_<type> over every question of n images"""
@@ -1030,17 +1033,20 @@ def evaluate(model: Oscar, tokenizer, config: Config, world_config, split: str,
         return vqa_metrics(answer_logits_fn(model, tokenizer, config, examples, world_config),
                            examples, config.answers)
     examples = world_examples(world_config, split, min(n, config.eval_pairs))
-    scores = retrieval_scores(model, tokenizer, config, examples, world_config)  # (n, n): every
-    #                         image with every first caption, n² forward passes as [code]
-    metrics = retrieval_metrics(scores)
+    texts, text_image = all_captions(examples)  # (G,) each, G = 5n in the world
+    scores = retrieval_scores(model, tokenizer, config, examples, world_config, texts)  # (n, G):
+    #                         every image with every caption, n·G forward passes as [code]
+    metrics = retrieval_metrics(scores, text_image)
     if config.task == "pretrain":
         from shared.world import World  # imported where read: importing oscar skips it
         world = World(world_config, split)
         metrics.update(pretraining_accuracy(model, tokenizer, config, world, min(n, len(world))))
+        counts = torch.bincount(text_image, minlength=len(examples))  # (n,) captions an image
+        first = counts.cumsum(0) - counts  # (n,) the column of each image's first caption
         k = torch.arange(len(examples))
-        metrics["own_called_polluted"] = (scores[k, k] < 0).float().mean()
+        metrics["own_called_polluted"] = (scores[k, first] < 0).float().mean()
         metrics["foreign_caption_called_polluted"] = (
-            scores[k, (k + 1) % len(k)] < 0).float().mean()
+            scores[k, first[(k + 1) % len(k)]] < 0).float().mean()
     return metrics
 
 

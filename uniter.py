@@ -707,8 +707,8 @@ from shared.data import (Epochs, RecentExamples, check_feature_size, flat_target
                          statistics_problems)
 from shared.distributed import world_size
 from shared.evaluate import answer_questions as shared_answer_questions
-from shared.evaluate import in_eval_mode, vqa_metrics, world_examples
-from shared.metrics import recall_at_k
+from shared.evaluate import (all_captions, in_eval_mode, retrieval_metrics, vqa_metrics,
+                             world_examples)
 from shared.optim import adamw, fused_for
 from shared.vqa import answer_index, soft_scores, world_answers
 
@@ -1230,11 +1230,9 @@ def evaluate(model: UNITER, tokenizer, config: Config, world_config, split: str,
     """
     if config.task != "vqa":
         examples = world_examples(world_config, split, min(n, config.eval_pairs))
-        texts = [c for ex in examples for c in ex["captions"]]  # (G,), G = 5n in the world
-        text_image = torch.tensor([k for k, ex in enumerate(examples) for _ in ex["captions"]])
-        metrics = recall_at_k(retrieval_scores(model, tokenizer, config, examples, world_config,
-                                               texts), text_image)
-        return {**metrics, "r1_mean": (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2}
+        texts, text_image = all_captions(examples)  # (G,) each, G = 5n in the world
+        return retrieval_metrics(retrieval_scores(model, tokenizer, config, examples,
+                                                  world_config, texts), text_image)
     examples = world_examples(world_config, split, n)
     answers = [answer_logits_fn(model, tokenizer, config, examples, world_config, zero_regions)
                for zero_regions in (False, True)]

@@ -7,7 +7,8 @@ caption, an answer's logits) and maps the pieces below onto its metric keys in a
     world_examples      the first n examples of a world split
     image_batch         uint8 (H, W, 3) arrays -> (B, 3, H, W) normalised tensor on a device
     pair_scores         the (n images, n texts) matrix of a cross-encoder: n² pair scores, chunked
-    retrieval_metrics   R@1/5/10 both ways from a scores matrix whose truth is its diagonal
+    all_captions        every caption of some examples and the image of each (retrieval texts)
+    retrieval_metrics   R@1/5/10 both ways from a scores matrix and the image of each text
     grouped_retrieval   the same for a dual encoder, among groups of images and all their captions
     grouped_pair_retrieval  the same for any scorer (a cross-encoder scores g·G pairs a group)
     reference_caption   a reference caption as a model could write it (tokenised, cut, decoded)
@@ -97,10 +98,21 @@ def pair_scores(score: Callable[[Tensor, Tensor], Tensor], n: int, n_texts: int 
     return torch.cat(out).view(n, G)  # (n images, G texts)
 
 
-def retrieval_metrics(scores: Tensor) -> dict[str, float]:
-    """i2t_r1/5/10, t2i_r1/5/10 of a (n images, n texts) matrix whose true pairs are its
-    diagonal, and r1_mean = (i2t_r1 + t2i_r1) / 2."""
-    metrics = recall_at_k(scores, torch.arange(scores.shape[1]))
+def all_captions(examples: list[dict]) -> tuple[list[str], Tensor]:
+    """Every caption of the examples, image by image, and the image each belongs to: (texts
+    (G,), text_image (G,)), G = 5n in the world and in COCO. The retrieval test ranks all of them
+    [UNITER §A.2; Oscar §4]: an image is found when any of its captions ranks in the top K."""
+    texts = [c for ex in examples for c in ex["captions"]]
+    text_image = torch.tensor([k for k, ex in enumerate(examples) for _ in ex["captions"]])
+    return texts, text_image
+
+
+def retrieval_metrics(scores: Tensor, text_image: Tensor | None = None) -> dict[str, float]:
+    """i2t_r1/5/10, t2i_r1/5/10 of a (n images, G texts) matrix, text t belonging to image
+    text_image[t] (default: the diagonal, G = n), and r1_mean = (i2t_r1 + t2i_r1) / 2."""
+    if text_image is None:
+        text_image = torch.arange(scores.shape[1])
+    metrics = recall_at_k(scores, text_image)
     metrics["r1_mean"] = (metrics["i2t_r1"] + metrics["t2i_r1"]) / 2
     return metrics
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import oscar
+from shared.metrics import recall_at_k
 from shared.data import feature_statistics
 from tests.region_world import WORLD_CONFIG, one_thread, tokenizer, world  # noqa: F401
 from shared.world import World
@@ -565,6 +566,33 @@ def test_evaluate_reports_each_task_s_keys(tokenizer):
         metrics = oscar.evaluate(model, tokenizer, config, WORLD_CONFIG, "test", 8)
         assert expected <= set(metrics), (task, metrics)
         assert all(0 <= v <= 10 for v in metrics.values())
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_evaluate_ranks_every_caption_of_each_image_with_all_five_as_positives(tokenizer, task):
+    """The COCO 1K test ranks 5,000 captions of 1,000 images [Oscar §4]: eval_pairs images and
+    ALL their captions, every pair scored; an image is found when any of its five captions ranks
+    in the top K. Checked against recall_at_k of pairs scored one at a time."""
+    config = small(task=task, eval_pairs=4)
+    model = oscar.build_model(config).eval()
+    metrics = oscar.evaluate(model, tokenizer, config, WORLD_CONFIG, "val", 20)
+    val = World(WORLD_CONFIG, "val")
+    examples = [val.example(i) for i in range(4)]
+    captions = [c for ex in examples for c in ex["captions"]]
+    assert len(captions) == 20
+    with torch.no_grad():
+        scores = torch.stack([torch.cat([oscar.retrieval_scores(
+            model, tokenizer, config, [image], WORLD_CONFIG, [caption])[0]
+            for caption in captions]) for image in examples])  # (4, 20), one pair a call
+    expected = recall_at_k(scores, torch.arange(4).repeat_interleave(5))
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value), key
+    if task == "pretrain":  # on each image's first caption (columns 0, 5, 10, 15)
+        first = scores[:, ::5]
+        assert metrics["own_called_polluted"] == pytest.approx(
+            (first.diagonal() < 0).float().mean().item())
+        assert metrics["foreign_caption_called_polluted"] == pytest.approx(
+            (first.roll(-1, 1).diagonal() < 0).float().mean().item())
 
 
 def test_contrastive_accuracy_of_a_head_that_always_says_polluted(tokenizer):
