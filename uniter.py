@@ -133,8 +133,9 @@ class Config:
     warmup_steps: int = 10_000  # [code]
     max_steps: int = 200_000  # [code]: UNITER-base, all data
     lr_schedule: str = "linear"  # [code]: linear decay to 0 after warmup
-    grad_clip: float = 5.0  # [code]
+    grad_clip: float = 5.0  # [code], but on the SUM of the accumulated gradients (paper())
     grad_accum_steps: int = 6  # [code]; gradient accumulation [UNITER §A.2]
+    adam_eps: float = 1e-6  # [code] optim/adamw.py's default (torch's is 1e-8)
     grad_checkpointing: bool = False  # OURS: recompute activations in the backward (memory)
     train_single_object_prob: float = 0.0  # OURS: the world's train mix; 0 = uniform 1-4 objects
 
@@ -147,8 +148,17 @@ class Config:
     def paper(cls) -> "Config":
         """UNITER-base [UNITER §4, fn. 12] with the official all-data recipe [code] (8 GPUs),
         the paper's Image Embedder and [code]'s MRC-kl scale (the recipe's lr and clipping were
-        tuned with it)."""
-        return cls(mrc_kl_scale="element")
+        tuned with it).
+
+        [code] sums the gradients of its k = 6 accumulation steps (each micro-batch's loss is a
+        mean; no division by k), clips that sum at 5 and steps AdamW with eps 1e-6; train.py
+        averages them (the gradient of the update's mean loss, k times smaller). The same update
+        follows from the average with both thresholds divided by k: clipping ‖k·g‖ at 5 is
+        clipping ‖g‖ at 5/k, and Adam's step m/(√v + eps) is unchanged when g, m and √v grow k
+        times and eps does too (test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_
+        sum). With another --grad_accum_steps k, give --grad_clip 5/k --adam_eps 1e-6/k."""
+        k = cls.grad_accum_steps
+        return cls(mrc_kl_scale="element", grad_clip=5.0 / k, adam_eps=1e-6 / k)
 
     @classmethod
     def small(cls) -> "Config":  # OURS: one GPU, hours, on the world's regions (§7)
@@ -753,6 +763,7 @@ def config_problems(c: Config) -> list[str]:
          f"itm_score must be log_odds or match_logit, not {c.itm_score!r}"),
         (c.mrc_kl_scale in ("region", "element"),
          f"mrc_kl_scale must be region or element, not {c.mrc_kl_scale!r}"),
+        (c.adam_eps > 0, f"adam_eps must be > 0, not {c.adam_eps}"),
         (c.hard_negatives >= 1 and c.rank_margin >= 0 and c.vqa_head_lr_mult > 0,
          f"need hard_negatives >= 1, rank_margin >= 0 and vqa_head_lr_mult > 0, got "
          f"{c.hard_negatives}, {c.rank_margin}, {c.vqa_head_lr_mult}")]
@@ -781,14 +792,15 @@ def world_preset(name: str) -> dict:
                     max_text_len=40, feature_dim=512, n_regions=36,
                     n_region_classes=len(DETECTOR_CLASSES), image_size=128, batch_size=256,
                     lr=1e-4, warmup_steps=1000, max_steps=50_000, grad_accum_steps=1,
-                    train_single_object_prob=0.5, region_branch_norms=True)
+                    train_single_object_prob=0.5, region_branch_norms=True, adam_eps=1e-8)
     if name == "tiny":
         return dict(hidden_size=128, layers=4, heads=2, intermediate_size=512, dropout=0.0,
                     init_std=0.1, vocab_size=1000, max_text_len=32, feature_dim=64,
                     n_regions=10, min_regions=10, n_region_classes=len(DETECTOR_CLASSES),
                     image_size=64, batch_size=64, lr=5e-4, warmup_steps=100, max_steps=3500,
                     grad_accum_steps=1, train_single_object_prob=0.5, hard_negatives=3,
-                    eval_pairs=100, standardise_features=True, region_branch_norms=True)
+                    eval_pairs=100, standardise_features=True, region_branch_norms=True,
+                    adam_eps=1e-8)
     raise ValueError(f"no preset {name!r}: small or tiny")
 
 
@@ -797,16 +809,22 @@ def build_model(config: Config) -> UNITER:
 
 
 def make_optimizer(model: UNITER, config: Config) -> torch.optim.Optimizer:
-    """AdamW [code]: weight decay on matrices, none on biases and LayerNorm gains (nor the mask
-    vector); the VQA head trains at vqa_head_lr_mult x the learning rate ("lr_scale": train.py
-    multiplies each group's schedule by it)."""
+    """AdamW [code] (eps: adam_eps): weight decay on matrices, none on vectors (biases,
+    LayerNorm gains, the mask vector); the VQA head trains at vqa_head_lr_mult x the learning
+    rate ("lr_scale": train.py multiplies each group's schedule by it).
+    DEVIATION: [code] exempts parameters by name ("bias", "LayerNorm.weight"), so it does decay
+    the gains of the norms not named LayerNorm (img_layer_norm, pos_layer_norm, the MRFR and MRC
+    heads' norms) and the mask embedding's row; here every vector is exempt, as in the other
+    three papers (shared.optim.decay_groups): decaying a gain pulls it toward 0, not toward
+    the identity it starts at."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((name.startswith("heads.vqa."), p.dim() >= 2), []).append(p)
     return adamw([{"params": params, "weight_decay": config.weight_decay if decay else 0.0,
                    "lr_scale": config.vqa_head_lr_mult if head else 1.0}
-                  for (head, decay), params in groups.items()], config, fused_for(model))
+                  for (head, decay), params in groups.items()], config, fused_for(model),
+                 config.adam_eps)
 
 
 def after_optimizer_step(model: UNITER) -> None:

@@ -25,7 +25,7 @@ LR_SCHEDULES = ("cosine", "linear")  # train.py's schedules after the warmup
 # checkpoint it starts from; every other field (sizes, vocabulary, image statistics, answers)
 # is the checkpoint's model and comes with it.
 RECIPE = ("task", "batch_size", "max_steps", "grad_accum_steps", "lr_schedule", "warmup_steps",
-          "grad_clip", "lr", "weight_decay", "beta1", "beta2")
+          "grad_clip", "lr", "weight_decay", "beta1", "beta2", "adam_eps")
 
 
 def optimisation_problems(config) -> list[str]:

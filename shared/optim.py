@@ -1,7 +1,7 @@
 """Optimizer building blocks for the papers' `make_optimizer(model, config)`, and the schedule.
 
     decay_groups(model, wd)   weight decay on matrices, none on biases, LayerNorm gains, scalars
-    adamw(groups, config)     AdamW with config.lr and (beta1, beta2), fused where it can be
+    adamw(groups, config)     AdamW with config.lr, (beta1, beta2) and eps, fused where it can be
     fused_for(model)          whether the model's device has a fused optimizer kernel
     learning_rate(step, cfg)  linear warmup, then cosine or linear decay to 0 at max_steps
 
@@ -34,9 +34,10 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def adamw(groups: list[dict], config, fused: bool) -> torch.optim.AdamW:
-    """AdamW over `groups` at config.lr with betas (config.beta1, config.beta2)."""
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+def adamw(groups: list[dict], config, fused: bool, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over `groups` at config.lr with betas (config.beta1, config.beta2) and eps (torch's
+    default 1e-8 unless the paper's code sets another)."""
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=eps,
                              fused=fused)
 
 

@@ -15,6 +15,7 @@ maths, (a), is tests/test_losses.py).
 Every model is tiny (D 32, 2 layers) and the whole file runs in seconds on a laptop CPU.
 """
 
+import copy
 import dataclasses
 import math
 from collections import Counter
@@ -88,8 +89,9 @@ def test_presets_are_valid_and_paper_is_uniter_base_with_the_official_recipe():
     c = uniter.Config.paper()
     assert (c.hidden_size, c.layers, c.heads, c.intermediate_size) == (768, 12, 12, 3072)
     assert (c.feature_dim, c.min_regions, c.n_regions, c.n_region_classes) == (2048, 10, 100, 1601)
-    assert (c.beta1, c.beta2, c.lr, c.warmup_steps, c.lr_schedule, c.grad_clip) == \
-        (0.9, 0.98, 5e-5, 10_000, "linear", 5.0)
+    assert (c.beta1, c.beta2, c.lr, c.warmup_steps, c.lr_schedule) == \
+        (0.9, 0.98, 5e-5, 10_000, "linear")
+    assert (c.grad_clip, c.adam_eps) == (5.0 / 6, 1e-6 / 6)  # [code]'s 5 and 1e-6 on the sum
     assert (c.mix_mlm, c.mix_itm, c.mix_mrfr, c.mix_mrc_kl, c.mix_mrc) == (4, 3, 2, 2, 0)
     assert (c.wra_weight, c.ipot_beta, c.ipot_iters, c.ipot_inner) == (0.1, 0.5, 50, 1)
     tiny, world = uniter.Config.tiny(), WorldConfig()
@@ -1013,3 +1015,36 @@ def test_itm_learns_to_use_the_image_and_fails_when_regions_are_shuffled(world, 
                     "region_mask": batch["region_mask"][perm]}
         shuffled_accuracy.append(itm_accuracy(model.eval(), shuffled))
     assert sum(shuffled_accuracy) / 5 <= 0.75, shuffled_accuracy
+
+
+def test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_sum():
+    """[code] pretrain.py sums the gradients of its 6 accumulation steps, clips the sum at 5 and
+    steps AdamW with eps 1e-6; train.py averages them. Config.paper()'s grad_clip and adam_eps
+    (both / 6) give the same weights, update after update, whether clipping acts or not. The
+    code's thresholds applied to the average clip less often: another run."""
+    config = uniter.Config.paper()
+    k = config.grad_accum_steps
+    torch.manual_seed(0)
+    start = torch.nn.Linear(8, 4).double()
+    updates = [[(torch.randn(16, 8).double() * size, torch.randn(16, 4).double())
+                for _ in range(k)] for size in (0.3, 1.0, 3.0, 0.5, 2.0)]  # norms vary
+
+    def train(scale: float, clip: float, eps: float) -> tuple[torch.Tensor, list[bool]]:
+        model = copy.deepcopy(start)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=eps,
+                                weight_decay=0.01)
+        clipped = []
+        for micro in updates:
+            opt.zero_grad()
+            for x, y in micro:
+                (F.mse_loss(model(x), y) * scale).backward()  # each micro-batch's mean loss
+            clipped.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip) > clip)
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), clipped
+
+    code, code_clipped = train(1.0, 5.0, 1e-6)  # the sum of the k gradients
+    ours, our_clipped = train(1.0 / k, config.grad_clip, config.adam_eps)  # their mean
+    assert our_clipped == code_clipped and any(code_clipped) and not all(code_clipped)
+    assert (ours - code).abs().max() < 1e-7  # float64 rounding, amplified by Adam (2e-9)
+    naive, naive_clipped = train(1.0 / k, 5.0, 1e-6)  # the code's numbers on the mean
+    assert naive_clipped != code_clipped and (naive - code).abs().max() > 1e-3
