@@ -135,9 +135,12 @@ class Config:
 
 
     @classmethod
-    def paper(cls) -> "Config":
-        """CoCa-Base [CoCa Table 1] with the recipe of [CoCa §4.1] (batch 65,536: a TPU pod)."""
-        return cls()
+    def paper(cls, task: str = "pretrain") -> "Config":
+        """CoCa-Base [CoCa Table 1] with the recipe of [CoCa §4.1] (batch 65,536: a TPU pod).
+        One task: the pre-trained model is evaluated zero-shot and frozen [CoCa §4.2]; its
+        fine-tuning (VQA heads, captioning with L_Cap alone [CoCa §4.2.3, App. B]) is not a
+        task of this file."""
+        return cls(task=task)
 
     @classmethod
     def small(cls) -> "Config":

@@ -139,21 +139,22 @@ def build_parser(run: RunConfig, paper) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_names = {f.name for f in dataclasses.fields(RunConfig)}
     add_dataclass_flags(parser, RunConfig, RunConfig(), "run options", choices=CHOICES)
-    add_dataclass_flags(parser, paper.Config, preset_config(paper, run.preset),
+    add_dataclass_flags(parser, paper.Config, preset_config(paper, run.preset, run.task),
                         f"{run.model}.Config fields ({run.preset} preset defaults)", run_names)
     return parser
 
 
-def preset_config(paper, preset: str):
-    """paper.Config.paper(), .small() or .tiny()."""
-    return {"paper": paper.Config.paper, "small": paper.Config.small,
-            "tiny": paper.Config.tiny}[preset]()
+def preset_config(paper, preset: str, task: str = "pretrain"):
+    """paper.Config.paper(task) (the paper's recipe for that task), .small() or .tiny()."""
+    if preset == "paper":
+        return paper.Config.paper(task)
+    return {"small": paper.Config.small, "tiny": paper.Config.tiny}[preset]()
 
 
 def make_config(paper, preset: str, overrides: dict, base=None):
     """The preset (or `base`, e.g. a resumed run's config) with the command-line overrides; an
     invalid combination is reported in one line (Config.__post_init__ raises ValueError)."""
-    base = preset_config(paper, preset) if base is None else base
+    base = preset_config(paper, preset, overrides.get("task", "pretrain")) if base is None else base
     try:
         return dataclasses.replace(base, **overrides)
     except (ValueError, TypeError) as e:
@@ -285,7 +286,7 @@ def setup(run: RunConfig, paper, overrides: dict, log, launch: Launch = Launch()
         init = read_checkpoint(Path(run.init), run.model) if run.init and ckpt is None else None
     saved = ckpt or init  # --init: the checkpoint's model, the preset's recipe (RECIPE)
     kept = {k: v for k, v in (saved or {}).get("config", {}).items() if ckpt or k not in RECIPE}
-    base = None if saved is None else make_config(paper, run.preset, kept)
+    base = None if saved is None else make_config(paper, run.preset, {**kept, "task": run.task})
     config = make_config(paper, run.preset, {**overrides, "task": run.task}, base)
     if run.init_bert and ckpt is None:
         with one_line("--init_bert: "):  # the encoder sizes of the BERT checkpoint

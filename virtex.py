@@ -147,9 +147,11 @@ class Config:
         return self.resnet_width * 8 * Bottleneck.expansion
 
     @classmethod
-    def paper(cls) -> "Config":
-        """R-50, L1/H2048 bicaptioning with the [VirTex §Implementation] recipe (8 GPUs)."""
-        return cls()
+    def paper(cls, task: str = "pretrain") -> "Config":
+        """R-50, L1/H2048 bicaptioning with the [VirTex §Implementation] recipe (8 GPUs). One
+        task: the backbone is judged by linear probes and fine-tuning outside this file
+        (shared.probe has the probe's recipe)."""
+        return cls(task=task)
 
     @classmethod
     def small(cls) -> "Config":

@@ -55,7 +55,11 @@ class Config:
     def tiny(cls):
         return cls()
 
-    small = paper = tiny
+    small = tiny
+
+    @classmethod
+    def paper(cls, task: str = "pretrain"):  # the paper's recipe for a task: one here
+        return cls(task=task)
 
 
 class DualEncoder(nn.Module):
