@@ -3,6 +3,8 @@ hand-worked values and (where it imports) torchvision.ops.roi_align; the torchvi
 name map; region files from the exported world read back by RegionFolder."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,16 @@ import virtex
 from shared.folders import RegionFolder
 from shared.roi import box_features, roi_align, roi_align_loop
 from shared.world import World, WorldConfig, export_split
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The images are small: one thread is fastest, and on a busy machine two OpenMP threads
+    can spin against another process for 10x the time of a ResNet-50 pass at 32 x 32."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _torchvision():
@@ -464,3 +476,331 @@ def test_a_folder_tagged_with_other_settings_is_refused(exported, coca_checkpoin
                                     n=2, **kwargs)
     assert extract.extract_regions(source, out, "grid:1", random_weights=True, image_size=32,
                                    n=2, **tags)["written"] == 1
+
+
+# --- Hostile inputs: each ends in one line naming the flag or file, or in a counted skip --------
+
+def one_line_error(excinfo, *names: str) -> str:
+    """The message of a SystemExit: one line, beginning with "error:", naming every one of
+    `names`."""
+    message = str(excinfo.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    return message
+
+
+@pytest.fixture
+def four_images(exported, tmp_path):
+    """tmp_path/images/0.png .. 3.png: four 64 x 64 world images."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes((exported / "images" / f"{i:012d}.png").read_bytes())
+    return images
+
+
+def test_json_boxes_not_finite_or_empty_are_dropped_and_counted(four_images, tmp_path, capsys):
+    nan, inf = float("nan"), float("inf")
+    detections = {  # json.dumps writes NaN and Infinity, which json.loads reads back
+        "0.png": [{"box": [8, 8, 40, 40], "score": 0.5, "label": "kept"},
+                  {"box": [nan, 0, 10, 10], "label": "nan corner"},
+                  {"box": [0, 0, inf, 10], "label": "inf corner"},
+                  {"box": [30, 30, 10, 10], "label": "inverted"},
+                  {"box": [5, 5, 5, 20], "label": "no width"},
+                  {"box": [70, 70, 90, 90], "label": "outside the 64 x 64 image"},
+                  {"box": [0, 0, 10, 10], "score": nan, "label": "nan score"},
+                  {"box": [0, 0, 10, 10], "score": -inf, "label": "inf score"},
+                  {"box": [0, 0, 10, 10], "score": 1e300, "label": "inf as float32"},
+                  {"box": [0, 0, 10**400, 10], "label": "an integer beyond a float"},
+                  {"box": [-10, 60, 16, 80], "score": 0.9, "label": "clipped, kept"}],
+        "1.png": [{"box": [nan, nan, nan, nan]}, {"box": [10, 10, 10, 10]}],  # none usable
+        "2.png": [{"box": [0, 0, 64, 64], "score": 0.7}]}
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    out = tmp_path / "regions"
+    extract.main(["regions", str(four_images), str(out), "--boxes", f"json:{tmp_path / 'det.json'}",
+                  "--random_weights", "--image_size", "32"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2 without boxes" in last and "11 boxes dropped" in last
+    record = json.loads((out / "extract.json").read_text())
+    assert (record["written"], record["no_boxes"], record["bad_boxes"]) == (2, 2, 11)
+    z = np.load(out / "0.npz")
+    assert list(z["tags"]) == ["clipped, kept", "kept"]
+    assert z["conf"].tolist() == pytest.approx([0.9, 0.5])
+    np.testing.assert_allclose(z["boxes"], [[0, 60 / 64, 0.25, 1], [0.125, 0.125, 0.625, 0.625]])
+    assert not (out / "1.npz").exists()
+    for name in ("0", "2"):
+        z = np.load(out / f"{name}.npz")
+        assert np.isfinite(z["boxes"]).all() and np.isfinite(z["conf"]).all()
+        assert (z["boxes"][:, 2:] > z["boxes"][:, :2]).all()
+
+
+def test_instance_boxes_not_finite_or_empty_are_dropped_and_counted(exported, tmp_path):
+    data = json.loads((exported / "instances_test.json").read_text())
+    data["images"] = data["images"][:2]
+    data["annotations"] = [
+        {"image_id": 0, "category_id": 1, "bbox": [4, 4, 20, 10]},  # kept
+        {"image_id": 0, "category_id": 1, "bbox": [4, 4, 0, 10]},  # w = 0
+        {"image_id": 0, "category_id": 1, "bbox": [4, 4, 10, -3]},  # h < 0
+        {"image_id": 0, "category_id": 1, "bbox": [float("nan"), 4, 10, 10]},
+        {"image_id": 1, "category_id": 2, "bbox": [4, 4, float("inf"), 10]},
+        {"image_id": 1, "category_id": 2, "bbox": [100, 100, 10, 10]}]  # outside the image
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    summary = extract.extract_regions(exported / "captions_test.json", tmp_path / "o",
+                                      f"instances:{tmp_path / 'instances.json'}",
+                                      random_weights=0, image_size=32, n=2)
+    assert (summary["written"], summary["bad_boxes"], summary["no_boxes"]) == (2, 5, 0)
+    z = np.load(tmp_path / "o" / "000000000000.npz")
+    np.testing.assert_allclose(z["boxes"], [[4 / 64, 4 / 64, 24 / 64, 14 / 64], [0, 0, 1, 1]])
+    assert list(z["tags"]) == [data["categories"][0]["name"]] and z["conf"].tolist() == [1, 0]
+    z = np.load(tmp_path / "o" / "000000000001.npz")  # the whole image alone
+    assert z["boxes"].tolist() == [[0, 0, 1, 1]] and len(z["tags"]) == 0
+    assert z["cls_prob"].tolist() == [[1.0] + [0.0] * len(data["categories"])]
+
+
+@pytest.mark.parametrize("kind", ["json", "instances"])
+@pytest.mark.parametrize("box", [[1, 2, 3], [1, 2, 3, 4, 5], ["2", "10", "5", "5"],
+                                 [True, 0, 5, 5], "0 0 5 5", None, [[1, 2], [3, 4]]])
+def test_a_box_of_the_wrong_form_is_one_line_naming_the_file_and_image(exported, tmp_path, kind,
+                                                                       box):
+    """Strings of digits are not numbers: a COCO x + w of two strings would be their
+    concatenation. Refused when the file is read, before anything is written."""
+    name = "000000000001.png"
+    if kind == "json":
+        data = {"000000000000.png": [{"box": [0, 0, 5, 5]}], name: [{"box": box}]}
+    else:
+        data = json.loads((exported / "instances_test.json").read_text())
+        data["annotations"][1]["bbox"] = box
+        assert data["images"][data["annotations"][1]["image_id"]]["file_name"] == name
+    (tmp_path / "boxes.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        extract.extract_regions(exported / "captions_test.json", tmp_path / "o",
+                                f"{kind}:{tmp_path / 'boxes.json'}", random_weights=0)
+    one_line_error(e, f"--boxes {kind}:{tmp_path / 'boxes.json'}", repr(name), "not 4 numbers")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("detection, message", [
+    ({"box": [0, 0, 5, 5], "score": "0.9"}, 'score "0.9" is not a number'),
+    ({"box": [0, 0, 5, 5], "score": None}, "score null is not a number"),
+    ({"box": [0, 0, 5, 5], "score": True}, "score true is not a number"),
+    ({"box": [0, 0, 5, 5], "label": {"name": "dog"}}, "neither a string nor an integer"),
+    ({"bbox": [0, 0, 5, 5]}, 'detection 0 is {"bbox"'),
+    ([0, 0, 5, 5], "detection 0 is [0, 0, 5, 5]")])
+def test_a_detection_of_the_wrong_form_is_one_line(exported, tmp_path, detection, message):
+    (tmp_path / "det.json").write_text(json.dumps({"000000000002.png": [detection]}))
+    with pytest.raises(SystemExit) as e:
+        extract.extract_regions(exported / "captions_test.json", tmp_path / "o",
+                                f"json:{tmp_path / 'det.json'}", random_weights=0)
+    one_line_error(e, str(tmp_path / "det.json"), "'000000000002.png'", message)
+    (tmp_path / "det.json").write_text(json.dumps({"000000000002.png": {"box": [0, 0, 5, 5]}}))
+    with pytest.raises(SystemExit, match="is not a list of detections"):
+        extract.extract_regions(exported / "captions_test.json", tmp_path / "o",
+                                f"json:{tmp_path / 'det.json'}", random_weights=0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["annotations"][0].update(image_id=99), "annotations[0]: image_id 99 is none"),
+    (lambda d: d["annotations"][0].update(category_id="x"), 'category_id "x" is none'),
+    (lambda d: d["images"].append(dict(d["images"][0])), "id 0 is there twice"),
+    (lambda d: d["categories"][1].update(id=d["categories"][0]["id"]), "is there twice"),
+    (lambda d: d["categories"][0].update(name=7), "categories[0]: name 7 is not a string"),
+    (lambda d: d["images"][0].update(file_name=None), "file_name null is not a string")])
+def test_an_instances_file_with_a_wrong_entry_is_one_line(exported, tmp_path, change, message):
+    data = json.loads((exported / "instances_test.json").read_text())
+    change(data)
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        extract.extract_regions(exported / "captions_test.json", tmp_path / "o",
+                                f"instances:{tmp_path / 'instances.json'}", random_weights=0)
+    one_line_error(e, f"--boxes instances:{tmp_path / 'instances.json'}", message)
+
+
+def test_a_boxes_file_of_other_images_is_refused_and_one_missing_some_warns(exported, tmp_path,
+                                                                            capsys):
+    data = json.loads((exported / "instances_test.json").read_text())
+    source, file = exported / "captions_test.json", tmp_path / "instances.json"
+    for image in data["images"]:
+        image["file_name"] = "train2017/" + image["file_name"]  # another layout: no name matches
+    file.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        extract.extract_regions(source, tmp_path / "o", f"instances:{file}", random_weights=0)
+    one_line_error(e, f"--boxes instances:{file}", "no entry for any of the 12 images",
+                   "'000000000000.png'", "'train2017/000000000000.png'")
+    assert not (tmp_path / "o").exists()
+    data = json.loads((exported / "instances_test.json").read_text())
+    dropped = {image["id"] for image in data["images"][:3]}
+    data["images"] = data["images"][3:]  # the file knows 9 of the 12 images
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in dropped]
+    file.write_text(json.dumps(data))
+    summary = extract.extract_regions(source, tmp_path / "o", f"instances:{file}",
+                                      random_weights=0, image_size=32, n=4)
+    assert f"warning: --boxes instances:{file} has no entry for 3 of 4 images" in \
+        capsys.readouterr().err
+    assert (summary["written"], summary["not_in_boxes_file"]) == (4, 3)
+    assert json.loads((tmp_path / "o" / "extract.json").read_text())["not_in_boxes_file"] == 3
+    assert np.load(tmp_path / "o" / "000000000000.npz")["boxes"].tolist() == [[0, 0, 1, 1]]
+    (tmp_path / "det.json").write_text(json.dumps({"elsewhere.png": [{"box": [0, 0, 5, 5]}]}))
+    with pytest.raises(SystemExit, match="no entry for any of the 2 images"):
+        extract.extract_regions(source, tmp_path / "j", f"json:{tmp_path / 'det.json'}",
+                                random_weights=0, n=2)
+
+
+@pytest.mark.parametrize("file_name", [12, None, "", ".", ["a.png"], "../outside.png",
+                                       "/etc/passwd", "a\x00.png", "\ud800.png"])
+def test_a_coco_file_name_that_names_no_file_under_image_dir_is_refused(exported, tmp_path,
+                                                                       file_name):
+    data = json.loads((exported / "captions_test.json").read_text())
+    data["images"][2]["file_name"] = file_name
+    (tmp_path / "captions.json").write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as e:
+        extract.extract_regions(tmp_path / "captions.json", tmp_path / "o", "grid:1",
+                                image_dir=str(exported / "images"), random_weights=0)
+    one_line_error(e, "images[2]")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "--batch_size must be >= 1, not 0"),
+    (dict(batch_size=-1), "--batch_size must be >= 1, not -1"),
+    (dict(n=-3), "--n is a number of images"),
+    (dict(image_size=-5), "--image_size is 0 .* or at least 32 .*, not -5"),
+    (dict(image_size=1), "--image_size .*, not 1"),
+    (dict(image_size=31), "--image_size .*, not 31"),
+    (dict(device="bogus"), "--device is auto, cpu, cuda, cuda:K or mps, not 'bogus'"),
+    (dict(device="cuda:99"), "--device cuda:99: "),
+    (dict(tag_context=float("nan")), "--tag_context must be >= 0 and finite, not nan"),
+    (dict(tag_context=float("inf")), "--tag_context must be >= 0 and finite, not inf"),
+    (dict(tag_threshold=float("nan")), "--tag_threshold is a probability, not nan"),
+    (dict(random_weights=-1), "--random_weights takes a seed in 0 .. 2\\*\\*64 - 1, not -1"),
+    (dict(random_weights=2**70), "--random_weights takes a seed")])
+def test_a_bad_option_is_one_line_at_the_start(exported, tmp_path, kwargs, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}") as e:
+        extract.extract_regions(exported / "captions_test.json", tmp_path / "o", "grid:1",
+                                **{"random_weights": 0, **kwargs})
+    one_line_error(e)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_where_there_is_none_and_a_vocabulary_that_is_not_utf8_are_one_line(
+        exported, tmp_path, monkeypatch, capsys):
+    source, out = str(exported / "captions_test.json"), str(tmp_path / "o")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(SystemExit) as e:
+            extract.main(["regions", source, out, "--random_weights", "--device", device])
+        one_line_error(e, f"--device {device}", "no CUDA device")
+    assert extract.pick_device("auto") == torch.device("cpu")
+    (tmp_path / "tags.txt").write_bytes(b"circle\n\xff\xfestar\n")
+    with pytest.raises(SystemExit) as e:
+        extract.main(["regions", source, out, "--random_weights", "--image_size", "32",
+                      "--tag_model", str(tmp_path / "none.pt"), "--tag_vocab",
+                      str(tmp_path / "tags.txt")])
+    one_line_error(e, f"--tag_vocab {tmp_path / 'tags.txt'}", "UTF-8")
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no one can write into: as root (who writes into a chmod 555 folder) a read-only
+    tmpfs mounted for the test, skipped where mounting is not possible; else chmod 555."""
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root ignores a folder's permissions, and a read-only tmpfs cannot be "
+                    "mounted here")
+    yield folder
+    subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_an_out_dir_that_is_a_file_or_read_only_is_one_line(exported, tmp_path,
+                                                            read_only_folder):
+    source = exported / "captions_test.json"
+    (tmp_path / "file").write_text("x")
+    for out, message in [(tmp_path / "file", "is a file, not a folder"),
+                         (tmp_path / "file" / "sub", "cannot write there"),
+                         (read_only_folder, "cannot write there"),
+                         (read_only_folder / "sub", "cannot write there")]:
+        with pytest.raises(SystemExit) as e:
+            extract.extract_regions(source, out, "grid:1", random_weights=0, image_size=32, n=1)
+        one_line_error(e, f"OUT_DIR {out}", message)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def check_a_stop_on_a_full_disk(excinfo, out: Path, first: str) -> None:
+    """One line naming the file that could not be written; no temporary file; the files written
+    before it intact (they load, and equal a fresh extraction's)."""
+    message = one_line_error(excinfo, "No space left on device", "rerun resumes")
+    assert message.startswith(f"error: could not write {out}{os.sep}")
+    assert not list(out.glob("*.tmp"))
+    written = sorted(out.glob("*.npz"))
+    assert written and written[0].name == first
+    for path in written:
+        with np.load(path) as z:
+            assert z["features"].shape == (2, 2048)
+
+
+def test_a_full_disk_stops_in_one_line_and_keeps_the_written_files(exported, tmp_path,
+                                                                   monkeypatch):
+    source, out = exported / "captions_test.json", tmp_path / "regions"
+    savez, calls = np.savez, []
+
+    def fills_up(file, **arrays):
+        calls.append(1)
+        if len(calls) > 2:
+            file.write(b"part of a file")
+            raise OSError(28, "No space left on device")
+        savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", fills_up)
+    with pytest.raises(SystemExit) as e:
+        extract.extract_regions(source, out, "grid:1", random_weights=0, image_size=32, n=5)
+    check_a_stop_on_a_full_disk(e, out, "000000000000.npz")
+    assert "000000000002.npz" in str(e.value) and len(list(out.glob("*.npz"))) == 2
+    monkeypatch.undo()
+    again = extract.extract_regions(source, out, "grid:1", random_weights=0, image_size=32, n=5)
+    assert (again["written"], again["already_written"]) == (3, 2)
+
+
+def test_a_really_full_disk_stops_in_one_line_and_keeps_the_written_files(exported, tmp_path):
+    """A tmpfs of 64 KiB: extract.json and a few region files (about 9 KB each) fit."""
+    import subprocess
+
+    out = tmp_path / "small"
+    out.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)],
+            capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    try:
+        with pytest.raises(SystemExit) as e:
+            extract.extract_regions(exported / "captions_test.json", out, "grid:1",
+                                    random_weights=0, image_size=32)
+        check_a_stop_on_a_full_disk(e, out, "000000000000.npz")
+        assert 1 <= len(list(out.glob("*.npz"))) < 12
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)
+
+
+def test_a_resume_lists_an_unreadable_image_once_and_drops_it_once_written(four_images,
+                                                                           tmp_path):
+    (four_images / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "regions"
+    for _ in range(2):  # the second run tries it again
+        summary = extract.extract_regions(four_images, out, "grid:1", random_weights=0,
+                                          image_size=32)
+        assert summary["unreadable"] == 1
+        lines = (out / "unreadable.txt").read_text().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{four_images / 'broken.png'}\t")
+    (four_images / "broken.png").write_bytes((four_images / "0.png").read_bytes())  # repaired
+    summary = extract.extract_regions(four_images, out, "grid:1", random_weights=0, image_size=32)
+    assert (summary["written"], summary["unreadable"]) == (1, 0)
+    assert (out / "unreadable.txt").read_text() == ""

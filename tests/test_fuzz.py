@@ -1,14 +1,17 @@
 """Property-based fuzz tests (hypothesis) of the code that takes user data: the COCO and
 JSON-lines annotation readers and the region .npz reader of shared/folders.py, the tokenizer
-(shared/tokenizer.py), the attention masks (shared/masks.py) and the decoders
-(shared/decoding.py).
+(shared/tokenizer.py), the attention masks (shared/masks.py), the decoders
+(shared/decoding.py) and `extract.py regions` (its --boxes files, a COCO SOURCE, its options).
 
 Inputs: random bytes, truncated and mistyped JSON (lists for objects, numbers for captions,
 null file names, nested junk), odd Unicode (NUL, RTL marks, emoji, combining marks, line
 separators, lone surrogates written as bytes or as str), 100k-character captions; .npz files of
 wrong shapes, dtypes (strings, objects, complex), NaN/inf values, boxes outside [0, 1] or
 inverted, missing keys, empty and non-npz files; any string for the tokenizer; any lengths,
-shapes and decoding settings for the masks and decoders.
+shapes and decoding settings for the masks and decoders; detection and COCO instances files
+whose boxes hold NaN, Infinity, integers beyond a float, strings or booleans for numbers, 3 or 5
+numbers, inverted or empty boxes, boxes outside the image, for images SOURCE has and has not,
+and any value for extract.py's numeric options and --device.
 
 The property, everywhere: either the result keeps the module's invariants (a corpus whose counts
 add up, finite well-shaped region arrays, ids inside the vocabulary, masks of the stated shape
@@ -16,6 +19,10 @@ and content, generated rows that start with the prefix, end within max_len and n
 or the call raises ValueError (OSError for a file that cannot be opened) whose message names the
 file or argument; a bad region file met while reading examples is a counted skip. Never another
 exception type, never an error from inside json, zipfile, numpy, torch or the Rust tokenizers.
+extract.py is a command: there the refusal is a SystemExit of one line beginning with "error:"
+and naming the file or the flag, with no region file written, and every region file it does
+write holds finite boxes inside the image with a positive width and height, finite conf, and
+reads back.
 
 Derandomized (the same examples every run) and small enough to run in seconds on a CPU.
 """
@@ -26,6 +33,7 @@ import math
 import warnings
 import zipfile
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -675,3 +683,211 @@ def test_an_image_with_a_damaged_header_is_read_or_is_an_os_error_naming_it(tmp_
             continue
         assert array.shape == (16, 16, 3) and array.dtype == np.uint8
     assert refused  # some of them are refused
+
+
+# --- e. extract.py regions: the --boxes files, a COCO SOURCE, the options ------------------------
+
+@pytest.fixture(scope="module")
+def extraction(tmp_path_factory):
+    """A folder of two small real images (a.png 40 x 30, b.png 16 x 64) and extract.py with one
+    random ResNet-50 built once and its hash computed once (each example then costs a forward
+    pass at 32 x 32, not a network's construction), on one thread: on a busy machine two OpenMP
+    threads can spin against another process for 10x the time of such a small pass."""
+    from PIL import Image
+
+    import extract
+
+    root = tmp_path_factory.mktemp("extract")
+    (root / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (W, H) in {"a.png": (40, 30), "b.png": (16, 64)}.items():
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(
+            root / "images" / name)
+    resnet, size, description = extract.load_backbone("", "", 0)
+    sha = extract.weights_sha256(resnet)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extract, "load_backbone", lambda *args: (resnet, size, description))
+        patch.setattr(extract, "weights_sha256", lambda module: sha)
+        yield extract, root
+    torch.set_num_threads(threads)
+
+
+def extracted(extraction, **kwargs):
+    """extract_regions into a fresh folder: (summary or None, the SystemExit's message or None,
+    the folder). A SystemExit is one line beginning with "error:"; any other exception fails."""
+    import tempfile
+
+    extract, root = extraction
+    out = Path(tempfile.mkdtemp(dir=root)) / "regions"
+    try:
+        summary = extract.extract_regions(**{"source": root / "images", "out_dir": out,
+                                             "random_weights": 0, "image_size": 32, **kwargs})
+        event("extracted")
+        return summary, None, out
+    except SystemExit as e:
+        event("refused")
+        message = str(e)
+        assert message.startswith("error: ") and "\n" not in message, repr(message)
+        return None, message, out
+
+
+def check_region_files(out: Path, summary: dict) -> int:
+    """Every .npz written holds finite boxes inside [0, 1] with x2 > x1 and y2 > y1, finite conf
+    and one feature row per box, and reads back through RegionFolder; the counts add up.
+    Returns the number of boxes written."""
+    files = sorted(out.glob("*.npz"))
+    assert len(files) == summary["written"] and not list(out.glob("*.tmp"))
+    assert summary["written"] + summary["no_boxes"] + summary["unreadable"] == summary["images"]
+    rows = 0
+    for path in files:
+        with np.load(path) as z:
+            boxes, conf, features = z["boxes"], z["conf"], z["features"]
+            assert boxes.dtype == conf.dtype == np.float32 and len(boxes) >= 1
+            assert boxes.shape == (len(conf), 4) and features.shape == (len(conf), 2048)
+            assert np.isfinite(boxes).all() and np.isfinite(conf).all()
+            assert (boxes >= 0).all() and (boxes <= 1).all()
+            assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+            rows += len(boxes)
+        check_regions(RegionFolder([(path, ["x"])])._read(path))
+    return rows
+
+
+# numbers a box or a score may hold: mostly ordinary ones in and around a 40 x 64 image, now
+# and then NaN, an infinity, a value beyond float32 or float (dropped and counted at extraction);
+# rarely a JSON value that is no number, or a box of 3 or 5 of them (refused when read)
+NUMBER = sometimes_wrong(st.floats(-20, 90) | st.integers(-20, 90),
+                         st.sampled_from([math.nan, math.inf, -math.inf, 1e300, -1e39, 10**400,
+                                          0, 1e-30]))
+NOT_NUMBER = st.sampled_from(["5", True, None, [1]]) | JUNK
+BOX = sometimes_wrong(st.lists(NUMBER, min_size=4, max_size=4),
+                      st.lists(NUMBER | NOT_NUMBER, min_size=3, max_size=5) | JUNK, one_in=12)
+# mostly SOURCE's images (a.png, b.png), sometimes others (then a warning, or an error if none)
+IMAGE_NAMES = st.sampled_from(["a.png", "a.png", "b.png", "b.png", "other.png", "images/a.png"])
+
+
+def faulty(draw, data) -> bytes:
+    """The bytes of a JSON value; one time in eight with a fault in its structure (corrupt), one
+    in eight damaged as bytes (damaged). Hypothesis draws small integers more often than large
+    ones, so a fault is asked for by the largest value: most files get as far as extraction."""
+    if draw(st.integers(0, 7)) == 7:
+        data = corrupt(draw, data)
+    text = json.dumps(data)
+    return damaged(draw, text) if draw(st.integers(0, 7)) == 7 else text.encode()
+
+
+@st.composite
+def detection_files(draw):
+    """A --boxes json: file: detections for some of the images (and others), boxes and scores
+    of NUMBER, labels of any kind; now and then a fault in its structure, or damaged bytes."""
+    data = {}
+    for name in draw(st.lists(IMAGE_NAMES, unique=True, min_size=1, max_size=3)):
+        data[name] = []
+        for _ in range(draw(st.integers(0, 4))):
+            d = {"box": draw(BOX)}
+            if draw(st.booleans()):
+                d["score"] = draw(sometimes_wrong(NUMBER, NOT_NUMBER, one_in=12))
+            if draw(st.booleans()):
+                d["label"] = draw(sometimes_wrong(st.sampled_from(["dog", "", "\u202e", 3]),
+                                                  SCALAR, one_in=12))
+            data[name].append(d)
+    return faulty(draw, data)
+
+
+@st.composite
+def instances_files(draw):
+    """A --boxes instances: file: images (some of SOURCE's, some not), two categories,
+    annotations with bbox of NUMBER; now and then a fault in its structure, or damaged bytes."""
+    names = draw(st.lists(IMAGE_NAMES, unique=True, min_size=1, max_size=3))
+    images = [{"id": k, "file_name": name} for k, name in enumerate(names)]
+    annotations = [{"image_id": draw(st.integers(0, max(len(names) - 1, 0))),
+                    "category_id": draw(st.sampled_from([1, 7])), "bbox": draw(BOX)}
+                   for _ in range(draw(st.integers(0, 5)))]
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "dog"}, {"id": 7, "name": "cat"}]}
+    return faulty(draw, data)
+
+
+@fuzz(60)
+@given(raw=detection_files())
+@example(raw=b'{"a.png": [{"box": [NaN, 0, 5, 5]}], "b.png": [{"box": [5, 5, 1, 1]}]}')
+@example(raw=b'{"a.png": [{"box": ["2", "10", "5", "5"]}]}')
+@example(raw=b'{"a.png": [{"box": [0, 0, 5, 5], "score": Infinity}, {"box": [1, 1, 9, 9]}]}')
+def test_a_detection_file_gives_well_formed_region_files_or_one_line(extraction, raw):
+    extract, root = extraction
+    file = root / "detections.json"
+    file.write_bytes(raw)
+    summary, error, out = extracted(extraction, boxes=f"json:{file}")
+    if error is not None:
+        assert f"json:{file}" in error and not list(out.glob("*.npz"))
+        return
+    rows = check_region_files(out, summary)
+    data = json.loads(raw.decode("utf-8-sig"))
+    given_boxes = sum(len(data[name]) for name in ("a.png", "b.png") if name in data)
+    assert rows + summary["bad_boxes"] == given_boxes  # each box written or counted
+    assert summary["not_in_boxes_file"] == sum(name not in data for name in ("a.png", "b.png"))
+
+
+@fuzz(60)
+@given(raw=instances_files())
+@example(raw=b'{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": '
+             b'"x"}], "annotations": [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 0, -4]}]}')
+@example(raw=b'{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": '
+             b'"x"}], "annotations": [{"image_id": 1, "category_id": 1, "bbox": ["1", "1", '
+             b'"5", "5"]}]}')
+def test_an_instances_file_gives_well_formed_region_files_or_one_line(extraction, raw):
+    extract, root = extraction
+    file = root / "instances.json"
+    file.write_bytes(raw)
+    summary, error, out = extracted(extraction, boxes=f"instances:{file}")
+    if error is not None:
+        assert f"instances:{file}" in error and not list(out.glob("*.npz"))
+        return
+    rows = check_region_files(out, summary)
+    assert summary["written"] == 2  # every image has its whole-image box
+    data = json.loads(raw.decode("utf-8-sig"))
+    names = {image["id"]: image["file_name"] for image in data["images"]}
+    annotated = sum(names[a["image_id"]] in ("a.png", "b.png") for a in data["annotations"])
+    assert rows - 2 + summary["bad_boxes"] == annotated  # each bbox written or counted
+
+
+@fuzz(40)
+@given(raw=coco_files())
+def test_a_coco_source_extracts_or_is_one_line(extraction, corpus_dir, raw):
+    """A COCO SOURCE of the captions fuzz above (file names that exist as empty, undecodable
+    files, that do not exist, NUL, "", ".", junk): counted unreadable, or one line."""
+    extract, root = extraction
+    file = root / "captions.json"
+    file.write_bytes(raw)
+    summary, error, out = extracted(extraction, source=file, boxes="grid:1",
+                                    image_dir=str(corpus_dir / "images"))
+    if error is None:
+        check_region_files(out, summary)
+        listed = (out / "unreadable.txt").read_text().splitlines() if summary["unreadable"] else []
+        assert len(listed) == len({line.split("\t")[0] for line in listed}) <= summary["unreadable"]
+
+
+@fuzz(40)
+@given(image_size=sometimes_wrong(st.sampled_from([32, 33]), st.sampled_from([-5, 1, 31]),
+                                  one_in=6),
+       batch_size=sometimes_wrong(st.integers(1, 3), st.integers(-2, 0), one_in=6),
+       n=sometimes_wrong(st.integers(0, 3), st.integers(-3, -1), one_in=6),
+       device=sometimes_wrong(st.sampled_from(["auto", "cpu", "cpu:0"]),
+                              st.sampled_from(["", "bogus", "meta", "cuda:99", "cuda:x", "mps"]),
+                              one_in=6),
+       tag_threshold=sometimes_wrong(st.floats(0, 1), st.floats(), one_in=6),
+       tag_context=sometimes_wrong(st.floats(0, 1e3), st.floats(), one_in=6),
+       random_weights=sometimes_wrong(st.just(0), st.integers(-2**70, 2**70), one_in=6))
+def test_any_options_extract_or_are_one_line(extraction, image_size, batch_size, n, device,
+                                            tag_threshold, tag_context, random_weights):
+    summary, error, out = extracted(extraction, boxes="grid:1", image_size=image_size,
+                                    batch_size=batch_size, n=n, device=device,
+                                    tag_threshold=tag_threshold, tag_context=tag_context,
+                                    random_weights=random_weights)
+    if error is None:
+        assert image_size in (0, 32, 33) and batch_size >= 1 and n >= 0
+        assert math.isfinite(tag_context) and 0 <= tag_threshold <= 1
+        check_region_files(out, summary)
+    else:
+        assert not out.exists()
