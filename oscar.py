@@ -34,10 +34,11 @@ Paper map (part of the paper -> code; the heads of each task: TASK_HEADS):
     §4 captioning inference, beam 5             caption_step_fn, Oscar.context_states /
                                                 caption_step, caption
     §4 VQA: linear classifier, soft scores      heads.vqa, vqa_loss (shared.losses)
+    §5.1 SCST, CIDEr-D optimisation             Oscar.scst_losses, scst_loss (shared.losses)
     §5.3 the effect of object tags              Config.use_tags = False (the no-tags baseline)
 
 [code] = the official code, microsoft/Oscar 266075f (the Oscar+/VinVL code base). Left out: the
-6.5M-pair corpus and the Faster R-CNN (the world's regions and tags instead); SCST and NoCaps'
+6.5M-pair corpus and the Faster R-CNN (the world's regions and tags instead); NoCaps'
 constrained beam search; GQA and NLVR2; Oscar+'s 3-way contrastive loss. BERT-base
 initialisation [Oscar §3, Implementation Details] is train.py --init_bert (BERT_INIT).
 
@@ -55,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.decoding import cached_step_fn
-from shared.losses import vqa_loss  # UNITER and Oscar share it
+from shared.decoding import cached_step_fn, greedy, sample_with_grad
+from shared.losses import scst_loss, vqa_loss  # shared word for word with other papers
 from shared.masks import causal_mask
 from shared.transformer import (BertEmbeddings, BertPooler, PostLNEncoderBlock, TiedOutputHead,
                                 init_bert_weights, run_layer)
@@ -111,10 +112,16 @@ class Config:
     max_gen_len: int = 20  # [code] max_gen_length: the whole caption, [CLS] included
     beam_size: int = 5  # [Oscar §4]; 1 = greedy
     length_penalty: float = 1.0  # score = Σ log p / len [code]
+    scst: bool = False  # caption task: self-critical sequence training [Oscar §5.1; code
+    #   --scst], CIDEr-D as the reward, from a cross-entropy checkpoint (--init)
+    scst_samples: int = 5  # [code] sc_train_sample_n: captions sampled an image
+    scst_df_images: int = 0  # CIDEr-D's document frequencies from the first this many
+    #   training images' captions; 0 = all ([code]: COCO train's)
     task: str = "pretrain"  # one of TASKS; train.py sets it from --task
     eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
     image_size: int = 224  # OURS: the world's render size (Oscar itself sees only regions)
-    # optimisation [Oscar §3: AdamW, batch 768, lr 5e-5, >= 1.0M steps; code: linear decay]
+    # optimisation [Oscar §3: AdamW, batch 768, lr 5e-5, >= 1.0M steps; code: linear decay];
+    #   pre-training's: paper(task) gives the fine-tuning tasks' [Oscar App. A; code]
     batch_size: int = 768  # [Oscar §3]
     lr: float = 5e-5  # [Oscar §3]: AdamW's peak learning rate
     weight_decay: float = 0.01  # [code]
@@ -138,9 +145,11 @@ class Config:
             self.task, self.max_text_len)
 
     @classmethod
-    def paper(cls) -> "Config":
-        """Oscar-B [Oscar §3; code]."""
-        return cls()
+    def paper(cls, task: str = "pretrain") -> "Config":
+        """Oscar-B [Oscar §3; code] with the recipe of `task`: PAPER_RECIPES (§7), cited there."""
+        if task not in PAPER_RECIPES:
+            raise ValueError(f"no paper recipe for {task!r}: {', '.join(PAPER_RECIPES)}")
+        return cls(task=task, **PAPER_RECIPES[task])
 
     @classmethod
     def small(cls) -> "Config":
@@ -381,6 +390,8 @@ class Oscar(nn.Module):
             contrastive = contrastive_loss(pair_logits, batch["polluted"])
             return {"loss": pretraining_loss(mtl, contrastive), "mtl": mtl,
                     "contrastive": contrastive}
+        if batch["task"] == "caption" and self.config.scst:  # CIDEr optimisation [§5.1]
+            return self.scst_losses(batch)
         if batch["task"] == "caption":  # L_MTL at masked caption positions, seq2seq mask [§4]
             C, tokens = batch["caption_len"], batch["tokens"]  # tokens = [caption slot ; tags]
             allowed = caption_attention_mask(tokens[:, :C] != PAD_ID, torch.cat(
@@ -396,6 +407,42 @@ class Oscar(nn.Module):
         # VQA [Oscar §4]: multi-label classification against soft target scores
         loss = vqa_loss(self.answer_logits(batch), batch["answer_scores"])
         return {"loss": loss, "vqa": loss}
+
+    def scst_losses(self, batch: dict) -> dict:
+        """Self-critical sequence training [Oscar §5.1; Rennie et al. 2017; code:
+        the code's run_captioning.py --scst]: per image the greedy caption (eval mode, no
+        gradient) is the baseline, scst_samples captions are drawn with dropout on
+        (sample_with_grad, no top-k or top-p), each scored by CIDEr-D against the image's
+        references (batch["scst_reward"], shared.evaluate.ScstReward), and scst_loss raises
+        the samples that beat the baseline. Captions at most max_gen_len tokens, [CLS]
+        included ([code] max_gen_length 20)."""
+        c, reward_of, n = self.config, batch["scst_reward"], self.config.scst_samples
+        tok, C = reward_of.tokenizer, batch["caption_len"]
+        tags = batch["tokens"][:, C:]  # (B, L), the tag slot
+        tag_positions = c.max_caption_len + torch.arange(tags.shape[1], device=tags.device)
+        prefix = torch.full((len(tags), 1), tok.cls_id, dtype=torch.long, device=tags.device)
+        training = self.training
+        self.eval()  # the baseline: the caption the model writes at test time
+        with torch.no_grad():
+            states, real = self.context_states(tags, tag_positions, batch["regions"],
+                                               batch["region_mask"])
+            baseline_tokens, _ = greedy(caption_step_fn(self, tok, states, real), prefix,
+                                        c.max_gen_len, tok.sep_id, PAD_ID)  # (B, T)
+        self.train(training)
+        states, real = self.context_states(tags, tag_positions, batch["regions"],
+                                           batch["region_mask"])  # with gradients
+        rows = torch.arange(len(tags), device=tags.device).repeat_interleave(n)  # (B·n,)
+        tokens, logprob, lengths = sample_with_grad(caption_step_fn(
+            self, tok, [x[rows] for x in states], real[rows]), prefix[rows], c.max_gen_len,
+            tok.sep_id, PAD_ID)  # (B·n, T), (B·n,), (B·n,)
+        references = batch["references"]  # B lists of prepared reference strings
+        reward = reward_of(tokens, [refs for refs in references for _ in range(n)])  # (B·n,)
+        baseline = reward_of(baseline_tokens, references)  # (B,)
+        mean_logprob = (logprob / lengths).view(-1, n)  # (B, n)
+        loss = scst_loss(mean_logprob, reward.view(-1, n).to(logprob.device),
+                         baseline.to(logprob.device))
+        return {"loss": loss, "scst": loss, "reward": reward.mean().to(loss.device),
+                "greedy_reward": baseline.mean().to(loss.device)}
 
     # -- captioning inference [Oscar §4]: [CLS] w_1 .. w_t [MASK], read at [MASK] ---------------
 
@@ -589,10 +636,11 @@ from shared.checkpoint import ReleasedWeights
 from shared.config import encoder_problems, optimisation_problems
 from shared.data import (Epochs, check_feature_size, flat_targets, model_device, pad_rows,
                          pad_sequences, pick_text, standardisation, statistics_problems)
-from shared.decoding import beam_search, greedy
+from shared.decoding import beam_search
 from shared.evaluate import answer_questions as shared_answer_questions
-from shared.evaluate import (all_captions, caption_examples, caption_metrics, in_eval_mode,
-                             pair_scores, retrieval_metrics, vqa_metrics, world_examples)
+from shared.evaluate import (ScstReward, all_captions, caption_examples, caption_metrics,
+                             in_eval_mode, pair_scores, retrieval_metrics, vqa_metrics,
+                             world_examples)
 from shared.evaluate import sample_captions as shared_sample_captions
 from shared.optim import adamw, decay_groups, fused_for
 from shared.vqa import answer_index, soft_scores, world_answers
@@ -610,6 +658,68 @@ UNUSED_PARAMETERS = True  # captioning and VQA leave the pooler without a gradie
 PROTOCOLS = {"pretrain": ("retrieval",), "caption": ("caption",), "retrieval": ("retrieval",),
              "vqa": ("vqa",)}  # what data on disk evaluates, by task (shared.benchmarks)
 CROSS_ENCODER = True  # retrieval_scores runs the model on every (image, text) pair
+
+
+# Config.paper(task): Oscar-B [Oscar §3; code] with the recipe of `task`: pre-training [Oscar §3]
+# (the class defaults) or the COCO fine-tuning of [Oscar App. A] (batch, lr, epochs), the rest from
+# [code]'s scripts (run_captioning.py, run_retrieval.py, run_vqa.py: their defaults), and
+# the Oscar-B commands in the code's MODEL_ZOO. Epochs become steps over the paper's data:
+#
+#     COCO Karpathy train: 113,287 images × 5 captions = 566,435 pairs [Oscar App. A];
+#         a caption or retrieval step reads 256 of them: ⌈566,435 / 256⌉ = 2,213 steps
+#         an epoch ([code] keeps the last, short batch)
+#     VQA v2: train 444k + val 214k questions [Oscar §4], less a minival of 2k val
+#         images [Oscar App. A] (OURS: ≈ 2k × 214k / 41k ≈ 10.4k of them): ≈ 647.6k;
+#         ⌈647.6k / 128⌉ = 5,060 steps an epoch
+#
+# [code] averages over its accumulation steps (loss / k) and DataParallel / DDP average over GPUs,
+# so its thresholds hold for our mean gradient as they are. Its AdamW is pytorch_transformers' with
+# eps 1e-8 (adam_epsilon), torch's default that make_optimizer uses. [code] clips every micro-
+# batch's accumulated gradient (no effect at k = 1). Caption is the cross-entropy stage; the CIDEr
+# stage (--scst) is 5 epochs at batch 64, lr 1e-6 [Oscar App. A] (MODEL_ZOO's command: 5e-6): give
+# those flags.
+_STEPS_PER_EPOCH = {"caption": -(-566_435 // 256), "retrieval": -(-566_435 // 256),
+                   "vqa": -(-647_600 // 128)}  # 2,213, 2,213, 5,060 (above)
+PAPER_RECIPES = {
+    "pretrain": dict(),  # the class defaults [Oscar §3; code]
+    "caption": dict(  # [Oscar App. A] "Image Captioning", Oscar-B, cross-entropy
+        batch_size=256,  # [Oscar App. A]; [code] MODEL_ZOO: 4 V100 × 64
+        lr=3e-5,  # [Oscar App. A] "initial learning rate of 3e-5"
+        max_steps=40 * _STEPS_PER_EPOCH["caption"],  # [Oscar App. A] 40 epochs ×
+        #   2,213 = 88,520 ([code] default num_train_epochs 40; MODEL_ZOO's command: 30)
+        warmup_steps=0,  # [code] warmup_steps default
+        lr_schedule="linear",  # [code] scheduler default: WarmupLinearSchedule
+        weight_decay=0.05,  # [code] weight_decay default
+        beta1=0.9, beta2=0.999,  # [code] pytorch_transformers AdamW's defaults
+        grad_clip=1.0,  # [code] max_grad_norm default
+        grad_accum_steps=1),  # [code] gradient_accumulation_steps default
+    "retrieval": dict(  # [Oscar App. A] "Image-Text Retrieval", Oscar-B
+        batch_size=512,  # [Oscar App. A] "batch size of 256": [code]'s items, each an
+        #   aligned pair and its unaligned one; batch_size counts pairs: 2 × 256
+        lr=2e-5,  # [Oscar App. A] "initial learning rate ... 2e-5 and linearly decreases"
+        max_steps=40 * _STEPS_PER_EPOCH["retrieval"],  # [Oscar App. A] 40 epochs ×
+        #   2,213 = 88,520 (an epoch visits each (image, caption) once; MODEL_ZOO's
+        #   command: 4 V100 × 32 = 128 items for 30 epochs)
+        warmup_steps=0,  # [code] warmup_steps default
+        lr_schedule="linear",  # [Oscar App. A]; [code] WarmupLinearSchedule
+        weight_decay=0.05,  # [code] default and MODEL_ZOO command
+        beta1=0.9, beta2=0.999,  # [code] pytorch_transformers AdamW's defaults
+        grad_clip=1.0,  # [code] max_grad_norm default
+        grad_accum_steps=1),  # [code] gradient_accumulation_steps default
+    "vqa": dict(  # [Oscar App. A] "VQA", Oscar-B, train + val less 2k images
+        batch_size=128,  # [Oscar App. A]; [code] MODEL_ZOO: per_gpu_train_batch_size 32
+        lr=5e-5,  # [Oscar App. A]; [code] MODEL_ZOO
+        max_steps=25 * _STEPS_PER_EPOCH["vqa"],  # [Oscar App. A] 25 epochs × 5,060 =
+        #   126,500 (MODEL_ZOO's Oscar-B command trains on train alone: 444k / 128 ×
+        #   25 ≈ 86.7k)
+        warmup_steps=0,  # [code] MODEL_ZOO --warmup_steps 0
+        lr_schedule="linear",  # [code] scheduler default: WarmupLinearSchedule
+        weight_decay=0.05,  # [code] MODEL_ZOO --weight_decay 0.05
+        beta1=0.9, beta2=0.999,  # [code] pytorch_transformers AdamW's defaults
+        grad_clip=1.0,  # [code] max_grad_norm default
+        grad_accum_steps=1),  # [code] gradient_accumulation_steps default
+    #   NOT HERE: [code]'s VQA command also sets --drop_out 0.3 (a model field, dropout)
+}
 
 
 def config_problems(c: Config) -> list[str]:
@@ -630,7 +740,10 @@ def config_problems(c: Config) -> list[str]:
         (c.batch_size >= 2 or c.task not in ("pretrain", "retrieval"),
          "pre-training and retrieval draw negatives from other examples: batch_size >= 2"),
         (c.max_positions >= 0 and c.contrast_classes >= 2 and c.region_layer_norm_eps > 0,
-         "need max_positions >= 0, contrast_classes >= 2 and region_layer_norm_eps > 0")]
+         "need max_positions >= 0, contrast_classes >= 2 and region_layer_norm_eps > 0"),
+        (not c.scst or c.task == "caption", f"scst trains a captioner: it needs --task "
+         f"caption, not {c.task}"),
+        (c.scst_samples >= 1, f"scst_samples must be >= 1, not {c.scst_samples}")]
     return (encoder_problems(c, TASKS) + [message for ok, message in checks if not ok]
             + optimisation_problems(c) + statistics_problems(c))
 
@@ -809,7 +922,10 @@ class OscarDataset(Dataset):
 
     def __init__(self, source, tokenizer, config: Config, seed: int = 0):
         self.source, self.tokenizer, self.config, self.seed = source, tokenizer, config, seed
-        self.epochs = Epochs(source, seed, per_text=True)
+        scst = config.task == "caption" and config.scst  # a unit per image, as [code]'s SCST
+        self.epochs = Epochs(source, seed, per_text=not scst)
+        self.scst_reward = (ScstReward.from_source(source, tokenizer, config.max_gen_len - 1,
+                                                   config.scst_df_images) if scst else None)
         self.per_visit = 2 if config.task == "retrieval" else 1  # a positive and its negative
         self.statistics = standardisation(config, source)
         self.answer_index = answer_index(config.answers)
@@ -862,6 +978,9 @@ class OscarDataset(Dataset):
             item["caption"], item["mlm_labels"] = torch.tensor(caption), torch.tensor(labels)
             item["tags"] = tag_slot(tags, c, tok.sep_id)
             item["tag_offset"] = c.max_caption_len  # the tags' first position id [code]
+            if self.scst_reward is not None:  # the image's references, prepared for CIDEr-D
+                item["references"] = self.scst_reward.references(example["captions"])
+                item["scst_reward"] = self.scst_reward
             return item
         tokens, segments = text_pair(self._pieces(text), tags, c.text_len(), tok.cls_id,
                                      tok.sep_id)
@@ -908,6 +1027,9 @@ def collate_fn(items: list[dict]) -> dict:
             batch[key] = torch.tensor([it[key] for it in items])  # (B,)
     if "answer_scores" in items[0]:
         batch["answer_scores"] = torch.stack([it["answer_scores"] for it in items])  # (B, A)
+    if "references" in items[0]:  # SCST: B lists of strings, and the one reward object
+        batch["references"] = [it["references"] for it in items]
+        batch["scst_reward"] = items[0]["scst_reward"]
     return batch
 
 

@@ -122,7 +122,8 @@ class Config:
     zero_regions: bool = False  # OURS: regions zeroed in training and evaluation: text-only
     eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
     #                          (5 each): Flickr30K's 1K test images, 5K captions [UNITER §A.2]
-    # pre-training recipe, read by train.py [UNITER §A.2; code pretrain-alldata-base-8gpu.json]
+    # pre-training recipe, read by train.py [UNITER §A.2; code pretrain-alldata-base-8gpu.json];
+    #   paper(task) gives the fine-tuning tasks' (VQA, retrieval)
     image_size: int = 224  # OURS: the world's render size (UNITER itself sees only regions)
     batch_size: int = 6144  # OURS: [code] batches by tokens, 8 GPUs × 10,240 × 6 accumulation
     #                         steps ≈ 492k tokens; at 60-100 tokens an example, 5k-8k examples
@@ -145,20 +146,11 @@ class Config:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def paper(cls) -> "Config":
-        """UNITER-base [UNITER §4, fn. 12] with the official all-data recipe [code] (8 GPUs),
-        the paper's Image Embedder and [code]'s MRC-kl scale (the recipe's lr and clipping were
-        tuned with it).
-
-        [code] sums the gradients of its k = 6 accumulation steps (each micro-batch's loss is a
-        mean; no division by k), clips that sum at 5 and steps AdamW with eps 1e-6; train.py
-        averages them (the gradient of the update's mean loss, k times smaller). The same update
-        follows from the average with both thresholds divided by k: clipping ‖k·g‖ at 5 is
-        clipping ‖g‖ at 5/k, and Adam's step m/(√v + eps) is unchanged when g, m and √v grow k
-        times and eps does too (test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_
-        sum). With another --grad_accum_steps k, give --grad_clip 5/k --adam_eps 1e-6/k."""
-        k = cls.grad_accum_steps
-        return cls(mrc_kl_scale="element", grad_clip=5.0 / k, adam_eps=1e-6 / k)
+    def paper(cls, task: str = "pretrain") -> "Config":
+        """UNITER-base [UNITER §4, fn. 12], the official recipe of `task`: PAPER_RECIPES (§7)."""
+        if task not in PAPER_RECIPES:
+            raise ValueError(f"no paper recipe for {task!r}: {', '.join(PAPER_RECIPES)}")
+        return cls(mrc_kl_scale="element", task=task, **PAPER_RECIPES[task])
 
     @classmethod
     def small(cls) -> "Config":  # OURS: one GPU, hours, on the world's regions (§7)
@@ -769,6 +761,60 @@ def config_problems(c: Config) -> list[str]:
          f"{c.hard_negatives}, {c.rank_margin}, {c.vqa_head_lr_mult}")]
     return (encoder_problems(c, TASKS) + [message for fine, message in checks if not fine]
             + optimisation_problems(c) + statistics_problems(c))
+
+
+# Config.paper(task): UNITER-base [UNITER §4, fn. 12] with the official recipe of `task` [code]:
+# the all-data pre-training (8 GPUs), VQA (train-vqa-base-4gpu.json) or retrieval with hard
+# negatives (train-itm-{flickr,coco}-base-16gpu-hn.json, the same numbers); the paper's Image
+# Embedder and [code]'s MRC-kl scale (the recipe's lr and clipping were tuned with it). Where
+# [UNITER §A.2] gives other fine-tuning numbers, the comments say so: [code]'s configs are the
+# complete recipes, and the ones vqa_head_lr_mult and hard_negatives (also [code]) belong to.
+#
+# [code] sums the gradients of its k accumulation steps (each micro-batch's loss is a mean; no
+# division by k; Horovod averages over GPUs), clips that sum and steps AdamW with eps 1e-6;
+# train.py averages them (the gradient of the update's mean loss, k times smaller). The same update
+# follows from the average with both thresholds divided by k: clipping ‖k·g‖ at c is clipping ‖g‖
+# at c/k, and Adam's step m/(√v + eps) is unchanged when g, m and √v grow k times and eps does too
+# (tests/test_uniter.py, test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_sum). k is
+# [code]'s, not ours: pre-training 6, VQA 5; retrieval's train_itm_hard_negatives.py divides by its
+# 8 accumulation steps (a mean) but adds the text-side and the image-side losses, twice our mean
+# over both, so k = 2. Splitting the same batch_size into another --grad_accum_steps changes no
+# threshold.
+PAPER_RECIPES = {
+    "pretrain": dict(  # the class defaults [code pretrain-alldata-base-8gpu.json]
+        grad_clip=5.0 / 6,  # [code] grad_norm 5 on the SUM of 6 accumulated gradients
+        adam_eps=1e-6 / 6),  # [code] 1e-6 on that sum
+    "vqa": dict(  # [code] train-vqa-base-4gpu.json (4 GPUs), train_vqa.py
+        batch_size=1280,  # OURS: [code] batches by input units (text + regions,
+        #   padded): 4 GPUs × 5,120 × 5 accumulation steps = 102,400 units an update;
+        #   at 80 units an example (as pre-training's estimate) 102,400 / 80 = 1,280.
+        #   [UNITER §A.2]: "batch size of 10240 input units"
+        grad_accum_steps=5,  # [code] gradient_accumulation_steps
+        lr=8e-5,  # [code] learning_rate (the head: × vqa_head_lr_mult 10 [code]
+        #   lr_mul); [UNITER §A.2]: 3e-4
+        max_steps=6000,  # [code] num_train_steps; [UNITER §A.2]: "maximum 5K steps"
+        warmup_steps=600,  # [code]
+        lr_schedule="linear",  # [code] warmup_linear: linear decay to 0
+        weight_decay=0.01,  # [code]; [UNITER §A.2] the same
+        beta1=0.9, beta2=0.98,  # [code] betas; [UNITER §A.2]: AdamW
+        grad_clip=2.0 / 5,  # [code] grad_norm 2 on the SUM of 5 gradients
+        adam_eps=1e-6 / 5),  # [code] optim/adamw.py's 1e-6 on that sum
+    "retrieval": dict(  # [code] train-itm-*-base-16gpu-hn.json (16 GPUs),
+        #   train_itm_hard_negatives.py; hard_negatives 31, rank_margin 0.2 [code]
+        batch_size=128,  # [code] 16 GPUs × train_batch_size 8 (one text-side and
+        #   one image-side query a step, 8 steps): 128 queries a side; here 128 pairs,
+        #   each a text query and an image query. [UNITER §A.2]: Flickr30K 120, COCO 60
+        grad_accum_steps=1,  # OURS: the negatives are the batch's (forward_rank)
+        lr=5e-5,  # [code]; [UNITER §A.2]: Flickr30K 5e-5, COCO 2e-5
+        max_steps=5000,  # [code] num_train_steps; [UNITER §A.2]: Flickr30K 16K,
+        #   COCO 20K (2 random + 2 hard negatives, re-mined every 2,500 / 4,000 steps)
+        warmup_steps=500,  # [code]
+        lr_schedule="linear",  # [code] warmup_linear
+        weight_decay=0.01,  # [code]
+        beta1=0.9, beta2=0.98,  # [code] betas
+        grad_clip=2.0 / 2,  # [code] grad_norm 2 on L_text-side + L_image-side
+        adam_eps=1e-6 / 2),  # [code] 1e-6 on that sum
+}
 
 
 def world_preset(name: str) -> dict:

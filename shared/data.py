@@ -224,12 +224,18 @@ def train_batches(paper, source, tokenizer, config, seed: int, step: int, num_wo
                              world_size=world_size))
 
 
-def caption_texts(source, n: int) -> list[str]:
-    """The captions of the first n images of a corpus on disk (its records) or of the world
-    (shared.world.World), which a tokenizer is trained on."""
+def image_captions(source, n: int) -> list[list[str]]:
+    """The captions of each of the first n images (all of a smaller corpus) of a corpus on disk
+    (its records) or of the world (shared.world.World): what a tokenizer is trained on, and
+    SCST's CIDEr-D counts its document frequencies over."""
     if hasattr(source, "records"):
-        return [c for _, captions in source.records[:n] for c in captions]
-    return [c for i in range(n) for c in source.example(i, regions=False)["captions"]]
+        return [list(captions) for _, captions in source.records[:n]]
+    return [source.example(i, regions=False)["captions"] for i in range(min(n, len(source)))]
+
+
+def caption_texts(source, n: int) -> list[str]:
+    """The captions of the first n images, one list (image_captions)."""
+    return [c for captions in image_captions(source, n) for c in captions]
 
 
 def train_loader(dataset: Dataset, batch_size: int, start_step: int, collate_fn,

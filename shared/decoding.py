@@ -10,7 +10,7 @@ features (`image_queries[rows]`) when beam search holds K hypotheses per item, o
 items are dropped from the call. R varies from call to call: only sequences that still need a
 next token are passed.
 
-Conventions shared by the three functions:
+Conventions shared by the four functions:
     * `prefix` (B, T0) is given, e.g. [CLS] / [SOS] (T0 = 1), or the start token and a prompt
       (T0 > 1), and is copied into the output.
     * `max_len` is the TOTAL length, prefix included: at most max_len - T0 tokens are generated
@@ -32,6 +32,7 @@ Conventions shared by the three functions:
     greedy          argmax at every step
     beam_search     K live hypotheses per item, finished ones moved out, Σ log p / len^α,
                     optional repeat blocking [Oscar code; VirTex code]
+    sample_with_grad  plain sampling whose log-probs keep their gradients (SCST)
     nucleus_sample  top-p sampling with temperature [Holtzman et al. 2020, "The Curious Case of
                     Neural Text Degeneration", arXiv 1904.09751, §3.1], optional repeat
                     blocking [VirTex code]
@@ -262,6 +263,28 @@ def nucleus_sample(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
         return torch.multinomial(q, 1, generator=generator).squeeze(1)  # (R,), renormalised
 
     return _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id, choose)[:2]
+
+
+def sample_with_grad(step_fn: StepFn, prefix: Tensor, max_len: int, end_id: int,
+                     pad_id: int = 0, generator: torch.Generator | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampling from the model's own distribution (no temperature, top-k or top-p), with the
+    graph kept: the log-probs of the sampled tokens carry gradients to the model, as
+    self-critical sequence training needs them [Rennie et al. 2017; Oscar's code:
+    the code's run_captioning.py --scst: do_sample, the log-probs of the sampling pass]. Run it with
+    gradients enabled (the other decoders here run under no_grad). Same length, end and padding
+    conventions as `greedy`; [PAD] is never drawn.
+
+    Returns:
+        tokens: (B, T) as in `greedy` (no gradient: drawn, not computed);
+        logprob: (B,) Σ log p of each row's sampled tokens, end token included (differentiable);
+        lengths: (B,) the number of sampled tokens, end token included.
+    """
+    def choose(logp: Tensor, last: Tensor) -> Tensor:
+        allowed = _forbid(logp.detach(), last, end_id, pad_id, block_repeat=False)  # (R, V)
+        return torch.multinomial(allowed.exp(), 1, generator=generator).squeeze(1)  # (R,)
+
+    return _decode_one_per_row(step_fn, prefix, max_len, end_id, pad_id, choose)
 
 
 # --- beam search ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ caption, an answer's logits) and maps the pieces below onto its metric keys in a
     reference_caption   a reference caption as a model could write it (tokenised, cut, decoded)
     caption_examples    captions for many images, `chunk` images per decoding call
     caption_metrics     BLEU-4, CIDEr-D, ROUGE-L and the world's caption truth rate
+    ScstReward          CIDEr-D of sampled captions with the training references' statistics
     predict_answers     every question of some examples answered by a model's answer logits
     answer_questions    the same for a paper's answer_logits_fn (its contract answer_questions)
     vqa_metrics         VQA accuracy, overall and per question template
@@ -36,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shared.data import IMAGE_MEAN, IMAGE_STD, image_to_tensor
-from shared.metrics import (bleu, cider_d, recall_at_k, rouge_l, truth_rate,
+from shared.data import IMAGE_MEAN, IMAGE_STD, image_captions, image_to_tensor
+from shared.metrics import (CiderD, bleu, cider_d, recall_at_k, rouge_l, truth_rate,
                             vqa_accuracy_by_type)
 
 
@@ -172,6 +173,48 @@ def caption_metrics(captions: list[str], examples: list[dict], tokenizer,
     return {"bleu4": bleu(captions, references)[3], "cider": cider_d(captions, references),
             "rouge_l": rouge_l(captions, references), "caption_truth": truth["truth"],
             "caption_truth_baseline": truth["baseline"]}
+
+
+def scst_sentence(text: str) -> str:
+    """A caption as SCST's CIDEr-D reads it [code: Oscar's ScstRewardCriterion]: stripped, a
+    final full stop dropped, " <eos>" appended (so a caption that ends where a reference ends
+    shares that n-gram with it). Candidates and references alike."""
+    text = text.strip()
+    return (text[:-1] if text.endswith(".") else text).rstrip() + " <eos>"
+
+
+class ScstReward:
+    """SCST's reward: CIDEr-D of decoded captions against their image's references, with the
+    document frequencies of the training references [Rennie et al. 2017; Oscar §5.1; code:
+    ScstRewardCriterion over CiderD with df from COCO train], one float per caption.
+
+        reward = ScstReward.from_source(source, tokenizer, max_pieces, n_images)
+        reward.references(captions)        an image's captions as the reward compares them
+        reward(tokens (R, T), references)  -> (R,) float32 on the CPU, references[r] the
+                                              (already prepared) references of row r's image
+
+    References are prepared as caption_metrics prepares them (reference_caption: tokenised,
+    cut to max_pieces, decoded, lowercased), so a caption the model can write scores as it
+    would in the evaluation; then scst_sentence. It holds the tokenizer: the batch carries this
+    object to the model's forward, which decodes its samples with it."""
+
+    def __init__(self, tokenizer, corpus: list[list[str]], max_pieces: int):
+        self.tokenizer, self.max_pieces = tokenizer, max_pieces
+        self.cider = CiderD([self.references(captions) for captions in corpus])
+
+    @classmethod
+    def from_source(cls, source, tokenizer, max_pieces: int, n_images: int) -> "ScstReward":
+        """Document frequencies from the captions of the first n_images training images (0 =
+        all; shared.data.image_captions)."""
+        return cls(tokenizer, image_captions(source, n_images or len(source)), max_pieces)
+
+    def references(self, captions: list[str]) -> list[str]:
+        return [scst_sentence(reference_caption(self.tokenizer, c, self.max_pieces))
+                for c in captions]
+
+    def __call__(self, tokens: Tensor, references: list[list[str]]) -> Tensor:
+        texts = [scst_sentence(t.lower()) for t in self.tokenizer.decode_batch(tokens.cpu())]
+        return torch.tensor(self.cider.scores(texts, references), dtype=torch.float32)  # (R,)
 
 
 def predict_answers(examples: list[dict], answer_logits: Callable[[list[str], list[int]], Tensor],

@@ -225,33 +225,54 @@ def cider_d(candidates: list[str], references: list[list[str]]) -> float:
         ValueError: on a length mismatch, an image without references, or a non-string.
     """
     _check_captions(candidates, references)
-    reference_counts = [[_ngram_counts(ref.split()) for ref in refs] for refs in references]
+    return float(np.mean(CiderD(references).scores(candidates, references)))  # mean over images
 
-    # Document frequency: in how many images' reference sets each n-gram occurs [CIDEr Eq. 1].
-    document_frequency = Counter()
-    for counts_of_refs in reference_counts:
-        document_frequency.update(set().union(*counts_of_refs))  # each image counts once
-    log_num_images = math.log(float(len(candidates)))  # log |I|
 
-    image_scores = []
-    for candidate, counts_of_refs in zip(candidates, reference_counts):
-        vec_c, norm_c, len_c = _tfidf(_ngram_counts(candidate.split()), log_num_images,
-                                      document_frequency)
-        per_order = np.zeros(MAX_N)  # Σ_j CIDEr-D_n(c, s_j) before the 10/m, index n-1
-        for ref_counts in counts_of_refs:
-            vec_r, norm_r, len_r = _tfidf(ref_counts, log_num_images, document_frequency)
-            delta = float(len_c - len_r)
-            penalty = math.exp(-(delta ** 2) / (2.0 * CIDER_SIGMA ** 2))  # Gaussian, σ = 6
-            for n in range(MAX_N):
-                # Clipped dot product: Σ_k min(g_k(c), g_k(s)) · g_k(s), k over the candidate.
-                dot = sum(min(weight, vec_r[n].get(gram, 0.0)) * vec_r[n].get(gram, 0.0)
-                          for gram, weight in vec_c[n].items())
-                if norm_c[n] != 0.0 and norm_r[n] != 0.0:
-                    dot /= norm_c[n] * norm_r[n]  # cosine (a zero vector: the dot is 0 anyway)
-                per_order[n] += dot * penalty
-        # mean over n = 1..4, mean over the m references, times 10
-        image_scores.append(CIDER_SCALE * per_order.mean() / len(counts_of_refs))
-    return float(np.mean(image_scores))  # mean over images
+class CiderD:
+    """CIDEr-D with the document frequencies of a fixed corpus of reference sets: per-caption
+    scores, as SCST's reward needs them [Rennie et al. 2017, "Self-critical Sequence Training
+    for Image Captioning", CVPR: CIDEr-D with the training references' n-gram statistics]. With
+    the corpus the captions' own references, the mean of `scores` is `cider_d`.
+
+        scorer = CiderD(corpus)            corpus: one list of reference strings per image
+        scorer.scores(candidates, references)  -> [CIDEr-D(c_i, S_i)], one float per caption
+    """
+
+    def __init__(self, corpus: list[list[str]]):
+        if not corpus or any(not refs for refs in corpus):
+            raise ValueError("CIDEr-D's document frequencies need >= 1 image, each with >= 1 "
+                             "reference")
+        # Document frequency: in how many images' reference sets each n-gram occurs [CIDEr
+        # Eq. 1]; log |I| with |I| the corpus's images.
+        self.document_frequency = Counter()
+        for refs in corpus:
+            self.document_frequency.update(set().union(*(_ngram_counts(r.split())
+                                                         for r in refs)))  # each image once
+        self.log_num_images = math.log(float(len(corpus)))
+
+    def scores(self, candidates: list[str], references: list[list[str]]) -> list[float]:
+        """CIDEr-D of each candidate against its own references (module docstring of
+        `cider_d` for the formula), under this corpus's document frequencies."""
+        _check_captions(candidates, references)
+        df, log_n = self.document_frequency, self.log_num_images
+        out = []
+        for candidate, refs in zip(candidates, references):
+            vec_c, norm_c, len_c = _tfidf(_ngram_counts(candidate.split()), log_n, df)
+            per_order = np.zeros(MAX_N)  # Σ_j CIDEr-D_n(c, s_j) before the 10/m, index n-1
+            for ref in refs:
+                vec_r, norm_r, len_r = _tfidf(_ngram_counts(ref.split()), log_n, df)
+                delta = float(len_c - len_r)
+                penalty = math.exp(-(delta ** 2) / (2.0 * CIDER_SIGMA ** 2))  # Gaussian, σ = 6
+                for n in range(MAX_N):
+                    # Clipped dot product: Σ_k min(g_k(c), g_k(s)) · g_k(s), k over c's n-grams.
+                    dot = sum(min(weight, vec_r[n].get(gram, 0.0)) * vec_r[n].get(gram, 0.0)
+                              for gram, weight in vec_c[n].items())
+                    if norm_c[n] != 0.0 and norm_r[n] != 0.0:
+                        dot /= norm_c[n] * norm_r[n]  # cosine (a zero vector: the dot is 0)
+                    per_order[n] += dot * penalty
+            # mean over n = 1..4, mean over the m references, times 10
+            out.append(float(CIDER_SCALE * per_order.mean() / len(refs)))
+        return out
 
 
 # --- retrieval ----------------------------------------------------------------------------------

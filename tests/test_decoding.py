@@ -453,3 +453,37 @@ def test_decoders_reject_bad_arguments():
         greedy(step_fn, prefix.float(), 4, END)
     with pytest.raises(ValueError, match=r"\(R, V\)"):
         greedy(lambda t, r: torch.zeros(len(r) + 1, 4), prefix, 4, END)
+
+
+# --- sampling with gradients (SCST) -------------------------------------------------------------
+
+def test_sample_with_grad_draws_from_the_model_and_keeps_the_graph_of_its_log_probs():
+    """A step_fn with fixed next-token log-probs (a parameter): the samples follow its
+    distribution, [PAD] is never drawn, the returned Σ log p equals the log-probs of the drawn
+    tokens (end included), and the gradient of their sum reaches the parameter."""
+    from shared.decoding import sample_with_grad
+
+    pad, end, V = 0, 3, 5
+    logits = torch.tensor([0.0, 1.0, 0.5, 0.2, -1.0], requires_grad=True)
+
+    def step_fn(tokens, rows):
+        return logits.log_softmax(0).expand(len(rows), V)  # (R, V), the same at every step
+
+    torch.manual_seed(0)
+    prefix = torch.full((4000, 1), 1, dtype=torch.long)
+    tokens, logprob, lengths = sample_with_grad(step_fn, prefix, 4, end, pad)
+    first = tokens[:, 1]
+    assert (first != pad).all()
+    allowed = logits.detach().clone()
+    allowed[pad] = -math.inf
+    p = allowed.softmax(0)  # the distribution without [PAD]
+    freq = torch.bincount(first, minlength=V).float() / len(first)
+    assert torch.allclose(freq, p, atol=0.03)
+    logp = logits.detach().log_softmax(0)
+    for row in range(20):  # Σ log p of the generated tokens, up to and including the end
+        generated = tokens[row, 1:1 + lengths[row]]
+        assert logprob[row].item() == pytest.approx(logp[generated].sum().item(), rel=1e-5)
+        assert (generated[:-1] != end).all() and (generated[-1] == end or lengths[row] == 3)
+        assert (tokens[row, 1 + lengths[row]:] == pad).all()
+    logprob.sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0

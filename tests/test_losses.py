@@ -567,3 +567,30 @@ def test_coca_loss_weights_the_two_terms():
     got = coca.coca_loss(torch.tensor(0.5), torch.tensor(3.0), config.lambda_con,
                          config.lambda_cap)
     assert got.item() == pytest.approx(1.0 * 0.5 + 2.0 * 3.0)
+
+
+# --- SCST [Rennie et al. 2017; Oscar §5.1] -----------------------------------------------------
+
+def test_scst_loss_is_the_self_critical_reinforce_of_its_equation():
+    """L = -(1/(B·n)) Σ_b Σ_i (r_bi - r̂_b) · mean_t log p(w^{bi}_t), as a loop; its gradient
+    raises the log-probability of a sample that beats the greedy caption and lowers one that
+    does not; the rewards carry no gradient."""
+    from shared.losses import scst_loss
+
+    torch.manual_seed(0)
+    mean_logprob = (-torch.rand(3, 4) * 3).requires_grad_()  # (B, n)
+    reward = torch.rand(3, 4) * 2
+    baseline = torch.rand(3)
+    total = 0.0
+    for b in range(3):
+        for i in range(4):
+            total += -(reward[b, i] - baseline[b]) * mean_logprob[b, i]
+    expected = total / 12
+    loss = scst_loss(mean_logprob, reward, baseline)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    grad = mean_logprob.grad
+    advantage = reward - baseline[:, None]
+    assert torch.allclose(grad, -advantage / 12)
+    assert ((grad < 0) == (advantage > 0)).all()  # gradient descent raises the better samples
+    assert scst_loss(mean_logprob, torch.ones(3, 4), torch.ones(3)).item() == 0  # no advantage

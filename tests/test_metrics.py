@@ -365,3 +365,23 @@ def test_vqa_accuracy_by_type_by_hand():
 ])
 def test_coco_tokenize_lowercases_drops_punctuation_and_splits_clitics(raw, tokens):
     assert coco_tokenize(raw) == tokens
+
+
+def test_cider_d_scores_of_a_fixed_corpus_average_to_the_corpus_cider_d_on_its_own_corpus():
+    """CiderD(corpus).scores: per caption; with the captions' own references as the corpus,
+    their mean is cider_d; with a larger corpus (SCST's training references) the document
+    frequencies, and so the scores, change."""
+    from shared.metrics import CiderD
+
+    references = [["a red circle", "one red circle"], ["two blue squares", "a blue square"],
+                  ["a green star above a circle", "a star and a circle"]]
+    candidates = ["a red circle", "a blue square", "a star"]
+    scores = CiderD(references).scores(candidates, references)
+    assert len(scores) == 3 and max(scores) > 0
+    assert float(np.mean(scores)) == pytest.approx(cider_d(candidates, references))
+    larger = references + [["a red square", "a red star"], ["a red triangle"]]
+    assert CiderD(larger).scores(candidates, references) != scores
+    assert CiderD(larger).scores(["a red circle"], [["a red circle"]])[0] > \
+        CiderD(larger).scores(["a blue star"], [["a red circle"]])[0]
+    with pytest.raises(ValueError, match="document frequencies"):
+        CiderD([])

@@ -661,3 +661,63 @@ def test_init_bert_starts_the_mlm_and_contrastive_heads_from_bert_pretraining_he
                            oscar.BERT_INIT) == []
     transformers.BertModel(bert.config).save_pretrained(tmp_path / "plain")
     assert load_bert_heads(model.heads, tmp_path / "plain", oscar.BERT_INIT) == []
+
+
+# --- the paper's recipe of each task: Config.paper(task) -----------------------------------------
+
+OSCAR_RECIPES = {  # [Oscar §3, App. A] batch, lr, epochs (as steps: Config.paper); the rest [code]
+    "pretrain": dict(batch_size=768, lr=5e-5, max_steps=1_000_000, warmup_steps=0,
+                     lr_schedule="linear", weight_decay=0.01, beta1=0.9, beta2=0.999,
+                     grad_clip=0.0, grad_accum_steps=1),
+    "caption": dict(batch_size=256, lr=3e-5, max_steps=88_520, warmup_steps=0,  # 40 × 2,213
+                    lr_schedule="linear", weight_decay=0.05, beta1=0.9, beta2=0.999,
+                    grad_clip=1.0, grad_accum_steps=1),
+    "retrieval": dict(batch_size=512, lr=2e-5, max_steps=88_520, warmup_steps=0,  # 256 items
+                      lr_schedule="linear", weight_decay=0.05, beta1=0.9, beta2=0.999,
+                      grad_clip=1.0, grad_accum_steps=1),  # of 2 pairs; 40 × 2,213 steps
+    "vqa": dict(batch_size=128, lr=5e-5, max_steps=126_500, warmup_steps=0,  # 25 × 5,060
+                lr_schedule="linear", weight_decay=0.05, beta1=0.9, beta2=0.999,
+                grad_clip=1.0, grad_accum_steps=1),
+}
+
+
+@pytest.mark.parametrize("task", sorted(OSCAR_RECIPES))
+def test_paper_gives_each_task_the_papers_recipe_and_the_same_model(task):
+    """Config.paper(task): the task and its recipe (COCO, Oscar-B: batch, lr, epochs of
+    [Oscar App. A]; the rest [code]), a valid Config; every other field is pre-training's."""
+    from shared.config import RECIPE
+
+    assert set(OSCAR_RECIPES) == set(oscar.TASKS)
+    c = oscar.Config.paper(task)
+    assert oscar.config_problems(c) == [] and c.task == task
+    assert {name: getattr(c, name) for name in OSCAR_RECIPES[task]} == OSCAR_RECIPES[task]
+    assert c.batch_size % c.grad_accum_steps == 0
+    pretrain = dataclasses.asdict(oscar.Config.paper())
+    assert {k: v for k, v in dataclasses.asdict(c).items() if k not in RECIPE} == \
+        {k: v for k, v in pretrain.items() if k not in RECIPE}
+    assert -(-113_287 * 5 // 256) * 40 == 88_520  # COCO Karpathy train, 40 epochs at 256
+    assert -(-647_600 // 128) * 25 == 126_500  # VQA v2 train + val less 2k images, 25 epochs
+    with pytest.raises(ValueError, match="no paper recipe"):
+        oscar.Config.paper("nlvr2")
+
+
+def test_train_paper_preset_takes_the_tasks_recipe_also_from_a_checkpoint():
+    """train.py --preset paper --task vqa: the VQA recipe; with --init, setup keeps the
+    checkpoint's model (every field but shared.config.RECIPE) and takes the recipe of --task
+    from the preset, as train.setup calls make_config: caption gets captioning's lr."""
+    import train
+    from shared.config import RECIPE
+
+    vqa = train.make_config(oscar, "paper", {"task": "vqa"})
+    assert (vqa.task, vqa.batch_size, vqa.lr, vqa.max_steps, vqa.weight_decay, vqa.grad_clip) \
+        == ("vqa", 128, 5e-5, 126_500, 0.05, 1.0)
+    saved = dataclasses.asdict(dataclasses.replace(  # a pre-training checkpoint's config
+        oscar.Config.paper(), hidden_size=384, layers=6, heads=6, intermediate_size=1536))
+    kept = {k: v for k, v in saved.items() if k not in RECIPE}
+    caption = train.make_config(oscar, "paper", {**kept, "task": "caption"})
+    assert (caption.lr, caption.batch_size, caption.max_steps) == (3e-5, 256, 88_520)
+    assert (caption.hidden_size, caption.layers, caption.heads) == (384, 6, 6)
+    for task in ("caption", "retrieval", "vqa"):
+        c = train.make_config(oscar, "paper", {**kept, "task": task})
+        assert {k: getattr(c, k) for k in RECIPE if hasattr(c, k)} == \
+            {k: getattr(oscar.Config.paper(task), k) for k in RECIPE if hasattr(c, k)}

@@ -1048,3 +1048,92 @@ def test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_sum():
     assert (ours - code).abs().max() < 1e-7  # float64 rounding, amplified by Adam (2e-9)
     naive, naive_clipped = train(1.0 / k, 5.0, 1e-6)  # the code's numbers on the mean
     assert naive_clipped != code_clipped and (naive - code).abs().max() > 1e-3
+
+
+# --- the paper's recipe of each task: Config.paper(task) -----------------------------------------
+
+UNITER_RECIPES = {  # [code]'s configs (Config.paper's comments); clip and eps: [code]'s / k
+    "pretrain": dict(batch_size=6144, grad_accum_steps=6, lr=5e-5, max_steps=200_000,
+                     warmup_steps=10_000, lr_schedule="linear", weight_decay=0.01, beta1=0.9,
+                     beta2=0.98, grad_clip=5.0 / 6, adam_eps=1e-6 / 6),  # all-data, 8 GPUs
+    "vqa": dict(batch_size=1280, grad_accum_steps=5, lr=8e-5, max_steps=6000,
+                warmup_steps=600, lr_schedule="linear", weight_decay=0.01, beta1=0.9,
+                beta2=0.98, grad_clip=2.0 / 5, adam_eps=1e-6 / 5),  # train-vqa-base-4gpu
+    "retrieval": dict(batch_size=128, grad_accum_steps=1, lr=5e-5, max_steps=5000,
+                      warmup_steps=500, lr_schedule="linear", weight_decay=0.01, beta1=0.9,
+                      beta2=0.98, grad_clip=2.0 / 2, adam_eps=1e-6 / 2),  # itm-*-base-16gpu-hn
+}
+
+
+@pytest.mark.parametrize("task", sorted(UNITER_RECIPES))
+def test_paper_gives_each_task_the_official_recipe_and_the_same_model(task):
+    """Config.paper(task): the task and its recipe ([code]'s config of that task), a valid
+    Config; every other field (the model, the heads' settings) is pre-training's."""
+    from shared.config import RECIPE
+
+    assert set(UNITER_RECIPES) == set(uniter.TASKS)
+    c = uniter.Config.paper(task)
+    assert uniter.config_problems(c) == [] and c.task == task
+    assert {name: getattr(c, name) for name in UNITER_RECIPES[task]} == UNITER_RECIPES[task]
+    assert c.batch_size % c.grad_accum_steps == 0
+    pretrain = dataclasses.asdict(uniter.Config.paper())
+    assert {k: v for k, v in dataclasses.asdict(c).items() if k not in RECIPE} == \
+        {k: v for k, v in pretrain.items() if k not in RECIPE}
+    assert (c.mrc_kl_scale, c.hard_negatives, c.rank_margin, c.vqa_head_lr_mult) == \
+        ("element", 31, 0.2, 10.0)  # [code]: MRC-kl's scale, hard_neg_size, margin, lr_mul
+    with pytest.raises(ValueError, match="no paper recipe"):
+        uniter.Config.paper("nlvr2")
+
+
+def test_train_paper_preset_takes_the_tasks_recipe_also_from_a_checkpoint():
+    """train.py --preset paper --task vqa: the VQA recipe; with --init, setup keeps the
+    checkpoint's model (every field but shared.config.RECIPE) and takes the recipe of --task
+    from the preset, as train.setup calls make_config."""
+    import train
+    from shared.config import RECIPE
+
+    vqa = train.make_config(uniter, "paper", {"task": "vqa"})
+    assert (vqa.task, vqa.batch_size, vqa.grad_accum_steps, vqa.lr, vqa.max_steps,
+            vqa.warmup_steps, vqa.grad_clip, vqa.adam_eps) == \
+        ("vqa", 1280, 5, 8e-5, 6000, 600, 2.0 / 5, 1e-6 / 5)
+    saved = dataclasses.asdict(dataclasses.replace(  # a pre-training checkpoint's config
+        uniter.Config.paper(), hidden_size=384, layers=6, heads=6, intermediate_size=1536))
+    kept = {k: v for k, v in saved.items() if k not in RECIPE}
+    for task in ("vqa", "retrieval"):
+        c = train.make_config(uniter, "paper", {**kept, "task": task})
+        assert (c.hidden_size, c.layers, c.heads) == (384, 6, 6)  # the checkpoint's model
+        assert {k: getattr(c, k) for k in RECIPE} == \
+            {k: getattr(uniter.Config.paper(task), k) for k in RECIPE}  # the task's recipe
+    assert train.make_config(uniter, "paper", {**kept, "task": "retrieval"}).lr == 5e-5
+
+
+@pytest.mark.parametrize("task, code_clip, k", [("vqa", 2.0, 5), ("retrieval", 2.0, 2)])
+def test_fine_tuning_thresholds_on_the_mean_give_the_codes_updates_on_its_sum(task, code_clip,
+                                                                              k):
+    """VQA: the code's train_vqa.py sums 5 accumulated gradients (clip 2, eps 1e-6); retrieval:
+    the code's train_itm_hard_negatives.py averages its 8 steps but adds the text-side and image-side
+    losses, twice our mean over both (k = 2). Config.paper(task)'s grad_clip and adam_eps on
+    the mean gradient give the code's weights, update after update."""
+    config = uniter.Config.paper(task)
+    torch.manual_seed(0)
+    start = torch.nn.Linear(8, 4).double()
+    updates = [[(torch.randn(16, 8).double() * size, torch.randn(16, 4).double())
+                for _ in range(k)] for size in (0.2, 1.0, 3.0, 0.3, 2.0)]  # norms vary
+
+    def train(scale: float, clip: float, eps: float) -> tuple[torch.Tensor, list[bool]]:
+        model = copy.deepcopy(start)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=eps,
+                                weight_decay=0.01)
+        clipped = []
+        for micro in updates:
+            opt.zero_grad()
+            for x, y in micro:
+                (F.mse_loss(model(x), y) * scale).backward()
+            clipped.append(bool(torch.nn.utils.clip_grad_norm_(model.parameters(), clip) > clip))
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), clipped
+
+    code, code_clipped = train(1.0, code_clip, 1e-6)  # the sum of the k gradients
+    ours, our_clipped = train(1.0 / k, config.grad_clip, config.adam_eps)  # their mean
+    assert our_clipped == code_clipped and any(code_clipped) and not all(code_clipped)
+    assert (ours - code).abs().max() < 1e-7
