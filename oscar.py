@@ -159,7 +159,8 @@ class Config:
                    max_caption_len=32, max_tag_len=38, n_regions=36, feature_dim=512,
                    image_size=128, batch_size=256, lr=1e-4, warmup_steps=1000,
                    max_steps=50_000, grad_clip=1.0, max_gen_len=24, region_layer_norm=True,
-                   train_single_object_prob=0.5, standardise_features=True)
+                   train_single_object_prob=0.5, standardise_features=True,
+                   scst_df_images=10_000)  # of the world's million: its n-grams are few
 
     @classmethod
     def tiny(cls) -> "Config":
@@ -172,7 +173,8 @@ class Config:
                    max_vqa_text_len=36, max_caption_len=24, max_tag_len=12, n_regions=10,
                    feature_dim=64, image_size=64, batch_size=64, lr=5e-4, warmup_steps=100,
                    max_steps=3000, grad_clip=1.0, max_gen_len=20, region_layer_norm=True,
-                   eval_pairs=100, train_single_object_prob=0.5, standardise_features=True)
+                   eval_pairs=100, train_single_object_prob=0.5, standardise_features=True,
+                   scst_df_images=10_000)  # of the world's million: its n-grams are few
 
 
 # --- 2. Inputs: Word-Tag-Image triples [Oscar §3, Input] -----------------------------------------
