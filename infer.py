@@ -17,6 +17,7 @@ caption   CoCa and VirTex caption image files, continuing --prompt when given (t
           of shared.folders.RegionFolder; tags are read from them)
 classify  CoCa zero-shot: the class whose prompt "a <class>" is most similar to the image
 rank      CoCa: the images of a folder (jpg, jpeg, png, bmp, webp), most similar to the text first
+          (--top N >= 1 of them)
 karpathy  the test (or --split val) images of a Karpathy split file: captioning by CoCa, VirTex
           and Oscar (--task caption) with BLEU-1..4, CIDEr-D, ROUGE-L against the raw
           sentences, both sides tokenised as the COCO toolkit does (shared.metrics.coco_tokenize),
@@ -39,7 +40,11 @@ zeroshot  CoCa zero-shot top-1 / top-5 on an image folder, root/<class name>/<im
 
 The output is one line per result for people, or one JSON document with --json for scripts.
 Images are read as for training on a corpus (shared.folders.load_image: RGB, shorter side to the
-model's image size, centre crop).
+model's image size, centre crop). An image given by name (caption, classify) or in rank's folder
+that cannot be read stops the command with one line naming it. zeroshot and probe read whole
+folders: an image there that cannot be read (truncated, a decompression bomb, a FIFO) is
+skipped with a warning naming it, and the result counts the skipped ones ("unreadable"); the
+accuracies are over the images read.
 """
 
 import argparse
@@ -47,6 +52,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +62,7 @@ import train
 from shared.benchmarks import _progress, evaluate_corpus
 from shared.checkpoint import read_checkpoint
 from shared.cli import one_line
-from shared.folders import ImageFolder, RegionFolder, load_image
+from shared.folders import ImageFolder, load_image, read_region_file
 from shared.tokenizer import Tokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -77,13 +83,30 @@ def load(checkpoint: Path, device: str = "cpu"):
 
 
 def _images(paths: list[Path], size: int) -> list:
-    missing = [str(p) for p in paths if not p.is_file()]
+    """The images of `paths` (load_image), or a one-line SystemExit naming the first that is
+    missing or cannot be read (a path that is no regular file, a FIFO, is refused unopened)."""
+    missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"error: no image file {missing[0]}")
     try:
         return [load_image(p, size) for p in paths]
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None  # e names the file
+
+
+def _readable(folder: ImageFolder, indices, skipped: list[Path]) -> list:
+    """folder.item(i) of each of `indices` whose image can be read. One that cannot is left
+    out with a warning naming it and appended to `skipped` (shared across calls: the warning
+    counts every image skipped so far)."""
+    items = []
+    for i in indices:
+        try:
+            items.append(folder.item(int(i)))
+        except OSError as e:  # its message names the file and the reason
+            skipped.append(folder.items[int(i)][0])
+            warnings.warn(f"skipping an unreadable image ({e}); {len(skipped)} skipped so far",
+                          stacklevel=2)
+    return items
 
 
 def _protocol(checkpoint: Path, protocol: str, what: str):
@@ -108,12 +131,11 @@ def caption(checkpoint: Path, images: list[Path], regions: list[Path],
             if not regions or images:
                 raise SystemExit(f"error: {run['model']} captions region files: give --regions "
                                  f"FILE.npz ...")
-            missing = [p for p in regions if not p.is_file()]
+            missing = [p for p in regions if not p.exists()]  # a FIFO: read_region_file says
             if missing:
                 raise SystemExit(f"error: no region file {missing[0]}")
-            folder = RegionFolder([(p, ["-"]) for p in regions])
             try:  # each file its own caption, or one line naming the file that cannot be read
-                examples = [{"captions": ["-"], **folder.read(p)} for p in regions]
+                examples = [{"captions": ["-"], **read_region_file(p)} for p in regions]
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
             world_config = None
@@ -144,6 +166,8 @@ def classify(checkpoint: Path, image: Path, classes: list[str]) -> list[dict]:
 
 
 def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
+    if top < 1:  # a slice [:0] is empty and [:-1] drops the last image, silently
+        raise SystemExit(f"error: --top must be at least 1, got {top}")
     paper, model, tokenizer, config = _embeddings(checkpoint)
     if not folder.is_dir():
         raise SystemExit(f"error: no folder {folder}")
@@ -160,7 +184,8 @@ def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
 
 def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = None,
              chunk: int = 250) -> dict:
-    """{"images", "classes", "top1", "top5"} of CoCa's zero-shot classification of a folder."""
+    """{"images", "classes", "unreadable", "top1", "top5"} of CoCa's zero-shot classification
+    of a folder: "images" those read and scored, "unreadable" those skipped (_readable)."""
     from shared.evaluate import PROMPT_TEMPLATES, class_embeddings, top_k_accuracy
 
     paper, model, tokenizer, config = _embeddings(checkpoint)
@@ -170,16 +195,21 @@ def zeroshot(checkpoint: Path, root: Path, templates: tuple[str, ...] | None = N
             class_emb = class_embeddings(
                 lambda texts: paper.embed_text_strings(model, tokenizer, config, texts),
                 folder.classes, tuple(templates or PROMPT_TEMPLATES))  # (C, E)
-            logits, labels = [], []
+            logits, labels, skipped = [], [], []
             for start in range(0, len(folder), chunk):  # images read a chunk at a time
-                items = [folder.item(i) for i in range(start, min(start + chunk, len(folder)))]
+                items = _readable(folder, range(start, min(start + chunk, len(folder))), skipped)
+                if not items:
+                    continue
                 image_emb = paper.embed_image_arrays(model, [image for image, _ in items])
                 logits.append(image_emb @ class_emb.T)  # (b, C)
                 labels += [label for _, label in items]
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if not labels:
+        raise SystemExit(f"error: {root}: none of its {len(folder)} images can be read")
     accuracy = top_k_accuracy(torch.cat(logits), torch.tensor(labels, device=class_emb.device))
-    return {"images": len(folder), "classes": len(folder.classes), **accuracy}
+    return {"images": len(labels), "classes": len(folder.classes), "unreadable": len(skipped),
+            **accuracy}
 
 
 def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, n: int = 0,
@@ -187,8 +217,9 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
     """The linear probe of a CoCa or VirTex checkpoint's frozen image features on an image
     folder pair, root/<class name>/<images> (shared.probe.probe_accuracy: multinomial logistic
     regression, weight decay chosen on held-out training images): {"train_images",
-    "val_images", "classes", "top1"}. n_train, n > 0: that many images of each folder, spread
-    evenly over it (so over its classes)."""
+    "val_images", "classes", "unreadable", "top1"}. n_train, n > 0: that many images of each
+    folder, spread evenly over it (so over its classes). An image that cannot be read is
+    skipped (_readable): the image counts are of those read, "unreadable" counts the others."""
     from shared.probe import probe_accuracy
 
     paper, model, tokenizer, config, run = _protocol(checkpoint, "probe",
@@ -199,18 +230,22 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
         if unknown:
             raise ValueError(f"{val_root}: class folder {unknown[0]!r} is not a class of "
                              f"{train_root}")
-        features = []
+        features, skipped = [], []
         for folder, count in zip(folders, (n_train, n)):
             count = len(folder) if count <= 0 else min(count, len(folder))
             index = np.linspace(0, len(folder) - 1, count).round().astype(int)  # evenly spread
             x, y = [], []
             with torch.no_grad():
                 for start in range(0, count, chunk):
-                    items = [folder.item(int(i)) for i in index[start:start + chunk]]
-                    x.append(paper.image_features(model, [image for image, _ in items])
-                             .float().cpu())  # (b, C)
-                    y += [folders[0].classes.index(folder.classes[label]) for _, label in items]
+                    items = _readable(folder, index[start:start + chunk], skipped)
+                    if items:
+                        x.append(paper.image_features(model, [image for image, _ in items])
+                                 .float().cpu())  # (b, C)
+                        y += [folders[0].classes.index(folder.classes[label])
+                              for _, label in items]
                     _progress(min(start + chunk, count), count, f"images of {folder.root}")
+            if not y:
+                raise ValueError(f"{folder.root}: none of the {count} images chosen can be read")
             features += [torch.cat(x), torch.tensor(y)]
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -218,7 +253,7 @@ def probe(checkpoint: Path, train_root: Path, val_root: Path, n_train: int = 0, 
     x_train, y_train = features[0][order], features[1][order]  # random order: see probe_accuracy
     top1 = probe_accuracy(x_train, y_train, features[2], features[3], len(folders[0].classes))
     return {"train_images": len(x_train), "val_images": len(features[2]),
-            "classes": len(folders[0].classes), "top1": top1}
+            "classes": len(folders[0].classes), "unreadable": len(skipped), "top1": top1}
 
 
 def karpathy(checkpoint: Path, spec: str, split: str = "test", n: int = 0,
@@ -251,6 +286,11 @@ def vqa(checkpoint: Path, spec: str, results: Path | None = None, n: int = 0,
         raise SystemExit(f"error: {e}") from None
 
 
+def _unreadable_note(n: int) -> str:
+    """What a result line adds when images were skipped (its counts leave them out)."""
+    return f"; {n} unreadable images skipped (named in the warnings)" if n else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Captions, zero-shot classes and text-to-image "
                                                  "ranking from a trained checkpoint.")
@@ -268,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("checkpoint", type=Path)
     r.add_argument("text")
     r.add_argument("folder", type=Path)
-    r.add_argument("--top", type=int, default=5)
+    r.add_argument("--top", type=int, default=5, help="how many images to list (>= 1)")
     e = sub.add_parser("zeroshot", help="CoCa zero-shot top-1 / top-5 on an image folder")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("root", type=Path)
@@ -320,11 +360,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "probe":
         results = probe(args.checkpoint, args.train_root, args.val_root, args.n_train, args.n)
         lines = [f"{results['train_images']} training and {results['val_images']} validation "
-                 f"images, {results['classes']} classes: top-1 {results['top1']:.4f}"]
+                 f"images, {results['classes']} classes: top-1 {results['top1']:.4f}"
+                 + _unreadable_note(results["unreadable"])]
     else:
         results = zeroshot(args.checkpoint, args.root, args.templates)
         lines = [f"{results['images']} images, {results['classes']} classes: top-1 "
-                 f"{results['top1']:.4f}, top-5 {results['top5']:.4f}"]
+                 f"{results['top1']:.4f}, top-5 {results['top5']:.4f}"
+                 + _unreadable_note(results["unreadable"])]
     sys.stdout.write(json.dumps({args.command: results}, indent=1) + "\n" if args.json
                      else "\n".join(lines) + "\n")
 

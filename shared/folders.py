@@ -26,16 +26,18 @@ Images are read with Pillow, converted to RGB whatever their mode (RGBA and LA o
 grayscale, palette, CMYK), resized so the shorter side is `image_size` and centre-cropped to a
 square. What is wrong with the corpus is dealt with as follows:
     * an annotation file that is not UTF-8 JSON (a BOM is allowed), lacks a needed key, or holds
-      a value of the wrong type (a list where an object belongs, a file name that is not a
-      string, an image id that is neither an integer nor a string, the same id twice): ValueError
-      at start, naming the file and the record;
+      a value of the wrong type (a list where an object belongs, a file name or a caption that
+      is not a string, null included, an image id that is neither an integer nor a string, the
+      same id twice): ValueError at start, naming the file and the record;
     * a file name that leads outside its root (a `..` that climbs out, an absolute path
       elsewhere; the root is the image folder, the region folder, IMAGE_ROOT, or the JSONL
       file's folder): ValueError at start naming the record (`inside`), never a read there;
-    * an empty caption (after stripping), or one that is not a string or not valid UTF-8 (a
-      lone surrogate from a "\\ud800" escape): dropped, counted in `dropped_captions`;
-    * an image with no caption left, or whose file is missing: dropped, counted in
-      `dropped_images`;
+    * an empty caption (after stripping), or one that is not valid UTF-8 (a lone surrogate
+      from a "\\ud800" escape): dropped, counted in `dropped_captions`;
+    * an image with no caption left, or whose file is missing or no regular file (a folder, a
+      FIFO): dropped, counted in `dropped_images`;
+    * a path that is no regular file when an image is read (a FIFO put there since, whose
+      open() would wait for a writer forever): refused unopened by open_rgb, so unreadable;
     * an image that cannot be decoded when it is read: a warning, and the next readable image
       of the corpus is returned in its place (`example` never raises for a bad file); the
       count is in `unreadable` (per process: DataLoader workers count their own), and the
@@ -50,6 +52,7 @@ Tokenizer.encode(max_len) keeps the final [SEP].
 import dataclasses
 import json
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -92,11 +95,39 @@ def _grey_to_8_bits(image: Image.Image) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
+# What a path that is not a regular file turns out to be, for open_regular's refusal.
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular(path: str | Path):
+    """The file at `path` opened for binary reading, or an OSError "not a regular file (a
+    FIFO)" when it is anything else (the message leaves the naming of the path to the caller).
+    A reader must never block or run forever on a name a data file gave it: open() of a FIFO
+    waits until another process opens it for writing, and a device such as /dev/zero never
+    ends. The open itself does not block (O_NONBLOCK, which regular files ignore), and the kind
+    is checked on the descriptor opened, so a file swapped after a check is refused too."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "of another kind")
+            raise OSError(f"not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_rgb(path: Path) -> Image.Image:
     """An image file, decoded now, as RGB (to_rgb). Anything that stops the decoding is an
     OSError "cannot read PATH: reason", so that every reader that skips unreadable files skips
     this one too: Pillow raises many kinds on a damaged header (SyntaxError, struct.error,
-    IndexError, OverflowError, ...), and DecompressionBombError is no OSError.
+    IndexError, OverflowError, ...), and DecompressionBombError is no OSError. A path that is
+    not a regular file (a FIFO, a device, a folder) is refused before a byte is read
+    (open_regular): opening a FIFO would wait for a writer forever.
 
     Images of more than Image.MAX_IMAGE_PIXELS pixels (Pillow's limit, 89,478,485 by default,
     about 9,500 x 9,500; read at each call and not changed here) are refused before they are
@@ -106,7 +137,7 @@ def open_rgb(path: Path) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with open_regular(path) as f, Image.open(f) as image:
                 image.load()  # decode now: a truncated file fails here, not later
                 return to_rgb(image)
     except Exception as e:  # noqa: BLE001 -- any decoding failure is the file's fault
@@ -186,8 +217,9 @@ def _list(value, where: str) -> list:
 
 def _coco_records(annotation_file: Path) -> list[tuple[str, list]]:
     """(file_name, captions) of every image of a COCO captions annotation file, in its order;
-    a missing key or a value of the wrong type is a ValueError naming the file and the record.
-    Captions are returned as found (_keep drops those that are not usable strings)."""
+    a missing key or a value of the wrong type (a caption that is not a string among them) is a
+    ValueError naming the file and the record. Captions are returned as found (_keep drops the
+    empty ones and those that are not valid UTF-8)."""
     if not annotation_file.is_file():
         raise FileNotFoundError(f"no annotation file {annotation_file}")
     where = str(annotation_file)
@@ -212,6 +244,8 @@ def _coco_records(annotation_file: Path) -> list[tuple[str, list]]:
         if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) \
                 or image_id not in captions:
             raise ValueError(f"{at}: image_id {image_id!r} is not an id of 'images'")
+        if not isinstance(caption, str):  # a damaged file, not an empty caption: refused
+            raise ValueError(f"{at}: 'caption' must be a string, got {_json_type(caption)}")
         captions[image_id].append(caption)
     return [(files[i], captions[i]) for i in files]
 
@@ -223,7 +257,8 @@ KARPATHY_COUNTS = {"coco": (113_287, 5_000, 5_000), "flickr30k": (29_000, 1_014,
 
 def _karpathy_images(file: Path) -> tuple[str, list[dict]]:
     """(dataset name, the image records) of a Karpathy split file, each checked for the keys
-    the reader needs; a ValueError names the file and the record."""
+    the reader needs and their types (a sentence's `raw` must be a string: training and
+    evaluation both read it); a ValueError names the file and the record."""
     if not file.is_file():
         raise FileNotFoundError(f"no Karpathy split file {file}")
     where = str(file)
@@ -237,7 +272,10 @@ def _karpathy_images(file: Path) -> tuple[str, list[dict]]:
         if not isinstance(image.get("filepath", ""), str):
             raise ValueError(f"{at}: 'filepath' must be a string")
         for j, sentence in enumerate(_list(_need(image, "sentences", at), f"{at}, 'sentences'")):
-            _need(sentence, "raw", f"{at}, sentences[{j}]")
+            raw = _need(sentence, "raw", f"{at}, sentences[{j}]")
+            if not isinstance(raw, str):  # else the evaluation fails after captioning every image
+                raise ValueError(f"{at} ({image['filename']}), sentences[{j}]: 'raw' must be a "
+                                 f"string, got {_json_type(raw)}")
     name = data.get("dataset", "") if isinstance(data, dict) else ""
     return (name if isinstance(name, str) else ""), images
 
@@ -397,6 +435,10 @@ class CaptionFolder:
             if not isinstance(captions, list):
                 raise ValueError(f"{where}: 'captions' must be a list of strings, got "
                                  f"{_json_type(captions)}")
+            wrong = [k for k, c in enumerate(captions) if not isinstance(c, str)]
+            if wrong:
+                raise ValueError(f"{where}: 'captions' must be a list of strings, item "
+                                 f"{wrong[0]} is {_json_type(captions[wrong[0]])}")
             # an absolute path is kept as written when it lies under the file's folder
             records.append((inside(file.parent, image, where), captions))
         return cls(records, image_size, file)
@@ -510,7 +552,7 @@ class RegionFolder:
     warning naming the file and the problem (counted in `unreadable`, as unreadable images are).
     `_read` refuses (ValueError naming the file):
         * a file numpy cannot read as an .npz without unpickling (empty, truncated, a .npy, a
-          damaged zip, object arrays);
+          damaged zip, object arrays), or no regular file at all (a FIFO, a device);
         * a missing key of REGION_KEYS; an array that is not numbers (strings, complex) or not
           of its shape above: features (N, F), boxes (N, 4), conf (N,), cls_prob (N, C), tags
           a 1-D array of str (an empty array of any dtype is no tags); no regions (N = 0);
@@ -557,31 +599,7 @@ class RegionFolder:
         """One region file -> features, boxes, conf, cls_prob (if stored) as float32 and tags,
         rows by conf, highest first; a ValueError naming the file for anything the class
         docstring lists."""
-        arrays = _load_npz(path, REGION_KEYS + ("cls_prob", "tags"))
-        missing = [k for k in REGION_KEYS if k not in arrays]
-        if missing:
-            raise ValueError(f"{path}: no {missing[0]!r} in the file")
-        features = _numbers(arrays, "features", path, ("N", "F"))  # (N, F)
-        N = len(features)
-        if N == 0 or features.shape[1] == 0:
-            raise ValueError(f"{path}: no regions (features of shape {features.shape})")
-        boxes = _numbers(arrays, "boxes", path, (N, 4))  # (N, 4)
-        conf = _numbers(arrays, "conf", path, (N,))  # (N,)
-        if boxes.min() < -BOX_SLACK or boxes.max() > 1 + BOX_SLACK:
-            raise ValueError(f"{path}: boxes must be fractions of the image side in [0, 1] "
-                             f"(x1/W, y1/H, x2/W, y2/H), found values in "
-                             f"[{boxes.min():g}, {boxes.max():g}]")
-        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-            raise ValueError(f"{path}: a box has x2 < x1 or y2 < y1; boxes are (x1, y1, x2, y2)")
-        order = np.argsort(-conf, kind="stable")  # (N,) by conf, highest first
-        out = {"features": features[order], "boxes": boxes.clip(0, 1)[order],
-               "conf": conf[order], "tags": _tags(arrays, path)}
-        if "cls_prob" in arrays:
-            cls_prob = _numbers(arrays, "cls_prob", path, (N, "C"))  # (N, C)
-            if cls_prob.shape[1] == 0 or (cls_prob < 0).any():
-                raise ValueError(f"{path}: cls_prob must be (N, C >= 1) probabilities >= 0")
-            out["cls_prob"] = cls_prob[order]
-        return out
+        return read_region_file(path)
 
     def read(self, path: Path) -> dict:
         """The region arrays of one .npz, checked as example(i) checks them; a ValueError
@@ -639,16 +657,55 @@ def need_region_files(source, region_dir: Path, paths: list[Path], expected: str
                      f"images (expected {expected}){absent}")
 
 
+def read_region_file(path: str | Path) -> dict:
+    """The region arrays of one .npz as RegionFolder's examples hold them (region_arrays); a
+    ValueError naming the file where RegionFolder would skip it: a tool given files by name
+    (infer.py caption --regions) reports them, whatever they are (a FIFO included)."""
+    return region_arrays(_load_npz(Path(path), REGION_KEYS + ("cls_prob", "tags")), path)
+
+
+def region_arrays(arrays: dict, where: str | Path) -> dict:
+    """The arrays of one region file as RegionFolder's examples hold them (features, boxes,
+    conf, cls_prob if stored, as float32, and tags; rows by conf, highest first), checked as
+    the RegionFolder docstring lists; a ValueError naming `where` otherwise. shared.convert
+    checks what it writes here, so that it never writes a file the reader would refuse."""
+    missing = [k for k in REGION_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{where}: no {missing[0]!r} in the file")
+    features = _numbers(arrays, "features", where, ("N", "F"))  # (N, F)
+    N = len(features)
+    if N == 0 or features.shape[1] == 0:
+        raise ValueError(f"{where}: no regions (features of shape {features.shape})")
+    boxes = _numbers(arrays, "boxes", where, (N, 4))  # (N, 4)
+    conf = _numbers(arrays, "conf", where, (N,))  # (N,)
+    if boxes.min() < -BOX_SLACK or boxes.max() > 1 + BOX_SLACK:
+        raise ValueError(f"{where}: boxes must be fractions of the image side in [0, 1] "
+                         f"(x1/W, y1/H, x2/W, y2/H), found values in "
+                         f"[{boxes.min():g}, {boxes.max():g}]")
+    if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise ValueError(f"{where}: a box has x2 < x1 or y2 < y1; boxes are (x1, y1, x2, y2)")
+    order = np.argsort(-conf, kind="stable")  # (N,) by conf, highest first
+    out = {"features": features[order], "boxes": boxes.clip(0, 1)[order],
+           "conf": conf[order], "tags": _tags(arrays, where)}
+    if "cls_prob" in arrays:
+        cls_prob = _numbers(arrays, "cls_prob", where, (N, "C"))  # (N, C)
+        if cls_prob.shape[1] == 0 or (cls_prob < 0).any():
+            raise ValueError(f"{where}: cls_prob must be (N, C >= 1) probabilities >= 0")
+        out["cls_prob"] = cls_prob[order]
+    return out
+
+
 def _load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays `keys` of an .npz that has them, read now, never unpickled. Anything else is
-    a ValueError naming the file: a file that is no zip archive (numpy would take it for a
-    pickle and suggest loading it unsafely), a .npy (one array), and whatever stops numpy on a
-    damaged archive, which raises many kinds from inside numpy and zipfile (EOFError,
-    BadZipFile, zlib.error, NotImplementedError, ...)."""
-    try:
-        f = open(path, "rb")  # ours: np.load(path) leaves its own open on a bad zip
+    a ValueError naming the file: a path that is no regular file (open_regular: a FIFO would
+    block), a file that is no zip archive (numpy would take it for a pickle and suggest
+    loading it unsafely), a .npy (one array), and whatever stops numpy on a damaged archive,
+    which raises many kinds from inside numpy and zipfile (EOFError, BadZipFile, zlib.error,
+    NotImplementedError, ...)."""
+    try:  # ours: np.load(path) leaves its own open on a bad zip; a FIFO must not block
+        f = open_regular(path)
     except OSError as e:
-        raise ValueError(f"{path}: cannot be opened ({e.strerror})") from None
+        raise ValueError(f"{path}: cannot be opened ({e.strerror or e})") from None
     with f:
         head = f.read(6)
         if head.startswith(b"\x93NUMPY"):
@@ -704,8 +761,10 @@ class ImageFolder:
     """A classification set laid out as root/<class name>/<image file>, the layout of
     torchvision's ImageFolder and of ImageNet's validation folders: classes are the sorted
     subfolder names, read as text with "_" for a space ("red_circle" -> "red circle"). Images
-    are read as everywhere else here (load_image); one that cannot be decoded is an OSError
-    naming it (an evaluation does not skip images: its denominator would change)."""
+    are read as everywhere else here (load_image); one that cannot be decoded, or a name that
+    is no regular file (a FIFO, which would block the read), is an OSError naming it when
+    item(i) reads it. The folder does not skip it itself: an evaluation that does (infer.py
+    zeroshot and probe) changes its denominator, and says how many it left out."""
 
     def __init__(self, root: str | Path, image_size: int):
         root = Path(root)
@@ -728,11 +787,12 @@ class ImageFolder:
         return len(self.items)
 
     def item(self, i: int) -> tuple[np.ndarray, int]:
-        """(uint8 (S, S, 3), class index)."""
+        """(uint8 (S, S, 3), class index); an OSError "cannot read PATH: reason" when the
+        image cannot be read."""
         path, label = self.items[i]
         try:
             return load_image(path, self.image_size), label
-        except (OSError, ValueError) as e:
+        except ValueError as e:  # load_image's OSError names the file already
             raise OSError(f"cannot read {path}: {e}") from None
 
 

@@ -16,13 +16,14 @@ found by region_file. Predictions are written as the server reads them:
 """
 
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from shared.folders import (RegionFolder, _json_type, _list, _need, _note_unreadable,
-                            _parse_json, _read_text, inside, need_region_files)
+                            _parse_json, _read_text, _usable, inside, need_region_files)
 from shared.metrics import normalize_answer, vqa_accuracy_by_type
 
 ANSWER_TYPES = ("yes/no", "number", "other")
@@ -112,7 +113,16 @@ def read_vqa(questions_file: str | Path, annotations_file: str | Path | None = N
     """(question records, data_subtype) of a VQA v2 questions file and, if given, its annotations:
     each record {"question_id", "image_id", "question"} plus, with annotations, "answers" (the
     human answers), "answer_type", "question_type", "multiple_choice_answer". A missing file,
-    key or annotation is a ValueError (FileNotFoundError) naming the file and the record."""
+    key or annotation is a ValueError (FileNotFoundError) naming the file and the record, and
+    so is a question that is blank or not valid UTF-8 (a lone surrogate): training and
+    evaluation read the same records, and a question dropped in one would be answered in the
+    other.
+
+    A null answer says nothing: str(None) would be "None", which normalize_answer reads as the
+    number word "none", i.e. the class "0". A human answer that is null is left out of its
+    question's answers, and a null multiple_choice_answer becomes "" (answer_vocabulary skips
+    it, so it is never a class); one warning per file counts them. A question whose every
+    human answer is null, or an answer of another type (a number, a list), is a ValueError."""
     questions_file = Path(questions_file)
     if not questions_file.is_file():
         raise FileNotFoundError(f"no VQA questions file {questions_file}")
@@ -124,7 +134,11 @@ def read_vqa(questions_file: str | Path, annotations_file: str | Path | None = N
         text = _need(q, "question", at)
         if not isinstance(text, str):
             raise ValueError(f"{at}: 'question' must be a string, got {_json_type(text)}")
-        records.append({"question_id": _id(_need(q, "question_id", at), at, "question_id"),
+        question_id = _id(_need(q, "question_id", at), at, "question_id")
+        if not _usable(text):  # VQAFolder's captions would drop it, and with it its image
+            raise ValueError(f"{at}: question {question_id!r} is "
+                             f"{'blank' if not text.strip() else 'not valid UTF-8 text'}")
+        records.append({"question_id": question_id,
                         "image_id": _id(_need(q, "image_id", at), at, "image_id"),
                         "question": text})
     subtype = data.get("data_subtype", "") if isinstance(data, dict) else ""
@@ -135,20 +149,35 @@ def read_vqa(questions_file: str | Path, annotations_file: str | Path | None = N
         raise FileNotFoundError(f"no VQA annotations file {annotations_file}")
     where = str(annotations_file)
     data = _parse_json(_read_text(annotations_file), where)
-    notes = {}
+    notes, null_answers, null_choices, first_null = {}, 0, 0, None
     for k, a in enumerate(_list(_need(data, "annotations", where), f"{where}, 'annotations'")):
         at = f"{where}, annotations[{k}]"
-        answers = [_need(x, "answer", f"{at}, answers") for x in
-                   _list(_need(a, "answers", at), f"{at}, 'answers'")]
+        given = [_need(x, "answer", f"{at}, answers") for x in
+                 _list(_need(a, "answers", at), f"{at}, 'answers'")]
+        answers = [x for x in given if x is not None]
         if not answers or not all(isinstance(x, str) for x in answers):
-            raise ValueError(f"{at}: 'answers' must be a non-empty list of {{\"answer\": str}}")
+            raise ValueError(f"{at}: 'answers' must be a non-empty list of {{\"answer\": str}}"
+                             f"{' (every answer is null)' if given and not answers else ''}")
         kind = _need(a, "answer_type", at)
         if kind not in ANSWER_TYPES:
             raise ValueError(f"{at}: answer_type must be one of {ANSWER_TYPES}, got {kind!r}")
-        notes[_id(_need(a, "question_id", at), at, "question_id")] = {
+        choice = _need(a, "multiple_choice_answer", at)
+        if choice is not None and not isinstance(choice, str):
+            raise ValueError(f"{at}: 'multiple_choice_answer' must be a string, got "
+                             f"{_json_type(choice)}")
+        question_id = _id(_need(a, "question_id", at), at, "question_id")
+        if len(answers) < len(given) or choice is None:
+            null_answers += len(given) - len(answers)
+            null_choices += choice is None
+            first_null = question_id if first_null is None else first_null
+        notes[question_id] = {
             "answers": answers, "answer_type": kind,
             "question_type": str(a.get("question_type", "")),
-            "multiple_choice_answer": str(_need(a, "multiple_choice_answer", at))}
+            "multiple_choice_answer": "" if choice is None else choice}
+    if first_null is not None:
+        warnings.warn(f"{where}: {null_answers} human answers and {null_choices} "
+                      f"multiple_choice_answer are null (the first in question {first_null}); "
+                      f"they are left out")
     for r in records:
         if r["question_id"] not in notes:
             raise ValueError(f"{where}: no annotation for question {r['question_id']} of "

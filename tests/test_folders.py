@@ -741,3 +741,102 @@ def test_an_extreme_aspect_ratio_gives_nearly_torchvision_s_pixels(tmp_path, wid
     start = int(round((longer - 224) / 2.0))
     theirs = resized[start:start + 224] if width < height else resized[:, start:start + 224]
     assert np.abs(load_image(tmp_path / "long.png", 224).astype(int) - theirs).max() <= 2
+
+
+# --- hostile names and values: FIFOs, captions of the wrong type --------------------------------
+
+@pytest.fixture
+def deadline():
+    """A test that could block (open() of a FIFO waits for a writer) fails after 20 s instead
+    of hanging: SIGALRM raises TimeoutError in the blocked call."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("blocked for 20 s: a FIFO was opened for reading")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_is_refused_unopened_wherever_images_and_region_files_are_read(tmp_path,
+                                                                            deadline):
+    import os
+
+    from shared.folders import ImageFolder, RegionFolder
+
+    _png(tmp_path / "classes" / "red" / "a.png")
+    fifo = tmp_path / "classes" / "red" / "b.png"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match=f"cannot read {fifo}: not a regular file \\(a FIFO\\)"):
+        load_image(fifo, 8)
+    images = ImageFolder(tmp_path / "classes", 8)
+    assert [p.name for p, _ in images.items] == ["a.png", "b.png"]
+    with pytest.raises(OSError, match=f"^cannot read {fifo}: not a regular file"):
+        images.item(1)
+    os.mkfifo(tmp_path / "r.npz")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'r.npz'}: cannot be opened \\(not a "
+                                         f"regular file \\(a FIFO\\)\\)"):
+        RegionFolder([(tmp_path / "classes" / "red" / "a.png", ["x"])]).read(tmp_path / "r.npz")
+    # a COCO file naming a FIFO: no file, dropped at the start; one put there later (the
+    # folder was listed before) is an unreadable image, skipped and counted
+    (tmp_path / "images").mkdir()
+    _png(tmp_path / "images" / "a.png")
+    _png(tmp_path / "images" / "c.png")
+    os.mkfifo(tmp_path / "images" / "b.png")
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"images": [{"id": k, "file_name": f"{name}.png"} for k, name in enumerate("abc")],
+         "annotations": [{"image_id": k, "caption": "x"} for k in range(3)]}))
+    folder = CaptionFolder.coco(tmp_path / "c.json", image_size=8)
+    assert len(folder) == 2 and folder.dropped_images == 1
+    (tmp_path / "images" / "c.png").unlink()
+    os.mkfifo(tmp_path / "images" / "c.png")
+    with pytest.warns(UserWarning, match="skipping unreadable image .*c.png .*not a regular file"):
+        assert folder.example(1)["captions"] == ["x"]  # c is skipped: a is read instead
+    assert folder.unreadable == 1
+
+
+@pytest.mark.parametrize("raw", [12, None, ["a dog"]])
+def test_a_karpathy_sentence_that_is_not_a_string_is_one_line_at_the_start(exported, tmp_path,
+                                                                          raw):
+    from shared.folders import karpathy_split
+
+    file = karpathy_file(exported, tmp_path, ["train"] * 6 + ["test"] * 6)
+    data = json.loads(file.read_text())
+    data["images"][7]["sentences"][1]["raw"] = raw
+    file.write_text(json.dumps(data))
+    name = data["images"][7]["filename"]
+    message = (f"{file}, images\\[7\\] \\({name}\\), sentences\\[1\\]: 'raw' must be a string, "
+               f"got ")
+    with pytest.raises(ValueError, match=message):
+        CaptionFolder.karpathy(file, exported[1], image_size=32)
+    with pytest.raises(ValueError, match=message):
+        karpathy_split(file, exported[1], "test")
+    run, paper, overrides = train.parse_args(
+        ["--model", "virtex", "--val_data", f"karpathy:{file},{exported[1]}", "--image_size",
+         "32", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="--val_data: .*'raw' must be a string"):
+        train.train(run, paper, overrides, log=lambda line: None)
+
+
+@pytest.mark.parametrize("caption", [12, None, ["x"], {"text": "x"}])
+def test_a_caption_that_is_not_a_string_is_one_line_naming_its_record(tmp_path, caption):
+    _png(tmp_path / "images" / "a.png")
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": "a.png"}],
+         "annotations": [{"image_id": 1, "caption": "a dog"},
+                         {"image_id": 1, "caption": caption}]}))
+    with pytest.raises(ValueError, match=r"c\.json, annotations\[1\]: 'caption' must be a "
+                                         r"string, got "):
+        CaptionFolder.coco(tmp_path / "c.json", image_size=8)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": "images/a.png",
+                                                  "captions": ["a dog", caption]}) + "\n")
+    with pytest.raises(ValueError, match=r"c\.jsonl, line 1: 'captions' must be a list of "
+                                         r"strings, item 1 is "):
+        CaptionFolder.jsonl(tmp_path / "c.jsonl", image_size=8)
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"images": [{"id": 1, "file_name": None}], "annotations": []}))
+    with pytest.raises(ValueError, match=r"c\.json, images\[0\]: 'file_name' must be a string, "
+                                         r"got null"):
+        CaptionFolder.coco(tmp_path / "c.json", image_size=8)

@@ -343,7 +343,7 @@ def test_probe_on_image_folders_fits_the_frozen_features(checkpoints, tmp_path, 
     order = torch.randperm(len(y[0]), generator=torch.Generator().manual_seed(0))
     expected = probe_accuracy(x[0][order], y[0][order], x[1], y[1], len(folders[0].classes))
     assert ours == {"train_images": 400, "val_images": 30, "classes": len(folders[0].classes),
-                    "top1": pytest.approx(expected, abs=1e-12)}
+                    "unreadable": 0, "top1": pytest.approx(expected, abs=1e-12)}
     assert infer.probe(checkpoints[name], tmp_path / "train", tmp_path / "val",
                        n_train=20, n=10)["train_images"] == 20
     (tmp_path / "val" / "purple_moon").mkdir()
@@ -438,3 +438,113 @@ def test_caption_of_an_unreadable_or_missing_region_file_names_it(checkpoints, f
         infer.caption(checkpoints["oscar"], [], [good, tmp_path / "none.npz"])
     alone = infer.caption(checkpoints["oscar"], [], [good])
     assert infer.caption(checkpoints["oscar"], [], [good, good])[1] == alone[0]
+
+
+@pytest.mark.parametrize("top", [0, -1])
+def test_rank_refuses_a_top_below_1_before_reading_anything(tmp_path, capsys, top):
+    # [:0] listed nothing and [:-1] dropped the last image without a word
+    with pytest.raises(SystemExit, match=f"^error: --top must be at least 1, got {top}$"):
+        infer.rank(tmp_path / "missing.pt", "x", tmp_path, top)
+    with pytest.raises(SystemExit, match="--top must be at least 1"):
+        infer.main(["rank", str(tmp_path / "missing.pt"), "x", str(tmp_path), "--top", str(top)])
+
+
+def _truncate(path) -> None:
+    path.write_bytes(path.read_bytes()[:60])  # the PNG header and part of IHDR
+
+
+def _in_a_shared_class(root):
+    """An image of a class folder that holds more than one: without it the class remains."""
+    return next(images[0] for folder in sorted(root.iterdir())
+                if len(images := sorted(folder.glob("*.png"))) > 1)
+
+
+def test_zeroshot_skips_an_unreadable_image_names_it_and_counts_it(checkpoints, tmp_path,
+                                                                   capsys):
+    from shared.world import export_classification
+
+    paper, model, tokenizer, config, run = infer.load(checkpoints["coca"])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    export_classification(world_config, "test", tmp_path / "folder", 40)
+    bad = _in_a_shared_class(tmp_path / "folder")
+    shutil.copytree(tmp_path / "folder", tmp_path / "without")
+    (tmp_path / "without" / bad.parent.name / bad.name).unlink()
+    _truncate(bad)
+    with pytest.warns(UserWarning, match=f"skipping an unreadable image \\(cannot read {bad}: "
+                                         f".*\\); 1 skipped so far"):
+        ours = infer.zeroshot(checkpoints["coca"], tmp_path / "folder", ("a {}",))
+    expected = infer.zeroshot(checkpoints["coca"], tmp_path / "without", ("a {}",))
+    assert ours == {**expected, "unreadable": 1} and ours["images"] == 39
+    assert expected["unreadable"] == 0
+    with pytest.warns(UserWarning, match=str(bad)):
+        infer.main(["zeroshot", str(checkpoints["coca"]), str(tmp_path / "folder"), "--templates",
+                    "a {}"])
+    assert capsys.readouterr().out.strip().endswith(
+        "; 1 unreadable images skipped (named in the warnings)")
+    for image in (tmp_path / "without").glob("*/*.png"):
+        _truncate(image)
+    with pytest.warns(UserWarning), pytest.raises(SystemExit, match="none of its 39 images can "
+                                                                   "be read"):
+        infer.zeroshot(checkpoints["coca"], tmp_path / "without", ("a {}",))
+
+
+def test_probe_skips_an_unreadable_image_names_it_and_counts_it(checkpoints, tmp_path, capsys,
+                                                               monkeypatch):
+    """With an unreadable image in each folder, the probe is fitted on exactly the features of
+    the images it can read (probe_accuracy's inputs are recorded: the fit itself is tested
+    above), and the count is in the result and its line."""
+    from shared.world import export_classification
+
+    fitted = []  # probe_accuracy's arguments, call by call
+    monkeypatch.setattr("shared.probe.probe_accuracy",
+                        lambda *args: fitted.append(args) or 0.5)
+    paper, model, tokenizer, config, run = infer.load(checkpoints["virtex"])
+    world_config = train.make_world_config(paper, config, run["seed"])
+    export_classification(world_config, "train", tmp_path / "train", 200)
+    export_classification(world_config, "test", tmp_path / "val", 60)
+    for folder in (tmp_path / "val").iterdir():  # classes the training images lack: refused
+        if not (tmp_path / "train" / folder.name).is_dir():
+            shutil.rmtree(folder)
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-without")
+    without = tmp_path.parent / f"{tmp_path.name}-without"
+    bad = [_in_a_shared_class(tmp_path / part) for part in ("train", "val")]
+    n_val = len(list((tmp_path / "val").glob("*/*.png")))
+    for path in bad:
+        (without / path.relative_to(tmp_path)).unlink()
+        _truncate(path)
+    with pytest.warns(UserWarning) as caught:
+        ours = infer.probe(checkpoints["virtex"], tmp_path / "train", tmp_path / "val")
+    named = [str(w.message) for w in caught if "skipping an unreadable image" in str(w.message)]
+    assert len(named) == 2 and all(str(path) in line for path, line in zip(bad, named))
+    expected = infer.probe(checkpoints["virtex"], without / "train", without / "val")
+    assert ours == {**expected, "unreadable": 2}
+    assert (ours["train_images"], ours["val_images"]) == (199, n_val - 1)
+    for a, b in zip(fitted[0][:4], fitted[1][:4]):  # the same rows, in the same order
+        assert torch.equal(a, b)
+    with pytest.warns(UserWarning):
+        infer.main(["probe", str(checkpoints["virtex"]), str(tmp_path / "train"),
+                    str(tmp_path / "val")])
+    assert capsys.readouterr().out.strip().endswith(
+        "; 2 unreadable images skipped (named in the warnings)")
+
+
+def test_a_fifo_given_by_name_is_one_line_not_a_hang(checkpoints, tmp_path):
+    import os
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("blocked for 20 s: a FIFO was opened for reading")
+    os.mkfifo(tmp_path / "x.png")
+    os.mkfifo(tmp_path / "x.npz")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    try:
+        with pytest.raises(SystemExit, match=f"^error: cannot read {tmp_path / 'x.png'}: not a "
+                                             f"regular file \\(a FIFO\\)$"):
+            infer._images([tmp_path / "x.png"], 32)
+        with pytest.raises(SystemExit, match=f"^error: {tmp_path / 'x.npz'}: cannot be opened "
+                                             f"\\(not a regular file \\(a FIFO\\)\\)$"):
+            infer.caption(checkpoints["oscar"], [], [tmp_path / "x.npz"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

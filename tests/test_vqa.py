@@ -182,3 +182,61 @@ def test_a_string_image_id_outside_the_region_folder_is_refused(tmp_path):
         (tmp_path / "q.json").write_text(json.dumps(questions))
         with pytest.raises(ValueError, match=r"q\.json, questions\[1\]: .*secret\.npz' is outside"):
             VQAFolder(tmp_path / "q.json", None, tmp_path / "regions")
+
+
+def _vqa_files(tmp_path, questions: list[str], answers: list[list], choices: list):
+    """A questions file and an annotations file by hand: question k asks questions[k] of image
+    k, with the human answers answers[k] and the multiple_choice_answer choices[k]."""
+    (tmp_path / "q.json").write_text(json.dumps({"questions": [
+        {"question_id": 100 + k, "image_id": k, "question": q} for k, q in enumerate(questions)]}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": [
+        {"question_id": 100 + k, "image_id": k, "answer_type": "other",
+         "multiple_choice_answer": choice, "answers": [{"answer": a} for a in given]}
+        for k, (given, choice) in enumerate(zip(answers, choices))]}))
+    return tmp_path / "q.json", tmp_path / "a.json"
+
+
+def test_a_null_answer_is_left_out_counted_and_never_the_class_0(tmp_path):
+    files = _vqa_files(tmp_path, ["what?", "which?", "who?"],
+                       [["cat", None, "cat"], ["dog"] * 3, ["red", None, None]],
+                       ["cat", None, None])
+    with pytest.warns(UserWarning) as caught:
+        records, _ = read_vqa(*files)
+    assert [str(w.message) for w in caught] == [
+        f"{files[1]}: 3 human answers and 2 multiple_choice_answer are null (the first in "
+        f"question 100); they are left out"]
+    assert [r["answers"] for r in records] == [["cat", "cat"], ["dog"] * 3, ["red"]]
+    assert [r["multiple_choice_answer"] for r in records] == ["cat", "", ""]
+    assert answer_vocabulary(records, min_count=1) == ("cat",)  # not "0", nor "" nor "none"
+    index = answer_index(("cat", "0"))
+    assert soft_scores(records[0]["answers"], index).tolist() == [1.0, 0.0]
+    files = _vqa_files(tmp_path, ["what?"], [[None, None]], ["cat"])
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'answers' must be a non-empty list "
+                                         r".*\(every answer is null\)"):
+        read_vqa(*files)
+    files = _vqa_files(tmp_path, ["what?"], [["cat"]], [3])
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'multiple_choice_answer' must be "
+                                         r"a string, got a number"):
+        read_vqa(*files)
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n", "\ud800?"])
+def test_a_blank_question_is_one_line_naming_it_in_training_and_evaluation(exported, tmp_path,
+                                                                          blank):
+    from shared.benchmarks import check_spec
+
+    _, out = exported
+    questions = json.loads((out / "vqa_questions_test.json").read_text())
+    questions["questions"][5]["question"] = blank
+    qid = questions["questions"][5]["question_id"]
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    what = "blank" if blank.strip() == "" else "not valid UTF-8 text"
+    message = rf"q\.json, questions\[5\]: question {qid} is {what}"
+    with pytest.raises(ValueError, match=message):
+        read_vqa(tmp_path / "q.json")
+    spec = f"vqa:{tmp_path / 'q.json'},{out / 'vqa_annotations_test.json'},{out / 'regions'}"
+    with pytest.raises(ValueError, match=message):  # training reads it so
+        VQAFolder.from_spec(spec)
+    run, paper, overrides = train.parse_args(["--model", "uniter", "--task", "vqa"])
+    with pytest.raises(ValueError, match=message):  # and so does --val_data, at the start
+        check_spec(spec, paper, paper.Config(task="vqa"))
