@@ -430,6 +430,7 @@ class Oscar(nn.Module):
                                                batch["region_mask"])
             baseline_tokens, _ = greedy(caption_step_fn(self, tok, states, real), prefix,
                                         c.max_gen_len, tok.sep_id, PAD_ID)  # (B, T)
+        baseline_tokens = end_unfinished(baseline_tokens, tok.sep_id, c.max_gen_len)
         self.train(training)
         states, real = self.context_states(tags, tag_positions, batch["regions"],
                                            batch["region_mask"])  # with gradients
@@ -438,6 +439,7 @@ class Oscar(nn.Module):
             self, tok, [x[rows] for x in states], real[rows]), prefix[rows], c.max_gen_len,
             tok.sep_id, PAD_ID)  # (B·n, T), (B·n,), (B·n,)
         references = batch["references"]  # B lists of prepared reference strings
+        tokens = end_unfinished(tokens, tok.sep_id, c.max_gen_len)  # scored as [code] writes
         reward = reward_of(tokens, [refs for refs in references for _ in range(n)])  # (B·n,)
         baseline = reward_of(baseline_tokens, references)  # (B,)
         mean_logprob = (logprob / lengths).view(-1, n)  # (B, n)
@@ -609,6 +611,17 @@ def caption_attention_mask(caption_real: Tensor, context_real: Tensor) -> Tensor
                         context_real[:, None, :].expand(B, K, K)], dim=2)  # (B, K, C + K)
     real = torch.cat([caption_real, context_real], dim=1)  # (B, C + K)
     return torch.cat([top, bottom], dim=1) & real[:, :, None]  # (B, C + K, C + K)
+
+
+def end_unfinished(tokens: Tensor, sep_id: int, max_len: int) -> Tensor:
+    """[code]'s captions end with [SEP]: one still unfinished at max_len tokens ([CLS]
+    included) gets [SEP] over its last word, so it keeps at most max_len - 2 words (greedy,
+    sampling and beam search alike). tokens (R, T) -> (R, T)."""
+    if tokens.shape[1] < max_len:  # every row emitted [SEP] before the limit
+        return tokens
+    unfinished = (tokens != sep_id).all(dim=1)  # (R,)
+    return torch.where(unfinished[:, None] & (torch.arange(tokens.shape[1], device=tokens.device)
+                                              == tokens.shape[1] - 1), sep_id, tokens)
 
 
 def caption_step_fn(model: Oscar, tokenizer, states: list[Tensor], real: Tensor,
@@ -1093,7 +1106,7 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
             prompt: str = "", beam_size: int | None = None, cached: bool = True) -> list[str]:
     """Captions for the examples' images [Oscar §4, Image Captioning; code]: start from [CLS],
     append [MASK], read the next word at [MASK], append it, repeat to [SEP] or max_gen_len tokens
-    ([CLS] included, [code]); beam search (beam_size, Σ log p / len^α) or greedy (beam 1).
+    ([CLS] included, [code]; end_unfinished); beam search (beam_size, Σ log p / len^α) or greedy (beam 1).
     world_config: the world whose feature statistics standardise the regions, where the config
     keeps none. No prompt: the caption always starts at [CLS] (a ValueError otherwise)."""
     if prompt:
@@ -1112,6 +1125,7 @@ def caption(model: Oscar, tokenizer, config: Config, examples: list[dict], world
     else:
         out, _ = beam_search(step, prefix, config.max_gen_len, tokenizer.sep_id, beam_size,
                              config.length_penalty, pad_id=PAD_ID)
+    out = end_unfinished(out, tokenizer.sep_id, config.max_gen_len)  # (B, T)
     return [text.lower() for text in tokenizer.decode_batch(out.cpu())]
 
 

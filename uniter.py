@@ -39,8 +39,8 @@ task: pretrain = itm, mlm, mrfr, mrc (MRC and MRC-kl share it); retrieval = itm 
 IS the pre-trained ITM head, so fine-tuning starts from it); vqa = vqa.
 
 [code] = the official code (ChenRocks/UNITER 1dbfa62). `[paper ≠ code]` marks where the two
-differ: the Image Embedder and MRC-kl's scale are switches (region_branch_norms, mrc_kl_scale);
-ITM negatives, MLM's 80/10/10, WRA's negatives and the losses' sums are tagged where they live.
+differ: switches for the Image Embedder and MRC-kl's scale (region_branch_norms, mrc_kl_scale);
+tagged in place: ITM's and retrieval's negatives, MLM's 80/10/10, WRA, loss sums, region heads.
 
 Left out, and why: the four image-text corpora and the Faster R-CNN (the synthetic world's regions
 of shared/world.py instead: boxes, features, detector class probabilities); batches sized in
@@ -82,7 +82,7 @@ class Config:
     dropout: float = 0.1  # [code]: every dropout, hidden and attention
     init_std: float = 0.02  # [code]: BERT's N(0, 0.02) for every Linear and Embedding weight
     vocab_size: int = 28_996  # [code]: bert-base-cased WordPiece (train.py resets it)
-    max_text_len: int = 62  # [code] drops captions over 60 word-pieces; + [CLS] and [SEP]
+    max_text_len: int = 62  # [code] 60 pieces + [CLS], [SEP]; DEVIATION: longer texts cut (§8)
     # the Image Embedder's input: detector regions [UNITER §3.1; code]
     feature_dim: int = 2048  # F: Faster R-CNN (BUTD, ResNet-101) pooled ROI features
     n_regions: int = 100  # [code]: an image keeps its clip(#(conf > region_conf_threshold),
@@ -129,7 +129,7 @@ class Config:
     #                         steps ≈ 492k tokens; at 60-100 tokens an example, 5k-8k examples
     lr: float = 5e-5  # [code]
     weight_decay: float = 0.01  # [code]
-    beta1: float = 0.9  # [code]: AdamW
+    beta1: float = 0.9  # [code]: AdamW (the paper names no pre-training optimizer)
     beta2: float = 0.98  # [code]
     warmup_steps: int = 10_000  # [code]
     max_steps: int = 200_000  # [code]: UNITER-base, all data
@@ -274,10 +274,9 @@ class UniterEncoder(nn.Module):
 
 
 # --- 4. Objectives [UNITER §3.2, Eqs. 1-4; §4.1] -----------------------------------------------
-# Pure functions of tensors; region losses average over the `masked` regions (none masked gives
-# 0, not NaN); logits are cast to fp32. [paper ≠ code]: Eqs. 1 and 4 sum over a pair's masked
-# words or regions; [code] and we average (no switch: [code]'s recipe was tuned on means; MRC-kl's
-# extra / C is Config.mrc_kl_scale).
+# Pure functions of tensors; region losses average over the `masked` regions (none masked: 0, not
+# NaN); logits are cast to fp32. [paper ≠ code]: Eqs. 1 and 4 sum over a pair's masked words or
+# regions; [code] and we average (no switch: [code]'s recipe was tuned on means).
 
 def _masked_mean(values: Tensor, masked: Tensor) -> Tensor:
     """Mean of `values` (...) over the entries where `masked` (...) is True; 0 if there are none."""
@@ -387,12 +386,8 @@ def wra_loss(text_hidden: Tensor, region_hidden: Tensor, text_mask: Tensor, regi
 
 
 def itm_wra_loss(itm: Tensor, wra: Tensor | None, wra_weight: float) -> Tensor:
-    """The loss of an ITM batch [code]: L = L_ITM + λ · L_WRA, both over every pair of the batch.
-
-        symbol   variable                                     shape
-        L_ITM    itm = itm_loss(...);  L_WRA  wra = wra_loss(...), None if λ = 0   ()
-        λ        wra_weight (0.1)                             ()
-
+    """The loss of an ITM batch [code]: L = L_ITM + λ · L_WRA, both over every pair of the batch;
+    itm = L_ITM (itm_loss), wra = L_WRA (wra_loss; None if λ = 0), λ = wra_weight (0.1); all ().
     DEVIATION from the paper (one objective per update [UNITER §3.1]), as [code]."""
     return itm if wra is None else itm + wra_weight * wra  # ()
 
@@ -496,7 +491,10 @@ def task_heads(config: Config) -> nn.ModuleDict:
         heads["mlm"] = TiedOutputHead(D, c.vocab_size)  # (M, D) -> (M, V), the word embeddings
         heads["mrfr"] = TiedOutputHead(D, c.feature_dim)  # (M, D) -> (M, F), W_f transposed
         heads["mrc"] = nn.Sequential(HeadTransform(D), nn.Linear(D, c.n_region_classes))
-        #   (M, D) -> (M, C), shared by MRC and MRC-kl  [UNITER §3.2, Eq. 4]
+        #   (M, D) -> (M, C), shared by MRC and MRC-kl  [UNITER §3.2, Eq. 4]. [paper ≠ code]:
+        #   MRFR's h_θ and MRC's scores are each "an FC layer" [UNITER §3.2]; [code]
+        #   (model/pretrain.py RegionFeatureRegression, RegionClassification) puts a transform
+        #   (Linear, GELU, LN: HeadTransform) first. We follow [code]: its heads convert
     if c.task == "vqa":  # an MLP on the pooled [CLS] [UNITER §4.1]; [code] model/vqa.py
         heads["vqa"] = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(),
                                      nn.LayerNorm(2 * D, eps=1e-12),
@@ -580,13 +578,15 @@ class UNITER(nn.Module):
         return out if loss_wra is None else {**out, "wra": loss_wra}
 
     def forward_rank(self, batch: dict) -> dict:
-        """Retrieval fine-tuning with hard negatives [UNITER §A.2; code
-        train_itm_hard_negatives.py]: [code] scores each query against 399 random candidates
-        (eval mode, no gradient) and trains the hinge on the 31 best-scoring wrong ones.
-        DEVIATION: the candidates are the batch's other B - 1 examples; the hard_negatives
-        best-scoring of them, in each direction, are trained on. A candidate of the query's own
-        image (another of its captions: a corpus is read one (image, caption) pair at a time)
-        is a true pair, never a negative."""
+        """Retrieval fine-tuning with hard negatives. [paper ≠ code]: the paper trains each
+        positive against 2 random negatives, its text and its image replaced [UNITER §4.1,
+        §A.2], and for Table 3 also 2 hard ones, drawn from the top 20 of 128 random candidates
+        re-scored every N steps [UNITER §A.2]; [code] (train_itm_hard_negatives.py, -hn configs)
+        scores each query against 399 random candidates at every step (eval mode, no gradient)
+        and trains the hinge on the 31 best-scoring wrong ones, no random ones. We follow [code].
+        DEVIATION: the candidates are the batch's other B - 1 examples, the hard_negatives best
+        of them in each direction. A candidate of the query's own image (another of its
+        captions: a corpus is read one pair at a time) is a true pair, never a negative."""
         tokens, features = batch["tokens"], batch["features"]
         locations, region_mask = batch["locations"], batch["region_mask"]
         B = tokens.shape[0]
@@ -667,7 +667,7 @@ def mask_words(tokens: list[int], rng: np.random.Generator, mask_prob: float, ma
     first word-piece becomes [MASK], so every caption has something to predict [code].
 
     AMBIGUITY: §3.2's text replaces the masked words "with special token [MASK]"; its fn. 7
-    splits them 80/10/10 "following BERT", as [code] (data/data.py random_word) and we do.
+    splits them 80/10/10 "following BERT", as [code] (data/mlm.py random_word) and we do.
 
     Returns (inputs, labels): labels hold the original id at picked positions, IGNORE elsewhere."""
     inputs, labels = list(tokens), [IGNORE] * len(tokens)
@@ -748,9 +748,10 @@ def config_problems(c: Config) -> list[str]:
         (min(mix) >= 0 and sum(mix) > 0, f"the task mix (mix_mlm, mix_itm, mix_mrfr, mix_mrc, "
          f"mix_mrc_kl) must be >= 0 and not all 0, got {mix}"),
         (c.wra_weight >= 0, f"wra_weight must be >= 0, not {c.wra_weight}"),
-        (c.ipot_beta > 0 and min(c.ipot_iters, c.ipot_inner) >= 1,
-         f"need ipot_beta > 0 and ipot_iters, ipot_inner >= 1, got {c.ipot_beta}, "
-         f"{c.ipot_iters}, {c.ipot_inner}"),
+        (c.ipot_beta >= 0.03 and min(c.ipot_iters, c.ipot_inner) >= 1,
+         f"need ipot_beta >= 0.03 (below ~0.023 exp(-C/β) of WRA's cosine costs C <= 2 "
+         f"leaves fp32's normal range and the plan is NaN, shared.ot.ipot) and ipot_iters, "
+         f"ipot_inner >= 1, got {c.ipot_beta}, {c.ipot_iters}, {c.ipot_inner}"),
         (c.itm_score in ("log_odds", "match_logit"),
          f"itm_score must be log_odds or match_logit, not {c.itm_score!r}"),
         (c.mrc_kl_scale in ("region", "element"),
@@ -1149,6 +1150,10 @@ class UniterDataset(Dataset):
         example = self.example(index)
         task = draw_task(c, p // c.batch_size, self.seed) if c.task == "pretrain" else c.task
         item = {"task": task, "image": index, **region_inputs(example, c, self.statistics)}
+        # DEVIATION: a text of more than max_text_len - 2 word-pieces loses its last pieces
+        # (encode keeps [SEP]); [code]'s training sets leave such an example out (data/data.py
+        # TxtTokLmdb: max_txt_len 60; its evaluation keeps every text, -1). The world's captions
+        # never reach it, and on real data dropping would change which examples exist.
         if task == "vqa":
             question, answers = pick_text(example["questions"], text, rng)
             tokens = self.tokenizer.encode(question, max_len=c.max_text_len)

@@ -6,7 +6,8 @@ UNITER start from [Devlin et al. 2019, "BERT", arXiv 1810.04805].
 
 The folder is what `transformers` saves: `config.json`, the weights as `model.safetensors` (read
 with the `safetensors` package) or `pytorch_model.bin` (read with torch.load, weights only), and
-`vocab.txt` (read by shared.tokenizer.Tokenizer.from_vocab_file).
+`vocab.txt` (read by shared.tokenizer.Tokenizer.from_vocab_file, cased or not as the folder's
+`tokenizer_config.json` says: bert-base-cased, UNITER's, is cased).
 
 The model is shared.transformer's BertEmbeddings, PostLNEncoderBlock and BertPooler, so the
 weights Oscar and UNITER use are the same modules under the same names. The one place that

@@ -41,6 +41,14 @@ def ipot(cost: Tensor, x_mask: Tensor, y_mask: Tensor, beta: float = 0.5, iters:
     converge to the exact T* as iters grows, for any β. As [code], a starts at μ and is updated
     last, so the token marginals (rows) are exact after any number of iterations and the region
     marginals (columns) are approximate; after 50 iterations at β = 0.5 they are close.
+    [paper ≠ code]: Algorithm 1 of [UNITER §A.7] updates the other scaling last (the regions'),
+    which makes the column marginals the exact ones; both converge to T*, and after 50
+    iterations the distances Σ C ⊙ T differ by a median 1.6e-5 (at most 3.1e-4) on 200 random
+    cosine costs of 5-29 tokens and 10-36 regions (fp64).
+
+    β must keep exp(-C/β) a normal float: for WRA's costs (C <= 2) in fp32 a row of costs 2
+    leaves the normal range (e^-87) below β ≈ 0.023 and its plan turns NaN (measured: β 0.0225
+    NaN, 0.023 finite); uniter.Config asks for ipot_beta >= 0.03, a margin above that.
 
         symbol   variable / shape
         C        cost (B, T, N); values on padded pairs are ignored (they may be anything)

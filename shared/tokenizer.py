@@ -34,9 +34,10 @@ Conventions:
     * `encode` returns `[CLS] pieces [SEP]`; truncating to `max_len` drops pieces from the end but
       KEEPS the final [SEP], so every sequence still ends in end-of-sequence.
     * `encode_batch` right-pads with [PAD] = 0 to the longest row: (B, T), T <= max_len.
-    * `decode` returns lowercase words separated by single spaces; punctuation is its own word
-      ("left ." not "left."), because the pre-tokenizer split it off and we do not guess where it
-      was glued. [UNK] is kept (as the literal "[UNK]") so a reader sees what was lost.
+    * `decode` returns lowercase words (a cased BERT vocabulary's keep their case) separated by
+      single spaces; punctuation is its own word ("left ." not "left."), because the
+      pre-tokenizer split it off and we do not guess where it was glued. [UNK] is kept (as the
+      literal "[UNK]") so a reader sees what was lost.
     * A tokenizer is stored as the library's JSON (`to_str` / `save`), e.g. inside a checkpoint.
     * Input text is any str that is valid UTF-8, as the library needs; a lone surrogate (e.g. from
       bytes decoded with errors="surrogateescape") is a ValueError naming the text and position,
@@ -99,6 +100,7 @@ Shapes: B batch, T text tokens (with [CLS] and [SEP]), V vocabulary.
 import gzip
 import html
 import html.entities
+import json
 import re
 import struct
 import unicodedata
@@ -168,6 +170,24 @@ def _continuation_alphabet(backend: BackendTokenizer, texts: list[str]) -> list[
         for word, _span in words:  # [(word, (start, end)), ...]
             chars.update(word[1:])  # the first character is a word start, not a continuation
     return sorted(CONTINUATION_PREFIX + c for c in chars)
+
+
+def _do_lower_case(config_path: Path) -> bool:
+    """`do_lower_case` of a Hugging Face tokenizer_config.json; True if the file or the key is
+    absent (BertTokenizer's default). Raises ValueError if the file is not a JSON object or the
+    value is not a boolean."""
+    if not config_path.is_file():
+        return True
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
+    value = config.get("do_lower_case", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"{config_path}: do_lower_case must be true or false, got {value!r}")
+    return value
 
 
 def _check_text(text, where: str) -> None:
@@ -666,7 +686,7 @@ class Tokenizer:
         return cls(_backend_from_vocab(vocab))
 
     @classmethod
-    def from_vocab_file(cls, path: str | Path, lowercase: bool = True) -> "Tokenizer":
+    def from_vocab_file(cls, path: str | Path, lowercase: bool | None = None) -> "Tokenizer":
         """Load a BERT `vocab.txt`: one token per line, id = line number (0-based).
 
         BERT-base-uncased's file has [PAD] = 0, [UNK] = 100, [CLS] = 101, [SEP] = 102,
@@ -675,16 +695,25 @@ class Tokenizer:
         Args:
             path: the vocab.txt file.
             lowercase: True for an uncased vocabulary (lower-case, strip accents, as
-                BERT-base-uncased's tokenizer); False for a cased one (bert-base-cased).
+                BERT-base-uncased's tokenizer); False for a cased one (bert-base-cased, which
+                UNITER starts from). None (the default): the `do_lower_case` of a
+                `tokenizer_config.json` beside the file, as a Hugging Face BERT folder has
+                (bert-base-cased's says false), so `train.py --init_bert FOLDER` and `--vocab
+                FOLDER/vocab.txt` read a cased checkpoint cased; True where there is no such
+                file or it does not say (Hugging Face's BertTokenizer default too).
         Returns:
             a Tokenizer whose ids are the file's line numbers.
         Raises:
             ValueError: the file does not exist, a token appears twice (ids could not equal line
-                numbers), a special token is missing, or [PAD] is not on line 0.
+                numbers), a special token is missing, [PAD] is not on line 0, or the
+                tokenizer_config.json beside it is not a JSON object with a boolean (or no)
+                do_lower_case.
         """
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"BERT vocab file {path} does not exist")
+        if lowercase is None:
+            lowercase = _do_lower_case(path.parent / "tokenizer_config.json")
         # Read as BERT's own loader does: universal newlines, strip only the line break.
         with open(path, encoding="utf-8") as f:
             tokens = [line.rstrip("\n") for line in f]
@@ -901,7 +930,8 @@ class Tokenizer:
         """Text -> ids: `[CLS] pieces [SEP]`.
 
         Args:
-            text: any string; it is lowercased and split by the BERT or CLIP pipeline.
+            text: any string; it is lowercased (not by a cased BERT vocabulary) and split by
+                the BERT or CLIP pipeline.
             max_len: the most ids to return. Longer encodings lose pieces from the end, but the
                 final [SEP] is kept, so the result is [CLS] p_1 .. p_{max_len-2} [SEP].
                 None = no limit.

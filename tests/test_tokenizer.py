@@ -226,6 +226,39 @@ def test_vocab_file_that_does_not_exist_is_an_error_naming_it(tmp_path):
         Tokenizer.load(missing)
 
 
+@pytest.mark.parametrize("config, lowercase", [
+    ({"do_lower_case": False, "model_max_length": 512}, False),  # bert-base-cased's
+    ({"do_lower_case": True}, True),  # bert-base-uncased's
+    ({"model_max_length": 512}, True),  # no do_lower_case: BertTokenizer's default
+    (None, True)])  # no tokenizer_config.json: a bare vocab.txt
+def test_vocab_file_reads_do_lower_case_from_the_tokenizer_config_beside_it(tmp_path, config,
+                                                                            lowercase):
+    """A Hugging Face BERT folder (train.py --init_bert, or --vocab FOLDER/vocab.txt) says in
+    tokenizer_config.json whether its vocabulary is cased: UNITER's bert-base-cased says false.
+    An explicit lowercase= wins over the file."""
+    tokens = BERT_LIKE + ["Red", "Circle"]
+    vocab = write_vocab(tmp_path / "vocab.txt", tokens)
+    if config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    cased = [tokens.index(t) for t in ("a", "Red", "Circle")]
+    uncased = [tokens.index(t) for t in ("a", "red", "circle")]
+    tok = Tokenizer.from_vocab_file(vocab)
+    assert tok.encode("a Red Circle", add_special=False) == (uncased if lowercase else cased)
+    assert Tokenizer.from_str(tok.to_str()).encode("a Red Circle", add_special=False) \
+        == (uncased if lowercase else cased)  # the case rule travels in a checkpoint's JSON
+    explicit = Tokenizer.from_vocab_file(vocab, lowercase=not lowercase)
+    assert explicit.encode("a Red Circle", add_special=False) == (cased if lowercase else uncased)
+
+
+@pytest.mark.parametrize("text", ['{"do_lower_case": "false"}', "[]", "{not json"])
+def test_a_tokenizer_config_that_does_not_say_true_or_false_is_an_error_naming_it(tmp_path, text):
+    vocab = write_vocab(tmp_path / "vocab.txt", BERT_LIKE)
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        Tokenizer.from_vocab_file(vocab)
+    assert Tokenizer.from_vocab_file(vocab, lowercase=False).vocab_size == len(BERT_LIKE)
+
+
 # --- serialization ---------------------------------------------------------------------------
 
 TEXTS = [SENTENCE, "UNBELIEVABLE red circles!", "a \u2603 star", ""]

@@ -123,8 +123,9 @@ def test_paper_and_code_choices_paper_takes_the_papers_embedder_and_the_codes_mr
     (dict(mask_prob=0.0), "mask_prob must be in (0, 1)"),
     (dict(mix_mlm=0, mix_itm=0, mix_mrfr=0, mix_mrc_kl=0), "the task mix"),
     (dict(mix_itm=-1), "the task mix"),
-    (dict(ipot_beta=0.0), "need ipot_beta > 0"),
-    (dict(ipot_iters=0), "need ipot_beta > 0"),
+    (dict(ipot_beta=0.0), "need ipot_beta >= 0.03"),
+    (dict(ipot_beta=0.02), "need ipot_beta >= 0.03"),
+    (dict(ipot_iters=0), "need ipot_beta >= 0.03"),
     (dict(lr_schedule="step"), "lr_schedule must be 'cosine' or 'linear'"),
     (dict(batch_size=64, grad_accum_steps=5), "not divisible by grad_accum_steps"),
     (dict(max_text_len=2), "max_text_len must be >= 3"),
@@ -653,6 +654,44 @@ def test_the_contract_names_of_train_py():
     assert uniter.sample_captions(model, None, uniter.Config.tiny(), WORLD_CONFIG, "val", 3) == []
 
 
+def test_init_bert_starts_the_mlm_head_from_the_checkpoints_cls_predictions(tokenizer, tmp_path):
+    """[code]: starting from BERT (train.py --init_bert: shared.bert.init_from_bert with
+    BERT_INIT), the MLM head's transform and output bias are BERT's cls.predictions tensors and
+    its output layer the word embeddings, so the head gives BERT's MLM logits. Every tensor of
+    the checkpoint is drawn at random, so a swapped, transposed or skipped tensor would show."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from shared.bert import init_from_bert
+
+    config = small_config(tokenizer)  # D 32, 2 layers, 2 heads, MLP 64
+    torch.manual_seed(1)
+    bert = transformers.BertForPreTraining(transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64)).eval()
+    with torch.no_grad():
+        for p in bert.parameters():  # LayerNorm gains and biases too: none is 0 or 1
+            p.copy_(torch.randn_like(p))
+    bert.save_pretrained(tmp_path)
+    model = tiny_model(config).eval()
+    assert init_from_bert(model, tmp_path, uniter.BERT_INIT).endswith("heads: mlm")
+    head, theirs = model.heads["mlm"], bert.cls.predictions
+    expected = {"transform.dense.weight": theirs.transform.dense.weight,
+                "transform.dense.bias": theirs.transform.dense.bias,
+                "transform.norm.weight": theirs.transform.LayerNorm.weight,
+                "transform.norm.bias": theirs.transform.LayerNorm.bias,
+                "bias": theirs.bias}
+    ours = dict(head.named_parameters())
+    assert set(ours) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(ours[name], tensor), name
+    assert torch.equal(model.encoder.text_embeddings.word.weight,
+                       bert.bert.embeddings.word_embeddings.weight)
+    hidden = torch.randn(5, 32)
+    with torch.no_grad():
+        logits = head(hidden, model.encoder.text_embeddings.word.weight)  # (5, V)
+        assert (logits - theirs(hidden)).abs().max().item() < 1e-4
+
+
 def test_the_encoder_state_is_the_same_for_every_task_and_heads_hold_the_rest(tokenizer):
     heads = {"pretrain": {"itm", "mlm", "mrfr", "mrc"}, "retrieval": {"itm"}, "vqa": {"vqa"}}
     states = {}
@@ -1137,3 +1176,16 @@ def test_fine_tuning_thresholds_on_the_mean_give_the_codes_updates_on_its_sum(ta
     ours, our_clipped = train(1.0 / k, config.grad_clip, config.adam_eps)  # their mean
     assert our_clipped == code_clipped and any(code_clipped) and not all(code_clipped)
     assert (ours - code).abs().max() < 1e-7
+
+
+def test_ipot_beta_below_the_checked_bound_makes_the_plan_nan_and_at_it_not():
+    """Why Config asks ipot_beta >= 0.03: a row whose costs are all 2 (the largest cosine
+    distance) has exp(-2/β) outside fp32's normal range below β ≈ 0.023, and its plan turns
+    NaN; at 0.03 the plan is finite with exact marginals."""
+    cost = torch.full((1, 5, 7), 2.0)
+    cost[0, 0, 0] = 0.0
+    real_x, real_y = torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 7, dtype=torch.bool)
+    assert not torch.isfinite(uniter.ipot(cost, real_x, real_y, beta=0.02)).all()
+    plan = uniter.ipot(cost, real_x, real_y, beta=0.03)
+    assert torch.isfinite(plan).all()
+    assert torch.allclose(plan.sum(2), torch.full((1, 5), 1 / 5))
