@@ -83,9 +83,10 @@ def _read_examples(items: list[dict], regions: bool, image_size: int) -> list[di
     """{"image" or the region arrays, "captions"} of each item; ValueError on an unreadable
     file (its message names it)."""
     if not regions:
-        missing = [str(item["path"]) for item in items if not Path(item["path"]).is_file()]
-        if missing:
-            raise ValueError(f"no image file {missing[0]}")
+        missing = [item["path"] for item in items if not Path(item["path"]).is_file()]
+        if missing:  # absent, or there but not a regular file (a FIFO would block a read)
+            kind = "not a regular file" if Path(missing[0]).exists() else "no image file"
+            raise ValueError(f"{kind} {missing[0]}")
         return [{"image": load_image(item["path"], image_size), "captions": item["captions"]}
                 for item in items]
     folder = RegionFolder([(item["path"], item["captions"]) for item in items])

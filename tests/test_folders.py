@@ -840,3 +840,16 @@ def test_a_caption_that_is_not_a_string_is_one_line_naming_its_record(tmp_path, 
     with pytest.raises(ValueError, match=r"c\.json, images\[0\]: 'file_name' must be a string, "
                                          r"got null"):
         CaptionFolder.coco(tmp_path / "c.json", image_size=8)
+
+
+def test_the_evaluation_reader_calls_a_fifo_not_a_regular_file_and_never_opens_it(tmp_path):
+    import os
+
+    from shared.benchmarks import _read_examples
+
+    fifo = tmp_path / "a.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=f"not a regular file {fifo}"):
+        _read_examples([{"path": fifo, "captions": ["x"]}], regions=False, image_size=32)
+    with pytest.raises(ValueError, match="no image file"):
+        _read_examples([{"path": tmp_path / "b.png", "captions": ["x"]}], False, 32)

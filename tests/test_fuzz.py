@@ -104,7 +104,7 @@ JUNK = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3)
                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 NAMES = sometimes_wrong(st.sampled_from(["a.png", "b.png"]),  # files that exist, or not:
                         st.sampled_from(["missing.png", "", ".", "a\x00.png", "sub/a.png"]))
-CAPTION = sometimes_wrong(TEXT, SCALAR)  # a caption that is not a string is dropped
+CAPTION = sometimes_wrong(TEXT, SCALAR)  # a caption that is not a string: one line
 
 
 def corrupt(draw, value):
