@@ -94,6 +94,29 @@ def _images(paths: list[Path], size: int) -> list:
         raise SystemExit(f"error: {e}") from None  # e names the file
 
 
+def _each_readable(paths: list[Path], size: int) -> tuple[list, list[Path]]:
+    """(images, their paths) of the `paths` that can be read: one that cannot (a bomb, a
+    damaged or truncated file, a FIFO) is left out with a warning naming it, as a folder's bad
+    images are everywhere; none readable, or a path that does not exist, is one line."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"error: no image file {missing[0]}")
+    images, kept, problems = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, size))
+            kept.append(path)
+        except (OSError, ValueError) as e:  # its message names the file and the reason
+            problems.append(str(e))
+            if len(paths) > 1:
+                warnings.warn(f"skipping an unreadable image ({e}); {len(problems)} skipped so "
+                              f"far", stacklevel=2)
+    if not images:
+        raise SystemExit(f"error: no image could be read ({len(problems)} unreadable, named "
+                         f"above)" if len(paths) > 1 else f"error: {problems[0]}")
+    return images, kept
+
+
 def _readable(folder: ImageFolder, indices, skipped: list[Path]) -> list:
     """folder.item(i) of each of `indices` whose image can be read. One that cannot is left
     out with a warning naming it and appended to `skipped` (shared across calls: the warning
@@ -143,8 +166,9 @@ def caption(checkpoint: Path, images: list[Path], regions: list[Path],
                 world_config = train.make_world_config(paper, config, run["seed"])
             captions = paper.caption(model, tokenizer, config, examples, world_config)
             return [{"file": str(p), "caption": c} for p, c in zip(regions, captions)]
-        examples = [{"image": image} for image in _images(images, config.image_size)]
-        captions = paper.caption(model, tokenizer, config, examples, prompt=prompt)
+        read, images = _each_readable(images, config.image_size)  # unreadable ones skipped
+        captions = paper.caption(model, tokenizer, config, [{"image": x} for x in read],
+                                 prompt=prompt)
     return [{"file": str(p), "caption": c} for p, c in zip(images, captions)]
 
 
@@ -175,7 +199,8 @@ def rank(checkpoint: Path, text: str, folder: Path, top: int) -> list[dict]:
     if not paths:
         raise SystemExit(f"error: no image ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     with torch.no_grad():
-        image_emb = paper.embed_image_arrays(model, _images(paths, config.image_size))  # (n, E)
+        read, paths = _each_readable(paths, config.image_size)  # unreadable ones skipped
+        image_emb = paper.embed_image_arrays(model, read)  # (n, E)
         text_emb = paper.embed_text_strings(model, tokenizer, config, [text])  # (1, E)
         scores = (image_emb @ text_emb.T)[:, 0]  # (n,) cosine similarities
     order = scores.argsort(descending=True)[:top].tolist()

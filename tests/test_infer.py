@@ -548,3 +548,27 @@ def test_a_fifo_given_by_name_is_one_line_not_a_hang(checkpoints, tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_rank_and_caption_skip_an_unreadable_image_naming_it(checkpoints, files, tmp_path):
+    """Among several images, a damaged one (or a FIFO) is left out with a warning naming it;
+    the others are ranked or captioned. One image alone that cannot be read is one line."""
+    import os
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(files / "images", folder)
+    bad = sorted(folder.glob("*.png"))[1]
+    _truncate(bad)
+    os.mkfifo(folder / "pipe.png")
+    good = sorted(p for p in folder.glob("*.png") if p not in (bad, folder / "pipe.png"))
+    with pytest.warns(UserWarning, match="skipping an unreadable image") as caught:
+        results = infer.rank(checkpoints["coca"], "a red circle", folder, top=100)
+    named = " ".join(str(w.message) for w in caught)
+    assert str(bad) in named and str(folder / "pipe.png") in named
+    assert sorted(r["file"] for r in results) == [str(p) for p in good]
+    with pytest.warns(UserWarning, match=str(bad)):
+        results = infer.caption(checkpoints["coca"], [good[0], bad, good[1]], [])
+    assert [r["file"] for r in results] == [str(good[0]), str(good[1])]
+    with pytest.raises(SystemExit, match=f"error: cannot read {bad}"):
+        infer.caption(checkpoints["coca"], [bad], [])
