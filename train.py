@@ -11,9 +11,9 @@ Order: setup (CLI, config, device) -> data (world or --data, tokenizer, loader) 
 (--init, --init_bert) and optimizer -> the loop (one `train_step` a step) -> final evaluation,
 using of a paper file only the contract of the README's table (below each paper's fence line).
 
-Outputs in --out: metrics.jsonl, final.json, latest.pt (latest.prev.pt: the one it replaced),
-best.pt (atomic, plain data: shared/checkpoint.py), tokenizer.json, config.json. SIGTERM or
-Ctrl-C: the step finishes, latest.pt is written, the run exits with its resume command.
+Outputs in --out: metrics.jsonl, progress.jsonl, tensorboard/ (shared.monitor.RunLog), final.json,
+latest.pt (latest.prev.pt: the one it replaced), best.pt, tokenizer.json, config.json. SIGTERM
+or Ctrl-C: the step finishes, latest.pt is written, the run exits with its resume command.
 """
 
 import argparse
@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shared.benchmarks import check_spec, evaluate_corpus
 from shared.bert import encoder_sizes, init_from_bert
-from shared.checkpoint import (CheckpointError, append_jsonl, load_weights, read_checkpoint,
-                               read_latest, rng_states, save_checkpoint, seed_all,
-                               set_rng_states, writable_folder, write_json_atomic)
+from shared.checkpoint import (CheckpointError, load_weights, read_checkpoint, read_latest,
+                               rng_states, save_checkpoint, seed_all, set_rng_states,
+                               writable_folder, write_json_atomic)
 from shared.config import RECIPE
 from shared.cli import add_dataclass_flags, known_flags, number_problems, one_line, split_flags
 from shared.data import caption_texts, close_loader, train_batches, worker_message
@@ -41,8 +41,9 @@ from shared.distributed import (Launch, any_rank, autocast_for, exit_if_a_peer_i
                                 stop_process_group)
 from shared.folders import corpus_counts, kept_statistics, training_corpus
 from shared.vqa import MIN_ANSWER_COUNT
-from shared.monitor import (LossMeter, NonFiniteLoss, StopSignals, format_duration, metrics_text,
-                            mfu_per_step, progress_line)
+from shared.monitor import (LossMeter, NonFiniteLoss, RunLog, StopSignals, Throughput,
+                            format_duration, metrics_text, mfu_per_step, progress_line,
+                            summary_writer_class)
 from shared.optim import learning_rate
 from shared.tokenizer import Tokenizer
 from shared.world import World, WorldConfig
@@ -78,6 +79,7 @@ class RunConfig:
     eval_n: int = 200  # val examples per periodic evaluation
     final_n: int = 1000  # test examples for the final evaluation
     log_every_s: float = 5.0  # seconds between progress lines
+    tensorboard: bool = False  # write losses, lr, speed, metrics to TensorBoard (<out>/tensorboard)
     ckpt_every_s: float = 120.0  # seconds between latest.pt checkpoints
     num_workers: int = 1  # DataLoader worker processes making world examples
     compile: bool = False  # torch.compile the training forward (the first steps compile)
@@ -122,6 +124,8 @@ def parse_args(argv: list[str] | None = None):
         parser.error(f"--init_bert starts a BERT encoder (Oscar, UNITER); {run.model} has none")
     if run.init_bert and run.init:
         parser.error("give --init (our checkpoint) or --init_bert (BERT), not both")
+    if run.tensorboard:  # an optional package: a missing one stops the run now, not after setup
+        summary_writer_class()
     if run.eval_only and not run.out:  # beside the checkpoint, never over its run's files
         run.out = str(Path(run.init).parent / "eval")
     if run.data.startswith("karpathy:") and not run.val_data:  # its val and test splits
@@ -245,9 +249,7 @@ def evaluate(s: "State", split: str, n: int, log) -> dict:
         metrics.pop("images", None)
     else:
         metrics = s.paper.evaluate(s.model, s.tokenizer, s.config, s.world_config, split, n)
-    problem = append_jsonl(s.out / "metrics.jsonl", {"step": s.step, "split": split, **metrics})
-    if problem:  # a full disk: the metrics are still printed below
-        log(f"warning: {problem}")
+    s.runlog.eval(s.step, split, metrics)  # a full disk: a warning, the metrics still printed
     head = f"eval step {s.step}" if split == "val" else f"final ({split})"
     log(f"{head}: {metrics_text(metrics)}")
     return metrics
@@ -270,6 +272,7 @@ class State:
     optimizer: torch.optim.Optimizer
     launch: Launch = Launch()
     batches: object = None
+    runlog: RunLog = None  # metrics.jsonl, progress.jsonl, TensorBoard: opened by `train`
     step: int = 0
     best: float = -math.inf
 
@@ -368,7 +371,8 @@ def train(run: RunConfig, paper, overrides: dict, log=print) -> dict:
     try:
         with exit_if_a_peer_is_lost(launch):
             s = setup(run, paper, overrides, log, launch)
-            result = train_loop(s, log)
+            with RunLog(s.out, run.tensorboard, s.step, log, launch.rank == 0) as s.runlog:
+                result = train_loop(s, log)
             if launch.distributed:  # every rank leaves together: none tears down the process
                 torch.distributed.barrier()  # group while another still uses it (rank 0 writes)
         return result
@@ -386,9 +390,8 @@ def train_loop(s: State, log) -> dict:
     log(f"{run.model} {run.preset} ({config.task}): {millions:.2f}M parameters on {s.device}"
         f"{processes}, {config.max_steps} steps of {config.batch_size} examples -> {s.out}")
     autocast = autocast_for(run.dtype, s.device)
-    # torchrun: DDP all-reduces the gradients; where some parameters sit out some steps
-    # (UNITER draws one task an update) it must look for them. Checkpoints and evaluation use
-    # `model`.
+    # torchrun: DDP all-reduces the gradients; where some parameters sit out some steps (UNITER
+    # draws one task an update) it must look for them. Checkpoints and evaluation use `model`.
     ddp = (DistributedDataParallel(model, device_ids=[s.device.index] if s.device.type == "cuda"
                                    else None, find_unused_parameters=paper.UNUSED_PARAMETERS)
            if s.launch.distributed else None)
@@ -402,24 +405,21 @@ def train_loop(s: State, log) -> dict:
         return finish(s, 0.0, 0, log) if s.launch.rank == 0 else {"step": s.step}
     model.train()
     mfu, s.batches = mfu_per_step(model, s.batches, s.device, config.grad_accum_steps, autocast)
-    t_log = t_ckpt = t_start = time.time()
-    start_step, window_steps, window_tokens = s.step, 0, 0
-    stopping = False
+    t_ckpt = t_start = time.time()
+    start_step, stopping, speed = s.step, False, Throughput(config.batch_size, mfu)
     with StopSignals() as signals:
         while s.step < stop and not stopping:
             # text tokens of the job: rank 0's count times N (an estimate under torchrun)
-            window_tokens += s.launch.world_size * train_step(
+            speed.add(s.launch.world_size * train_step(
                 model, forward, ddp, s.optimizer, paper, config, s.batches, s.step, meter,
-                s.device, autocast)
+                s.device, autocast))
             s.step += 1
-            window_steps += 1
             now = time.time()
-            if now - t_log >= run.log_every_s or s.step == stop:
+            if now - speed.start >= run.log_every_s or s.step == stop:
                 meter.check(kept)
-                log(progress_line(s.step, config.max_steps, meter.means(),
-                                  learning_rate(s.step - 1, config), config.batch_size,
-                                  window_steps, window_tokens, now - t_log, stop, mfu))
-                window_steps, window_tokens, t_log = 0, 0, now
+                numbers = dict(meter.means(), lr=learning_rate(s.step - 1, config), **speed.read())
+                log(progress_line(s.step, config.max_steps, numbers, stop))
+                s.runlog.train(s.step, numbers)
             if (run.eval_every and s.step % run.eval_every == 0 and s.step < config.max_steps
                     and s.launch.rank == 0):  # the other ranks wait at the next all-reduce
                 meter.check(kept)

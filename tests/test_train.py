@@ -225,7 +225,7 @@ def test_counts_in_the_evaluation_line_print_as_integers(tmp_path, monkeypatch):
     s = SimpleNamespace(run=SimpleNamespace(val_data="vqa:q.json", model="oscar", seed=0),
                         paper=SimpleNamespace(CROSS_ENCODER=True), model=None, tokenizer=None,
                         config=SimpleNamespace(eval_pairs=8), out=tmp_path, step=3,
-                        world_config=None)
+                        world_config=None, runlog=train.RunLog(tmp_path))
     lines = []
     train.evaluate(s, "val", 0, lines.append)
     assert lines == ["eval step 3: questions 190 vqa_acc 0.8125 pairs_scored 2500"]
