@@ -10,9 +10,9 @@ Models
                     prediction heads
     bert.py         BERT from a Hugging Face checkpoint folder, on these blocks (--init_bert)
     ot.py           optimal transport by IPOT, batched (UNITER's word-region alignment only)
-    losses.py       the VQA loss that UNITER and Oscar share
-    decoding.py     greedy, beam search and nucleus sampling over a next-token function;
-                    the key/value cache helpers the three captioners share
+    losses.py       the VQA loss that UNITER and Oscar share; SCST's self-critical loss
+    decoding.py     greedy, beam search, nucleus sampling and sampling with gradients (SCST)
+                    over a next-token function; the key/value cache helpers of the captioners
 Data
     tokenizer.py    BERT's WordPiece (trained, or a vocab.txt) and CLIP's byte-level BPE, on
                     `tokenizers`
@@ -26,9 +26,10 @@ Data
     vqa.py          VQA v2's question / annotation files, answer vocabulary, soft scores and
                     the accuracy per answer type
 Evaluation
-    metrics.py      BLEU, CIDEr-D, recall@K, VQA accuracy (the evaluation server's), top-1,
-                    caption truth rate
-    evaluate.py     world evaluation pieces each paper's `evaluate` maps onto its keys
+    metrics.py      BLEU, CIDEr-D (also per caption, CiderD), recall@K, VQA accuracy (the
+                    evaluation server's), top-1, caption truth rate
+    evaluate.py     world evaluation pieces each paper's `evaluate` maps onto its keys; SCST's
+                    CIDEr-D reward (ScstReward)
     probe.py        the linear probe of frozen image features (CoCa, VirTex)
     benchmarks.py   evaluation on data on disk: Karpathy captioning and retrieval, VQA v2
                     (train.py --val_data, infer.py karpathy / vqa)
@@ -39,6 +40,7 @@ Training
                     fine-tuning loads, RNG states
     distributed.py  torchrun's launch, the process group, a gather with gradients (DDP)
     monitor.py      loss-term means and the NaN/inf guard without syncs; MFU; the progress
-                    line; SIGTERM / Ctrl-C handling
+                    line; metrics.jsonl, progress.jsonl and TensorBoard (RunLog); SIGTERM /
+                    Ctrl-C handling
     cli.py          the command line generated from dataclasses; one-line errors
 """
