@@ -122,8 +122,7 @@ class Config:
     zero_regions: bool = False  # OURS: regions zeroed in training and evaluation: text-only
     eval_pairs: int = 1000  # retrieval among this many test images and ALL their captions
     #                          (5 each): Flickr30K's 1K test images, 5K captions [UNITER §A.2]
-    # pre-training recipe, read by train.py [UNITER §A.2; code pretrain-alldata-base-8gpu.json];
-    #   paper(task) gives the fine-tuning tasks' (VQA, retrieval)
+    # pre-training recipe [code pretrain-alldata-base-8gpu.json]; paper(task): each task's
     image_size: int = 224  # OURS: the world's render size (UNITER itself sees only regions)
     batch_size: int = 6144  # OURS: [code] batches by tokens, 8 GPUs × 10,240 × 6 accumulation
     #                         steps ≈ 492k tokens; at 60-100 tokens an example, 5k-8k examples

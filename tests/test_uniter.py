@@ -1056,39 +1056,6 @@ def test_itm_learns_to_use_the_image_and_fails_when_regions_are_shuffled(world, 
     assert sum(shuffled_accuracy) / 5 <= 0.75, shuffled_accuracy
 
 
-def test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_sum():
-    """[code] pretrain.py sums the gradients of its 6 accumulation steps, clips the sum at 5 and
-    steps AdamW with eps 1e-6; train.py averages them. Config.paper()'s grad_clip and adam_eps
-    (both / 6) give the same weights, update after update, whether clipping acts or not. The
-    code's thresholds applied to the average clip less often: another run."""
-    config = uniter.Config.paper()
-    k = config.grad_accum_steps
-    torch.manual_seed(0)
-    start = torch.nn.Linear(8, 4).double()
-    updates = [[(torch.randn(16, 8).double() * size, torch.randn(16, 4).double())
-                for _ in range(k)] for size in (0.3, 1.0, 3.0, 0.5, 2.0)]  # norms vary
-
-    def train(scale: float, clip: float, eps: float) -> tuple[torch.Tensor, list[bool]]:
-        model = copy.deepcopy(start)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=eps,
-                                weight_decay=0.01)
-        clipped = []
-        for micro in updates:
-            opt.zero_grad()
-            for x, y in micro:
-                (F.mse_loss(model(x), y) * scale).backward()  # each micro-batch's mean loss
-            clipped.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip) > clip)
-            opt.step()
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), clipped
-
-    code, code_clipped = train(1.0, 5.0, 1e-6)  # the sum of the k gradients
-    ours, our_clipped = train(1.0 / k, config.grad_clip, config.adam_eps)  # their mean
-    assert our_clipped == code_clipped and any(code_clipped) and not all(code_clipped)
-    assert (ours - code).abs().max() < 1e-7  # float64 rounding, amplified by Adam (2e-9)
-    naive, naive_clipped = train(1.0 / k, 5.0, 1e-6)  # the code's numbers on the mean
-    assert naive_clipped != code_clipped and (naive - code).abs().max() > 1e-3
-
-
 # --- the paper's recipe of each task: Config.paper(task) -----------------------------------------
 
 UNITER_RECIPES = {  # [code]'s configs (Config.paper's comments); clip and eps: [code]'s / k
@@ -1146,13 +1113,15 @@ def test_train_paper_preset_takes_the_tasks_recipe_also_from_a_checkpoint():
     assert train.make_config(uniter, "paper", {**kept, "task": "retrieval"}).lr == 5e-5
 
 
-@pytest.mark.parametrize("task, code_clip, k", [("vqa", 2.0, 5), ("retrieval", 2.0, 2)])
-def test_fine_tuning_thresholds_on_the_mean_give_the_codes_updates_on_its_sum(task, code_clip,
-                                                                              k):
-    """VQA: the code's train_vqa.py sums 5 accumulated gradients (clip 2, eps 1e-6); retrieval:
-    the code's train_itm_hard_negatives.py averages its 8 steps but adds the text-side and image-side
-    losses, twice our mean over both (k = 2). Config.paper(task)'s grad_clip and adam_eps on
-    the mean gradient give the code's weights, update after update."""
+@pytest.mark.parametrize("task, code_clip, k", [("pretrain", 5.0, 6), ("vqa", 2.0, 5),
+                                               ("retrieval", 2.0, 2)])
+def test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_sum(task, code_clip, k):
+    """[code] steps AdamW (eps 1e-6) on the SUM of k gradients, clipped at code_clip: pretrain.py
+    and train_vqa.py sum their 6 and 5 accumulated gradients; train_itm_hard_negatives.py
+    averages its 8 steps but adds the text-side and the image-side losses, twice our mean over
+    both (k = 2). train.py averages. Config.paper(task)'s grad_clip and adam_eps (both / k) on
+    the mean give the code's weights, update after update, whether clipping acts or not; the
+    code's thresholds applied to the mean clip less often: another run."""
     config = uniter.Config.paper(task)
     torch.manual_seed(0)
     start = torch.nn.Linear(8, 4).double()
@@ -1167,7 +1136,7 @@ def test_fine_tuning_thresholds_on_the_mean_give_the_codes_updates_on_its_sum(ta
         for micro in updates:
             opt.zero_grad()
             for x, y in micro:
-                (F.mse_loss(model(x), y) * scale).backward()
+                (F.mse_loss(model(x), y) * scale).backward()  # each micro-batch's mean loss
             clipped.append(bool(torch.nn.utils.clip_grad_norm_(model.parameters(), clip) > clip))
             opt.step()
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), clipped
@@ -1175,7 +1144,9 @@ def test_fine_tuning_thresholds_on_the_mean_give_the_codes_updates_on_its_sum(ta
     code, code_clipped = train(1.0, code_clip, 1e-6)  # the sum of the k gradients
     ours, our_clipped = train(1.0 / k, config.grad_clip, config.adam_eps)  # their mean
     assert our_clipped == code_clipped and any(code_clipped) and not all(code_clipped)
-    assert (ours - code).abs().max() < 1e-7
+    assert (ours - code).abs().max() < 1e-7  # float64 rounding, amplified by Adam
+    naive, naive_clipped = train(1.0 / k, code_clip, 1e-6)  # the code's numbers on the mean
+    assert naive_clipped != code_clipped and (naive - code).abs().max() > 1e-3
 
 
 def test_ipot_beta_below_the_checked_bound_makes_the_plan_nan_and_at_it_not():
