@@ -1116,10 +1116,10 @@ def test_train_paper_preset_takes_the_tasks_recipe_also_from_a_checkpoint():
 @pytest.mark.parametrize("task, code_clip, k", [("pretrain", 5.0, 6), ("vqa", 2.0, 5),
                                                ("retrieval", 2.0, 2)])
 def test_the_paper_recipe_on_the_mean_gradient_is_the_codes_on_the_sum(task, code_clip, k):
-    """[code] steps AdamW (eps 1e-6) on the SUM of k gradients, clipped at code_clip: pretrain.py
-    and train_vqa.py sum their 6 and 5 accumulated gradients; train_itm_hard_negatives.py
-    averages its 8 steps but adds the text-side and the image-side losses, twice our mean over
-    both (k = 2). train.py averages. Config.paper(task)'s grad_clip and adam_eps (both / k) on
+    """[code] steps AdamW (eps 1e-6) on the SUM of k gradients, clipped at code_clip: the code's
+    pretrain.py and the code's train_vqa.py sum their 6 and 5 accumulated gradients, and the
+    code's train_itm_hard_negatives.py averages its 8 steps but adds the text-side and the
+    image-side losses, twice our mean over both (k = 2). train.py averages. Config.paper(task)'s grad_clip and adam_eps (both / k) on
     the mean give the code's weights, update after update, whether clipping acts or not; the
     code's thresholds applied to the mean clip less often: another run."""
     config = uniter.Config.paper(task)
