@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.filesystems import tmpfs
 from shared.checkpoint import (CheckpointError, UnreadableCheckpoint, check_origin,
                                load_checkpoint, load_weights, rng_states, save_checkpoint,
                                set_rng_states)
@@ -153,20 +154,9 @@ def test_generator_states_survive_the_weights_only_round_trip(tmp_path):
 
 @pytest.fixture
 def small_filesystem(tmp_path):
-    """A real 6 MiB filesystem (a tmpfs mounted for the test): a full disk as torch.save meets
-    it, which a mock of write() does not reproduce (torch's zip writer raises RuntimeError, not
-    OSError). Mounting needs root: elsewhere the test is skipped, saying why."""
-    import subprocess
-
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(folder)],
-        capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    yield folder
-    subprocess.run(["umount", str(folder)], capture_output=True)
+    """A real 6 MiB filesystem: a full disk as torch.save meets it (tests/filesystems.py)."""
+    with tmpfs(tmp_path / "small", "size=6m") as folder:
+        yield folder
 
 
 def test_a_really_full_disk_is_one_line_and_leaves_no_temp_file(small_filesystem):
@@ -197,19 +187,10 @@ def test_train_py_on_a_really_full_disk_ends_in_one_line(small_filesystem):
 
 @pytest.fixture
 def read_only_filesystem(tmp_path):
-    """A real read-only filesystem (a tmpfs mounted ro): root writes into a chmod 555 folder, so
-    only a mount shows the refusal everyone else meets. Skipped, saying why, without root."""
-    import subprocess
-
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-        capture_output=True).returncode == 0
-    if not mounted:
-        pytest.skip("mounting a read-only tmpfs needs root and mount(8)")
-    yield folder
-    subprocess.run(["umount", str(folder)], capture_output=True)
+    """A real read-only filesystem: root writes into a chmod 555 folder, so only a mount shows
+    the refusal everyone else meets (tests/filesystems.py)."""
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
+        yield folder
 
 
 def test_an_out_folder_that_is_a_file_or_read_only_is_refused_at_once(tmp_path,

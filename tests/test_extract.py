@@ -15,6 +15,7 @@ import virtex
 from shared.folders import RegionFolder
 from shared.roi import box_features, roi_align, roi_align_loop
 from shared.world import World, WorldConfig, export_split
+from tests.filesystems import tmpfs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -704,21 +705,15 @@ def test_cuda_where_there_is_none_and_a_vocabulary_that_is_not_utf8_are_one_line
 def read_only_folder(tmp_path):
     """A folder no one can write into: as root (who writes into a chmod 555 folder) a read-only
     tmpfs mounted for the test, skipped where mounting is not possible; else chmod 555."""
-    import subprocess
-
     folder = tmp_path / "read-only"
-    folder.mkdir()
     if os.geteuid() != 0:
+        folder.mkdir()
         folder.chmod(0o555)
         yield folder
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("root ignores a folder's permissions, and a read-only tmpfs cannot be "
-                    "mounted here")
-    yield folder
-    subprocess.run(["umount", str(folder)], capture_output=True)
+    with tmpfs(folder, "ro,size=1m"):  # root ignores a folder's permissions
+        yield folder
 
 
 def test_an_out_dir_that_is_a_file_or_read_only_is_one_line(exported, tmp_path,
@@ -772,22 +767,12 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_written_files(exported, tmp
 
 def test_a_really_full_disk_stops_in_one_line_and_keeps_the_written_files(exported, tmp_path):
     """A tmpfs of 64 KiB: extract.json and a few region files (about 9 KB each) fit."""
-    import subprocess
-
-    out = tmp_path / "small"
-    out.mkdir()
-    if os.geteuid() != 0 or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)],
-            capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    try:
+    with tmpfs(tmp_path / "small", "size=64k") as out:
         with pytest.raises(SystemExit) as e:
             extract.extract_regions(exported / "captions_test.json", out, "grid:1",
                                     random_weights=0, image_size=32)
         check_a_stop_on_a_full_disk(e, out, "000000000000.npz")
         assert 1 <= len(list(out.glob("*.npz"))) < 12
-    finally:
-        subprocess.run(["umount", str(out)], capture_output=True)
 
 
 def test_a_resume_lists_an_unreadable_image_once_and_drops_it_once_written(four_images,
